@@ -1,0 +1,225 @@
+"""Fits of the local smoothness against the gradient norm.
+
+Generalized smoothness (Zhang et al. 2019, "Why gradient clipping accelerates training";
+Li et al. 2024, "Convex and non-convex optimization under generalized smoothness") posits
+
+.. math::  L(w) \\le L_0 + L_1 \\, \\lVert \\nabla f(w) \\rVert ,
+
+so along a training trajectory the measured block smoothness ``L_b(t)`` is regressed on
+the block gradient norm ``g_b(t) = ‖∇_b f(w_t)‖`` by ordinary least squares:
+
+.. math::  (\\hat L_0, \\hat L_1) = \\arg\\min \\sum_t (L_b(t) - L_0 - L_1 g_b(t))^2 .
+
+``L_1 ≈ 0`` (with a small ``r²``) says the block is plainly ``L``-smooth along the run;
+a significant ``L_1 > 0`` says the curvature grows with the gradient. The power-law
+alternative fits ``L ≈ a g^b``, i.e. ``log L = log a + b log g``, by least squares on
+the logs.
+
+>>> fit = fit_smoothness([1.0, 2.0, 3.0], [5.0, 7.0, 9.0])
+>>> round(fit.L0, 12), round(fit.L1, 12), round(fit.r2, 12)
+(3.0, 2.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+__all__ = [
+    "AffineFit",
+    "PowerFit",
+    "fit_blocks",
+    "fit_smoothness",
+    "fit_table",
+]
+
+FitKind = Literal["affine", "power"]
+
+
+@dataclass(frozen=True)
+class AffineFit:
+    """Least-squares fit ``L ≈ L0 + L1·g``.
+
+    ``L0_se``, ``L1_se``: standard errors of the coefficients (classical OLS, residual
+    variance ``σ̂² = RSS/(n−2)``). ``r2 = r²`` is the coefficient of determination, ``r``
+    Pearson's correlation between ``g`` and ``L``, ``p_value`` the two-sided p-value of
+    ``H0: L1 = 0`` (t test with ``n−2`` degrees of freedom), ``n`` the number of points.
+    """
+
+    L0: float
+    L1: float
+    L0_se: float
+    L1_se: float
+    r2: float
+    r: float
+    p_value: float
+    n: int
+    kind: str = "affine"
+
+    def predict(self, grad_norm: float | np.ndarray) -> np.ndarray:
+        """``L0 + L1·g``."""
+        return self.L0 + self.L1 * np.asarray(grad_norm, dtype="float64")
+
+    @property
+    def formula(self) -> str:
+        """The fitted law as text, e.g. ``L ≈ 3.1 + 0.52·‖∇f‖``."""
+        sign = "+" if self.L1 >= 0 else "−"
+        return f"L ≈ {self.L0:.4g} {sign} {abs(self.L1):.4g}·‖∇f‖"
+
+
+@dataclass(frozen=True)
+class PowerFit:
+    """Least-squares fit on logs, ``log L ≈ log a + b·log g``, i.e. ``L ≈ a·g^b``.
+
+    ``log_a_se``, ``b_se``: standard errors of ``log a`` and ``b`` (natural log). ``r2``,
+    ``r``, ``p_value`` refer to the regression in log-log space (``H0: b = 0``). Only
+    points with ``g > 0`` and ``L > 0`` enter; ``n`` counts them.
+    """
+
+    a: float
+    b: float
+    log_a_se: float
+    b_se: float
+    r2: float
+    r: float
+    p_value: float
+    n: int
+    kind: str = "power"
+
+    def predict(self, grad_norm: float | np.ndarray) -> np.ndarray:
+        """``a·g^b``."""
+        return self.a * np.asarray(grad_norm, dtype="float64") ** self.b
+
+    @property
+    def formula(self) -> str:
+        """The fitted law as text, e.g. ``L ≈ 2.3·‖∇f‖^0.41``."""
+        return f"L ≈ {self.a:.4g}·‖∇f‖^{self.b:.3g}"
+
+
+def _clean(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, positive: bool):
+    x = np.asarray(x, dtype="float64").ravel()
+    y = np.asarray(y, dtype="float64").ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"grad_norm and estimate differ in length: {x.size} vs {y.size}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    if positive:
+        ok &= (x > 0) & (y > 0)
+    return x[ok], y[ok], int(x.size)
+
+
+def _linregress(x: np.ndarray, y: np.ndarray):
+    if np.ptp(x) == 0:
+        raise ValueError(
+            f"cannot fit: all {x.size} gradient norms are equal ({x[0]:.4g}); "
+            "the slope is undetermined"
+        )
+    with warnings.catch_warnings():
+        # scipy warns about exact fits (r = ±1); those are fine here.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return stats.linregress(x, y)
+
+
+def fit_smoothness(
+    grad_norm: Sequence[float] | np.ndarray,
+    estimate: Sequence[float] | np.ndarray,
+    kind: FitKind = "affine",
+) -> AffineFit | PowerFit:
+    """Fit ``L`` (``estimate``) against ``g = ‖∇f‖`` (``grad_norm``).
+
+    ``kind="affine"``: ``L ≈ L0 + L1·g`` (:class:`AffineFit`); ``kind="power"``:
+    ``L ≈ a·g^b`` (:class:`PowerFit`). Non-finite pairs are dropped (and, for the power
+    fit, pairs with ``g <= 0`` or ``L <= 0``). Raises ``ValueError`` with fewer than 3
+    usable points (saying how many), or when all ``g`` are equal.
+    """
+    if kind not in ("affine", "power"):
+        raise ValueError(f"kind={kind!r}; expected 'affine' or 'power'")
+    x, y, total = _clean(grad_norm, estimate, positive=kind == "power")
+    if x.size < 3:
+        extra = "finite, positive" if kind == "power" else "finite"
+        raise ValueError(
+            f"need at least 3 {extra} (grad_norm, estimate) points to fit, got {x.size} "
+            f"(of {total})"
+        )
+    if kind == "affine":
+        res = _linregress(x, y)
+        r = float(res.rvalue)
+        return AffineFit(
+            L0=float(res.intercept),
+            L1=float(res.slope),
+            L0_se=float(res.intercept_stderr),
+            L1_se=float(res.stderr),
+            r2=r * r,
+            r=r,
+            p_value=float(res.pvalue),
+            n=int(x.size),
+        )
+    res = _linregress(np.log(x), np.log(y))
+    r = float(res.rvalue)
+    return PowerFit(
+        a=float(math.exp(res.intercept)),
+        b=float(res.slope),
+        log_a_se=float(res.intercept_stderr),
+        b_se=float(res.stderr),
+        r2=r * r,
+        r=r,
+        p_value=float(res.pvalue),
+        n=int(x.size),
+    )
+
+
+def fit_blocks(
+    smoothness: pd.DataFrame,
+    kind: FitKind = "affine",
+    norm: str | None = None,
+    blocks: Sequence[str] | None = None,
+) -> dict[str, AffineFit | PowerFit | ValueError]:
+    """:func:`fit_smoothness` of ``estimate`` on ``grad_norm`` for each block.
+
+    Returns block -> fit, in order of first appearance; a block that cannot be fitted
+    (too few points, constant gradient norm) maps to the ``ValueError`` explaining why,
+    so one bad block does not hide the others. ``norm`` selects the Hessian norm as in
+    :func:`analysis.summary.select_norm`. Raises ``ValueError`` when a requested block is
+    absent (naming the blocks found) or the frame lacks the needed columns.
+    """
+    from analysis.summary import select_norm
+
+    missing = [c for c in ("block", "estimate", "grad_norm") if c not in smoothness.columns]
+    if missing:
+        raise ValueError(
+            f"smoothness frame: missing column(s) {missing}; found {list(smoothness.columns)}"
+        )
+    df = select_norm(smoothness, norm)
+    found = [str(b) for b in pd.unique(df["block"].dropna())]
+    if blocks is None:
+        blocks = found
+    else:
+        absent = [b for b in blocks if b not in found]
+        if absent:
+            raise ValueError(f"block(s) {absent} not in the smoothness frame; found {found}")
+    out: dict[str, AffineFit | PowerFit | ValueError] = {}
+    for b in blocks:
+        g = df[df["block"] == b]
+        try:
+            out[b] = fit_smoothness(g["grad_norm"], g["estimate"], kind=kind)
+        except ValueError as exc:
+            out[b] = ValueError(f"block {b!r}: {exc}")
+    return out
+
+
+def fit_table(fits: dict[str, AffineFit | PowerFit | ValueError]) -> pd.DataFrame:
+    """The fits of :func:`fit_blocks` as a frame, one row per block (``note`` holds the
+    reason a block could not be fitted)."""
+    rows = []
+    for block, fit in fits.items():
+        if isinstance(fit, ValueError):
+            rows.append({"block": block, "note": str(fit)})
+        else:
+            rows.append({"block": block, **asdict(fit), "note": ""})
+    return pd.DataFrame(rows)

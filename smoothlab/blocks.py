@@ -1,0 +1,219 @@
+"""Parameter blocks: ``dict[str, list[Parameter]]`` built from a model by names.
+
+A block's smoothness is the norm of its diagonal Hessian block ∇²_bb f. Blocks must not
+overlap (a parameter belongs to at most one block). Presets:
+
+* ``base``/``peft`` (alias ``hybrid``): every parameter a ``peft`` adapter added — LoRA
+  matrices and other tuner-layer weights, prompt/prefix encoders, ``modules_to_save`` copies —
+  is ``peft``; every other parameter is ``base``.
+* ``layers``: one block per transformer layer (``layer.0``, ``layer.1``, ...), plus
+  ``embeddings`` and ``other`` for what lies outside the layers.
+* ``kinds``: ``attention``, ``mlp``, ``embeddings``, ``norm``, ``other``.
+* ``all``: one block with every parameter.
+
+Custom blocks: ``{"name": "glob-or-regex", ...}``; a pattern is a regex when prefixed with
+``re:``, else a shell glob (``*`` spans dots) matched against the full parameter name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+Blocks = dict[str, list[nn.Parameter]]
+
+PRESETS = ("hybrid", "base-peft", "layers", "kinds", "all")
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+_EMBED_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
+_NORM_RE = re.compile(r"norm|LayerNorm|ln_\d|ln_f|\bln\b")
+_ATTN_RE = re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value")
+_MLP_RE = re.compile(r"mlp|intermediate|ffn|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|down_proj|c_fc")
+
+
+def _named(model: nn.Module, trainable_only: bool = False) -> list[tuple[str, nn.Parameter]]:
+    out = []
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        out.append((name, p))
+    return out
+
+
+def peft_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that a ``peft`` adapter added (duck-typed; peft is not imported).
+
+    A parameter is ``peft`` when it lives under a tuner layer's adapter sub-module (the
+    attribute names listed in ``adapter_layer_names``/``other_param_names`` of peft's
+    ``BaseTunerLayer``: ``lora_A``, ``lora_B``, ``lora_embedding_A``, ...), under a
+    ``prompt_encoder``, or under a ``modules_to_save`` copy.
+    """
+    names: set[str] = set()
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        adapter_attrs = tuple(getattr(module, "adapter_layer_names", ()))
+        for attr in adapter_attrs:
+            sub = getattr(module, attr, None)
+            if isinstance(sub, nn.Module):
+                names.update(f"{prefix}{attr}.{n}" for n, _ in sub.named_parameters())
+            elif isinstance(sub, nn.ParameterDict | dict):
+                names.update(f"{prefix}{attr}.{n}" for n in sub)
+        last = mod_name.rsplit(".", 1)[-1]
+        if last in ("prompt_encoder", "modules_to_save"):
+            names.update(f"{prefix}{n}" for n, _ in module.named_parameters())
+    return names
+
+
+def _kind(name: str) -> str:
+    if _EMBED_RE.search(name):
+        return "embeddings"
+    if _NORM_RE.search(name):
+        return "norm"
+    if _ATTN_RE.search(name):
+        return "attention"
+    if _MLP_RE.search(name):
+        return "mlp"
+    if _LAYER_RE.search(name) and re.search(r"\.output\.dense\.", name):
+        return "mlp"  # BERT: layer.N.output.dense is the MLP's second matrix
+    return "other"
+
+
+def _layer_block(name: str) -> str:
+    m = _LAYER_RE.search(name)
+    if m:
+        return f"layer.{int(m.group(1))}"
+    return "embeddings" if _EMBED_RE.search(name) else "other"
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    if pattern.startswith("re:"):
+        try:
+            return re.compile(pattern[3:])
+        except re.error as e:
+            raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+    return re.compile(fnmatch.translate(pattern))
+
+
+def _ordered(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> Blocks:
+    def key(k: str) -> tuple:
+        m = re.fullmatch(r"layer\.(\d+)", k)
+        return (1, int(m.group(1)), k) if m else ((0, 0, k) if k == "embeddings" else (2, 0, k))
+
+    return {k: [p for _, p in groups[k]] for k in sorted(groups, key=key) if groups[k]}
+
+
+def make_blocks(
+    model: nn.Module,
+    spec: str | Mapping[str, str | Iterable[str]] = "hybrid",
+    *,
+    trainable_only: bool = False,
+) -> Blocks:
+    """Build blocks from ``model`` by a preset name or by name patterns.
+
+    ``spec``: one of :data:`PRESETS`, or a mapping block name -> pattern(s) (glob, or regex
+    with a ``re:`` prefix). ``trainable_only`` keeps only ``requires_grad`` parameters.
+    Raises ``ValueError`` when a pattern matches nothing or when blocks overlap, listing the
+    parameter names examined.
+    """
+    named = _named(model, trainable_only)
+    if not named:
+        raise ValueError(f"model {type(model).__name__} has no parameters to put in blocks")
+    all_names = [n for n, _ in named]
+
+    if isinstance(spec, str):
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        if spec in ("hybrid", "base-peft"):
+            peft_names = peft_parameter_names(model)
+            if not peft_names & set(all_names):
+                raise ValueError(
+                    "preset 'hybrid' (base/peft) found no peft adapter parameters in "
+                    f"{type(model).__name__}; attach a PEFT module first (e.g. --peft lora). "
+                    f"Parameters examined: {_preview(all_names)}"
+                )
+            for n, p in named:
+                groups.setdefault("peft" if n in peft_names else "base", []).append((n, p))
+            return {k: [p for _, p in groups[k]] for k in ("base", "peft") if k in groups}
+        if spec == "layers":
+            for n, p in named:
+                groups.setdefault(_layer_block(n), []).append((n, p))
+            return _ordered(groups)
+        if spec == "kinds":
+            for n, p in named:
+                groups.setdefault(_kind(n), []).append((n, p))
+            return {k: [p for _, p in v] for k, v in groups.items()}
+        if spec == "all":
+            return {"all": [p for _, p in named]}
+        raise ValueError(
+            f"unknown block preset {spec!r}; accepted: {', '.join(PRESETS)}, "
+            "or a mapping of block name to glob/regex patterns"
+        )
+
+    if not isinstance(spec, Mapping) or not spec:
+        raise TypeError(f"blocks spec must be a preset name or a non-empty mapping, got {spec!r}")
+    blocks: Blocks = {}
+    owner: dict[str, str] = {}
+    for block, patterns in spec.items():
+        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        chosen = []
+        for pat in pats:
+            rx = _compile(pat)
+            hits = [(n, p) for n, p in named if rx.fullmatch(n)]
+            if not hits:
+                raise ValueError(
+                    f"block {block!r}: pattern {pat!r} matches no parameter. "
+                    f"Parameters examined ({len(all_names)}): {_preview(all_names)}"
+                )
+            chosen.extend(hits)
+        for n, _ in chosen:
+            if n in owner and owner[n] != block:
+                raise ValueError(
+                    f"blocks overlap: parameter {n!r} is in both {owner[n]!r} and {block!r}"
+                )
+            owner[n] = block
+        seen: set[int] = set()
+        blocks[block] = [p for _, p in chosen if not (id(p) in seen or seen.add(id(p)))]
+    return blocks
+
+
+def parse_blocks_arg(text: str) -> str | dict[str, str]:
+    """Parse the CLI form: a preset name, or ``name=pattern[,name=pattern...]``."""
+    text = text.strip()
+    if "=" not in text:
+        return text
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ValueError(f"bad --blocks item {item!r}; expected NAME=PATTERN or a preset")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def check_blocks(blocks: Mapping[str, list[torch.Tensor]]) -> None:
+    """Validate the ``blocks`` contract: non-empty lists of tensors, no parameter twice."""
+    if not isinstance(blocks, Mapping) or not blocks:
+        raise TypeError(f"blocks must be a non-empty dict[str, list[Parameter]], got {type(blocks).__name__}")
+    owner: dict[int, str] = {}
+    for name, params in blocks.items():
+        if isinstance(params, torch.Tensor) or not isinstance(params, list | tuple) or not params:
+            raise TypeError(f"block {name!r} must be a non-empty list of parameters, got {type(params).__name__}")
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"block {name!r} holds a {type(p).__name__}, expected torch parameters")
+            if id(p) in owner and owner[id(p)] != name:
+                raise ValueError(f"blocks overlap: a parameter of shape {tuple(p.shape)} is in both {owner[id(p)]!r} and {name!r}")
+            owner[id(p)] = name
+
+
+def block_sizes(blocks: Mapping[str, list[torch.Tensor]]) -> dict[str, int]:
+    """Number of scalar parameters d_b per block."""
+    return {k: sum(p.numel() for p in v) for k, v in blocks.items()}
+
+
+def _preview(names: list[str], k: int = 12) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f", ... ({len(names) - k} more)" if len(names) > k else "")

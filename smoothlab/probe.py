@@ -1,0 +1,205 @@
+"""``probe``: per-block Hessian norms of a loss at the current parameters.
+
+    probe(loss_fn, blocks, norm="spectral", hvp="exact", num_vectors=20, seed=0)
+        -> {block: Estimate}
+
+``loss_fn`` is a zero-argument callable returning a scalar loss for a fixed batch with dropout
+off; ``blocks`` maps names to lists of parameters. For block b the probe estimates a norm of
+∇²_bb f (perturb only b, read only b's gradient). Afterwards every parameter is bit-identical
+to before, and ``requires_grad`` flags, ``.grad`` fields and training modes are as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import Blocks, check_blocks, make_blocks
+from .estimate import Estimate
+from .estimators import DISTRIBUTIONS, NORMS, spectral, stochastic
+from .hvp import HVPS, Oracle
+from .perturb import param_seed
+
+Progress = Callable[[str, int, int], None]
+
+
+class ModelLoss:
+    """A ``loss_fn`` bound to a model: ``ModelLoss(model, batch)()`` is the scalar loss.
+
+    ``batch`` is a mapping passed as ``model(**batch)`` (Hugging Face style: the output's
+    ``.loss`` is used) or a tuple ``(inputs, targets)`` with ``criterion``; or give
+    ``compute``, a zero-argument callable. It carries ``.model``, so the probe can perturb
+    weights on the fly and switch dropout off.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Any] | Sequence[Any] | None = None,
+        *,
+        criterion: Callable[..., torch.Tensor] | None = None,
+        compute: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if (batch is None) == (compute is None):
+            raise ValueError("give exactly one of batch= or compute=")
+        self.model = model
+        self.batch = batch
+        self.criterion = criterion
+        self.compute = compute
+
+    def __call__(self) -> torch.Tensor:
+        if self.compute is not None:
+            return self.compute()
+        if isinstance(self.batch, Mapping):
+            out = self.model(**self.batch)
+            loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", out)
+            if loss is None:
+                raise ValueError("model output has no loss; include labels in the batch")
+            return loss
+        inputs, targets = self.batch  # type: ignore[misc]
+        if self.criterion is None:
+            raise ValueError("a (inputs, targets) batch needs criterion=")
+        return self.criterion(self.model(inputs), targets)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module | None) -> Iterator[None]:
+    """Dropout off for the duration; every module's training flag restored after."""
+    if model is None:
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def block_seed(seed: int, name: str) -> int:
+    """The random-vector seed of block ``name`` under probe ``seed`` (stable across runs)."""
+    return param_seed(seed, zlib.crc32(name.encode()))
+
+
+def probe(
+    loss_fn: Callable[[], torch.Tensor],
+    blocks: Mapping[str, list[torch.Tensor]],
+    *,
+    norm: str = "spectral",
+    hvp: str = "exact",
+    num_vectors: int = 20,
+    seed: int = 0,
+    h: float | None = None,
+    tol: float = 1e-3,
+    distribution: str = "gaussian",
+    target_rel_stderr: float | None = None,
+    min_vectors: int = 5,
+    model: nn.Module | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Estimate]:
+    """Estimate a norm of each diagonal Hessian block ∇²_bb f.
+
+    Args:
+        loss_fn: zero-argument callable returning a scalar loss tensor (fixed batch, no dropout).
+        blocks: ``{name: [parameters]}``, non-overlapping.
+        norm: ``spectral`` (‖H‖₂, the local L), ``frobenius`` (‖H‖_F), ``rms``
+            (‖H‖_F/√d_b, the paper's D.4 estimator) or ``trace``.
+        hvp: ``exact``, ``fd``, ``fd-central`` or ``zo`` (function values only).
+        num_vectors: Lanczos iterations (spectral) or random vectors (others), at most.
+        seed: seeds each block's ``torch.Generator`` (the global RNG is never used).
+        h: finite-difference step; default ε^p·max(‖x_b‖,1)/‖v‖ (see :mod:`smoothlab.hvp`).
+        tol: relative Lanczos residual at which ``spectral`` stops.
+        distribution: ``gaussian`` or ``rademacher`` vectors for ``frobenius``/``trace``.
+        target_rel_stderr: stop sampling once stderr/|value| falls below it.
+        model: the module owning the parameters (defaults to ``loss_fn.model``); enables
+            on-the-fly perturbation, dropout-off and the attention switch for ``exact``.
+        progress: ``callback(block, done, total)``.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a zero-argument callable, got {type(loss_fn).__name__}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; accepted: {', '.join(NORMS)}")
+    if hvp not in HVPS:
+        raise ValueError(f"unknown hvp oracle {hvp!r}; accepted: {', '.join(HVPS)}")
+    if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or num_vectors < 1:
+        raise ValueError(f"num_vectors must be a positive integer, got {num_vectors!r}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; accepted: {', '.join(DISTRIBUTIONS)}")
+    if not (isinstance(tol, int | float) and tol > 0):
+        raise ValueError(f"tol must be a positive float, got {tol!r}")
+    if target_rel_stderr is not None and not (
+        isinstance(target_rel_stderr, int | float) and target_rel_stderr > 0
+    ):
+        raise ValueError(f"target_rel_stderr must be a positive float or None, got {target_rel_stderr!r}")
+    if norm == "spectral" and hvp == "zo":
+        raise ValueError(
+            "norm='spectral' needs Hessian-vector products; hvp='zo' gives only quadratic "
+            "forms (accepted with 'zo': trace, frobenius, rms)"
+        )
+    check_blocks(blocks)
+    root = model if model is not None else getattr(loss_fn, "model", None)
+    if root is not None and not isinstance(root, nn.Module):
+        root = None
+
+    results: dict[str, Estimate] = {}
+    with eval_mode(root):
+        for name, params in blocks.items():
+            params = list(params)
+            first = params[0]
+            gen = torch.Generator(device=first.device)
+            gen.manual_seed(block_seed(seed, name))
+            cb = (lambda d, t, _n=name: progress(_n, d, t)) if progress else None
+            start = time.perf_counter()
+            with Oracle(hvp, loss_fn, params, h=h, root=root) as oracle:
+                if norm == "spectral":
+                    est = spectral(oracle, gen, max_iter=num_vectors, tol=tol, callback=cb)
+                else:
+                    est = stochastic(
+                        norm, oracle, gen, num_vectors=num_vectors, distribution=distribution,
+                        target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, callback=cb,
+                    )
+            results[name] = _with_seconds(est, time.perf_counter() - start)
+    return results
+
+
+def _with_seconds(est: Estimate, seconds: float) -> Estimate:
+    from dataclasses import replace
+
+    return replace(est, seconds=seconds)
+
+
+def probe_model(
+    model: nn.Module,
+    batch: Mapping[str, Any] | Sequence[Any] | None = None,
+    blocks: str | Mapping[str, Any] | Blocks = "hybrid",
+    *,
+    compute: Callable[[], torch.Tensor] | None = None,
+    criterion: Callable[..., torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> dict[str, Estimate]:
+    """Probe a model on one batch: builds the loss closure and the blocks, then :func:`probe`.
+
+    ``blocks`` is a preset name, a pattern mapping (see :func:`smoothlab.make_blocks`) or
+    ready blocks. Dropout is off during the probe and training modes are restored after.
+    """
+    loss_fn = ModelLoss(model, batch, criterion=criterion, compute=compute)
+    if isinstance(blocks, str) or (
+        isinstance(blocks, Mapping) and all(isinstance(v, str) for v in blocks.values())
+    ):
+        blocks = make_blocks(model, blocks)
+    return probe(loss_fn, blocks, model=model, **kwargs)
+
+
+def finite(est: Estimate) -> bool:
+    """True when the estimate's value is a finite number."""
+    return math.isfinite(est.value)

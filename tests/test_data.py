@@ -1,0 +1,491 @@
+"""Tests for hybrid.data: tasks, prompts, file loading, synthetic set, splits, sampler."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from hybrid import data as D
+from hybrid.data import (
+    TASKS,
+    EpochSampler,
+    Example,
+    Splits,
+    get_task,
+    load_examples,
+    load_task_data,
+    sample_splits,
+    synthetic_sentiment,
+)
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- tasks / prompts
+
+
+def test_registry_and_get_task() -> None:
+    assert set(TASKS) == {"sst2", "copa", "winogrande", "wic", "synthetic"}
+    for name, task in TASKS.items():
+        assert get_task(name) is task and task.name == name
+        assert task.num_options == 2
+    assert get_task("sst2").label_words == (" terrible", " great")
+    assert get_task("wic").label_words == (" No", " Yes")
+    assert get_task("copa").kind == get_task("winogrande").kind == "multiple_choice"
+
+
+def test_get_task_unknown_names_value_and_accepted() -> None:
+    with pytest.raises(ValueError, match=r"'boolq'.*copa, sst2, synthetic, wic, winogrande"):
+        get_task("boolq")
+
+
+def test_prompts_per_task() -> None:
+    ex = Example("a gem of a movie", 1)
+    assert get_task("sst2").prompt(ex) == "a gem of a movie It was"
+    assert get_task("synthetic").prompt(ex) == "a gem of a movie It was"
+    assert get_task("sst2").options(ex) == (" terrible", " great")
+    assert get_task("sst2").scoring_pairs(ex) == [
+        ("a gem of a movie It was", " terrible"),
+        ("a gem of a movie It was", " great"),
+    ]
+    wic = Example("He sat on the bank.", 0, text_pair="The bank raised rates.", word="bank")
+    assert get_task("wic").prompt(wic) == (
+        'He sat on the bank. The bank raised rates. Does the word "bank" have the same '
+        "meaning in both sentences?"
+    )
+    copa = Example("The man broke his toe because", 1, candidates=(" a", " b"))
+    assert get_task("copa").prompt(copa) == "The man broke his toe because"
+    assert get_task("copa").options(copa) == (" a", " b")
+
+
+def test_prompt_missing_field_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"needs 'word'.*word=None"):
+        get_task("wic").prompt(Example("s1", 0, text_pair="s2"))
+    bad = D.Task("x", "classification", 2, template="{text} {nope}")
+    with pytest.raises(ValueError, match=r"unknown field 'nope'"):
+        bad.prompt(Example("t", 0))
+
+
+def test_braces_in_text_are_kept_verbatim() -> None:
+    assert get_task("sst2").prompt(Example("{text} {0}", 0)) == "{text} {0} It was"
+
+
+# --------------------------------------------------------------------------- SST-2 real file
+
+
+@pytest.mark.skipif(not SST2.is_file(), reason="shared SST-2 file not present")
+def test_sst2_real_file() -> None:
+    examples = load_examples(SST2, "sst2")
+    assert len(examples) == 67349
+    assert {e.label for e in examples} == {0, 1}
+    assert sum(e.label for e in examples) == 37569  # positives in GLUE SST-2 train
+    assert examples[0] == Example("hide new secretions from the parental units", 0)
+    assert examples[2].label == 1 and examples[2].text.startswith("that loves its characters")
+    # quotes are text, not CSV quoting: some rows contain them and still parse whole
+    assert any('"' in e.text or "'" in e.text for e in examples)
+    assert all(e.text_pair is None and e.candidates is None for e in examples[:100])
+
+
+# --------------------------------------------------------------------------- generic files
+
+
+def test_csv_round_trip_with_quotes_and_string_labels(tmp_path: Path) -> None:
+    p = tmp_path / "d.csv"
+    p.write_text(
+        'text,label\n"good, really",positive\n"he said ""bad""",negative\nfine,1\n'
+        "meh, 0\nnope,NEG\n",
+        encoding="utf-8",
+    )
+    ex = load_examples(p, "sst2")
+    assert ex == [
+        Example("good, really", 1),
+        Example('he said "bad"', 0),
+        Example("fine", 1),
+        Example("meh", 0),
+        Example("nope", 0),
+    ]
+
+
+def test_tsv_keeps_quotes_literally(tmp_path: Path) -> None:
+    p = tmp_path / "d.tsv"
+    p.write_text("sentence\tlabel\n\"quoted start\t1\nit 's fine\t0\n", encoding="utf-8")
+    assert load_examples(p, "synthetic") == [Example('"quoted start', 1), Example("it 's fine", 0)]
+
+
+def test_jsonl_round_trip_and_column_autodetect(tmp_path: Path) -> None:
+    rows = [{"sentence1": "a", "label": 0, "idx": 3}, {"sentence1": "b", "label": "great"}]
+    assert load_examples(write_jsonl(tmp_path / "d.jsonl", rows), "sst2") == [
+        Example("a", 0),
+        Example("b", 1),
+    ]
+    # .json: JSON lines, or one array
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "x", "label": 1}]))
+    assert load_examples(tmp_path / "a.json", "sst2") == [Example("x", 1)]
+    write_jsonl(tmp_path / "l.json", [{"text": "y", "label": 0}])
+    assert load_examples(tmp_path / "l.json", "sst2") == [Example("y", 0)]
+
+
+def test_column_overrides(tmp_path: Path) -> None:
+    p = tmp_path / "d.csv"
+    p.write_text("review,text,stars,label\ngreat film,ignored,1,0\n", encoding="utf-8")
+    assert load_examples(p, "sst2") == [Example("ignored", 0)]
+    assert load_examples(p, "sst2", text_column="review", label_column="stars") == [
+        Example("great film", 1)
+    ]
+
+
+# --------------------------------------------------------------------------- COPA / WinoGrande / WiC
+
+
+def test_copa(tmp_path: Path) -> None:
+    rows = [
+        {
+            "premise": "My body cast a shadow over the grass.",
+            "choice1": "The sun was rising.",
+            "choice2": "The grass was cut.",
+            "question": "cause",
+            "label": 0,
+            "idx": 0,
+        },
+        {
+            "premise": "The man broke his toe.",
+            "choice1": "He dropped a hammer on his foot.",
+            "choice2": "I felt ill.",
+            "question": "effect",
+            "label": 1,
+            "idx": 1,
+        },
+    ]
+    ex = load_examples(write_jsonl(tmp_path / "copa.jsonl", rows), "copa")
+    assert ex[0] == Example(
+        "My body cast a shadow over the grass because",
+        0,
+        candidates=(" the sun was rising.", " the grass was cut."),
+    )
+    assert ex[1].text == "The man broke his toe so"
+    assert ex[1].candidates == (" he dropped a hammer on his foot.", " i felt ill.")
+    assert ex[1].label == 1
+    task = get_task("copa")
+    assert task.prompt(ex[0]) + task.options(ex[0])[0] == (
+        "My body cast a shadow over the grass because the sun was rising."
+    )
+
+
+def test_winogrande_partial_scoring(tmp_path: Path) -> None:
+    rows = [
+        {
+            "sentence": "Sarah was a much better surgeon than Maria so _ always got the harder cases.",
+            "option1": "Sarah",
+            "option2": "Maria",
+            "answer": "1",
+        },
+        {
+            "sentence": "_ could not lift the box.",
+            "option1": "Tom",
+            "option2": "Ann",
+            "answer": "2",
+        },
+    ]
+    ex = load_examples(write_jsonl(tmp_path / "wg.jsonl", rows), "winogrande")
+    e = ex[0]
+    assert e.text == "Sarah was a much better surgeon than Maria so"
+    assert e.label == 0
+    assert e.candidates == (
+        " Sarah always got the harder cases.",
+        " Maria always got the harder cases.",
+    )
+    task = get_task("winogrande")
+    pairs = task.scoring_pairs(e)
+    assert pairs == [
+        ("Sarah was a much better surgeon than Maria so Sarah", " always got the harder cases."),
+        ("Sarah was a much better surgeon than Maria so Maria", " always got the harder cases."),
+    ]
+    for (ctx, cont), opt in zip(pairs, ("Sarah", "Maria"), strict=True):
+        assert ctx + cont == rows[0]["sentence"].replace("_", opt)
+    # blank at the start: empty shared prefix
+    assert ex[1].text == "" and ex[1].label == 1
+    assert task.scoring_pairs(ex[1])[1] == ("Ann", " could not lift the box.")
+
+
+def test_wic(tmp_path: Path) -> None:
+    rows = [
+        {
+            "word": "bank",
+            "sentence1": "He sat on the bank.",
+            "sentence2": "The bank is closed.",
+            "label": False,
+            "start1": 14,
+            "end1": 18,
+            "start2": 4,
+            "end2": 8,
+            "idx": 0,
+        },
+        {
+            "word": "run",
+            "sentence1": "I run daily.",
+            "sentence2": "They run fast.",
+            "label": True,
+            "idx": 1,
+        },
+    ]
+    ex = load_examples(write_jsonl(tmp_path / "wic.jsonl", rows), "wic")
+    assert ex == [
+        Example("He sat on the bank.", 0, text_pair="The bank is closed.", word="bank"),
+        Example("I run daily.", 1, text_pair="They run fast.", word="run"),
+    ]
+    assert (
+        get_task("wic")
+        .prompt(ex[1])
+        .endswith('Does the word "run" have the same meaning in both sentences?')
+    )
+    assert get_task("wic").options(ex[1])[ex[1].label] == " Yes"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "nope.tsv"
+    with pytest.raises(ValueError, match=r"nope\.tsv.*no such file"):
+        load_examples(p, "sst2")
+
+
+def test_unknown_extension(tmp_path: Path) -> None:
+    p = tmp_path / "d.txt"
+    p.write_text("text\tlabel\n")
+    with pytest.raises(ValueError, match=r"d\.txt.*'\.txt'.*\.tsv, \.csv, \.jsonl, \.json"):
+        load_examples(p, "sst2")
+
+
+def test_missing_columns_lists_columns_found(tmp_path: Path) -> None:
+    p = tmp_path / "d.csv"
+    p.write_text("review,label\nok,1\n")
+    with pytest.raises(ValueError, match=r"d\.csv.*no text column.*\['review', 'label'\]"):
+        load_examples(p, "sst2")
+    q = tmp_path / "e.csv"
+    q.write_text("text,stars\nok,1\n")
+    with pytest.raises(ValueError, match=r"e\.csv.*no label column.*\['text', 'stars'\]"):
+        load_examples(q, "sst2")
+    with pytest.raises(
+        ValueError, match=r"text_column='body' is not a column.*\['text', 'stars'\]"
+    ):
+        load_examples(q, "sst2", text_column="body")
+    r = write_jsonl(tmp_path / "copa.jsonl", [{"premise": "p", "choice1": "a", "label": 0}])
+    with pytest.raises(ValueError, match=r"copa\.jsonl.*\['choice2', 'question'\].*columns found"):
+        load_examples(r, "copa")
+
+
+def test_bad_labels_name_value_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "d.tsv"
+    p.write_text("sentence\tlabel\nfine\t1\nbad\tmaybe\n")
+    with pytest.raises(ValueError, match=r"d\.tsv: line 3: bad label 'maybe'.*accepted: 0, 1"):
+        load_examples(p, "sst2")
+    p.write_text("sentence\tlabel\nfine\t2\n")
+    with pytest.raises(ValueError, match=r"line 2: bad label '2'"):
+        load_examples(p, "sst2")
+    p.write_text("sentence\tlabel\nfine\t-1\n")
+    with pytest.raises(ValueError, match=r"line 2: bad label '-1'"):
+        load_examples(p, "sst2")
+    q = write_jsonl(tmp_path / "j.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": True}])
+    with pytest.raises(ValueError, match=r"j\.jsonl: line 2: bad label True"):
+        load_examples(q, "sst2")
+    wg = write_jsonl(
+        tmp_path / "wg.jsonl", [{"sentence": "_ x", "option1": "a", "option2": "b", "answer": ""}]
+    )
+    with pytest.raises(ValueError, match=r"wg\.jsonl: line 1: bad answer ''"):
+        load_examples(wg, "winogrande")
+    wic = write_jsonl(
+        tmp_path / "wic.jsonl",
+        [{"word": "w", "sentence1": "a", "sentence2": "b", "label": "sometimes"}],
+    )
+    with pytest.raises(ValueError, match=r"line 1: bad label 'sometimes'.*false/no.*true/yes"):
+        load_examples(wic, "wic")
+    copa = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"premise": "p.", "choice1": "a", "choice2": "b", "question": "why", "label": 0}],
+    )
+    with pytest.raises(ValueError, match=r"line 1: bad question 'why'.*'cause', 'effect'"):
+        load_examples(copa, "copa")
+
+
+def test_empty_files(tmp_path: Path) -> None:
+    for name, content in [
+        ("a.tsv", ""),
+        ("b.tsv", "sentence\tlabel\n"),
+        ("c.jsonl", "\n\n"),
+        ("d.csv", "text,label\n"),
+    ]:
+        p = tmp_path / name
+        p.write_text(content)
+        with pytest.raises(ValueError, match=re.escape(name) + ": no examples"):
+            load_examples(p, "sst2")
+
+
+def test_malformed_rows(tmp_path: Path) -> None:
+    p = tmp_path / "d.tsv"
+    p.write_text("sentence\tlabel\na,b\t1\t7\n")
+    with pytest.raises(ValueError, match=r"d\.tsv: line 2 has 3 fields.*header has 2"):
+        load_examples(p, "sst2")
+    q = tmp_path / "j.jsonl"
+    q.write_text('{"text": "a", "label": 0}\n{oops\n')
+    with pytest.raises(ValueError, match=r"j\.jsonl: line 2 is not valid JSON"):
+        load_examples(q, "sst2")
+    r = write_jsonl(tmp_path / "k.jsonl", [{"text": "a", "label": 0}, {"label": 1}])
+    with pytest.raises(ValueError, match=r"k\.jsonl: line 2.*'text'"):
+        load_examples(r, "sst2")
+
+
+# --------------------------------------------------------------------------- synthetic set
+
+
+def test_synthetic_deterministic_and_seed_dependent() -> None:
+    a, b, c = synthetic_sentiment(300, 0), synthetic_sentiment(300, 0), synthetic_sentiment(300, 1)
+    assert a == b
+    assert a != c
+    assert synthetic_sentiment(0, 0) == []
+
+
+def test_synthetic_does_not_touch_global_rng() -> None:
+    import random
+
+    random.seed(123)
+    expected = random.random()
+    random.seed(123)
+    synthetic_sentiment(50, 7)
+    assert random.random() == expected
+
+
+def test_synthetic_balanced_and_labels_follow_the_lexicon() -> None:
+    ex = synthetic_sentiment(2001, 3)
+    labels = [e.label for e in ex]
+    assert sorted(set(labels)) == [0, 1]
+    assert labels.count(0) == 1001 and labels.count(1) == 1000
+    assert len({e.text for e in ex}) == len(ex)  # distinct sentences
+    pos, neg = set(D._POSITIVE), set(D._NEGATIVE)
+    negated = 0
+    for e in ex:
+        words = e.text.rstrip(".").replace(",", "").lower().split()
+        polar = [w for w in words if w in pos or w in neg]
+        assert len(polar) == 1, e.text
+        is_not = "not" in words
+        negated += is_not
+        assert e.label == int((polar[0] in pos) != is_not), e.text
+        assert e.text[0].isupper() and e.text.endswith(".")
+    assert 0.10 <= negated / len(ex) <= 0.20
+
+
+def test_synthetic_rejects_bad_n() -> None:
+    with pytest.raises(ValueError, match=r"-1"):
+        synthetic_sentiment(-1, 0)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_sample_splits_disjoint_and_deterministic() -> None:
+    ex = [Example(f"t{i}", i % 2) for i in range(500)]
+    s = sample_splits(ex, train=200, eval=150, dev=50, seed=4)
+    assert isinstance(s, Splits)
+    assert (len(s.train), len(s.eval), len(s.dev)) == (200, 150, 50)
+    ids = [e.text for e in s.train + s.eval + s.dev]
+    assert len(set(ids)) == 400
+    assert s == sample_splits(ex, train=200, eval=150, dev=50, seed=4)
+    other = sample_splits(ex, train=200, eval=150, dev=50, seed=5)
+    assert other.train != s.train
+    assert [e.text for e in s.train[:20]] != [f"t{i}" for i in range(20)]  # shuffled
+
+
+def test_sample_splits_too_few() -> None:
+    ex = [Example("t", 0)] * 10
+    with pytest.raises(ValueError, match=r"only 10 examples, but 12 asked"):
+        sample_splits(ex, train=5, eval=5, dev=2)
+    with pytest.raises(ValueError, match=r"train must be a non-negative int, got -1"):
+        sample_splits(ex, train=-1)
+
+
+def test_load_task_data_synthetic_and_file(tmp_path: Path) -> None:
+    task, s = load_task_data("synthetic", train=30, eval=20, dev=10, seed=2)
+    assert task is get_task("synthetic")
+    assert (len(s.train), len(s.eval), len(s.dev)) == (30, 20, 10)
+    assert load_task_data("synthetic", train=30, eval=20, dev=10, seed=2)[1] == s
+    with pytest.warns(UserWarning, match="synthetic"):
+        task, _ = load_task_data("sst2", train=4, eval=4, dev=2)
+    assert task.name == "sst2"
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": f"x{i}", "label": i % 2} for i in range(12)])
+    _, s = load_task_data("sst2", p, train=5, eval=5, dev=2, seed=0)
+    assert sorted(e.text for e in s.train + s.eval + s.dev) == sorted(f"x{i}" for i in range(12))
+
+
+def test_load_task_data_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(ValueError, match=r"'copa'.*`datasets`.*super_glue/copa.*path="):
+        load_task_data("copa")
+
+
+def test_load_task_data_hub_path_with_fake_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def load_dataset(path: str, name: str, split: str) -> list[dict]:
+        calls.append((path, name, split))
+        return [
+            {"sentence": f"s{i} _ x.", "option1": "A", "option2": "B", "answer": str(1 + i % 2)}
+            for i in range(6)
+        ]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    task, s = load_task_data("winogrande", train=3, eval=2, dev=1)
+    assert calls == [("winogrande", "winogrande_xl", "train")]
+    assert task.name == "winogrande"
+    assert {e.candidates for e in s.train} == {(" A x.", " B x.")}
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def test_epoch_sampler_covers_each_index_once_per_epoch() -> None:
+    s = EpochSampler(10, 3, seed=0)
+    assert len(s) == s.batches_per_epoch == 4
+    for epoch in range(3):
+        b = s.batches(epoch)
+        assert [len(x) for x in b] == [3, 3, 3, 1]
+        assert sorted(i for x in b for i in x) == list(range(10))
+    assert s.batches(0) != s.batches(1)
+    assert s.batches(1) == EpochSampler(10, 3, seed=0).batches(1)  # deterministic per epoch
+    assert s.batches(0) != EpochSampler(10, 3, seed=1).batches(0)
+
+
+def test_epoch_sampler_drop_last() -> None:
+    s = EpochSampler(10, 3, seed=5, drop_last=True)
+    b = s.batches(2)
+    assert len(b) == 3 and all(len(x) == 3 for x in b)
+    assert len({i for x in b for i in x}) == 9
+    with pytest.raises(ValueError, match=r"batch_size=11 > n=10"):
+        EpochSampler(10, 11, seed=0, drop_last=True)
+
+
+def test_epoch_sampler_position_matches_batches_and_resumes() -> None:
+    s = EpochSampler(7, 2, seed=3)
+    flat = [b for e in range(3) for b in s.batches(e)]
+    for step, expected in enumerate(flat):
+        epoch, index = s.position(step)
+        assert (epoch, index) == (step // 4, step % 4)
+        assert s.batch(step) == expected
+    # a run interrupted at step 5 and resumed by a fresh sampler sees the same batches
+    resumed = list(EpochSampler(7, 2, seed=3).iter_from(5, num_steps=len(flat) - 5))
+    assert resumed == flat[5:]
+    assert list(s) == s.batches(0)
+    with pytest.raises(ValueError, match=r"step must be a non-negative int, got -1"):
+        s.position(-1)
+    # returned batches are copies: mutating one does not change the sampler
+    s.batches(0)[0].append(99)
+    assert 99 not in s.batches(0)[0]
