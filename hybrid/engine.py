@@ -1,0 +1,213 @@
+r"""The hybrid SGD engine (the paper's Algorithm 1) and its baselines.
+
+One step on a minibatch ξ, with base weights x (zeroth order) and PEFT weights y (first order):
+
+    ĝ_x = (1/q) Σ_{i=1..q} g_i z_i,   z_i ~ N(0, I) regenerated from a seed, never stored,
+        g_i = [f(x + μz_i, y; ξ) − f(x − μz_i, y; ξ)] / 2μ          (two-sided), or
+        g_i = [f(x + μz_i, y; ξ) − f(x, y; ξ)] / μ                   (one-sided; f(x) shared)
+    x ← x − η_x ĝ_x
+    y ← y − η_y ∇_y f(x, y; ξ)
+
+Both learning rates are parameter groups of one optimizer (:class:`TwoRateSGD`), so LR
+schedulers act on each group. The perturbed forwards use :func:`smoothlab.shifted` (W + μz
+applied on the fly inside each layer), so after the step x has moved by exactly −η_x ĝ_x:
+no +μ/−2μ/+μ drift, in bf16 too; the memory is that of inference (+ one layer's z), for any q.
+The base weights keep ``requires_grad=False``: backprop stores no base gradients.
+
+``fo_at_perturbed=True`` takes ∇_y f at (x + μz_1, y) from the first perturbed forward
+instead of a separate forward at (x, y): one forward fewer per step, at the price of a
+gradient evaluated a distance μ‖z‖ away (a bias of order μ‖∇²_yx f‖‖z‖).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from smoothlab.perturb import param_seed, seeded_gaussian, shifted
+
+LossFn = Callable[[], torch.Tensor]
+
+
+class TwoRateSGD(torch.optim.Optimizer):
+    """Plain SGD whose parameter groups are either first-order or zeroth-order.
+
+    First-order groups: p ← p − lr·(∇p + wd·p) from ``p.grad``. Zeroth-order groups
+    (``zo=True``): p ← p − lr·Σ_i c_i z_i(p) for the step's coefficients ``c_i = g_i/q`` and
+    directions regenerated from their seeds, one parameter and one z at a time.
+    """
+
+    def __init__(self, groups: list[dict], weight_decay: float = 0.0) -> None:
+        for g in groups:
+            lr = g.get("lr")
+            if not (isinstance(lr, int | float) and lr >= 0 and math.isfinite(lr)):
+                raise ValueError(f"learning rate of group {g.get('name')!r} must be a finite float >= 0, got {lr!r}")
+        super().__init__(groups, {"lr": 0.0, "zo": False, "weight_decay": weight_decay, "name": ""})
+
+    @torch.no_grad()
+    def step(self, closure: None = None, zo_terms: Sequence[tuple[int, float]] = ()) -> None:  # type: ignore[override]
+        """Apply one update. ``zo_terms``: (seed, coefficient) pairs of the SPSA estimate."""
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            if group["zo"]:
+                for seed, coef in zo_terms:
+                    direction = seeded_gaussian(seed)
+                    for p in group["params"]:
+                        z = direction(group["index"][id(p)], p)
+                        if wd:
+                            p.mul_(1 - lr * wd / len(zo_terms))
+                        p.add_(z, alpha=-lr * coef)
+            else:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    d = p.grad if not wd else p.grad.add(p, alpha=wd)
+                    p.add_(d, alpha=-lr)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step measured: the loss at (x, y) (or its ZO stand-in), the mean projected
+    gradient (1/q) Σ g_i (``nan`` without a ZO block), and the forward passes it took."""
+
+    loss: float
+    proj_grad: float
+    forwards: int
+
+
+class HybridEngine:
+    """Algorithm 1 on a model: ``engine.step(loss_fn)`` once per minibatch.
+
+    ``zo_params`` (x) are updated from SPSA estimates, ``fo_params`` (y) from gradients;
+    either may be empty (``zo-ft``: no y; ``fo-*``: no x). ``seed`` fixes every z: step t's
+    perturbation i uses seed ``param_seed(seed, t·q + i)``, so a resumed run replays the same z.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        zo_params: Sequence[nn.Parameter],
+        fo_params: Sequence[nn.Parameter],
+        *,
+        lr_zo: float,
+        lr_fo: float,
+        mu: float = 1e-3,
+        q: int = 1,
+        one_sided: bool = False,
+        fo_at_perturbed: bool = False,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if not zo_params and not fo_params:
+            raise ValueError("nothing to train: both the zeroth-order and first-order parameter lists are empty")
+        if not (isinstance(mu, int | float) and mu > 0 and math.isfinite(mu)):
+            raise ValueError(f"mu must be a positive float, got {mu!r}")
+        if not isinstance(q, int) or isinstance(q, bool) or q < 1:
+            raise ValueError(f"q must be an integer >= 1, got {q!r}")
+        ids = {id(p) for p in zo_params}
+        if any(id(p) in ids for p in fo_params):
+            raise ValueError("a parameter is in both the zeroth-order and the first-order set")
+        self.model = model
+        self.zo_params = list(zo_params)
+        self.fo_params = list(fo_params)
+        self.mu, self.q, self.one_sided = float(mu), q, one_sided
+        self.fo_at_perturbed = fo_at_perturbed and bool(zo_params) and bool(fo_params)
+        self.seed = seed
+        self.t = 0
+        for p in self.zo_params:
+            p.requires_grad_(False)
+        for p in self.fo_params:
+            p.requires_grad_(True)
+        groups = []
+        if self.zo_params:
+            groups.append({"name": "base", "params": self.zo_params, "lr": lr_zo, "zo": True,
+                           "index": {id(p): i for i, p in enumerate(self.zo_params)}})
+        if self.fo_params:
+            groups.append({"name": "peft", "params": self.fo_params, "lr": lr_fo, "zo": False})
+        self.optimizer = TwoRateSGD(groups, weight_decay=weight_decay)
+
+    # -- learning rates ------------------------------------------------------------------
+    def lr(self, name: str) -> float:
+        """Current learning rate of group ``base`` or ``peft`` (0 when absent)."""
+        for g in self.optimizer.param_groups:
+            if g["name"] == name:
+                return float(g["lr"])
+        return 0.0
+
+    def perturbation_seed(self, t: int, i: int) -> int:
+        """Seed of perturbation i at step t."""
+        return param_seed(self.seed, t * self.q + i)
+
+    # -- the step ------------------------------------------------------------------------
+    def _fo_loss(self, loss_fn: LossFn, shift: tuple[int, float] | None) -> torch.Tensor:
+        with torch.enable_grad():
+            if shift is None:
+                loss = loss_fn()
+            else:
+                with shifted(self.zo_params, seeded_gaussian(shift[0]), shift[1], self.model):
+                    loss = loss_fn()
+            grads = torch.autograd.grad(loss, self.fo_params, allow_unused=True)
+        for p, g in zip(self.fo_params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        return loss.detach()
+
+    def _value(self, loss_fn: LossFn, seed: int | None, scale: float) -> float:
+        with torch.no_grad():
+            if seed is None:
+                return float(loss_fn())
+            with shifted(self.zo_params, seeded_gaussian(seed), scale, self.model):
+                return float(loss_fn())
+
+    def step(self, loss_fn: LossFn) -> StepResult:
+        """One update of x (SPSA) and y (gradient) on the batch behind ``loss_fn``."""
+        forwards = 0
+        loss_at_x = math.nan
+        terms: list[tuple[int, float]] = []
+        grads: list[float] = []
+        if self.fo_params and not self.fo_at_perturbed:
+            loss_at_x = float(self._fo_loss(loss_fn, None))
+            forwards += 1
+        if self.zo_params:
+            f0 = loss_at_x
+            if self.one_sided and not math.isfinite(f0):
+                f0 = self._value(loss_fn, None, 0.0)
+                forwards += 1
+            for i in range(self.q):
+                s = self.perturbation_seed(self.t, i)
+                if i == 0 and self.fo_at_perturbed:
+                    fp = float(self._fo_loss(loss_fn, (s, self.mu)))
+                else:
+                    fp = self._value(loss_fn, s, self.mu)
+                forwards += 1
+                if self.one_sided:
+                    g = (fp - f0) / self.mu
+                else:
+                    fm = self._value(loss_fn, s, -self.mu)
+                    forwards += 1
+                    g = (fp - fm) / (2 * self.mu)
+                    if not math.isfinite(loss_at_x):
+                        loss_at_x = 0.5 * (fp + fm)  # f(x) + O(μ²): the logged loss
+                if not math.isfinite(loss_at_x):
+                    loss_at_x = f0 if math.isfinite(f0) else fp
+                grads.append(g)
+                terms.append((s, g / self.q))
+        self.optimizer.step(zo_terms=terms)
+        for p in self.fo_params:
+            p.grad = None
+        self.t += 1
+        proj = sum(grads) / len(grads) if grads else math.nan
+        return StepResult(loss=loss_at_x, proj_grad=proj, forwards=forwards)
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Step counter and learning rates (weights are saved by the caller)."""
+        return {"t": self.t, "lrs": {g["name"]: g["lr"] for g in self.optimizer.param_groups}, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = state["lrs"].get(g["name"], g["lr"])

@@ -1,0 +1,147 @@
+"""Trajectory recorder: probe chosen blocks every k steps while a model trains.
+
+Per probe and block it logs (``smoothness.csv`` in the run folder, flushed row by row):
+step, epoch, estimate, stderr, HVPs used, the block's gradient norm ‖∇_b f‖, the loss, both
+learning rates, seconds spent probing and cumulative training seconds, so the probing cost is
+visible against the training cost. Use it from any loop::
+
+    rec = TrajectoryRecorder(blocks, every=50, out_dir="runs/x", model=model)
+    for step in ...:
+        ...train...
+        rec.step(step, loss_fn, epoch=epoch, loss=loss, lr_peft=lr)
+
+or through :class:`~smoothlab.integrations` (HF ``Trainer``) or the hybrid engine's
+``train(..., recorder=...)``. A resumed recorder (``resume_step``) drops rows logged after the
+checkpoint and never records a step twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .blocks import check_blocks
+from .estimate import Estimate
+from .hvp import grad_enabled_for
+from .probe import eval_mode, probe
+from .runlog import SMOOTHNESS_FIELDS, CsvLog
+
+LossFn = Callable[[], torch.Tensor]
+
+
+def block_grad_norms(loss_fn: LossFn, blocks: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:
+    """‖∇_b f‖₂ for every block from one backward pass (frozen blocks included)."""
+    params = [p for ps in blocks.values() for p in ps]
+    with grad_enabled_for(params), torch.enable_grad():
+        grads = torch.autograd.grad(loss_fn(), params, allow_unused=True)
+    out, i = {}, 0
+    for name, ps in blocks.items():
+        sq = sum(float(g.double().pow(2).sum()) for g in grads[i : i + len(ps)] if g is not None)
+        out[name] = math.sqrt(sq)
+        i += len(ps)
+    return out
+
+
+class TrajectoryRecorder:
+    """Probe ``blocks`` every ``every`` steps and log the estimates.
+
+    Args:
+        blocks: ``{name: [parameters]}`` to probe.
+        every: probe when ``step % every == 0``.
+        norm, hvp, num_vectors, h, tol: passed to :func:`smoothlab.probe`.
+        seed: base seed; the probe at step t uses ``seed + t``.
+        out_dir: run folder for ``smoothness.csv`` (None: keep rows in memory only).
+        model: module owning the parameters (on-the-fly perturbation, dropout off).
+        probe_loss_fn: a fixed held-aside batch's loss; None probes the current batch.
+        resume_step: drop logged rows with step > resume_step, then append.
+    """
+
+    def __init__(
+        self,
+        blocks: Mapping[str, list[torch.Tensor]],
+        *,
+        every: int = 50,
+        norm: str = "spectral",
+        hvp: str = "fd",
+        num_vectors: int = 10,
+        seed: int = 0,
+        h: float | None = None,
+        tol: float = 1e-3,
+        out_dir: str | Path | None = None,
+        model: nn.Module | None = None,
+        probe_loss_fn: LossFn | None = None,
+        resume_step: int | None = None,
+    ) -> None:
+        check_blocks(blocks)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.blocks = dict(blocks)
+        self.every = every
+        self.kwargs = {"norm": norm, "hvp": hvp, "num_vectors": num_vectors, "h": h, "tol": tol}
+        self.seed = seed
+        self.model = model
+        self.probe_loss_fn = probe_loss_fn
+        self.rows: list[dict] = []
+        self.probe_seconds = 0.0
+        self.log = (
+            CsvLog(Path(out_dir) / "smoothness.csv", SMOOTHNESS_FIELDS, truncate_after=resume_step)
+            if out_dir is not None else None
+        )
+        self._done = self.log.steps() if self.log else set()
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a recording step not yet recorded."""
+        return step % self.every == 0 and step not in self._done
+
+    def step(self, step: int, loss_fn: LossFn | None = None, **info: float) -> dict[str, Estimate] | None:
+        """Record at ``step`` if due (see :meth:`record`); otherwise do nothing."""
+        if not self.due(step):
+            return None
+        return self.record(step, loss_fn, **info)
+
+    def record(
+        self,
+        step: int,
+        loss_fn: LossFn | None = None,
+        *,
+        epoch: float = 0,
+        loss: float = math.nan,
+        lr_base: float = math.nan,
+        lr_peft: float = math.nan,
+        train_seconds: float = math.nan,
+    ) -> dict[str, Estimate]:
+        """Probe every block now and log one row per block."""
+        fn = self.probe_loss_fn or loss_fn
+        if fn is None:
+            raise ValueError("no loss to probe: pass loss_fn or construct the recorder with probe_loss_fn")
+        model = self.model if self.model is not None else getattr(fn, "model", None)
+        start = time.perf_counter()
+        with eval_mode(model):
+            norms = block_grad_norms(fn, self.blocks)
+            if math.isnan(loss):
+                with torch.no_grad():
+                    loss = float(fn())
+        ests = probe(fn, self.blocks, seed=self.seed + step, model=model, **self.kwargs)
+        seconds = time.perf_counter() - start
+        self.probe_seconds += seconds
+        for name, est in ests.items():
+            row = {
+                "step": step, "epoch": epoch, "block": name, "norm": est.norm, "hvp": est.hvp,
+                "estimate": est.value, "stderr": est.stderr, "num_hvp": est.num_hvp,
+                "grad_norm": norms[name], "loss": loss, "lr_base": lr_base, "lr_peft": lr_peft,
+                "probe_seconds": seconds, "train_seconds": train_seconds,
+            }
+            self.rows.append(row)
+            if self.log:
+                self.log.write(row)
+        self._done.add(step)
+        return ests
+
+    def close(self) -> None:
+        if self.log:
+            self.log.close()
