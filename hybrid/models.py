@@ -238,6 +238,26 @@ def _options(task: Task, example: Example) -> list[str]:
     )
 
 
+def _scoring_pairs(task: Task, example: Example) -> list[tuple[str, str, str]]:
+    """``(context, continuation, separator)`` per option; the LM scores the continuation.
+
+    Uses ``task.scoring_pairs`` (MeZO's convention: options carry their own leading space and
+    ``context + continuation`` is the scored string, WinoGrande's partial scoring included)
+    when the task has it; otherwise the prompt and each option, joined by one space unless
+    either side already has it.
+    """
+    _options(task, example)  # validates the number of options
+    fn = getattr(task, "scoring_pairs", None)
+    if callable(fn):
+        return [(c, o, "") for c, o in fn(example)]
+    context = _prompt(task, example)
+    out = []
+    for option in _options(task, example):
+        sep = "" if (not context or context[-1].isspace() or option[:1].isspace()) else " "
+        out.append((context, option, sep))
+    return out
+
+
 def _check_labels(task: Task, examples: Sequence[Example]) -> torch.Tensor:
     labels = [int(ex.label) for ex in examples]
     bad = [y for y in labels if not 0 <= y < task.num_options]
@@ -275,8 +295,9 @@ class ModelBundle:
 
         Encoder: ``[B, T]`` (classification) or the flattened (context, candidate) pairs
         ``[B·C, T]`` (multiple choice), truncated to ``max_length``. Causal: for each
-        (example, option) the sequence ``[bos] + prompt + option`` with the prompt
-        left-truncated so the sequence fits in ``max_length``, right-padded, ``[B·C, T]``.
+        (example, option) the sequence ``[bos] + context + continuation`` (``Task.scoring_pairs``:
+        context = prompt and continuation = option, unless the task scores partially) with
+        the context left-truncated so the sequence fits in ``max_length``, right-padded, ``[B·C, T]``.
         """
         if not examples:
             raise ValueError("examples is empty; encode needs at least one Example")
@@ -325,18 +346,19 @@ class ModelBundle:
                 padding=True,
                 return_tensors="pt",
             )
-        inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = {
+            k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+        }
         return Batch(inputs=inputs, labels=labels, num_options=self.task.num_options)
 
-    def _option_ids(self, context: str, option: str) -> tuple[list[int], list[int]]:
+    def _option_ids(self, context: str, option: str, sep: str) -> tuple[list[int], list[int]]:
         """Token ids of ``context`` and of ``option`` as it continues ``context``.
 
-        With a fast tokenizer the text ``context + " " + option`` is tokenised jointly and the
+        With a fast tokenizer the text ``context + sep + option`` is tokenised jointly and the
         tokens ending after ``len(context)`` are the option's (so a BPE's leading-space merge
         is respected); otherwise the two parts are tokenised separately.
         """
         tok = self.tokenizer
-        sep = "" if (not context or context[-1].isspace() or option[:1].isspace()) else " "
         text = context + sep + option
         if getattr(tok, "is_fast", False):
             enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -363,9 +385,8 @@ class ModelBundle:
         seqs: list[list[int]] = []
         masks: list[list[bool]] = []
         for ex in examples:
-            context = _prompt(self.task, ex)
-            for option in _options(self.task, ex):
-                ctx, opt = self._option_ids(context, option)
+            for context, option, sep in _scoring_pairs(self.task, ex):
+                ctx, opt = self._option_ids(context, option, sep)
                 head = [bos] if bos is not None else []
                 if not head and not ctx:
                     head = [tok.eos_token_id if tok.eos_token_id is not None else pad]
@@ -527,7 +548,9 @@ def load_model(
                 **extra,
             )
             fresh = {str(k) for k in info.get("missing_keys", ())}
-            fresh |= {str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())}
+            fresh |= {
+                str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())
+            }
             std = float(getattr(model.config, "initializer_range", _HEAD_INIT_STD))
             _reinit_(model, fresh, torch.Generator().manual_seed(seed), std)
         else:
