@@ -23,7 +23,6 @@ the logs.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -48,7 +47,7 @@ class AffineFit:
     """Least-squares fit ``L ≈ L0 + L1·g``.
 
     ``L0_se``, ``L1_se``: standard errors of the coefficients (classical OLS, residual
-    variance ``σ̂² = RSS/(n−2)``). ``r2 = r²`` is the coefficient of determination, ``r``
+    variance ``σ̂² = RSS/(n−2)``, see :func:`_ols`). ``r2 = r²`` is the coefficient of determination, ``r``
     Pearson's correlation between ``g`` and ``L``, ``p_value`` the two-sided p-value of
     ``H0: L1 = 0`` (t test with ``n−2`` degrees of freedom), ``n`` the number of points.
     """
@@ -114,16 +113,48 @@ def _clean(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, pos
     return x[ok], y[ok], int(x.size)
 
 
-def _linregress(x: np.ndarray, y: np.ndarray):
+@dataclass(frozen=True)
+class _OLS:
+    intercept: float
+    slope: float
+    intercept_se: float
+    slope_se: float
+    r: float
+    r2: float
+    p_value: float
+
+
+def _ols(x: np.ndarray, y: np.ndarray) -> _OLS:
+    """Simple least squares ``y ≈ β0 + β1 x`` with classical standard errors.
+
+    ``β1 = S_xy / S_xx``, ``β0 = ȳ − β1 x̄``, ``σ̂² = Σ e_i² / (n − 2)``,
+    ``SE(β1) = σ̂ / √S_xx``, ``SE(β0) = σ̂ √(1/n + x̄²/S_xx)``, ``r = S_xy / √(S_xx S_yy)``,
+    ``r² = 1 − RSS/S_yy``, p-value of ``β1 = 0`` from Student's t with ``n − 2`` dof.
+    The SEs come from the residuals themselves (not from ``1 − r²``, which cancels
+    catastrophically near a perfect fit), so noiseless data give SEs at rounding level.
+    """
+    n = x.size
     if np.ptp(x) == 0:
         raise ValueError(
-            f"cannot fit: all {x.size} gradient norms are equal ({x[0]:.4g}); "
-            "the slope is undetermined"
+            f"cannot fit: all {n} gradient norms are equal ({x[0]:.4g}); the slope is undetermined"
         )
-    with warnings.catch_warnings():
-        # scipy warns about exact fits (r = ±1); those are fine here.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return stats.linregress(x, y)
+    xm, ym = x.mean(), y.mean()
+    dx, dy = x - xm, y - ym
+    sxx, syy, sxy = float(dx @ dx), float(dy @ dy), float(dx @ dy)
+    slope = sxy / sxx
+    intercept = float(ym - slope * xm)
+    resid = y - (intercept + slope * x)
+    rss = float(resid @ resid)
+    s2 = rss / (n - 2) if n > 2 else math.nan
+    slope_se = math.sqrt(s2 / sxx)
+    intercept_se = math.sqrt(s2 * (1.0 / n + xm * xm / sxx))
+    r = sxy / math.sqrt(sxx * syy) if syy > 0 else math.nan
+    r2 = 1.0 - rss / syy if syy > 0 else math.nan
+    if slope_se > 0:
+        p = float(2.0 * stats.t.sf(abs(slope / slope_se), n - 2))
+    else:
+        p = 0.0 if slope != 0 else 1.0
+    return _OLS(intercept, slope, intercept_se, slope_se, r, r2, p)
 
 
 def fit_smoothness(
@@ -148,28 +179,26 @@ def fit_smoothness(
             f"(of {total})"
         )
     if kind == "affine":
-        res = _linregress(x, y)
-        r = float(res.rvalue)
+        res = _ols(x, y)
         return AffineFit(
-            L0=float(res.intercept),
-            L1=float(res.slope),
-            L0_se=float(res.intercept_stderr),
-            L1_se=float(res.stderr),
-            r2=r * r,
-            r=r,
-            p_value=float(res.pvalue),
+            L0=res.intercept,
+            L1=res.slope,
+            L0_se=res.intercept_se,
+            L1_se=res.slope_se,
+            r2=res.r2,
+            r=res.r,
+            p_value=res.p_value,
             n=int(x.size),
         )
-    res = _linregress(np.log(x), np.log(y))
-    r = float(res.rvalue)
+    res = _ols(np.log(x), np.log(y))
     return PowerFit(
-        a=float(math.exp(res.intercept)),
-        b=float(res.slope),
-        log_a_se=float(res.intercept_stderr),
-        b_se=float(res.stderr),
-        r2=r * r,
-        r=r,
-        p_value=float(res.pvalue),
+        a=math.exp(res.intercept),
+        b=res.slope,
+        log_a_se=res.intercept_se,
+        b_se=res.slope_se,
+        r2=res.r2,
+        r=res.r,
+        p_value=res.p_value,
         n=int(x.size),
     )
 

@@ -215,9 +215,7 @@ def load_run(path: str | Path) -> Run:
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         present = sorted(p.name for p in root.iterdir())[:10]
-        raise ValueError(
-            f"{root}: not a run folder (no config.json; found {present or 'nothing'})"
-        )
+        raise ValueError(f"{root}: not a run folder (no config.json; found {present or 'nothing'})")
     config = _read_json(cfg_path)
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
@@ -234,9 +232,7 @@ def load_run(path: str | Path) -> Run:
             )
     calibration = None
     if (root / "calibration.csv").is_file():
-        calibration = _read_csv(
-            root / "calibration.csv", CALIBRATION_COLUMNS, CALIBRATION_REQUIRED
-        )
+        calibration = _read_csv(root / "calibration.csv", CALIBRATION_COLUMNS, CALIBRATION_REQUIRED)
 
     warnings: list[str] = []
     if not (root / "metrics.csv").exists():

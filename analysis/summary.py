@@ -51,9 +51,7 @@ def _frame_and_sizes(
 def _require(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(
-            f"{what}: missing column(s) {missing}; found {list(df.columns)}"
-        )
+        raise ValueError(f"{what}: missing column(s) {missing}; found {list(df.columns)}")
 
 
 def _blocks_found(df: pd.DataFrame) -> list[str]:
@@ -157,7 +155,9 @@ def smoothness_ratio(
     for b in (num, den):
         if b not in found:
             raise ValueError(f"block {b!r} not in the smoothness frame; found {found}")
-    used_norm = str(df["norm"].dropna().iloc[0]) if "norm" in df and df["norm"].notna().any() else ""
+    used_norm = (
+        str(df["norm"].dropna().iloc[0]) if "norm" in df and df["norm"].notna().any() else ""
+    )
     wide = (
         df[df["block"].isin([num, den])]
         .groupby(["step", "block"])["estimate"]

@@ -114,14 +114,14 @@ def fig1b(
                 _band(ax, d, block_color(b), lab)
             ax.set_xlabel("training step")
             ax.set_ylabel(_ylabel(df))
-            ax.legend(loc="best")
+            ax.legend(loc="center left", bbox_to_anchor=(0.0, 0.62))
             ax.text(
-                0.98,
-                0.5,
+                0.03,
+                0.36,
                 f"median $L_x/L_y$ = {ratio['median']:.3g}\n"
                 f"IQR [{ratio['q25']:.3g}, {ratio['q75']:.3g}], {ratio['n']} probes",
                 transform=ax.transAxes,
-                ha="right",
+                ha="left",
                 va="center",
                 fontsize=7,
                 bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.8", "lw": 0.5},

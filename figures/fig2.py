@@ -61,7 +61,9 @@ def fig2(
                 y = smooth(d["loss"], smooth_window)
                 if smooth_window and smooth_window > 1:
                     ax.plot(d["step"], d["loss"], color=color, alpha=0.2, linewidth=0.6)
-                ax.plot(d["step"], y, color=color, label=label + (" (diverged)" if diverged else ""))
+                ax.plot(
+                    d["step"], y, color=color, label=label + (" (diverged)" if diverged else "")
+                )
                 if diverged:
                     ax.plot(d["step"].iloc[-1], y.iloc[-1], "x", color=color, markersize=5)
             if logy:

@@ -58,7 +58,10 @@ def fig3(
                     if len(a):
                         any_acc = True
                         ax_acc.plot(
-                            a["step"], a[acc], color=color, label=label,
+                            a["step"],
+                            a[acc],
+                            color=color,
+                            label=label,
                             marker="o" if len(a) <= 40 else None,
                         )
             if logy:
@@ -71,8 +74,13 @@ def fig3(
             ax_acc.set_title(f"(b) {acc.replace('_', ' ')}", loc="left")
             if not any_acc:
                 ax_acc.text(
-                    0.5, 0.5, f"no {acc} recorded", transform=ax_acc.transAxes,
-                    ha="center", va="center", color="0.4",
+                    0.5,
+                    0.5,
+                    f"no {acc} recorded",
+                    transform=ax_acc.transAxes,
+                    ha="center",
+                    va="center",
+                    color="0.4",
                 )
             handles, labels = ax_loss.get_legend_handles_labels()
             if len(labels) > 1:

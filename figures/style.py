@@ -45,7 +45,9 @@ PALETTE: dict[str, str] = {
 }
 """Okabe-Ito colors by name."""
 
-_CYCLE = [PALETTE[k] for k in ("blue", "vermillion", "green", "orange", "purple", "skyblue", "black")]
+_CYCLE = [
+    PALETTE[k] for k in ("blue", "vermillion", "green", "orange", "purple", "skyblue", "black")
+]
 # yellow is left out of automatic choices: too light on white for thin lines.
 
 METHOD_COLORS: dict[str, str] = {
