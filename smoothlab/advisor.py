@@ -139,11 +139,16 @@ def advise_from_rows(
     *,
     x_block: str = "base",
     y_block: str = "peft",
+    head_block: str | None = "head",
     quantile: float = 0.9,
     fraction: float = 0.5,
     **kwargs: object,
 ) -> Advice:
-    """Advice from recorded ``smoothness.csv`` rows (dicts with ``step``, ``block``, ``estimate``)."""
+    """Advice from recorded ``smoothness.csv`` rows (dicts with ``step``, ``block``, ``estimate``).
+
+    When the first-order block y was recorded as an adapter block plus a ``head_block``
+    (a trained classifier), L_y is taken as the larger of the two, a lower bound of the
+    joint block's L."""
     def series(block: str) -> list[float]:
         pts = sorted((float(r["step"]), float(r["estimate"])) for r in rows if r.get("block") == block)  # type: ignore[arg-type]
         if not pts:
@@ -153,5 +158,10 @@ def advise_from_rows(
 
     lx, sx = trajectory_L(series(x_block), quantile=quantile, fraction=fraction)
     ly, sy = trajectory_L(series(y_block), quantile=quantile, fraction=fraction)
+    if head_block and any(r.get("block") == head_block for r in rows):
+        # y = adapter + trained head: L_y ≥ max of the two diagonal blocks' L (a lower bound)
+        lh, sh = trajectory_L(series(head_block), quantile=quantile, fraction=fraction)
+        if lh > ly:
+            ly, sy = lh, sh
     return advise(lx, ly, d_x, L_x_stderr=sx, L_y_stderr=sy,
                   source=f"trajectory q{quantile:g} of first {fraction:.0%}", **kwargs)  # type: ignore[arg-type]

@@ -6,6 +6,9 @@ overlap (a parameter belongs to at most one block). Presets:
 * ``base``/``peft`` (alias ``hybrid``): every parameter a ``peft`` adapter added — LoRA
   matrices and other tuner-layer weights, prompt/prefix encoders, ``modules_to_save`` copies —
   is ``peft``; every other parameter is ``base``.
+  peft's inactive ``original_module`` copies (which no forward reads) are left out.
+* ``hybrid-split``: as ``hybrid``, with a trained head (peft's ``modules_to_save``, e.g. a
+  classifier) split from the adapter into its own block ``head``: ``base``/``peft``/``head``.
 * ``layers``: one block per transformer layer (``layer.0``, ``layer.1``, ...), plus
   ``embeddings`` and ``other`` for what lies outside the layers.
 * ``kinds``: ``attention``, ``mlp``, ``embeddings``, ``norm``, ``other``.
@@ -26,7 +29,7 @@ from torch import nn
 
 Blocks = dict[str, list[nn.Parameter]]
 
-PRESETS = ("hybrid", "base-peft", "layers", "kinds", "all")
+PRESETS = ("hybrid", "base-peft", "hybrid-split", "layers", "kinds", "all")
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 _EMBED_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
@@ -126,7 +129,7 @@ def make_blocks(
 
     if isinstance(spec, str):
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
-        if spec in ("hybrid", "base-peft"):
+        if spec in ("hybrid", "base-peft", "hybrid-split"):
             peft_names = peft_parameter_names(model)
             if not peft_names & set(all_names):
                 raise ValueError(
@@ -135,8 +138,16 @@ def make_blocks(
                     f"Parameters examined: {_preview(all_names)}"
                 )
             for n, p in named:
-                groups.setdefault("peft" if n in peft_names else "base", []).append((n, p))
-            return {k: [p for _, p in groups[k]] for k in ("base", "peft") if k in groups}
+                if ".original_module." in n:
+                    continue
+                if n not in peft_names:
+                    key = "base"
+                elif spec == "hybrid-split" and ".modules_to_save." in f".{n}":
+                    key = "head"
+                else:
+                    key = "peft"
+                groups.setdefault(key, []).append((n, p))
+            return {k: [p for _, p in groups[k]] for k in ("base", "peft", "head") if k in groups}
         if spec == "layers":
             for n, p in named:
                 groups.setdefault(_layer_block(n), []).append((n, p))
