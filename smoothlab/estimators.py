@@ -14,7 +14,7 @@ r"""Norm estimators of a block Hessian H = ∇²_bb f from an :class:`~smoothlab
 * ``rms``       the paper's Appendix D.4 estimator over random *unit* vectors u:
   √(mean ‖H u_i‖²), and E‖H u‖² = ‖H‖_F² / d_b, so it estimates ‖H‖_F / √d_b — the root
   mean square eigenvalue, not the Frobenius norm the paper names it.
-* ``trace``     tr H = E vᵀHv (Hutchinson; Rademacher by default, the minimum-variance choice).
+* ``trace``     tr H = E vᵀHv (Hutchinson; Gaussian by default, Rademacher has the lower variance).
 
 Stochastic estimators stop early once stderr / |value| ≤ ``target_rel_stderr`` (after at
 least ``min_vectors`` samples).

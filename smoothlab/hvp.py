@@ -13,8 +13,10 @@ reads only the block's gradient, and leaves every parameter bit-identical (see
                    at inference memory.
 
 Default step ``h`` (when not given): the displacement ``h‖v‖`` is ``ε^p · max(‖x_b‖, 1)``
-with ε the dtype's machine epsilon and p = 1/2 (forward), 1/3 (central), 1/4 (second
-difference) — the classic truncation/rounding balance for each formula.
+with ε the machine epsilon of the coarser of the block's dtype and the loss's dtype (a float64
+model whose loss is computed in float32, as Hugging Face causal-LM losses are, gets the float32
+step) and p = 1/2 (forward), 1/3 (central), 1/4 (second difference) — the classic
+truncation/rounding balance for each formula.
 """
 
 from __future__ import annotations
@@ -54,9 +56,16 @@ def compute_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if params[0].dtype == torch.float64 else torch.float32
 
 
-def default_step(kind: str, params: Sequence[torch.Tensor]) -> float:
-    """The displacement length ε^p · max(‖x_b‖, 1) for oracle ``kind``."""
+def default_step(
+    kind: str, params: Sequence[torch.Tensor], loss_dtype: torch.dtype | None = None
+) -> float:
+    """The displacement length ε^p · max(‖x_b‖, 1) for oracle ``kind``.
+
+    ε = max(eps(params dtype), eps(loss_dtype)): rounding in f (or ∇f) sets the error floor.
+    """
     eps = torch.finfo(params[0].dtype).eps
+    if loss_dtype is not None and loss_dtype.is_floating_point:
+        eps = max(eps, torch.finfo(loss_dtype).eps)
     xnorm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
     return eps ** _ORDER[kind] * max(xnorm, 1.0)
 
@@ -134,7 +143,8 @@ class Oracle:
         self._g0: torch.Tensor | None = None
         self._f0: float | None = None
         self._graph: tuple[torch.Tensor, ...] | None = None
-        self._step = default_step(kind, self.params) if kind in _ORDER else 0.0
+        self._step: float | None = None  # set once the loss's dtype is known
+        self._loss_dtype: torch.dtype | None = None
         if kind != "exact" and self.params[0].dtype in (torch.float16, torch.bfloat16):
             warnings.warn(
                 f"hvp={kind!r} on a {self.params[0].dtype} block: finite differences in half "
@@ -164,6 +174,12 @@ class Oracle:
         """h used for direction v: the user's h, or the default displacement / ‖v‖."""
         if self.h is not None:
             return float(self.h)
+        if self.kind not in _ORDER:
+            return 0.0
+        if self._step is None:
+            if self._loss_dtype is None:
+                self._value_at(None, 0.0)  # one forward to learn the loss's dtype
+            self._step = default_step(self.kind, self.params, self._loss_dtype)
         return self._step / max(float(v.norm()), 1e-30)
 
     def _loss(self) -> torch.Tensor:
@@ -173,6 +189,7 @@ class Oracle:
                 f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                 + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
             )
+        self._loss_dtype = loss.dtype
         return loss.reshape(())
 
     def _grad(self) -> torch.Tensor:
@@ -227,9 +244,11 @@ class Oracle:
                     allow_unused=True,
                 )
             return flatten([torch.zeros_like(p) if x is None else x for x, p in zip(hv, self.params)], self.dtype)
-        s = self.step_for(v)
         if self.kind == "fd":
-            return (self._grad_at(v, s) - self.gradient()) / s
+            g0 = self.gradient()  # also tells step_for the loss's dtype
+            s = self.step_for(v)
+            return (self._grad_at(v, s) - g0) / s
+        s = self.step_for(v)
         return (self._grad_at(v, s) - self._grad_at(v, -s)) / (2 * s)
 
     def quad(self, v: torch.Tensor) -> float:
@@ -237,9 +256,9 @@ class Oracle:
         if self.kind != "zo":
             return float(torch.dot(v.to(torch.float64), self.hvp(v).to(torch.float64)))
         self.num_hvp += 1
-        s = self.step_for(v)
         if self._f0 is None:
-            self._f0 = self._value_at(None, 0.0)
+            self._f0 = self._value_at(None, 0.0)  # also tells step_for the loss's dtype
+        s = self.step_for(v)
         fp = self._value_at(v, s)
         fm = self._value_at(v, -s)
         return (fp - 2.0 * self._f0 + fm) / (s * s)

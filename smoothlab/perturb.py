@@ -94,6 +94,12 @@ def shifted(
     With ``root`` the shift is applied on the fly by forward hooks (stored weights are never
     written); without it by an exact ``.data`` swap. Either way every parameter is
     bit-identical after the context, also when the body raises.
+
+    On the fly, a parameter is seen shifted when it is read inside its owning module's
+    forward, or when its owner is a container without a forward (``ParameterDict``,
+    ``ParameterList``). A parameter another module reads directly from a submodule whose
+    forward does not run (e.g. peft prompt tuning with ``inference_mode=True`` reading
+    ``prompt_encoder.embedding.weight``) is not shifted; use ``root=None`` for such models.
     """
     if not callable(direction):
         direction = explicit(direction)
@@ -113,6 +119,10 @@ def shifted(
         return
 
     owners = _owners(root, params)
+    # A container without a forward of its own (ParameterDict/ParameterList, e.g. peft's
+    # lora_embedding_A) never fires hooks: its parameters are read by the parent. Shadow those
+    # for the whole context (their size only), built with grad on so ∂f/∂W still flows.
+    static = [m for m in owners if type(m).forward is nn.Module.forward]
     handles = []
 
     def pre_hook(module: nn.Module, args: object) -> None:
@@ -125,7 +135,14 @@ def shifted(
             module.__dict__.pop(name, None)
 
     try:
+        with torch.enable_grad():
+            for module in static:
+                for name, i in owners[module]:
+                    w = module._parameters[name]
+                    module.__dict__[name] = w + scale * direction(i, w)
         for module in owners:
+            if module in static:
+                continue
             handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(post_hook, always_call=True))
         yield

@@ -61,7 +61,8 @@ class ModelLoss:
             return self.compute()
         if isinstance(self.batch, Mapping):
             out = self.model(**self.batch)
-            loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", out)
+            # a Hugging Face ModelOutput is a Mapping that omits a None loss: .get, not ["loss"]
+            loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", out)
             if loss is None:
                 raise ValueError("model output has no loss; include labels in the batch")
             return loss

@@ -1,0 +1,339 @@
+"""HVP oracles (exact, fd, fd-central, zo) against dense float64 block Hessians.
+
+Ground truth: closed forms on coupled quadratics (the answer for block x is A, never the
+full Hessian), ``torch.autograd.functional.hessian`` on a small float64 MLP, and a tiny BERT
+whose reference Hessian comes from the *eager* attention model while the probe runs on the
+*sdpa* copy of the same weights (the CPU flash SDPA kernel has no double backward, so the
+exact oracle must switch attention to a differentiable path by itself).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from torch import nn
+
+from smoothlab import Oracle, probe
+from smoothlab.hvp import default_step, flatten, unflatten
+
+ORACLES = ("exact", "fd", "fd-central")
+
+
+# --- ground-truth problems ------------------------------------------------------------------
+def planted(eigs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Q diag(eigs) Qᵀ with a random orthogonal Q (float64)."""
+    d = len(eigs)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    return (q * eigs) @ q.T
+
+
+def coupled_quadratic(dx=40, dy=12, dtype=torch.float64, seed=0, coupling=30.0):
+    """f = ½xᵀAx + ½yᵀBy + xᵀCy with a large C; returns (x, y, f, A, B, C) (A, B, C float64)."""
+    g = torch.Generator().manual_seed(seed)
+    A = planted(torch.empty(dx, dtype=torch.float64).uniform_(-10, 10, generator=g), g)
+    B = planted(torch.empty(dy, dtype=torch.float64).uniform_(-1, 1, generator=g), g)
+    C = coupling * torch.randn(dx, dy, generator=g, dtype=torch.float64) / math.sqrt(dy)
+    x = nn.Parameter(torch.randn(dx, generator=g, dtype=torch.float64).to(dtype))
+    y = nn.Parameter(torch.randn(dy, generator=g, dtype=torch.float64).to(dtype))
+    A_, B_, C_ = A.to(dtype), B.to(dtype), C.to(dtype)
+
+    def f():
+        return 0.5 * x @ (A_ @ x) + 0.5 * y @ (B_ @ y) + x @ (C_ @ y)
+
+    return x, y, f, A, B, C
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# --- coupled quadratic: every oracle returns the *block* Hessian ------------------------------
+@pytest.mark.parametrize(
+    "kind,dtype,tol",
+    [
+        ("exact", torch.float64, 1e-12),
+        ("fd", torch.float64, 1e-5),
+        ("fd-central", torch.float64, 1e-7),
+        ("exact", torch.float32, 1e-5),
+        ("fd", torch.float32, 5e-2),
+        ("fd-central", torch.float32, 1e-2),
+    ],
+)
+def test_oracle_hvp_is_block_restricted(kind, dtype, tol):
+    x, y, f, A, B, C = coupled_quadratic(dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    for params, H in (([x], A), ([y], B)):
+        with Oracle(kind, f, params) as oracle:
+            for _ in range(3):
+                v = torch.randn(H.shape[0], generator=g, dtype=torch.float64)
+                hv = oracle.hvp(v.to(oracle.dtype))
+                assert hv.dtype == oracle.dtype and hv.shape == v.shape
+                assert rel(hv, H @ v) < tol
+        assert oracle.num_hvp == 3
+
+
+def test_oracle_hvp_block_with_two_tensors_and_coupling_between_them():
+    """A block made of two tensors sees its whole diagonal block, including their coupling."""
+    x, y, f, A, B, C = coupled_quadratic()
+    H = torch.cat([torch.cat([A, C], 1), torch.cat([C.T, B], 1)])
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for kind in ORACLES:
+        with Oracle(kind, f, [x, y]) as oracle:
+            assert rel(oracle.hvp(v), H @ v) < 1e-5
+            assert math.isclose(oracle.quad(v), float(v @ H @ v), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 5e-2)])
+def test_zo_quad_is_block_quadratic_form(dtype, tol):
+    x, y, f, A, B, C = coupled_quadratic(dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    for params, H in (([x], A), ([y], B)):
+        with Oracle("zo", f, params) as oracle:
+            for _ in range(3):
+                v = torch.randn(H.shape[0], generator=g, dtype=torch.float64)
+                c = oracle.quad(v.to(oracle.dtype))
+                truth = float(v @ H @ v)
+                assert abs(c - truth) <= tol * float(v @ v) * float(H.abs().max()), (c, truth)
+            with pytest.raises(ValueError, match="zo"):
+                oracle.hvp(v)
+        assert oracle.num_hvp == 3
+
+
+def test_example_2_3_oracles():
+    """f = a x² + b y²: H_xx = 2a, H_yy = 2b (the paper's Example 2.3)."""
+    a, b = 50.0, 0.5
+    x = nn.Parameter(torch.tensor([0.3], dtype=torch.float64))
+    y = nn.Parameter(torch.tensor([-1.2], dtype=torch.float64))
+
+    def f():
+        return (a * x**2 + b * y**2).sum()
+
+    one = torch.ones(1, dtype=torch.float64)
+    for kind in ("exact", "fd", "fd-central", "zo"):
+        for p, truth in ((x, 2 * a), (y, 2 * b)):
+            with Oracle(kind, f, [p]) as oracle:
+                assert oracle.quad(one) == pytest.approx(truth, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind,tol", [("fd", 1e-2), ("fd-central", 1e-3), ("zo", 1e-2)])
+def test_default_step_follows_a_coarser_loss_dtype(kind, tol):
+    """float64 parameters, loss computed in float32 (as Hugging Face causal-LM losses are):
+    the default step must be the float32 one, else second differences are pure rounding."""
+    x, y, f, A, B, C = coupled_quadratic()
+
+    def f32():
+        return f().float()
+
+    v = torch.randn(x.numel(), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    truth = float(v @ A @ v)
+    scale = float(torch.linalg.matrix_norm(A, 2)) * float(v @ v)
+    with Oracle(kind, f32, [x]) as oracle:
+        assert abs(oracle.quad(v) - truth) <= tol * scale
+        x_norm = float(x.detach().norm())
+        eps32 = torch.finfo(torch.float32).eps
+        assert oracle.step_for(v) * float(v.norm()) == pytest.approx(
+            eps32 ** {"fd": 1 / 2, "fd-central": 1 / 3, "zo": 1 / 4}[kind] * x_norm
+        )
+    with Oracle("exact", f32, [x]) as oracle:
+        assert oracle.step_for(v) == 0.0
+
+
+# --- helpers ------------------------------------------------------------------------------
+def test_flatten_unflatten_roundtrip_and_default_steps():
+    ts = [torch.randn(2, 3), torch.randn(4)]
+    flat = flatten(ts, torch.float64)
+    assert flat.dtype == torch.float64 and flat.numel() == 10
+    back = unflatten(flat, ts)
+    assert all(torch.equal(a.double(), b) for a, b in zip(ts, back))
+    p32 = [torch.full((100,), 10.0)]  # ‖x‖ = 100
+    eps = torch.finfo(torch.float32).eps
+    assert default_step("fd", p32) == pytest.approx(math.sqrt(eps) * 100)
+    assert default_step("fd-central", p32) == pytest.approx(eps ** (1 / 3) * 100)
+    assert default_step("zo", p32) == pytest.approx(eps ** (1 / 4) * 100)
+    assert default_step("fd", [torch.zeros(3)]) == pytest.approx(math.sqrt(eps))  # max(‖x‖, 1)
+    p64 = [p.double() for p in p32]
+    assert default_step("zo", p64) == pytest.approx(torch.finfo(torch.float64).eps ** 0.25 * 100)
+    assert default_step("zo", p64, torch.float32) == pytest.approx(eps ** 0.25 * 100)
+    assert default_step("zo", p32, torch.float64) == pytest.approx(eps ** 0.25 * 100)
+
+
+def test_user_step_is_used_and_validated():
+    x, y, f, A, B, C = coupled_quadratic()
+    with Oracle("fd", f, [x], h=1e-3) as oracle:
+        assert oracle.step_for(torch.ones(x.numel(), dtype=torch.float64) * 7) == 1e-3
+    for bad in (0.0, -1e-3, math.inf, math.nan, "1e-3"):
+        with pytest.raises(ValueError, match="h must be"):
+            Oracle("fd", f, [x], h=bad)
+    with pytest.raises(ValueError, match="'nope'.*exact"):
+        Oracle("nope", f, [x])
+
+
+# --- small float64 MLP against torch.autograd.functional.hessian -----------------------------
+def mlp_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    inputs = torch.randn(16, 5, dtype=torch.float64)
+    targets = torch.randint(0, 3, (16,))
+
+    def loss_fn():
+        return nn.functional.cross_entropy(model(inputs), targets)
+
+    return model, loss_fn, inputs, targets
+
+
+def dense_block_hessian(model, names, batch):
+    """Dense float64 Hessian of ``model(**batch).loss`` w.r.t. the named parameters.
+
+    Built independently of smoothlab: plain double backward, all unit vectors at once.
+    """
+    params = dict(model.named_parameters())
+    ps = [params[n] for n in names]
+    grads = torch.autograd.grad(model(**batch).loss, ps, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    eye = torch.eye(flat.numel(), dtype=flat.dtype)
+    cols = torch.autograd.grad(flat, ps, grad_outputs=eye, is_grads_batched=True)
+    H = torch.cat([c.reshape(flat.numel(), -1) for c in cols], 1).detach()
+    return 0.5 * (H + H.T)
+
+
+def test_mlp_oracles_match_dense_hessian():
+    model, loss_fn, inputs, targets = mlp_problem()
+    named = dict(model.named_parameters())
+    for names in (["0.weight", "0.bias"], ["2.weight"]):
+        params = [named[n] for n in names]
+        sizes = [named[n].numel() for n in names]
+        shapes = [named[n].shape for n in names]
+
+        def fn(flat, names=names, sizes=sizes, shapes=shapes):
+            pieces = torch.split(flat, sizes)
+            over = {n: t.view(s) for n, t, s in zip(names, pieces, shapes)}
+            out = torch.func.functional_call(model, {**named, **over}, (inputs,))
+            return nn.functional.cross_entropy(out, targets)
+
+        flat0 = torch.cat([p.detach().reshape(-1) for p in params])
+        H = torch.autograd.functional.hessian(fn, flat0)
+        g = torch.Generator().manual_seed(0)
+        vs = [torch.randn(H.shape[0], generator=g, dtype=torch.float64) for _ in range(3)]
+        for kind, tol in (("exact", 1e-10), ("fd", 1e-4), ("fd-central", 1e-6)):
+            with Oracle(kind, loss_fn, params, root=model) as oracle:
+                for v in vs:
+                    assert rel(oracle.hvp(v), H @ v) < tol, (names, kind)
+        with Oracle("zo", loss_fn, params, root=model) as oracle:
+            for v in vs:
+                assert oracle.quad(v) == pytest.approx(float(v @ H @ v), rel=1e-4, abs=1e-6)
+
+
+# --- tiny BERT: eager reference, sdpa probe ------------------------------------------------
+def tiny_bert(attn: str):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, attn_implementation=attn,
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    return BertForSequenceClassification(cfg).double().eval()
+
+
+@pytest.fixture(scope="module")
+def bert_pair():
+    ref = tiny_bert("eager")
+    sdpa = tiny_bert("sdpa")
+    sdpa.load_state_dict(ref.state_dict())
+    assert sdpa.config._attn_implementation == "sdpa"
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, 50, (4, 6), generator=g),
+        "labels": torch.tensor([0, 1, 1, 0]),
+    }
+    blocks = {
+        "query": ["bert.encoder.layer.0.attention.self.query.weight"],  # 256 parameters
+        "norm": [
+            "bert.encoder.layer.0.attention.output.LayerNorm.weight",
+            "bert.encoder.layer.0.attention.output.LayerNorm.bias",
+        ],  # 32 parameters
+    }
+    hessians = {
+        b: dense_block_hessian(ref, names, batch) for b, names in blocks.items()
+    }
+    return ref, sdpa, batch, blocks, hessians
+
+
+def test_sdpa_cpu_kernel_has_no_double_backward(bert_pair):
+    """The reason the exact oracle switches attention: plain sdpa fails the double backward."""
+    _, sdpa, batch, blocks, _ = bert_pair
+    p = dict(sdpa.named_parameters())[blocks["query"][0]]
+    (g,) = torch.autograd.grad(sdpa(**batch).loss, p, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(g.sum(), p)
+
+
+def test_tiny_bert_oracles_match_eager_dense_hessian(bert_pair):
+    from smoothlab import ModelLoss
+
+    ref, sdpa, batch, blocks, hessians = bert_pair
+    named = dict(sdpa.named_parameters())
+    loss_fn = ModelLoss(sdpa, batch)
+    g = torch.Generator().manual_seed(0)
+    for b, names in blocks.items():
+        H = hessians[b]
+        v = torch.randn(H.shape[0], generator=g, dtype=torch.float64)
+        for kind, tol in (("exact", 1e-9), ("fd", 1e-4), ("fd-central", 1e-6)):
+            with Oracle(kind, loss_fn, [named[n] for n in names], root=sdpa) as oracle:
+                assert rel(oracle.hvp(v), H @ v) < tol, (b, kind)
+        with Oracle("zo", loss_fn, [named[n] for n in names], root=sdpa) as oracle:
+            # second differences in float64: error ~ eps·|f|/h² + O(h²), small against ‖H‖₂‖v‖²
+            scale = float(torch.linalg.matrix_norm(H, 2)) * float(v @ v)
+            assert abs(oracle.quad(v) - float(v @ H @ v)) <= 1e-4 * scale, b
+
+
+def test_tiny_bert_probe_norms_match_eager_dense_hessian(bert_pair):
+    ref, sdpa, batch, blocks, hessians = bert_pair
+    named = dict(sdpa.named_parameters())
+    pblocks = {b: [named[n] for n in names] for b, names in blocks.items()}
+    from smoothlab import ModelLoss
+
+    loss_fn = ModelLoss(sdpa, batch)
+    spec = probe(loss_fn, pblocks, norm="spectral", hvp="exact", num_vectors=40, tol=1e-5)
+    for b, H in hessians.items():
+        eig = torch.linalg.eigvalsh(H)
+        true = float(eig.abs().max())
+        est = spec[b]
+        # a Ritz value is within its residual of an eigenvalue; with a converged run, the top one
+        assert abs(est.value - true) <= max(est.residual, 1e-8 * true) * 1.01, (b, est, true)
+        fro, tr, d = float(H.norm()), float(eig.sum()), H.shape[0]
+        for norm, truth in (("frobenius", fro), ("rms", fro / math.sqrt(d)), ("trace", tr)):
+            est = probe(loss_fn, {b: pblocks[b]}, norm=norm, hvp="exact", num_vectors=30, seed=1)[b]
+            assert abs(est.value - truth) <= 4 * est.stderr, (b, norm, est.value, truth, est.stderr)
+    assert sdpa.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("hvp", ["exact", "fd", "fd-central"])
+def test_mlp_probe_norms_match_dense_hessian(hvp):
+    """All four norms of a float64 MLP's blocks against the dense block Hessian."""
+    model, loss_fn, inputs, targets = mlp_problem()
+    named = dict(model.named_parameters())
+    blocks = {"first": [named["0.weight"], named["0.bias"]], "last": [named["2.weight"]]}
+    truths = {}
+    for b, ps in blocks.items():
+        flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(), ps, create_graph=True)])
+        eye = torch.eye(flat.numel(), dtype=flat.dtype)
+        cols = torch.autograd.grad(flat, ps, grad_outputs=eye, is_grads_batched=True)
+        H = torch.cat([c.reshape(flat.numel(), -1) for c in cols], 1)
+        eig = torch.linalg.eigvalsh(0.5 * (H + H.T))
+        truths[b] = {"spectral": float(eig.abs().max()), "frobenius": float(eig.norm()),
+                     "rms": float(eig.norm()) / math.sqrt(len(eig)), "trace": float(eig.sum())}
+    spec = probe(loss_fn, blocks, norm="spectral", hvp=hvp, num_vectors=48, tol=1e-6, model=model)
+    for b, e in spec.items():
+        assert abs(e.value - truths[b]["spectral"]) <= 1.01 * e.residual + 1e-6 * truths[b]["spectral"]
+    for norm in ("frobenius", "rms", "trace"):
+        est = probe(loss_fn, blocks, norm=norm, hvp=hvp, num_vectors=40, seed=2, model=model)
+        for b, e in est.items():
+            assert abs(e.value - truths[b][norm]) <= 4 * e.stderr, (b, norm, e.value, truths[b][norm], e.stderr)
