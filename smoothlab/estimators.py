@@ -82,7 +82,7 @@ def spectral(
     theta, residual, converged = 0.0, math.inf, False
     for j in range(k_max):
         w = oracle.hvp(v)
-        alpha = float(torch.dot(w.double(), v.double()))
+        alpha = float(torch.dot(w, v))
         w = w - alpha * v - beta * v_prev
         if store:
             for _ in range(2):
@@ -177,7 +177,7 @@ def stochastic(
         if zo or norm == "trace":
             return oracle.quad(v)
         hv = oracle.hvp(v)
-        return float(hv.double().pow(2).sum())
+        return float(hv.pow(2).sum(dtype=torch.float64))
 
     scale = math.sqrt(dim) if (zo and norm == "rms") else 1.0
 

@@ -66,7 +66,7 @@ def default_step(
     eps = torch.finfo(params[0].dtype).eps
     if loss_dtype is not None and loss_dtype.is_floating_point:
         eps = max(eps, torch.finfo(loss_dtype).eps)
-    xnorm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
+    xnorm = math.sqrt(sum(float(p.detach().float().pow(2).sum(dtype=torch.float64)) for p in params))
     return eps ** _ORDER[kind] * max(xnorm, 1.0)
 
 
