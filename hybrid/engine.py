@@ -37,8 +37,9 @@ class TwoRateSGD(torch.optim.Optimizer):
     """Plain SGD whose parameter groups are either first-order or zeroth-order.
 
     First-order groups: p ← p − lr·(∇p + wd·p) from ``p.grad``. Zeroth-order groups
-    (``zo=True``): p ← p − lr·Σ_i c_i z_i(p) for the step's coefficients ``c_i = g_i/q`` and
-    directions regenerated from their seeds, one parameter and one z at a time.
+    (``zo=True``): p ← (1 − lr·wd)·p − lr·Σ_i c_i z_i(p) for the step's coefficients
+    ``c_i = g_i/q`` and directions regenerated from their seeds, one parameter and one z at
+    a time.
     """
 
     def __init__(self, groups: list[dict], weight_decay: float = 0.0) -> None:
@@ -54,13 +55,13 @@ class TwoRateSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             if group["zo"]:
+                if wd and zo_terms:
+                    for p in group["params"]:
+                        p.mul_(1 - lr * wd)
                 for seed, coef in zo_terms:
                     direction = seeded_gaussian(seed)
                     for p in group["params"]:
-                        z = direction(group["index"][id(p)], p)
-                        if wd:
-                            p.mul_(1 - lr * wd / len(zo_terms))
-                        p.add_(z, alpha=-lr * coef)
+                        p.add_(direction(group["index"][id(p)], p), alpha=-lr * coef)
             else:
                 for p in group["params"]:
                     if p.grad is None:
@@ -108,6 +109,10 @@ class HybridEngine:
             raise ValueError(f"mu must be a positive float, got {mu!r}")
         if not isinstance(q, int) or isinstance(q, bool) or q < 1:
             raise ValueError(f"q must be an integer >= 1, got {q!r}")
+        for name, group, lr in (("lr_zo", "base", lr_zo), ("lr_fo", "peft", lr_fo)):
+            # checked even when the group is absent: a bad rate is a caller error either way
+            if not (isinstance(lr, int | float) and not isinstance(lr, bool) and lr >= 0 and math.isfinite(lr)):
+                raise ValueError(f"{name} (learning rate of group {group!r}) must be a finite float >= 0, got {lr!r}")
         ids = {id(p) for p in zo_params}
         if any(id(p) in ids for p in fo_params):
             raise ValueError("a parameter is in both the zeroth-order and the first-order set")

@@ -72,6 +72,7 @@ class TrainConfig:
     record_hvp: str = "fd"
     record_vectors: int = 10
     record_batch: str = "fixed"  # "fixed" held-aside batch or "current"
+    record_h: float | None = None  # finite-difference step of the probes (None: per dtype)
     out: str = "runs/run"
     name: str = ""
     extra: dict = field(default_factory=dict)
@@ -79,7 +80,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
-        for k in ("steps", "batch_size", "q", "eval_every", "train_size", "max_length"):
+        for k in ("steps", "batch_size", "q", "eval_every", "train_size", "eval_size", "dev_size", "max_length"):
             v = getattr(self, k)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
@@ -87,7 +88,7 @@ class TrainConfig:
             v = getattr(self, k)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
-        if not (self.mu > 0):
+        if not (isinstance(self.mu, int | float) and math.isfinite(self.mu) and self.mu > 0):
             raise ValueError(f"mu must be positive, got {self.mu!r}")
         if self.record_batch not in ("fixed", "current"):
             raise ValueError(f"record_batch must be 'fixed' or 'current', got {self.record_batch!r}")
@@ -167,15 +168,17 @@ def train(
         model.load_state_dict(state["model"])
         engine.load_state_dict(state["engine"])
         start, best_dev, elapsed = state["step"], state["best_dev"], state["seconds"]
-    blocks = make_blocks(model, "hybrid") if cfg.method in PEFT_OF else {"base": [p for p in model.parameters()]}
+    # probed blocks: base / peft (the adapter) / head (a trained classifier, if any)
+    blocks = make_blocks(model, "hybrid-split") if cfg.method in PEFT_OF else {"base": list(model.parameters())}
     sizes = block_sizes(blocks)
     config = dataclasses.asdict(cfg) | {
         "model_name": bundle.name, "kind": bundle.kind, "block_sizes": sizes,
         "num_zo_params": sum(p.numel() for p in zo), "num_fo_params": sum(p.numel() for p in fo),
         "versions": versions(), "resumed_from": start or None,
     }
-    if not (out / "config.json").exists() or start == 0:
-        write_json(out / "config.json", config)
+    # rewritten on resume too: it must hold the configuration in effect (e.g. a raised
+    # ``steps``) and ``resumed_from``, or ``load_config`` would resume the old target
+    write_json(out / "config.json", config)
     metrics = CsvLog(out / "metrics.csv", METRICS_FIELDS, truncate_after=start)
     recorder = None
     if cfg.record_every:
@@ -185,7 +188,7 @@ def train(
             probe_fn = lambda: bundle.loss(held)  # noqa: E731
         recorder = TrajectoryRecorder(
             blocks, every=cfg.record_every, norm=cfg.record_norm, hvp=cfg.record_hvp,
-            num_vectors=cfg.record_vectors, seed=cfg.seed, out_dir=out, model=model,
+            num_vectors=cfg.record_vectors, h=cfg.record_h, seed=cfg.seed, out_dir=out, model=model,
             probe_loss_fn=probe_fn, resume_step=start,
         )
     save_every = cfg.save_every or cfg.eval_every
@@ -234,7 +237,7 @@ def train(
                     torch.save({"model": model.state_dict(), "step": step, "dev_acc": best_dev}, out / "best.pt")
             metrics.write(row)
             if recorder is not None:
-                recorder.step(step, loss_fn, epoch=epoch + sampler.position(step)[1] / max(len(sampler), 1) * 0,
+                recorder.step(step, loss_fn, epoch=epoch,
                               loss=res.loss, lr_base=engine.lr("base"), lr_peft=engine.lr("peft"),
                               train_seconds=elapsed)
             if step % save_every == 0 or step == cfg.steps:
@@ -262,7 +265,8 @@ def train(
         "probe_seconds": recorder.probe_seconds if recorder else 0.0,
         "peak_memory_mb": _peak_memory_mb(bundle.device),
     }
-    write_json(out / "summary.json", summary)
+    if step > start or not (out / "summary.json").exists():  # a no-op rerun keeps the real one
+        write_json(out / "summary.json", summary)
     return out
 
 

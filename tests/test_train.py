@@ -1,0 +1,292 @@
+"""Tests for hybrid.train: every method end to end on tiny models, the run folder format,
+which weights move, exact resume (also after a crash), and configuration errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybrid.train import METHODS, TrainConfig, build, load_config, split_parameters, train
+from smoothlab.runlog import METRICS_FIELDS, SMOOTHNESS_FIELDS
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+STEPS, EVAL_EVERY = 4, 2
+SMALL = {
+    "train_size": 32,
+    "eval_size": 16,
+    "dev_size": 8,
+    "batch_size": 4,
+    "max_length": 32,
+    "lora_r": 4,
+    "num_virtual_tokens": 3,
+    "lr_base": 1e-3,
+    "lr_peft": 1e-2,
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from hybrid.models import tiny_causal_lm, tiny_encoder
+
+    root = tmp_path_factory.mktemp("train_models")
+    tiny_causal_lm("opt", seed=0, save_dir=root / "opt")
+    tiny_encoder(seed=0, save_dir=root / "enc")
+    return {"opt": root / "opt", "enc": root / "enc"}
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def initial_parameters(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], set[str], set[str]]:
+    """The weights a run starts from (same seeds), and the names of its x and y."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle, _, _ = build(cfg)
+    zo, fo = split_parameters(bundle.model, cfg.method)
+    names = {id(p): n for n, p in bundle.model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in bundle.model.named_parameters()}
+    return params, {names[id(p)] for p in zo}, {names[id(p)] for p in fo}
+
+
+SLOW_ENC = [
+    pytest.param(m, "enc", marks=pytest.mark.slow) for m in ("fo-ft", "fo-lora", "fo-prompt")
+]
+CASES = (
+    [(m, "opt") for m in METHODS]
+    + [(m, "enc") for m in ("zo-ft", "hybrid-lora", "hybrid-prompt")]
+    + SLOW_ENC
+)
+
+
+@pytest.mark.parametrize("method,model", CASES)
+def test_every_method_runs_end_to_end_and_writes_the_run_folder(method, model, models, tmp_path):
+    cfg = TrainConfig(
+        method=method,
+        model=str(models[model]),
+        steps=STEPS,
+        eval_every=EVAL_EVERY,
+        out=str(tmp_path / "run"),
+        **SMALL,
+    )
+    start, zo_names, fo_names = initial_parameters(cfg)
+    out = train(cfg, progress=False)
+    assert out == tmp_path / "run"
+    for f in ("config.json", "metrics.csv", "summary.json", "checkpoint.pt", "best.pt"):
+        assert (out / f).is_file(), f
+    assert not (out / "checkpoint.pt.tmp").exists()
+
+    header, rows = read_csv(out / "metrics.csv")
+    assert tuple(header) == METRICS_FIELDS
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    has_zo, has_fo = bool(zo_names), bool(fo_names)
+    assert has_zo == (method == "zo-ft" or method.startswith("hybrid-"))
+    assert has_fo == (method != "zo-ft")
+    seconds = [float(r["seconds"]) for r in rows]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    for r in rows:
+        step = int(r["step"])
+        assert math.isfinite(float(r["loss"])) and float(r["loss"]) > 0
+        assert float(r["lr_base"]) == (cfg.lr_base if has_zo else 0.0)
+        assert float(r["lr_peft"]) == (cfg.lr_peft if has_fo else 0.0)
+        assert (r["proj_grad"] != "") == has_zo  # nan (empty) without a ZO block
+        if has_zo:
+            assert math.isfinite(float(r["proj_grad"]))
+        evaluated = step % EVAL_EVERY == 0 or step == STEPS
+        assert (r["eval_acc"] != "") == evaluated and (r["dev_acc"] != "") == evaluated
+        if evaluated:
+            acc, dev = float(r["eval_acc"]), float(r["dev_acc"])
+            assert 0 <= acc <= 1 and (acc * cfg.eval_size) == pytest.approx(
+                round(acc * cfg.eval_size)
+            )
+            assert 0 <= dev <= 1 and (dev * cfg.dev_size) == pytest.approx(
+                round(dev * cfg.dev_size)
+            )
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["steps"] == STEPS
+    assert summary["final_loss"] == pytest.approx(float(rows[-1]["loss"]), rel=1e-15)
+    best = max(float(r["dev_acc"]) for r in rows if r["dev_acc"])
+    assert summary["best_dev_acc"] == best
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method and config["steps"] == STEPS and config["seed"] == 0
+    assert config["lr_base"] == cfg.lr_base and config["lr_peft"] == cfg.lr_peft
+    assert {"torch", "transformers", "peft", "python"} <= set(config["versions"])
+    assert config["num_zo_params"] == sum(start[n].numel() for n in zo_names)
+    assert config["num_fo_params"] == sum(start[n].numel() for n in fo_names)
+    assert load_config(out) == cfg
+
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == STEPS and ckpt["engine"]["t"] == STEPS
+    final = ckpt["model"]
+    for name, w0 in start.items():
+        moved = not torch.equal(final[name], w0)
+        if name in zo_names:
+            assert moved, f"ZO weight {name} did not move"  # x − η g z changes every entry's tensor
+        elif name not in fo_names:
+            assert not moved, f"frozen weight {name} moved"
+    assert sum(not torch.equal(final[n], start[n]) for n in fo_names) >= (1 if has_fo else 0)
+    if method.startswith("fo-") and method != "fo-ft":
+        assert not zo_names  # base frozen: checked above as "frozen weight ... moved"
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    return read_csv(path)[1]
+
+
+@pytest.fixture(scope="module")
+def resume_runs(models, tmp_path_factory):
+    """Run A: 6 steps at once. Run B: 3 steps, then resumed to 6; both with the trajectory
+    recorder every 2 steps. Run C (no recorder): crashes after step 5 (checkpoints every 2),
+    then resumed to 6."""
+    root = tmp_path_factory.mktemp("resume")
+    common = dict(
+        method="hybrid-lora",
+        model=str(models["opt"]),
+        eval_every=2,
+        record_every=2,
+        record_vectors=2,
+        **SMALL,
+    )
+    a = train(TrainConfig(steps=6, out=str(root / "A"), **common), progress=False)
+    b = train(TrainConfig(steps=3, out=str(root / "B"), **common), progress=False)
+    b_half = {f: (b / f).read_bytes() for f in ("metrics.csv", "smoothness.csv")}
+    train(TrainConfig(steps=6, out=str(root / "B"), **common), progress=False)
+
+    def crash(step: int, row: dict) -> None:
+        if step == 5:
+            raise RuntimeError("simulated crash")
+
+    cfg_c = TrainConfig(steps=6, out=str(root / "C"), **(common | {"record_every": 0}))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg_c, progress=False, on_step=crash)
+    c_crashed = [int(r["step"]) for r in _rows(root / "C" / "metrics.csv")]
+    c_ckpt_step = torch.load(root / "C" / "checkpoint.pt", weights_only=False)["step"]
+    train(cfg_c, progress=False)
+    return {
+        "A": a,
+        "B": b,
+        "C": root / "C",
+        "b_half": b_half,
+        "c_crashed": c_crashed,
+        "c_ckpt_step": c_ckpt_step,
+    }
+
+
+@pytest.mark.parametrize("run", ["B", "C"])
+def test_resume_reproduces_uninterrupted_run(resume_runs, run):
+    a, r = resume_runs["A"], resume_runs[run]
+    rows_a, rows_r = _rows(a / "metrics.csv"), _rows(r / "metrics.csv")
+    steps = [int(x["step"]) for x in rows_r]
+    assert steps == list(range(1, 7))  # no duplicated and no missing step
+    for col in ("step", "epoch", "loss", "proj_grad", "lr_base", "lr_peft"):
+        assert [x[col] for x in rows_r] == [x[col] for x in rows_a], col
+    for x, y in zip(rows_a, rows_r):
+        if int(x["step"]) % 2 == 0:  # same weights, same eval set: same accuracy
+            assert (x["eval_acc"], x["dev_acc"]) == (y["eval_acc"], y["dev_acc"])
+    ca = torch.load(a / "checkpoint.pt", weights_only=False)
+    cr = torch.load(r / "checkpoint.pt", weights_only=False)
+    assert ca["step"] == cr["step"] == 6 and ca["engine"] == cr["engine"]
+    assert ca["model"].keys() == cr["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cr["model"][k]), k
+    summary = json.loads((r / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert summary["final_loss"] == json.loads((a / "summary.json").read_text())["final_loss"]
+
+
+def test_resumed_smoothness_log_has_no_duplicate_steps(resume_runs):
+    a, r = resume_runs["A"], resume_runs["B"]
+    assert not (resume_runs["C"] / "smoothness.csv").exists()
+    header, rows_r = read_csv(r / "smoothness.csv")
+    assert tuple(header) == SMOOTHNESS_FIELDS
+    keys = [(int(x["step"]), x["block"]) for x in rows_r]
+    assert len(keys) == len(set(keys))
+    rows_a = _rows(a / "smoothness.csv")
+    blocks = {x["block"] for x in rows_a}
+    assert {"base", "peft"} <= blocks
+    assert sorted(keys) == sorted((s, b) for s in (0, 2, 4, 6) for b in blocks)
+    assert len(rows_a) == len(rows_r)
+    by_key = {(int(x["step"]), x["block"]): x for x in rows_a}
+    for x in rows_r:  # same weights and probe seeds: same estimates
+        y = by_key[(int(x["step"]), x["block"])]
+        for col in ("estimate", "stderr", "num_hvp", "grad_norm"):
+            assert x[col] == y[col], (x["step"], x["block"], col)
+
+
+def test_resume_state_before_and_after(resume_runs):
+    # B after 3 steps logged steps 1..3 and probes at 0 and 2 only
+    half = resume_runs["b_half"]["metrics.csv"].decode().splitlines()
+    assert [line.split(",")[0] for line in half[1:]] == ["1", "2", "3"]
+    # the crash left row 5 beyond checkpoint 4; the resume dropped and redid it
+    assert resume_runs["c_crashed"] == [1, 2, 3, 4, 5]
+    assert resume_runs["c_ckpt_step"] == 4
+    # config.json tells the resumed run: the final steps and where it resumed from
+    config = json.loads((resume_runs["B"] / "config.json").read_text())
+    assert config["steps"] == 6 and config["resumed_from"] == 3
+    assert load_config(resume_runs["B"]).steps == 6
+
+
+def test_resume_with_another_method_is_refused(resume_runs):
+    a = resume_runs["A"]
+    model = json.loads((a / "config.json").read_text())["model"]
+    cfg = TrainConfig(method="hybrid-prompt", model=model, steps=8, out=str(a), **SMALL)
+    before = (a / "metrics.csv").read_bytes()
+    with pytest.raises(ValueError, match="hybrid-lora"):
+        train(cfg, progress=False)
+    assert (a / "metrics.csv").read_bytes() == before
+
+
+def test_rerun_of_finished_run_is_a_no_op(resume_runs):
+    a = resume_runs["A"]
+    files = ("metrics.csv", "smoothness.csv", "checkpoint.pt", "summary.json", "best.pt")
+    before = {f: (a / f).read_bytes() for f in files}
+    cfg = load_config(a)
+    train(cfg, progress=False)
+    for f, data in before.items():
+        assert (a / f).read_bytes() == data, f
+
+
+@pytest.mark.parametrize(
+    "changes,words",
+    [
+        ({"method": "sgd-lora"}, ["'sgd-lora'", "zo-ft", "hybrid-prefix"]),
+        ({"lr_base": -1e-3}, ["lr_base", "-0.001", ">= 0"]),
+        ({"lr_peft": -1.0}, ["lr_peft", "-1.0", ">= 0"]),
+        ({"lr_peft": float("nan")}, ["lr_peft", "nan", "finite"]),
+        ({"q": 0}, ["q", "0", "positive integer"]),
+        ({"mu": 0.0}, ["mu", "0.0", "positive"]),
+        ({"mu": -1e-3}, ["mu", "-0.001", "positive"]),
+        ({"steps": 0}, ["steps", "0", "positive integer"]),
+        ({"record_batch": "random"}, ["'random'", "fixed", "current"]),
+    ],
+)
+def test_bad_config_raises_value_error_before_touching_disk(changes, words, tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "never"), **(SMALL | changes))
+    with pytest.raises(ValueError) as info:
+        train(cfg, progress=False)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, msg
+    assert not (tmp_path / "never").exists()
+
+
+def test_split_parameters_partitions_the_model(models):
+    for method, model in [("hybrid-lora", "opt"), ("hybrid-prompt", "opt"), ("hybrid-lora", "enc")]:
+        cfg = TrainConfig(method=method, model=str(models[model]), **SMALL)
+        params, zo, fo = initial_parameters(cfg)
+        assert zo and fo and not (zo & fo)
+        trainable = {n for n in params if ".original_module." not in n}
+        assert zo | fo == trainable
+        assert all(("lora_" in n or "prompt_encoder" in n or "modules_to_save" in n) for n in fo)
