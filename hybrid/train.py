@@ -169,10 +169,10 @@ def train(
         engine.load_state_dict(state["engine"])
         start, best_dev, elapsed = state["step"], state["best_dev"], state["seconds"]
     # probed blocks: base / peft (the adapter) / head (a trained classifier, if any)
-    blocks = make_blocks(model, "hybrid-split") if cfg.method in PEFT_OF else {"base": list(model.parameters())}
+    blocks = make_blocks(model, "hybrid-split") if cfg.method in PEFT_OF else {"model": list(model.parameters())}
     sizes = block_sizes(blocks)
     config = dataclasses.asdict(cfg) | {
-        "model_name": bundle.name, "kind": bundle.kind, "block_sizes": sizes,
+        "model": cfg.model or bundle.name, "model_name": bundle.name, "kind": bundle.kind, "block_sizes": sizes,
         "num_zo_params": sum(p.numel() for p in zo), "num_fo_params": sum(p.numel() for p in fo),
         "versions": versions(), "resumed_from": start or None,
     }

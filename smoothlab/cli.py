@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -86,6 +87,14 @@ def _add_model_args(p: argparse.ArgumentParser, *, peft: bool = True) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 
 
+def _quiet_transformers() -> None:
+    """transformers' own loading bars and reports would break the one-line error contract."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 # --------------------------------------------------------------------------- probe
 def _load_bundle(args: argparse.Namespace, peft: str) -> Any:
     from hybrid.data import load_task_data
@@ -141,6 +150,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ests, sizes = _probe_bundle(args, bundle, splits.train, blocks_spec)
     print(f"{args.norm} norm of each block Hessian ∇²_bb f  (hvp={args.hvp}, model={bundle.name}, "
+          f"data={args.data or 'built-in synthetic sentiment set'}, "
           f"peft={args.peft}, batch={args.batch_size}, device={bundle.device})")
     print(_table(ests, sizes))
     if args.norm == "spectral":
@@ -221,7 +231,7 @@ def cmd_figure1(args: argparse.Namespace) -> int:
         train(cfg, progress=True, resume=not args.restart)
     a = load_run(runs["fig1a"].out)
     b = load_run(runs["fig1b"].out)
-    written = fig1a(a.smoothness, out / "fig1a", block="base") + fig1b(b.smoothness, out / "fig1b")
+    written = fig1a(a.smoothness, out / "fig1a", block="model") + fig1b(b.smoothness, out / "fig1b")
     written += example23(out / "example23")
     ratio = smoothness_ratio(b.smoothness, num="base", den="peft")
     sizes = b.config["block_sizes"]
@@ -230,7 +240,7 @@ def cmd_figure1(args: argparse.Namespace) -> int:
     write_json(Path(runs["fig1b"].out) / "advice.json", advice.as_dict())
     md, html = write_report([runs["fig1a"].out, runs["fig1b"].out], out / "report")
     med = a.smoothness["estimate"].median()
-    print(f"\nFig. 1a: L of the model (fo-ft, all {a.config['block_sizes']['base']:,} weights): median {med:.4g}, "
+    print(f"\nFig. 1a: L of the model (fo-ft, all {a.config['block_sizes']['model']:,} weights): median {med:.4g}, "
           f"range {a.smoothness['estimate'].min():.4g} .. {a.smoothness['estimate'].max():.4g}")
     print(f"Fig. 1b: L_base / L_lora = {ratio['median']:.4g} (median over {ratio['n']} probes, "
           f"IQR {ratio['q25']:.4g} .. {ratio['q75']:.4g}); the paper's Figure 1b finds L_base >> L_LoRA")
@@ -411,8 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``smoothlab`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # our own progress bars and one-line errors only: silence transformers' loading reports
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"load_task_data\(.*synthetic")
     try:
         args = build_parser().parse_args(argv)
+        if args.command in ("probe", "train", "figure1", "advise"):
+            _quiet_transformers()
         return int(args.func(args) or 0)
     except UsageError as e:
         print(f"smoothlab: error: {e}".replace("smoothlab: error: smoothlab", "smoothlab"), file=sys.stderr)

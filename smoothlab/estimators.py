@@ -83,7 +83,9 @@ def spectral(
     for j in range(k_max):
         w = oracle.hvp(v)
         alpha = float(torch.dot(w, v))
-        w = w - alpha * v - beta * v_prev
+        w.sub_(v, alpha=alpha)  # w is a fresh HVP result: update it in place
+        if beta:
+            w.sub_(v_prev, alpha=beta)
         if store:
             for _ in range(2):
                 q = torch.stack(basis)
@@ -102,7 +104,7 @@ def spectral(
             converged = True
             break
         betas.append(beta)
-        v_prev, v = v, w / beta
+        v_prev, v = v, w.div_(beta)
         if store:
             basis.append(v)
     if j + 1 == dim:

@@ -66,7 +66,7 @@ def default_step(
     eps = torch.finfo(params[0].dtype).eps
     if loss_dtype is not None and loss_dtype.is_floating_point:
         eps = max(eps, torch.finfo(loss_dtype).eps)
-    xnorm = math.sqrt(sum(float(p.detach().float().pow(2).sum(dtype=torch.float64)) for p in params))
+    xnorm = math.sqrt(sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in params))
     return eps ** _ORDER[kind] * max(xnorm, 1.0)
 
 
@@ -247,9 +247,9 @@ class Oracle:
         if self.kind == "fd":
             g0 = self.gradient()  # also tells step_for the loss's dtype
             s = self.step_for(v)
-            return (self._grad_at(v, s) - g0) / s
+            return self._grad_at(v, s).sub_(g0).div_(s)  # in place: block-sized temporaries are costly
         s = self.step_for(v)
-        return (self._grad_at(v, s) - self._grad_at(v, -s)) / (2 * s)
+        return self._grad_at(v, s).sub_(self._grad_at(v, -s)).div_(2 * s)
 
     def quad(self, v: torch.Tensor) -> float:
         """vᵀ H_bb v: from an HVP, or (``zo``) from a second difference of f."""

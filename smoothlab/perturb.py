@@ -111,7 +111,7 @@ def shifted(
         try:
             with torch.no_grad():
                 for i, p in enumerate(params):
-                    p.data = p.data + scale * direction(i, p)
+                    p.data = torch.add(p.data, direction(i, p), alpha=scale)
             yield
         finally:
             for p, data in zip(params, originals):
@@ -128,7 +128,7 @@ def shifted(
     def pre_hook(module: nn.Module, args: object) -> None:
         for name, i in owners[module]:
             w = module._parameters[name]
-            module.__dict__[name] = w + scale * direction(i, w)
+            module.__dict__[name] = torch.add(w, direction(i, w), alpha=scale)
 
     def post_hook(module: nn.Module, args: object, output: object) -> None:
         for name, _ in owners[module]:
@@ -139,7 +139,7 @@ def shifted(
             for module in static:
                 for name, i in owners[module]:
                     w = module._parameters[name]
-                    module.__dict__[name] = w + scale * direction(i, w)
+                    module.__dict__[name] = torch.add(w, direction(i, w), alpha=scale)
         for module in owners:
             if module in static:
                 continue

@@ -41,7 +41,7 @@ def block_grad_norms(loss_fn: LossFn, blocks: Mapping[str, list[torch.Tensor]]) 
         grads = torch.autograd.grad(loss_fn(), params, allow_unused=True)
     out, i = {}, 0
     for name, ps in blocks.items():
-        sq = sum(float(g.float().pow(2).sum(dtype=torch.float64)) for g in grads[i : i + len(ps)] if g is not None)
+        sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads[i : i + len(ps)] if g is not None)
         out[name] = math.sqrt(sq)
         i += len(ps)
     return out

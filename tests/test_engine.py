@@ -82,7 +82,7 @@ def _loss_at(loss_fn, zo, zs, scale, fo=(), grad=False):
     try:
         if zs is not None:
             for p, z in zip(zo, zs):
-                p.data = p.data + scale * z
+                p.data = torch.add(p.data, z, alpha=scale)
         if grad:
             with torch.enable_grad():
                 loss = loss_fn()

@@ -44,7 +44,7 @@ def manual(model, params, directions, scale):
     with torch.no_grad():
         for p, q in zip(model.parameters(), twin.parameters()):
             if id(p) in index:
-                q.copy_(p + scale * directions[index[id(p)]].to(p.dtype))
+                q.copy_(torch.add(p, directions[index[id(p)]].to(p.dtype), alpha=scale))
     return twin
 
 
