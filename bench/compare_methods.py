@@ -20,9 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-GRIDS = {
-    "fo-lora": {"lr_peft": [3e-3, 1e-2, 3e-2]},
-    "fo-prompt": {"lr_peft": [1e-2, 3e-2, 1e-1]},
+GRIDS = {  # plain SGD (no momentum): PEFT rates must be large; found by a first pass at 150 steps
+    "fo-lora": {"lr_peft": [0.1, 0.3, 0.6]},
+    "fo-prompt": {"lr_peft": [0.1, 0.3, 1.0]},
     "zo-ft": {"lr_base": [1e-6, 1e-5, 1e-4]},
     "hybrid-lora": {"lr_base": [1e-6, 1e-5, 1e-4]},
     "hybrid-prompt": {"lr_base": [1e-6, 1e-5, 1e-4]},

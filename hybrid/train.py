@@ -237,9 +237,9 @@ def train(
                     torch.save({"model": model.state_dict(), "step": step, "dev_acc": best_dev}, out / "best.pt")
             metrics.write(row)
             if recorder is not None:
-                recorder.step(step, loss_fn, epoch=epoch,
-                              loss=res.loss, lr_base=engine.lr("base"), lr_peft=engine.lr("peft"),
-                              train_seconds=elapsed)
+                # the logged loss is the probed batch's (the recorder evaluates it), like grad_norm
+                recorder.step(step, loss_fn, epoch=epoch, lr_base=engine.lr("base"),
+                              lr_peft=engine.lr("peft"), train_seconds=elapsed)
             if step % save_every == 0 or step == cfg.steps:
                 checkpoint(step)
             if on_step:

@@ -220,7 +220,7 @@ def cmd_figure1(args: argparse.Namespace) -> int:
     )
     common["record_h"] = args.h if args.h is not None else (PAPER["h"] if paper else None)
     runs = {
-        "fig1a": TrainConfig(method="fo-ft", lr_peft=args.lr_fo or (PAPER["lr_fo"] if paper else 5e-4),
+        "fig1a": TrainConfig(method="fo-ft", lr_peft=args.lr_fo or (PAPER["lr_fo"] if paper else 5e-2),
                              out=str(out / "fig1a_fo-ft"), name="fig1a", **common),
         "fig1b": TrainConfig(method="hybrid-lora", lr_base=args.lr_base, lr_peft=args.lr_peft,
                              out=str(out / "fig1b_hybrid-lora"), name="fig1b", **common),
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--batch-size", type=_positive_int, default=None)
     fg.add_argument("--lr-fo", type=_positive_float, default=None, help="rate of the full fine-tuning run (Fig. 1a)")
     fg.add_argument("--lr-base", type=_nonneg_float, default=1e-5, help="eta_x of the hybrid run (Fig. 1b)")
-    fg.add_argument("--lr-peft", type=_nonneg_float, default=1e-3, help="eta_y of the hybrid run (Fig. 1b)")
+    fg.add_argument("--lr-peft", type=_nonneg_float, default=0.3, help="eta_y of the hybrid run (Fig. 1b)")
     fg.add_argument("--eval-examples", type=_positive_int, default=200, help="eval examples scored at each evaluation")
     fg.add_argument("--seed", type=int, default=0)
     fg.add_argument("--device", default="cpu")

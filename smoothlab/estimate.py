@@ -17,6 +17,8 @@ class Estimate:
     (spectral). ``residual``: ‖H u − θ u‖ of the top Ritz pair (spectral only).
     ``converged``: whether the tolerance (or the target relative stderr) was met.
     ``norm``/``hvp``/``dim``: what was estimated, with which oracle, over how many parameters.
+    ``grad_norm``: ‖∇_b f‖₂ at the probed point when the oracle computed it anyway (``fd``,
+    ``exact``); ``nan`` otherwise.
     """
 
     value: float
@@ -29,6 +31,7 @@ class Estimate:
     residual: float = math.nan
     converged: bool = True
     seconds: float = 0.0
+    grad_norm: float = math.nan
 
     @property
     def rel_stderr(self) -> float:
@@ -49,5 +52,6 @@ class Estimate:
             "residual": self.residual,
             "converged": self.converged,
             "seconds": self.seconds,
+            "grad_norm": self.grad_norm,
             "samples": list(self.samples),
         }

@@ -217,6 +217,14 @@ class Oracle:
             self._g0 = self._grad()
         return self._g0
 
+    def cached_grad_norm(self) -> float:
+        """‖∇_b f(x)‖₂ if this oracle already computed the gradient (``fd``, ``exact``), else nan."""
+        if self._g0 is not None:
+            return float(torch.linalg.vector_norm(self._g0, dtype=torch.float64))
+        if self._graph is not None:
+            return math.sqrt(sum(float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64)) ** 2 for g in self._graph))
+        return math.nan
+
     # -- oracle calls ----------------------------------------------------------------
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """H_bb v for a flat vector v (not available for ``zo``)."""

@@ -16,6 +16,7 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -169,14 +170,9 @@ def probe(
                         norm, oracle, gen, num_vectors=num_vectors, distribution=distribution,
                         target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, callback=cb,
                     )
-            results[name] = _with_seconds(est, time.perf_counter() - start)
+                grad_norm = oracle.cached_grad_norm()
+            results[name] = replace(est, seconds=time.perf_counter() - start, grad_norm=grad_norm)
     return results
-
-
-def _with_seconds(est: Estimate, seconds: float) -> Estimate:
-    from dataclasses import replace
-
-    return replace(est, seconds=seconds)
 
 
 def probe_model(

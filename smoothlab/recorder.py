@@ -121,12 +121,15 @@ class TrajectoryRecorder:
             raise ValueError("no loss to probe: pass loss_fn or construct the recorder with probe_loss_fn")
         model = self.model if self.model is not None else getattr(fn, "model", None)
         start = time.perf_counter()
+        ests = probe(fn, self.blocks, seed=self.seed + step, model=model, **self.kwargs)
+        norms = {k: e.grad_norm for k, e in ests.items()}  # free with fd / exact oracles
+        missing = {k: self.blocks[k] for k, v in norms.items() if not math.isfinite(v)}
         with eval_mode(model):
-            norms = block_grad_norms(fn, self.blocks)
+            if missing:
+                norms.update(block_grad_norms(fn, missing))
             if math.isnan(loss):
                 with torch.no_grad():
                     loss = float(fn())
-        ests = probe(fn, self.blocks, seed=self.seed + step, model=model, **self.kwargs)
         seconds = time.perf_counter() - start
         self.probe_seconds += seconds
         for name, est in ests.items():

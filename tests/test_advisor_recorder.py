@@ -171,3 +171,23 @@ def test_hf_trainer_callback_records(tmp_path) -> None:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert all(float(r["estimate"]) > 0 and float(r["lr_peft"]) >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("hvp", ["fd", "exact"])
+def test_probe_reports_the_gradient_norm_it_computed(hvp: str) -> None:
+    lin, xs, ys = _quadratic_model()
+    loss_fn = lambda: torch.nn.functional.mse_loss(lin(xs), ys)  # noqa: E731
+    est = smoothlab.probe(loss_fn, {"w": [lin.weight]}, hvp=hvp, num_vectors=4)["w"]
+    (g,) = torch.autograd.grad(loss_fn(), lin.weight)
+    assert est.grad_norm == pytest.approx(float(g.norm()), rel=1e-12)
+
+
+def test_zo_probe_has_no_gradient_norm_and_recorder_computes_it(tmp_path) -> None:
+    lin, xs, ys = _quadratic_model()
+    loss_fn = lambda: torch.nn.functional.mse_loss(lin(xs), ys)  # noqa: E731
+    est = smoothlab.probe(loss_fn, {"w": [lin.weight]}, norm="trace", hvp="zo", num_vectors=4)["w"]
+    assert math.isnan(est.grad_norm)
+    rec = TrajectoryRecorder({"w": [lin.weight]}, every=1, norm="trace", hvp="zo", num_vectors=4)
+    rec.step(0, loss_fn)
+    (g,) = torch.autograd.grad(loss_fn(), lin.weight)
+    assert rec.rows[0]["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
