@@ -3,7 +3,8 @@
 The advisor proposes η_x = c_x·q/(L_x(d_x+1+q)), η_y = c_y/L_y with c = 1. The constants
 hidden in "∝" are problem-dependent, so pilot runs of the hybrid engine at multiples of the
 proposal pick them on the dev split: first η_x × s for s in ``multipliers`` (η_y at the
-proposal), then η_y × s at the best η_x — a coordinate search of 2·len(multipliers) − 1 runs.
+proposal), then η_y × s at the best η_x — a coordinate search of 2m − 1 runs over the m
+multipliers (1, the proposal itself, is always among them).
 Ranking: dev accuracy, ties broken by the lower final training loss; a diverged pilot ranks last.
 """
 
@@ -86,8 +87,9 @@ def calibrate(
         return r
 
     try:
-        best_x = max((run(s, 1.0) for s in multipliers), key=_key)["scale_x"]
-        best = max((run(best_x, s) for s in multipliers), key=_key)
+        scales = sorted(set(multipliers) | {1.0})  # the proposal itself is always a pilot
+        best_x = max((run(s, 1.0) for s in scales), key=_key)["scale_x"]
+        best = max((run(best_x, s) for s in scales), key=_key)
     finally:
         log.close()
     calibrated = dataclasses.replace(

@@ -60,6 +60,16 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _multipliers(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}") from None
+    if not vals or any(not (math.isfinite(v) and v > 0) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return vals
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -296,7 +306,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
             print(f"  pilot x{r['scale_x']:<6g} y{r['scale_y']:<6g} lr_base {r['lr_base']:.3g}  lr_peft {r['lr_peft']:.3g}"
                   f"  dev {r['dev_acc']:.3f}  eval {r['eval_acc']:.3f}  loss {r['final_loss']:.4f}", flush=True)
 
-        calibrated, rows = calibrate(tc, advice, out, pilot_steps=args.pilot_steps, progress=True, on_row=show)
+        calibrated, rows = calibrate(tc, advice, out, multipliers=args.multipliers, pilot_steps=args.pilot_steps,
+                                  progress=True, on_row=show)
         print(f"\ncalibration table ({out / 'calibration.csv'}):")
         print(f"{'scale_x':>8} {'scale_y':>8} {'lr_base':>10} {'lr_peft':>10} {'dev_acc':>8} {'eval_acc':>8} {'final_loss':>10}")
         for r in rows:
@@ -407,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--quantile", type=float, default=0.9, help="quantile of a recorded trajectory's L (default 0.9)")
     ad.add_argument("--calibrate", action="store_true", help="pilot runs at x1/8 .. x8 of the proposal pick c_x, c_y on dev")
     ad.add_argument("--pilot-steps", type=_positive_int, default=100)
+    ad.add_argument("--multipliers", type=_multipliers, default=(0.125, 0.5, 1.0, 2.0, 8.0),
+                    help="comma-separated multiples of the proposal tried for each rate (default 0.125,0.5,1,2,8)")
     ad.add_argument("--out", default=None, help="folder for advice.json (and calibration.csv and pilot runs)")
     _sizes(ad, 1000, 500, 100)
     ad.set_defaults(func=cmd_advise)

@@ -3,6 +3,7 @@ and every user error as one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -149,3 +150,29 @@ def test_figure1_on_tiny_model(enc: Path, tmp_path: Path, capsys) -> None:
     for f in ("fig1a.png", "fig1a.pdf", "fig1b.png", "fig1b.pdf", "example23.png", "report/report.html"):
         assert (tmp_path / f).exists(), f
     assert "L_base / L_lora" in capsys.readouterr().out
+
+
+def test_advise_from_model_with_calibration(enc: Path, tmp_path: Path, capsys) -> None:
+    rc = main(["advise", "--model", str(enc), "--lora-r", "2", "--batch-size", "4", "--vectors", "4",
+               "--calibrate", "--pilot-steps", "2", "--multipliers", "0.5,2", "--train-size", "16",
+               "--eval-size", "8", "--dev-size", "8", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "calibration table" in out and "calibrated proposal" in out
+    with (tmp_path / "calibration.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    # coordinate search over {0.5, 1, 2}: x-sweep (3 pilots), then y-sweep at the best x (2 new)
+    assert len(rows) == 5
+    assert [(float(r["scale_x"]), float(r["scale_y"])) for r in rows[:3]] == [(0.5, 1.0), (1.0, 1.0), (2.0, 1.0)]
+    best_x = max(rows[:3], key=lambda r: (float(r["dev_acc"]), -float(r["final_loss"])))["scale_x"]
+    assert {(r["scale_x"], float(r["scale_y"])) for r in rows[3:]} == {(best_x, 0.5), (best_x, 2.0)}
+    adv = json.loads((tmp_path / "advice.json").read_text())
+    unc = adv["uncalibrated"]
+    best = max(rows, key=lambda r: (float(r["dev_acc"]), -float(r["final_loss"])))
+    assert adv["eta_x"] == pytest.approx(unc["eta_x"] * float(best["scale_x"]))
+    assert adv["eta_y"] == pytest.approx(unc["eta_y"] * float(best["scale_y"]))
+
+
+def test_bad_multipliers_is_a_usage_error(capsys) -> None:
+    assert main(["advise", "--calibrate", "--multipliers", "0,2"]) == 2
+    assert "expected comma-separated positive numbers, got '0,2'" in capsys.readouterr().err
