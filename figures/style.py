@@ -59,6 +59,8 @@ METHOD_COLORS: dict[str, str] = {
     "zo-lora": PALETTE["skyblue"],
     "mezo": PALETTE["blue"],
     "fo-lora": PALETTE["green"],
+    "fo-prompt": PALETTE["skyblue"],
+    "fo-prefix": "#882255",
     "fo-ft": PALETTE["black"],
 }
 """Fixed colors of the methods the engine knows; hybrid variants are warm, ZO blue,

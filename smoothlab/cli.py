@@ -146,7 +146,7 @@ def _probe_bundle(args: argparse.Namespace, bundle: Any, examples: Sequence[Any]
 
 
 def _table(ests: dict, sizes: dict) -> str:
-    head = f"{'block':<14} {'parameters':>12} {'estimate':>12} {'± stderr':>10} {'HVPs':>5} {'seconds':>8}"
+    head = f"{'block':<14} {'parameters':>12} {'estimate':>12} {'±se | r':>10} {'HVPs':>5} {'seconds':>8}"
     lines = [head, "-" * len(head)]
     for name, e in ests.items():
         se = f"{e.stderr:.3g}" if math.isfinite(e.stderr) else (f"r={e.residual:.1e}" if math.isfinite(e.residual) else "-")
@@ -164,8 +164,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
           f"peft={args.peft}, batch={args.batch_size}, device={bundle.device})")
     print(_table(ests, sizes))
     if args.norm == "spectral":
-        print("spectral = largest |eigenvalue| of the block's Hessian: the local smoothness L of f in that block;"
-              " for spectral the last column before HVPs is the Lanczos residual r.")
+        print("spectral = largest |eigenvalue| of the block's Hessian: the local smoothness L of f along that block;"
+              " r = Lanczos residual |Hu - θu|, a bound on the estimate's error.")
     if "base" in ests and "peft" in ests:
         print(f"L_base / L_peft = {ests['base'].value / ests['peft'].value:.4g}")
     print(f"total {time.perf_counter() - t0:.1f} s")
