@@ -438,7 +438,7 @@ def _advice_section(rep: _Report, run: Run, multi: bool) -> None:
         if outputs:
             rep.table(
                 pd.DataFrame([[_scalar(adv[k]) for k in outputs]], columns=outputs),
-                "Proposed learning rates (ratio = eta_x / eta_y unless the advisor says otherwise).",
+                "Proposed learning rates (ratio = eta_y / eta_x).",
             )
         if other:
             rep.table(
