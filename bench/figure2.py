@@ -51,7 +51,7 @@ def main() -> None:
         acc = [r["eval_acc"] for r in rows if r["eval_acc"]]
         print(f"{label:<40} steps {len(rows):>4}  first loss {losses[0]:.4f}  "
               f"final loss {sum(tail) / max(len(tail), 1):.4f}  eval acc {acc[-1] if acc else 'n/a'}", flush=True)
-    print("wrote", *fig2(frames, out / "fig2", smooth_window=10))
+    print("wrote", *fig2(frames, out / "fig2", smooth_window=10, logy=True))
 
 
 if __name__ == "__main__":
