@@ -5,7 +5,9 @@ hidden in "∝" are problem-dependent, so pilot runs of the hybrid engine at mul
 proposal pick them on the dev split: first η_x × s for s in ``multipliers`` (η_y at the
 proposal), then η_y × s at the best η_x — a coordinate search of 2m − 1 runs over the m
 multipliers (1, the proposal itself, is always among them).
-Ranking: dev accuracy, ties broken by the lower final training loss; a diverged pilot ranks last.
+Ranking (:func:`select`): dev accuracy; ties broken by the lower final training loss, unless
+the losses agree within 1% — then the pilot closest to the proposal wins, so a rate that
+changes nothing measurable is not "calibrated" away from theory. Diverged pilots rank last.
 """
 
 from __future__ import annotations
@@ -45,10 +47,18 @@ def _pilot(base: TrainConfig, sx: float, sy: float, advice: Advice, steps: int, 
     return row
 
 
-def _key(row: dict) -> tuple:
-    acc = row["dev_acc"]
-    loss = row["final_loss"]
-    return (acc if math.isfinite(acc) else -1.0, -(loss if math.isfinite(loss) else math.inf))
+def select(rows: Sequence[dict], *, scale: str, loss_rtol: float = 0.01) -> dict:
+    """The best pilot: highest dev accuracy; among those, the lowest final loss — unless the
+    losses agree within ``loss_rtol`` (pilots indistinguishable within their noise), in which
+    case the one closest to the proposal (|log scale| smallest). Diverged pilots rank last."""
+    ok = [r for r in rows if math.isfinite(r["dev_acc"]) and math.isfinite(r["final_loss"])]
+    if not ok:
+        return min(rows, key=lambda r: abs(math.log(r[scale])))
+    top = max(r["dev_acc"] for r in ok)
+    tied = [r for r in ok if r["dev_acc"] == top]
+    lo = min(r["final_loss"] for r in tied)
+    near = [r for r in tied if r["final_loss"] <= lo + loss_rtol * abs(lo)]
+    return min(near, key=lambda r: (abs(math.log(r[scale])), r["final_loss"]))
 
 
 def calibrate(
@@ -88,8 +98,8 @@ def calibrate(
 
     try:
         scales = sorted(set(multipliers) | {1.0})  # the proposal itself is always a pilot
-        best_x = max((run(s, 1.0) for s in scales), key=_key)["scale_x"]
-        best = max((run(best_x, s) for s in scales), key=_key)
+        best_x = select([run(s, 1.0) for s in scales], scale="scale_x")["scale_x"]
+        best = select([run(best_x, s) for s in scales], scale="scale_y")
     finally:
         log.close()
     calibrated = dataclasses.replace(

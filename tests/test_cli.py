@@ -164,11 +164,15 @@ def test_advise_from_model_with_calibration(enc: Path, tmp_path: Path, capsys) -
     # coordinate search over {0.5, 1, 2}: x-sweep (3 pilots), then y-sweep at the best x (2 new)
     assert len(rows) == 5
     assert [(float(r["scale_x"]), float(r["scale_y"])) for r in rows[:3]] == [(0.5, 1.0), (1.0, 1.0), (2.0, 1.0)]
-    best_x = max(rows[:3], key=lambda r: (float(r["dev_acc"]), -float(r["final_loss"])))["scale_x"]
-    assert {(r["scale_x"], float(r["scale_y"])) for r in rows[3:]} == {(best_x, 0.5), (best_x, 2.0)}
+    from hybrid.calibrate import select
+
+    num = [{k: (float(v) if k != "run" else v) for k, v in r.items()} for r in rows]
+    best_x = select(num[:3], scale="scale_x")["scale_x"]
+    assert {(float(r["scale_x"]), float(r["scale_y"])) for r in rows[3:]} == {(best_x, 0.5), (best_x, 2.0)}
     adv = json.loads((tmp_path / "advice.json").read_text())
     unc = adv["uncalibrated"]
-    best = max(rows, key=lambda r: (float(r["dev_acc"]), -float(r["final_loss"])))
+    y_sweep = [r for r in num if r["scale_x"] == best_x]
+    best = select(y_sweep, scale="scale_y")
     assert adv["eta_x"] == pytest.approx(unc["eta_x"] * float(best["scale_x"]))
     assert adv["eta_y"] == pytest.approx(unc["eta_y"] * float(best["scale_y"]))
 
@@ -176,3 +180,17 @@ def test_advise_from_model_with_calibration(enc: Path, tmp_path: Path, capsys) -
 def test_bad_multipliers_is_a_usage_error(capsys) -> None:
     assert main(["advise", "--calibrate", "--multipliers", "0,2"]) == 2
     assert "expected comma-separated positive numbers, got '0,2'" in capsys.readouterr().err
+
+
+def test_calibration_selection_prefers_the_proposal_within_noise() -> None:
+    from hybrid.calibrate import select
+
+    def row(s: float, acc: float, loss: float) -> dict:
+        return {"scale_x": s, "dev_acc": acc, "final_loss": loss}
+
+    # equal accuracy, losses within 1%: the proposal (scale 1) wins
+    assert select([row(0.5, 0.8, 0.5001), row(1.0, 0.8, 0.5003), row(8.0, 0.8, 0.5)], scale="scale_x")["scale_x"] == 1.0
+    # a clearly lower loss wins; a higher accuracy wins over any loss; diverged pilots lose
+    assert select([row(1.0, 0.8, 0.6), row(2.0, 0.8, 0.4)], scale="scale_x")["scale_x"] == 2.0
+    assert select([row(1.0, 0.8, 0.3), row(8.0, 0.9, 0.7)], scale="scale_x")["scale_x"] == 8.0
+    assert select([row(1.0, 0.5, 0.7), row(8.0, math.nan, math.nan)], scale="scale_x")["scale_x"] == 1.0
