@@ -125,7 +125,10 @@ class Oracle:
         *,
         h: float | None = None,
         root: nn.Module | None = None,
+        gradient: tuple[torch.Tensor, torch.dtype] | None = None,
     ) -> None:
+        """``gradient``: ∇_b f(x) (flat) and the loss's dtype, when the caller already has them
+        (``probe`` computes one joint backward for all blocks of an ``fd`` probe)."""
         if kind not in HVPS:
             raise ValueError(f"unknown hvp oracle {kind!r}; accepted: {', '.join(HVPS)}")
         if h is not None and not (isinstance(h, int | float) and h > 0 and math.isfinite(h)):
@@ -145,6 +148,8 @@ class Oracle:
         self._graph: tuple[torch.Tensor, ...] | None = None
         self._step: float | None = None  # set once the loss's dtype is known
         self._loss_dtype: torch.dtype | None = None
+        if gradient is not None:
+            self._g0, self._loss_dtype = gradient[0].to(self.dtype), gradient[1]
         if kind != "exact" and self.params[0].dtype in (torch.float16, torch.bfloat16):
             warnings.warn(
                 f"hvp={kind!r} on a {self.params[0].dtype} block: finite differences in half "

@@ -25,7 +25,7 @@ from torch import nn
 from .blocks import Blocks, check_blocks, make_blocks
 from .estimate import Estimate
 from .estimators import DISTRIBUTIONS, NORMS, spectral, stochastic
-from .hvp import HVPS, Oracle
+from .hvp import HVPS, Oracle, compute_dtype, flatten, grad_enabled_for
 from .perturb import param_seed
 
 Progress = Callable[[str, int, int], None]
@@ -155,6 +155,7 @@ def probe(
 
     results: dict[str, Estimate] = {}
     with eval_mode(root):
+        shared = _joint_gradients(loss_fn, blocks) if hvp == "fd" and len(blocks) > 1 else {}
         for name, params in blocks.items():
             params = list(params)
             first = params[0]
@@ -162,7 +163,7 @@ def probe(
             gen.manual_seed(block_seed(seed, name))
             cb = (lambda d, t, _n=name: progress(_n, d, t)) if progress else None
             start = time.perf_counter()
-            with Oracle(hvp, loss_fn, params, h=h, root=root) as oracle:
+            with Oracle(hvp, loss_fn, params, h=h, root=root, gradient=shared.pop(name, None)) as oracle:
                 if norm == "spectral":
                     est = spectral(oracle, gen, max_iter=num_vectors, tol=tol, callback=cb)
                 else:
@@ -173,6 +174,26 @@ def probe(
                 grad_norm = oracle.cached_grad_norm()
             results[name] = replace(est, seconds=time.perf_counter() - start, grad_norm=grad_norm)
     return results
+
+
+def _joint_gradients(
+    loss_fn: Callable[[], torch.Tensor], blocks: Mapping[str, list[torch.Tensor]]
+) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
+    """∇_b f(x) for every block from ONE backward pass (the ``fd`` oracles' reference points);
+    frozen parameters get ``requires_grad`` only for the duration."""
+    params = [p for ps in blocks.values() for p in ps]
+    with grad_enabled_for(params), torch.enable_grad():
+        loss = loss_fn()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+        grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+    out, i = {}, 0
+    for name, ps in blocks.items():
+        pieces = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[i : i + len(ps)], ps)]
+        out[name] = (flatten(pieces, compute_dtype(ps)), loss.dtype)
+        i += len(ps)
+    return out
 
 
 def probe_model(
