@@ -12,7 +12,6 @@ to before, and ``requires_grad`` flags, ``.grad`` fields and training modes are 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -216,8 +215,3 @@ def probe_model(
     ):
         blocks = make_blocks(model, blocks)
     return probe(loss_fn, blocks, model=model, **kwargs)
-
-
-def finite(est: Estimate) -> bool:
-    """True when the estimate's value is a finite number."""
-    return math.isfinite(est.value)
