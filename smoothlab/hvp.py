@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -110,6 +110,34 @@ def grad_enabled_for(params: Sequence[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+def scalar_loss(loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``loss_fn()`` as a 0-d tensor; TypeError naming what came back if it is not a scalar."""
+    loss = loss_fn()
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(
+            f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+        )
+    return loss.reshape(())
+
+
+def block_gradients(
+    loss_fn: Callable[[], torch.Tensor], blocks: Mapping[str, Sequence[torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """∇_b f(x) (flat, in each block's compute dtype) for every block from ONE backward pass,
+    and the loss's dtype. Frozen parameters get ``requires_grad`` only for the duration."""
+    params = [p for ps in blocks.values() for p in ps]
+    with grad_enabled_for(params), torch.enable_grad():
+        loss = scalar_loss(loss_fn)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    out, i = {}, 0
+    for name, ps in blocks.items():
+        pieces = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[i : i + len(ps)], ps)]
+        out[name] = flatten(pieces, compute_dtype(ps))
+        i += len(ps)
+    return out, loss.dtype
+
+
 class Oracle:
     """Block-restricted curvature oracle. Use as a context manager around its calls.
 
@@ -188,14 +216,9 @@ class Oracle:
         return self._step / max(float(v.norm()), 1e-30)
 
     def _loss(self) -> torch.Tensor:
-        loss = self.loss_fn()
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(
-                f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
-                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-            )
+        loss = scalar_loss(self.loss_fn)
         self._loss_dtype = loss.dtype
-        return loss.reshape(())
+        return loss
 
     def _grad(self) -> torch.Tensor:
         with torch.enable_grad():

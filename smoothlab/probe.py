@@ -24,7 +24,7 @@ from torch import nn
 from .blocks import Blocks, check_blocks, make_blocks
 from .estimate import Estimate
 from .estimators import DISTRIBUTIONS, NORMS, spectral, stochastic
-from .hvp import HVPS, Oracle, compute_dtype, flatten, grad_enabled_for
+from .hvp import HVPS, Oracle, block_gradients
 from .perturb import param_seed
 
 Progress = Callable[[str, int, int], None]
@@ -154,7 +154,10 @@ def probe(
 
     results: dict[str, Estimate] = {}
     with eval_mode(root):
-        shared = _joint_gradients(loss_fn, blocks) if hvp == "fd" and len(blocks) > 1 else {}
+        shared: dict[str, tuple[torch.Tensor, torch.dtype]] = {}
+        if hvp == "fd" and len(blocks) > 1:  # one joint backward for every block's reference point
+            grads, loss_dtype = block_gradients(loss_fn, blocks)
+            shared = {k: (g, loss_dtype) for k, g in grads.items()}
         for name, params in blocks.items():
             params = list(params)
             first = params[0]
@@ -173,26 +176,6 @@ def probe(
                 grad_norm = oracle.cached_grad_norm()
             results[name] = replace(est, seconds=time.perf_counter() - start, grad_norm=grad_norm)
     return results
-
-
-def _joint_gradients(
-    loss_fn: Callable[[], torch.Tensor], blocks: Mapping[str, list[torch.Tensor]]
-) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
-    """∇_b f(x) for every block from ONE backward pass (the ``fd`` oracles' reference points);
-    frozen parameters get ``requires_grad`` only for the duration."""
-    params = [p for ps in blocks.values() for p in ps]
-    with grad_enabled_for(params), torch.enable_grad():
-        loss = loss_fn()
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
-                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
-        grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
-    out, i = {}, 0
-    for name, ps in blocks.items():
-        pieces = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[i : i + len(ps)], ps)]
-        out[name] = (flatten(pieces, compute_dtype(ps)), loss.dtype)
-        i += len(ps)
-    return out
 
 
 def probe_model(

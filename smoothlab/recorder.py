@@ -27,7 +27,7 @@ from torch import nn
 
 from .blocks import check_blocks
 from .estimate import Estimate
-from .hvp import grad_enabled_for
+from .hvp import block_gradients
 from .probe import eval_mode, probe
 from .runlog import SMOOTHNESS_FIELDS, CsvLog
 
@@ -36,15 +36,8 @@ LossFn = Callable[[], torch.Tensor]
 
 def block_grad_norms(loss_fn: LossFn, blocks: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:
     """‖∇_b f‖₂ for every block from one backward pass (frozen blocks included)."""
-    params = [p for ps in blocks.values() for p in ps]
-    with grad_enabled_for(params), torch.enable_grad():
-        grads = torch.autograd.grad(loss_fn(), params, allow_unused=True)
-    out, i = {}, 0
-    for name, ps in blocks.items():
-        sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads[i : i + len(ps)] if g is not None)
-        out[name] = math.sqrt(sq)
-        i += len(ps)
-    return out
+    grads, _ = block_gradients(loss_fn, blocks)
+    return {k: float(torch.linalg.vector_norm(g, dtype=torch.float64)) for k, g in grads.items()}
 
 
 class TrajectoryRecorder:
