@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 
 from hybrid import data as D
+from hybrid import readers, sampling
+from hybrid import synthetic as S
+from hybrid import tasks as T
 from hybrid.data import (
     TASKS,
     EpochSampler,
     Example,
     Splits,
+    Task,
     get_task,
     load_examples,
     load_task_data,
@@ -78,6 +82,69 @@ def test_prompt_missing_field_is_an_error() -> None:
 
 def test_braces_in_text_are_kept_verbatim() -> None:
     assert get_task("sst2").prompt(Example("{text} {0}", 0)) == "{text} {0} It was"
+
+
+def test_public_names_are_re_exported() -> None:
+    names = ["Example", "Task", "TASKS", "get_task", "load_examples", "synthetic_sentiment"]
+    names += ["Splits", "sample_splits", "load_task_data", "EpochSampler"]
+    for name in names:
+        assert name in D.__all__ and getattr(D, name) is not None
+    assert D.Task is T.Task and D.load_task_data is sampling.load_task_data
+    assert D.load_examples is readers.load_examples and D.TASKS is T.TASKS
+
+
+def test_every_task_entry_carries_its_layout_and_help() -> None:
+    for task in TASKS.values():
+        assert task.help, task.name
+        assert task.hub_path or task.builtin, task.name  # some source without a file
+        if task.kind == "multiple_choice":
+            assert task.parser is not None and task.columns, task.name
+    assert get_task("copa").columns == ("premise", "choice1", "choice2", "question", "label")
+    assert [t.split(":")[0] for t in T.task_help().split("; ")] == list(T.task_names())
+
+
+def _parse_pairs(task: Task, records: T.Records, *_: object) -> list[Example]:
+    out = []
+    for number, rec in records.rows:
+        if rec["gold"] not in ("a", "b"):
+            raise ValueError(f"{records.where(number)}: bad gold {rec['gold']!r}")
+        cands = (" " + rec["a"], " " + rec["b"])
+        out.append(Example(rec["q"], "ab".index(rec["gold"]), candidates=cands))
+    return out
+
+
+def test_adding_a_task_is_one_entry_plus_its_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(T, "TASKS", dict(T.TASKS))  # keep the real registry unchanged
+    task = T.register_task(
+        Task(
+            "pairs",
+            "multiple_choice",
+            2,
+            parser=_parse_pairs,
+            columns=("q", "a", "b", "gold"),
+            help="toy pairs",
+            builtin=lambda n, seed: [
+                Example(f"q{i}", i % 2, candidates=(" x", " y")) for i in range(n)
+            ],
+        )
+    )
+    assert T.get_task("pairs") is task and "pairs: toy pairs" in T.task_help()
+    rows = [{"q": f"q{i}", "a": "yes", "b": "no", "gold": "ab"[i % 2]} for i in range(6)]
+    p = write_jsonl(tmp_path / "p.jsonl", rows)
+    ex = load_examples(p, "pairs")
+    assert ex[1] == Example("q1", 1, candidates=(" yes", " no"))
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['gold'\].*expected"):
+        load_examples(write_jsonl(tmp_path / "bad.jsonl", [{"q": "x", "a": "y", "b": "z"}]), task)
+    with pytest.raises(ValueError, match=r"fixed layout"):
+        load_examples(p, task, text_column="q")
+    _, s = load_task_data("pairs", p, train=3, eval=2, dev=1)
+    assert sorted(e.text for e in s.train + s.eval + s.dev) == [f"q{i}" for i in range(6)]
+    _, s = load_task_data("pairs", train=4, eval=3, dev=1, seed=0)  # its built-in examples
+    assert sorted(e.text for e in s.train + s.eval + s.dev) == [f"q{i}" for i in range(8)]
+    with pytest.raises(ValueError, match=r"'pairs' is already registered"):
+        T.register_task(task)
 
 
 # --------------------------------------------------------------------------- SST-2 real file
@@ -371,7 +438,7 @@ def test_synthetic_balanced_and_labels_follow_the_lexicon() -> None:
     assert sorted(set(labels)) == [0, 1]
     assert labels.count(0) == 1001 and labels.count(1) == 1000
     assert len({e.text for e in ex}) == len(ex)  # distinct sentences
-    pos, neg = set(D._POSITIVE), set(D._NEGATIVE)
+    pos, neg = set(S._POSITIVE), set(S._NEGATIVE)
     negated = 0
     for e in ex:
         words = e.text.rstrip(".").replace(",", "").lower().split()

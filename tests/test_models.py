@@ -11,8 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hybrid import adapters as A
 from hybrid import models as M
 from hybrid.data import Example, Task
+from tests.tiny_models import tiny_causal_lm, tiny_encoder
 
 CLS_TASK = Task(
     name="toy-sst2",
@@ -69,9 +71,9 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     out = {}
     for mt in ("opt", "gpt2", "llama"):
         out[mt] = str(root / mt)
-        M.tiny_causal_lm(mt, seed=0, save_dir=out[mt])
+        tiny_causal_lm(mt, seed=0, save_dir=out[mt])
     out["encoder"] = str(root / "encoder")
-    M.tiny_encoder(seed=0, save_dir=out["encoder"])
+    tiny_encoder(seed=0, save_dir=out["encoder"])
     return out
 
 
@@ -337,7 +339,7 @@ def test_bad_peft_method_and_kind(tiny_dirs) -> None:
     with pytest.raises(ValueError, match="'seq2seq'.*auto, encoder, causal"):
         M.load_model(tiny_dirs["encoder"], CLS_TASK, kind="seq2seq")
     with pytest.raises(ValueError, match="tiny model_type 'bloom'"):
-        M.tiny_causal_lm("bloom")
+        tiny_causal_lm("bloom")
 
 
 def test_resolve_and_detect_kind(tiny_dirs) -> None:
@@ -354,12 +356,49 @@ def test_resolve_and_detect_kind(tiny_dirs) -> None:
 
 def test_tiny_builders_are_seeded_and_leave_global_rng() -> None:
     state = torch.get_rng_state()
-    m0, tok = M.tiny_causal_lm("llama", seed=0)
-    m0b, _ = M.tiny_causal_lm("llama", seed=0)
-    m1, _ = M.tiny_causal_lm("llama", seed=1)
-    e0, _ = M.tiny_encoder(seed=0)
+    m0, tok = tiny_causal_lm("llama", seed=0)
+    m0b, _ = tiny_causal_lm("llama", seed=0)
+    m1, _ = tiny_causal_lm("llama", seed=1)
+    e0, _ = tiny_encoder(seed=0)
     assert torch.equal(state, torch.get_rng_state())
     w = [m.get_input_embeddings().weight for m in (m0, m0b, m1)]
     assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
     assert tok.bos_token_id == tok.cls_token_id and tok.eos_token_id == tok.sep_token_id
     assert e0.config.hidden_size == 32
+
+
+# --------------------------------------------------------------------------- registries & layout
+
+
+def test_adapter_registry_matches_the_method_registry() -> None:
+    from smoothlab.methods import METHODS, peft_kinds
+
+    assert tuple(A.ADAPTERS) == peft_kinds() == M.PEFT_METHODS
+    for method in METHODS.values():
+        assert method.peft is None or method.peft in A.ADAPTERS, method.name
+
+
+def test_attach_peft_dispatches_through_the_registry(
+    tiny_dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = M.load_model(tiny_dirs["encoder"], CLS_TASK)
+    seen = []
+
+    def attach_toy(b, opts):
+        seen.append((b, opts))
+        return b
+
+    monkeypatch.setitem(A.ADAPTERS, "toy", attach_toy)
+    assert M.attach_peft(bundle, "toy", r=3, num_virtual_tokens=7, seed=5) is bundle
+    assert seen == [(bundle, A.PeftOptions(r=3, num_virtual_tokens=7, seed=5))]
+
+
+def test_models_re_exports_and_tiny_models_moved() -> None:
+    from hybrid import scoring
+
+    assert M.ModelBundle is scoring.ModelBundle and M.Batch is scoring.Batch
+    assert M.attach_peft is A.attach_peft
+    with pytest.warns(DeprecationWarning, match="tests/tiny_models.py"):
+        assert M.tiny_encoder is tiny_encoder
+    with pytest.raises(AttributeError, match="no_such_name"):
+        M.no_such_name  # noqa: B018

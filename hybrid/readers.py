@@ -1,0 +1,134 @@
+"""File readers: local TSV, CSV, JSON-lines and JSON files into :class:`~hybrid.tasks.Records`,
+then into a task's examples (:func:`load_examples`).
+
+The format follows the extension: ``.tsv`` (tab-separated with a header, no quoting:
+GLUE's layout), ``.csv`` (comma-separated with a header, standard quoting), ``.jsonl``
+(one JSON object a line) or ``.json`` (JSON lines, or one array of objects).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from smoothlab.errors import UsageError
+
+from .tasks import Example, Records, Task, get_task
+
+__all__ = ["EXTENSIONS", "load_examples", "read_records"]
+
+EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json")
+
+
+def _read_delimited(path: Path) -> Records:
+    suffix = path.suffix.lower()
+    with path.open(newline="", encoding="utf-8") as fh:
+        if suffix == ".tsv":
+            reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            return Records(path, [], [])
+        header = [h.strip() for h in header]
+        width = len(header)
+        rows: list[tuple[int, dict[str, Any]]] = []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != width:
+                raise UsageError(
+                    f"{path}: line {reader.line_num} has {len(row)} fields, the header "
+                    f"has {width} ({header}); check the delimiter "
+                    f"({'tab' if suffix == '.tsv' else 'comma'} for {suffix} files)"
+                )
+            rows.append((reader.line_num, dict(zip(header, row, strict=True))))
+    return Records(path, header, rows)
+
+
+def _read_json(path: Path) -> Records:
+    with path.open(encoding="utf-8") as fh:
+        content = fh.read()
+    if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
+        try:
+            items = json.loads(content)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}: not valid JSON ({err})") from None
+        records = list(enumerate(items, start=1))
+        unit = "record"
+    else:
+        records = []
+        unit = "line"
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise UsageError(
+                    f"{path}: line {number} is not valid JSON ({err}); expected one JSON "
+                    "object per line"
+                ) from None
+    for number, rec in records:
+        if not isinstance(rec, dict):
+            raise UsageError(
+                f"{path}: {unit} {number} is {type(rec).__name__} {rec!r:.60}, expected a JSON "
+                'object such as {"text": ..., "label": ...}'
+            )
+    columns = list(records[0][1]) if records else []
+    return Records(path, columns, records, unit)
+
+
+def read_records(path: str | Path) -> Records:
+    """The raw records of a local file (format by extension; see the module docstring).
+
+    Raises :class:`~smoothlab.errors.UsageError` naming the file for a missing file, an
+    unknown extension and malformed content (with the line).
+    """
+    path = Path(path)
+    if path.suffix.lower() not in EXTENSIONS:
+        raise UsageError(
+            f"{path}: unknown extension {path.suffix!r}; accepted: {', '.join(EXTENSIONS)}"
+        )
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    if path.suffix.lower() in (".tsv", ".csv"):
+        return _read_delimited(path)
+    return _read_json(path)
+
+
+def load_examples(
+    path: str | Path,
+    task: str | Task,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> list[Example]:
+    """Read the examples of ``task`` from a local file: :func:`read_records`, then the
+    task's parser (:meth:`Task.parse`).
+
+    Layouts (each task's :attr:`~hybrid.tasks.Task.columns` and parser):
+
+    * classification (sst2, synthetic, or any classification :class:`Task` without a
+      parser): a text column (``text``, ``sentence`` or ``sentence1``; or ``text_column``)
+      and a ``label`` column (or ``label_column``) holding a class index or an alias such
+      as ``negative``/``positive`` (:attr:`Task.label_aliases`).
+    * copa (SuperGLUE): ``premise, choice1, choice2, question, label``. Context =
+      premise without its final period + ``" because"`` (cause) or ``" so"`` (effect);
+      candidates = ``" " +`` each choice with its first letter lower-cased.
+    * winogrande: ``sentence, option1, option2, answer`` (``"1"``/``"2"``). ``text`` = the
+      sentence before the blank ``_`` (trailing space removed), candidate ``i`` =
+      ``" " + option_i +`` the sentence after the blank, ``score_from[i]`` = where the
+      part after the blank starts (partial scoring, see :meth:`Task.scoring_pairs`).
+    * wic (SuperGLUE): ``word, sentence1, sentence2, label`` (true/false); other fields
+      (``start1``, ``end1``, ...) are ignored.
+
+    Raises :class:`~smoothlab.errors.UsageError` (a ``ValueError``) naming the file for a
+    missing file, an unknown extension, missing columns, bad labels (with the line number)
+    and files without examples.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    records = read_records(path)
+    return task.parse(records, text_column=text_column, label_column=label_column)

@@ -1,0 +1,196 @@
+"""Splits and minibatches: the paper's seeded 1,000 / 1,000 / 100 sampling
+(:func:`sample_splits`), the data sources a task draws from (:func:`load_task_data`: a local
+file, the task's built-in examples, or its hub dataset), and the resumable random-reshuffling
+sampler (:class:`EpochSampler`).
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smoothlab.errors import UsageError
+
+from .readers import load_examples
+from .tasks import Example, Records, Task, get_task
+
+__all__ = ["EpochSampler", "Splits", "load_task_data", "sample_splits"]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint ``train``, ``eval`` and ``dev`` example lists."""
+
+    train: list[Example]
+    eval: list[Example]
+    dev: list[Example]
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UsageError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def sample_splits(
+    examples: Sequence[Example],
+    *,
+    train: int = 1000,
+    eval: int = 1000,
+    dev: int = 100,
+    seed: int = 0,
+) -> Splits:
+    """The paper's sampling: ``train + eval + dev`` distinct examples drawn without
+    replacement with ``random.Random(seed)``, cut into three disjoint splits.
+
+    Raises ``UsageError`` (a ``ValueError``) if ``examples`` holds fewer than
+    ``train + eval + dev``.
+    """
+    _check_sizes(train=train, eval=eval, dev=dev)
+    total = train + eval + dev
+    if len(examples) < total:
+        raise UsageError(
+            f"only {len(examples)} examples, but {total} asked "
+            f"(train={train} + eval={eval} + dev={dev})"
+        )
+    chosen = random.Random(seed).sample(range(len(examples)), total)
+    picked = [examples[i] for i in chosen]
+    return Splits(
+        train=picked[:train], eval=picked[train : train + eval], dev=picked[train + eval :]
+    )
+
+
+def _load_hub(task: Task) -> list[Example]:
+    """Examples of ``task``'s hub dataset (``train`` split), via the ``datasets`` package."""
+    try:
+        import datasets  # optional, imported lazily
+    except ImportError:
+        raise UsageError(
+            f"task {task.name!r} has no built-in data and the `datasets` package is not "
+            f"installed, so {task.hub_path}/{task.hub_name} cannot be loaded from the hub; "
+            "pass path= to a local .tsv/.csv/.jsonl file"
+        ) from None
+    ds = datasets.load_dataset(task.hub_path, task.hub_name, split="train")
+    rows = [(i, dict(rec)) for i, rec in enumerate(ds, start=1)]
+    columns = list(rows[0][1]) if rows else []
+    source = Path(f"hub:{task.hub_path}/{task.hub_name}")
+    return task.parse(Records(source, columns, rows, "record"))
+
+
+def _default_examples(task: Task, n: int, seed: int) -> list[Example]:
+    """Examples of ``task`` without a file: its built-in set (``n`` of them), else its hub
+    dataset."""
+    if task.builtin is not None:
+        if task.builtin_note:
+            warnings.warn(task.builtin_note, UserWarning, stacklevel=3)
+        return task.builtin(n, seed)
+    if task.hub_path is None:
+        raise UsageError(
+            f"task {task.name!r} has neither built-in data nor a hub dataset; pass path= to "
+            "a local .tsv/.csv/.jsonl file"
+        )
+    return _load_hub(task)
+
+
+def load_task_data(
+    task_name: str,
+    path: str | Path | None = None,
+    *,
+    train: int = 1000,
+    eval: int = 1000,
+    dev: int = 100,
+    seed: int = 0,
+) -> tuple[Task, Splits]:
+    """The task and its seeded splits.
+
+    With ``path``: :func:`load_examples` then :func:`sample_splits`. Without: the task's
+    built-in examples (``train + eval + dev`` of them, e.g. :func:`synthetic_sentiment` for
+    ``synthetic`` and, with a warning, ``sst2``), else its hub dataset (``train`` split) with
+    the ``datasets`` package if it is installed, else ``UsageError`` asking for a local file.
+    """
+    task = get_task(task_name)
+    if path is not None:
+        examples = load_examples(path, task)
+    else:
+        examples = _default_examples(task, train + eval + dev, seed)
+    return task, sample_splits(examples, train=train, eval=eval, dev=dev, seed=seed)
+
+
+# --------------------------------------------------------------------------- minibatches
+
+
+class EpochSampler:
+    """Minibatches by random reshuffling: epoch ``e`` visits a fresh permutation of
+    ``range(n)`` drawn from ``torch.Generator().manual_seed(seed + e)``, cut into batches of
+    ``batch_size`` (the last one smaller, or dropped with ``drop_last``).
+
+    Global step ``k`` always maps to the same batch (``position(k)`` then ``batches``), so
+    a run resumed at step ``k`` sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, drop_last: bool = False) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise UsageError(f"n must be a positive int, got {n!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch_size must be a positive int, got {batch_size!r}")
+        if drop_last and batch_size > n:
+            raise UsageError(
+                f"batch_size={batch_size} > n={n} with drop_last=True leaves no batch; "
+                "use batch_size <= n or drop_last=False"
+            )
+        self.n = n
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Number of batches in one epoch."""
+        if self.drop_last:
+            return self.n // self.batch_size
+        return -(-self.n // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """All batches of ``epoch`` (0-based), in order."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        if self._cache is not None and self._cache[0] == epoch:
+            return [list(b) for b in self._cache[1]]
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.n, generator=gen).tolist()
+        b = self.batch_size
+        out = [perm[i : i + b] for i in range(0, self.batches_per_epoch * b, b)]
+        self._cache = (epoch, out)
+        return [list(x) for x in out]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """``(epoch, index_in_epoch)`` of global step ``step`` (0-based)."""
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        return divmod(step, self.batches_per_epoch)
+
+    def batch(self, step: int) -> list[int]:
+        """The indices of global step ``step``."""
+        epoch, index = self.position(step)
+        return self.batches(epoch)[index]
+
+    def iter_from(self, step: int = 0, num_steps: int | None = None) -> Iterator[list[int]]:
+        """Batches of global steps ``step, step + 1, ...`` (``num_steps`` of them, or
+        without end)."""
+        k = step
+        while num_steps is None or k < step + num_steps:
+            yield self.batch(k)
+            k += 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """The batches of epoch 0."""
+        return iter(self.batches(0))
