@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -97,6 +97,14 @@ def _default_examples(task: Task, n: int, seed: int) -> list[Example]:
     return _load_hub(task)
 
 
+def _cap(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """All of ``examples`` (file order) if there are at most ``n``, else ``n`` of them drawn
+    without replacement with ``random.Random(seed)``."""
+    if len(examples) <= n:
+        return list(examples)
+    return random.Random(seed).sample(examples, n)
+
+
 def load_task_data(
     task_name: str,
     path: str | Path | None = None,
@@ -105,6 +113,8 @@ def load_task_data(
     eval: int = 1000,
     dev: int = 100,
     seed: int = 0,
+    eval_data: str | Path | None = None,
+    dev_data: str | Path | None = None,
 ) -> tuple[Task, Splits]:
     """The task and its seeded splits.
 
@@ -112,13 +122,27 @@ def load_task_data(
     built-in examples (``train + eval + dev`` of them, e.g. :func:`synthetic_sentiment` for
     ``synthetic`` and, with a warning, ``sst2``), else its hub dataset (``train`` split) with
     the ``datasets`` package if it is installed, else ``UsageError`` asking for a local file.
+
+    ``eval_data`` / ``dev_data``: a separate file for that split (e.g. GLUE's validation
+    split), read with :func:`load_examples`. The split then holds the whole file, or, when
+    the file has more than ``eval`` (``dev``) examples, that many drawn with
+    ``random.Random(seed)``; the main source then supplies only the other splits (so a file
+    given for both eval and dev serves both, overlapping).
     """
     task = get_task(task_name)
+    _check_sizes(train=train, eval=eval, dev=dev)
+    n_eval = eval if eval_data is None else 0
+    n_dev = dev if dev_data is None else 0
     if path is not None:
         examples = load_examples(path, task)
     else:
-        examples = _default_examples(task, train + eval + dev, seed)
-    return task, sample_splits(examples, train=train, eval=eval, dev=dev, seed=seed)
+        examples = _default_examples(task, train + n_eval + n_dev, seed)
+    splits = sample_splits(examples, train=train, eval=n_eval, dev=n_dev, seed=seed)
+    if eval_data is not None:
+        splits = replace(splits, eval=_cap(load_examples(eval_data, task), eval, seed))
+    if dev_data is not None:
+        splits = replace(splits, dev=_cap(load_examples(dev_data, task), dev, seed))
+    return task, splits
 
 
 # --------------------------------------------------------------------------- minibatches

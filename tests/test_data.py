@@ -556,3 +556,54 @@ def test_epoch_sampler_position_matches_batches_and_resumes() -> None:
     # returned batches are copies: mutating one does not change the sampler
     s.batches(0)[0].append(99)
     assert 99 not in s.batches(0)[0]
+
+
+# --------------------------------------------------------------------------- separate eval/dev files
+
+
+def test_load_task_data_eval_and_dev_files(tmp_path: Path) -> None:
+    train_file = write_jsonl(
+        tmp_path / "t.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(40)]
+    )
+    val = [{"text": f"v{i}", "label": i % 2} for i in range(25)]
+    val_file = write_jsonl(tmp_path / "v.jsonl", val)
+    dev_file = tmp_path / "d.tsv"
+    dev_file.write_text("sentence\tlabel\n" + "".join(f"d{i}\t{i % 2}\n" for i in range(3)))
+
+    # eval from its own file: all of it when the file is within the cap, in file order
+    _, s = load_task_data(
+        "sst2", train_file, train=30, eval=100, dev=10, seed=1, eval_data=val_file
+    )
+    assert s.eval == [Example(f"v{i}", i % 2) for i in range(25)]
+    assert (len(s.train), len(s.dev)) == (30, 10)
+    assert {e.text[0] for e in s.train + s.dev} == {"t"}  # train/dev drawn from the train file
+    assert len({e.text for e in s.train + s.dev}) == 40  # disjoint, and all 40 used
+    # the cap applies: 10 of the 25, seeded, distinct
+    _, s1 = load_task_data(
+        "sst2", train_file, train=30, eval=10, dev=10, seed=1, eval_data=val_file
+    )
+    _, s2 = load_task_data(
+        "sst2", train_file, train=30, eval=10, dev=10, seed=1, eval_data=val_file
+    )
+    _, s3 = load_task_data(
+        "sst2", train_file, train=30, eval=10, dev=10, seed=2, eval_data=val_file
+    )
+    assert s1 == s2 and len(s1.eval) == len({e.text for e in s1.eval}) == 10
+    assert {e.text for e in s1.eval} <= {r["text"] for r in val} and s3.eval != s1.eval
+    # both files: the train file only supplies train (40 >= 40; 41 would be too many)
+    _, s = load_task_data(
+        "sst2", train_file, train=40, eval=5, dev=2, eval_data=val_file, dev_data=dev_file
+    )
+    assert len(s.train) == 40 and len(s.eval) == 5
+    assert len({e.text for e in s.dev}) == 2 and {e.text for e in s.dev} <= {"d0", "d1", "d2"}
+    assert all(e.label == int(e.text[1]) % 2 for e in s.dev)
+    with pytest.raises(ValueError, match=r"only 40 examples, but 41 asked"):
+        load_task_data(
+            "sst2", train_file, train=41, eval=5, dev=2, eval_data=val_file, dev_data=dev_file
+        )
+    # built-in data: a real eval file with the synthetic training set
+    _, s = load_task_data("synthetic", train=20, eval=1000, dev=5, eval_data=val_file)
+    assert len(s.train) == 20 and len(s.dev) == 5 and len(s.eval) == 25
+    # errors in the eval file name it
+    with pytest.raises(ValueError, match=r"nope\.tsv.*no such file"):
+        load_task_data("sst2", train_file, train=4, eval=2, dev=2, eval_data=tmp_path / "nope.tsv")
