@@ -14,7 +14,9 @@ seed, so the caller's global RNG state is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -215,6 +217,23 @@ def _load_causal(path: str, tokenizer: Any, extra: dict[str, Any]) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _weights_errors(path: str, shown: str) -> Iterator[None]:
+    """Turn an unreadable weights file (truncated or corrupt ``model.safetensors``, missing
+    weights) into one-line :class:`UsageError` naming the model folder."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        where = f"folder {path}" if os.path.isdir(path) else repr(shown)
+        cause = " ".join(str(exc).split())
+        raise UsageError(
+            f"cannot load the weights of model {shown!r} ({where}): {cause}; the weights file "
+            "is truncated, corrupt or missing — save or download the model again"
+        ) from exc
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     task: Task | None = None,
@@ -242,7 +261,7 @@ def load_model(
     dev = torch.device(device)
     extra: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     tokenizer = _load_tokenizer(path, shown)
-    with seeded_rng(seed, dev):
+    with seeded_rng(seed, dev), _weights_errors(path, shown):
         if kind == "encoder":
             model = _load_encoder(path, task, seed, extra)
         else:

@@ -3,13 +3,21 @@ then into a task's examples (:func:`load_examples`).
 
 The format follows the extension: ``.tsv`` (tab-separated with a header, no quoting:
 GLUE's layout), ``.csv`` (comma-separated with a header, standard quoting), ``.jsonl``
-(one JSON object a line) or ``.json`` (JSON lines, or one array of objects).
+(one JSON object a line) or ``.json`` (JSON lines, or one array of objects). Files are
+UTF-8, with or without a byte-order mark (as Excel writes them). TSV/CSV fields may be up to
+:data:`FIELD_LIMIT` characters long (the ``csv`` module's default of 131,072 is raised while a
+file is read). Every problem with a file is a :class:`~smoothlab.errors.UsageError` naming it.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
+import io
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,40 +25,78 @@ from smoothlab.errors import UsageError
 
 from .tasks import Example, Records, Task, get_task
 
-__all__ = ["EXTENSIONS", "load_examples", "read_records"]
+__all__ = ["EXTENSIONS", "FIELD_LIMIT", "load_examples", "read_records"]
 
 EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json")
+
+FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+"""Longest TSV/CSV field read, in characters (the largest value ``csv`` accepts everywhere)."""
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: UTF-8, a leading byte-order mark dropped."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UsageError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}: "
+            f"{err.reason}); save the file as UTF-8"
+        ) from None
+
+
+@contextlib.contextmanager
+def _field_size_limit(limit: int) -> Iterator[None]:
+    """``csv.field_size_limit(limit)`` for a block; the previous limit is restored."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _read_delimited(path: Path) -> Records:
     suffix = path.suffix.lower()
-    with path.open(newline="", encoding="utf-8") as fh:
-        if suffix == ".tsv":
-            reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            return Records(path, [], [])
-        header = [h.strip() for h in header]
-        width = len(header)
-        rows: list[tuple[int, dict[str, Any]]] = []
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != width:
-                raise UsageError(
-                    f"{path}: line {reader.line_num} has {len(row)} fields, the header "
-                    f"has {width} ({header}); check the delimiter "
-                    f"({'tab' if suffix == '.tsv' else 'comma'} for {suffix} files)"
-                )
-            rows.append((reader.line_num, dict(zip(header, row, strict=True))))
+    fh = io.StringIO(_read_text(path), newline="")
+    if suffix == ".tsv":
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(fh)
+    try:
+        with _field_size_limit(FIELD_LIMIT):
+            return _delimited_records(path, reader)
+    except csv.Error as err:
+        raise UsageError(
+            f"{path}: line {reader.line_num}: {err} (the field size limit is {FIELD_LIMIT:,} "
+            "characters)"
+        ) from None
+
+
+def _delimited_records(path: Path, reader: Any) -> Records:
+    header = next(reader, None)
+    if header is None:
+        return Records(path, [], [])
+    header = [h.strip() for h in header]
+    width = len(header)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for row in reader:
+        if not row:
+            continue
+        if len(row) != width:
+            delimiter = "tab" if path.suffix.lower() == ".tsv" else "comma"
+            raise UsageError(
+                f"{path}: line {reader.line_num} has {len(row)} fields, the header has {width} "
+                f"({header}); check the delimiter ({delimiter} for {path.suffix} files)"
+            )
+        rows.append((reader.line_num, dict(zip(header, row, strict=True))))
     return Records(path, header, rows)
 
 
 def _read_json(path: Path) -> Records:
-    with path.open(encoding="utf-8") as fh:
-        content = fh.read()
+    content = _read_text(path)
     if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
         try:
             items = json.loads(content)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import sys
@@ -26,6 +27,7 @@ from hybrid.data import (
     sample_splits,
     synthetic_sentiment,
 )
+from smoothlab.errors import UsageError
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 
@@ -607,3 +609,91 @@ def test_load_task_data_eval_and_dev_files(tmp_path: Path) -> None:
     # errors in the eval file name it
     with pytest.raises(ValueError, match=r"nope\.tsv.*no such file"):
         load_task_data("sst2", train_file, train=4, eval=2, dev=2, eval_data=tmp_path / "nope.tsv")
+
+
+# --------------------------------------------------------------------------- reader hardening
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_field_over_the_csv_default_limit_is_read(tmp_path: Path, suffix: str) -> None:
+    sep = "\t" if suffix == ".tsv" else ","
+    long_text = "word " * 40_000  # 200,000 characters > csv's default 131,072
+    p = tmp_path / f"long{suffix}"
+    p.write_text(f"sentence{sep}label\nshort{sep}1\n{long_text}{sep}0\n", encoding="utf-8")
+    before = csv.field_size_limit()
+    assert load_examples(p, "sst2") == [Example("short", 1), Example(long_text, 0)]
+    assert csv.field_size_limit() == before  # the process-wide limit is restored
+
+
+def test_field_over_the_limit_names_file_line_and_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(readers, "FIELD_LIMIT", 1000)
+    p = tmp_path / "long.tsv"
+    p.write_text("sentence\tlabel\nok\t1\nfine\t0\n" + "x" * 1001 + "\t1\n", encoding="utf-8")
+    before = csv.field_size_limit()
+    with pytest.raises(UsageError, match=r"long\.tsv: line 4: .*field size limit is 1,000"):
+        load_examples(p, "sst2")
+    assert csv.field_size_limit() == before
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("bom.csv", "text,label\nnice,1\n"),
+        ("bom.tsv", "sentence\tlabel\nnice\t1\n"),
+        ("bom.jsonl", '{"text": "nice", "label": 1}\n'),
+        ("bom.json", '[{"text": "nice", "label": 1}]'),
+    ],
+)
+def test_utf8_bom_is_accepted(tmp_path: Path, name: str, content: str) -> None:
+    p = tmp_path / name
+    p.write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))  # what Excel writes
+    assert load_examples(p, "sst2") == [Example("nice", 1)]
+
+
+@pytest.mark.parametrize("name", ["latin.tsv", "latin.jsonl"])
+def test_non_utf8_file_is_named(tmp_path: Path, name: str) -> None:
+    p = tmp_path / name
+    rows = (
+        "sentence\tlabel\nok\t1\ncaf\xe9\t0\n"
+        if name.endswith(".tsv")
+        else ('{"text": "ok", "label": 1}\n{"text": "caf\xe9", "label": 0}\n')
+    )
+    p.write_bytes(rows.encode("latin-1"))
+    with pytest.raises(UsageError, match=re.escape(name) + r": not UTF-8 .*0xe9 on line \d.*UTF-8"):
+        load_examples(p, "sst2")
+
+
+def test_wrong_column_hint_names_found_and_expected_columns(tmp_path: Path) -> None:
+    p = tmp_path / "d.csv"
+    p.write_text("text,stars\nok,1\n")
+    with pytest.raises(UsageError) as info:
+        load_examples(p, "sst2")
+    msg = str(info.value)
+    assert "['text', 'stars']" in msg and "['label']" in msg
+    assert "label_column" not in msg and "=" not in msg  # no flag the CLI does not have
+    q = tmp_path / "e.csv"
+    q.write_text("review,label\nok,1\n")
+    with pytest.raises(UsageError) as info:
+        load_examples(q, "sst2")
+    assert "['text', 'sentence', 'sentence1']" in str(info.value)
+    assert "text_column" not in str(info.value)
+
+
+def test_user_input_errors_are_usage_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\nfine\tmaybe\n")
+    cases = [
+        lambda: get_task("boolq"),
+        lambda: load_examples(tmp_path / "nope.tsv", "sst2"),
+        lambda: load_examples(tmp_path / "x.txt", "sst2"),
+        lambda: load_examples(bad, "sst2"),
+        lambda: sample_splits([Example("t", 0)], train=2),
+        lambda: load_task_data("sst2", bad),
+        lambda: EpochSampler(0, 1),
+        lambda: synthetic_sentiment(-1),
+    ]
+    for case in cases:
+        with pytest.raises(UsageError):
+            case()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -14,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hybrid import adapters as A
 from hybrid import models as M
 from hybrid.data import Example, Task
+from smoothlab.errors import UsageError
 from tests.tiny_models import tiny_causal_lm, tiny_encoder
 
 CLS_TASK = Task(
@@ -402,3 +405,30 @@ def test_models_re_exports_and_tiny_models_moved() -> None:
         assert M.tiny_encoder is tiny_encoder
     with pytest.raises(AttributeError, match="no_such_name"):
         M.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("which", ["encoder", "opt"])
+def test_truncated_safetensors_is_one_line_usage_error(tiny_dirs, tmp_path, which) -> None:
+    folder = tmp_path / f"broken-{which}"
+    shutil.copytree(tiny_dirs[which], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UsageError) as info:
+        M.load_model(str(folder), CLS_TASK)
+    msg = str(info.value)
+    assert str(folder) in msg and "truncated" in msg and "\n" not in msg
+    (folder / "model.safetensors").unlink()  # no weights at all: the same one line
+    with pytest.raises(UsageError, match=re.escape(str(folder))):
+        M.load_model(str(folder), CLS_TASK)
+
+
+def test_model_errors_are_usage_errors(tiny_dirs) -> None:
+    bundle = M.load_model(tiny_dirs["encoder"], CLS_TASK)
+    with pytest.raises(UsageError):
+        M.load_model("/nonexistent/model/dir", CLS_TASK)
+    with pytest.raises(UsageError):
+        M.load_model(tiny_dirs["encoder"], CLS_TASK, kind="seq2seq")
+    with pytest.raises(UsageError):
+        M.attach_peft(bundle, "adapterx")
+    with pytest.raises(UsageError, match="already has a PEFT module"):
+        M.attach_peft(M.attach_peft(bundle, "lora", r=2), "lora")
