@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import re
 import shutil
+import sys
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -265,9 +269,53 @@ def test_attach_peft_encoder_multiple_choice(tiny_dirs) -> None:
     _check_peft_forward(pb, MC_EXAMPLES, 2)
 
 
+# TO DELETE AT MERGE: once hybrid/encoder_prefix.py exists, "prefix" on an encoder dispatches
+# to it (test_prefix_on_encoder_dispatches_to_encoder_prefix) and is no longer refused.
 def test_prefix_on_encoder_is_refused(tiny_dirs) -> None:
     bundle = M.load_model(tiny_dirs["encoder"], CLS_TASK)
     with pytest.raises(ValueError, match="prefix.*lora.*prompt"):
+        M.attach_peft(bundle, "prefix")
+
+
+def test_prefix_on_encoder_dispatches_to_encoder_prefix(
+    tiny_dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = M.load_model(tiny_dirs["encoder"], CLS_TASK)
+    calls = []
+
+    def attach_encoder_prefix(b, num_virtual_tokens: int, seed: int = 0):
+        calls.append((b, num_virtual_tokens, seed))
+        return b
+
+    fake = types.ModuleType("hybrid.encoder_prefix")
+    fake.attach_encoder_prefix = attach_encoder_prefix
+    monkeypatch.setitem(sys.modules, "hybrid.encoder_prefix", fake)
+    assert M.attach_peft(bundle, "prefix", num_virtual_tokens=4, seed=3) is bundle
+    assert calls == [(bundle, 4, 3)]
+
+
+def test_prefix_on_encoder_does_not_hide_a_broken_encoder_prefix(
+    tiny_dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a missing hybrid.encoder_prefix means "not supported"; an import error inside it
+    (a missing dependency) is a bug and propagates."""
+
+    class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path, target=None):
+            if name == "hybrid.encoder_prefix":
+                return importlib.util.spec_from_loader(name, self)
+            return None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise ModuleNotFoundError("No module named 'some_dependency'", name="some_dependency")
+
+    bundle = M.load_model(tiny_dirs["encoder"], CLS_TASK)
+    monkeypatch.delitem(sys.modules, "hybrid.encoder_prefix", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    with pytest.raises(ModuleNotFoundError, match="some_dependency"):
         M.attach_peft(bundle, "prefix")
 
 
