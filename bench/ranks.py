@@ -67,9 +67,9 @@ def _build(args: argparse.Namespace):
             for n, p in bundle.model.named_parameters()
             if id(p) not in ids and ".original_module." not in n
         ]
-        fo = [] if args.method.startswith("fo-") else peft
+        fo = peft
         if args.method.startswith("fo-"):
-            zo, fo = [], peft
+            zo = []
     bundle.model.eval()
     return bundle, splits, EpochSampler(len(splits.train), args.batch_size, seed=0), zo, fo
 
@@ -160,11 +160,11 @@ def main() -> None:
             r = torch.load(Path(out) / f"world{world}.pt")
             per_step = statistics.median(r["bytes"])
             wire = 2 * (world - 1) / world * per_step
+            formula = f" = 8 B x forwards + 4 B x {r['n_fo']} PEFT params" if world > 1 else ""
             print(
-                f"ranks={world}: median step {statistics.median(r['times']):.3f} s "
-                f"(min {min(r['times']):.3f}), all-reduce payload {per_step:.0f} B/step in "
-                f"{statistics.median(r['calls']):.0f} calls (= 8 B x forwards + 4 B x {r['n_fo']} PEFT "
-                f"params), ring wire bytes {wire:.0f} B/step; ZO params {r['n_zo']}",
+                f"ranks={world}: median step {statistics.median(r['times']):.3f} s (min {min(r['times']):.3f}), "
+                f"all-reduce payload {per_step:.0f} B/step in {statistics.median(r['calls']):.0f} calls{formula}; "
+                f"ring wire bytes {wire:.0f} B/step; ZO params {r['n_zo']}",
                 flush=True,
             )
 
