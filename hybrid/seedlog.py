@@ -142,6 +142,10 @@ def _check_terms(terms: Terms) -> list[list]:
         seed, coef = pair
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise TypeError(f"a ZO seed must be a non-negative int, got {seed!r}")
+        if not math.isfinite(float(coef)):
+            raise ValueError(
+                f"ZO coefficient {coef!r} of seed {seed} is not finite: the loss diverged; lower the learning rates"
+            )
         out.append([int(seed), float(coef)])
     return out
 

@@ -190,6 +190,8 @@ def test_log_round_trip_exact_floats_and_order(tmp_path) -> None:
             log.append(t, [(2**63 - 1 - t, c), (t, -c)], lr=0.1 * (t + 1), wd=1e-4)
         with pytest.raises(ValueError, match="expected step 4"):
             log.append(7, [(1, 1.0)], 0.1, 0.0)
+        with pytest.raises(ValueError, match="not finite"):
+            log.append(4, [(1, float("nan"))], 0.1, 0.0)
         with pytest.raises(TypeError, match="seed"):
             log.append(4, [(-1, 1.0)], 0.1, 0.0)
     header, entries = SeedLog(path).read()
