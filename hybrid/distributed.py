@@ -1,0 +1,394 @@
+r"""Data-parallel ZO / hybrid training over ``torch.distributed`` (torchrun; gloo or nccl).
+
+Every rank holds the whole model, draws the same z (seeds are shared) and applies the same
+update, so the weights never need to be exchanged. Rank r evaluates its shard ξ_r of the
+global minibatch ξ (|ξ| = N, |ξ_r| = n_r, Σ n_r = N); for a loss that is a mean over examples
+
+    f(θ; ξ) = Σ_r (n_r / N) · f(θ; ξ_r),       ∇_y f(θ; ξ) = Σ_r (n_r / N) · ∇_y f(θ; ξ_r),
+
+so one SUM all-reduce of the weighted per-rank values gives the single-process value for
+the same global batch: 8 bytes per forward for the ZO losses f(x ± μz_i), plus the PEFT
+gradients once per step, plus (probes) the HVPs ``H v = Σ_r (n_r/N) H_r v``.
+
+Use (what ``train.py`` / ``engine.py`` call)::
+
+    w = init(timeout_s=600)                              # no torchrun env: 1-process no-op
+    idx = shard(sampler.batch(t), w.rank, w.world_size)  # this rank's part of batch t
+    fn = sharded_loss_fn(lambda: bundle.loss(encode(idx)), len(idx), len(batch))
+    install_grad_allreduce(engine.optimizer, engine.fo_params)   # once
+    engine.step(fn)                                      # unchanged engine: same ĝ, same y-grad
+    if is_writer(): write files
+
+``sharded_loss_fn`` all-reduces the value of every call (so the engine's float(loss) is the
+global loss) and returns ``w_r·f_r + (f − w_r·f_r).detach()``: the value is global, the
+gradient is this rank's term w_r ∇f_r, summed over ranks by the optimizer pre-hook.
+
+**Why an explicit all-reduce and not DDP** for the first-order block:
+(1) the engine takes ``torch.autograd.grad(loss, fo_params)``, which never accumulates into
+``.grad``, and DDP's reducer syncs only from ``AccumulateGrad`` hooks of ``.backward()``;
+(2) each step runs 2q no-grad ZO forwards under :func:`smoothlab.shifted` hooks besides the
+gradient forward, and DDP would broadcast buffers on each of them and expect one backward per
+forward (``find_unused_parameters``, "expected to have finished reduction" errors);
+(3) DDP averages with weight 1/W, wrong for unequal shards (the last batch of an epoch),
+while we weight by n_r/N; (4) the base weights have ``requires_grad=False`` and the PEFT
+gradients are small (one flat bucket per dtype is one message), so DDP's overlap of
+communication with backward buys nothing. FSDP / tensor parallelism shard weights across
+ranks; every ZO forward would then gather them (the whole model per forward), which defeats
+the point of ZO's scalar-only traffic, so they are not used for data parallelism here.
+
+Failures: :func:`init` passes ``timeout`` to ``init_process_group``; a collective that fails
+(a peer died: gloo reports the closed connection at once; a peer hangs: after the timeout)
+raises :class:`RankFailure` with the rank, the operation and the advice to re-run the same
+command to resume. With nccl the watchdog enforces the timeout (``TORCH_NCCL_ASYNC_ERROR_HANDLING``,
+on by default) by aborting the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from smoothlab.errors import UsageError
+
+__all__ = [
+    "CommStats",
+    "RankFailure",
+    "World",
+    "allreduce_",
+    "allreduce_grads_",
+    "allreduce_sum",
+    "barrier",
+    "check_same",
+    "current",
+    "init",
+    "install_grad_allreduce",
+    "is_writer",
+    "shard",
+    "sharded_loss_fn",
+    "shutdown",
+    "stats",
+    "weighted_sum",
+]
+
+LossFn = Callable[[], torch.Tensor]
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class RankFailure(RuntimeError):
+    """A collective failed: another rank died, or stalled past the timeout."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place: ``rank`` of ``world_size`` (1 and rank 0 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    timeout_s: float = 0.0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class CommStats:
+    """Payload bytes this rank handed to all-reduce (``bytes``) in ``calls`` collectives.
+
+    A ring all-reduce of P bytes sends ``2(W−1)/W · P`` bytes per rank (:meth:`wire_bytes`).
+    """
+
+    bytes: int = 0
+    calls: int = 0
+
+    def add(self, nbytes: int) -> None:
+        self.bytes += int(nbytes)
+        self.calls += 1
+
+    def reset(self) -> tuple[int, int]:
+        """Return ``(bytes, calls)`` so far and start counting again (call once a step)."""
+        out = (self.bytes, self.calls)
+        self.bytes = self.calls = 0
+        return out
+
+    def wire_bytes(self, world_size: int) -> float:
+        return 2 * (world_size - 1) / world_size * self.bytes if world_size > 1 else 0.0
+
+
+stats = CommStats()  # the default counter every helper adds to
+_world = World()
+
+
+def current() -> World:
+    """The world set up by :func:`init` (a 1-process world before it)."""
+    return _world
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(
+            f"environment variable {name}={raw!r} must be an integer (torchrun sets it)"
+        ) from None
+
+
+def init(backend: str | None = None, *, timeout_s: float = 600.0) -> World:
+    """Join the process group described by torchrun's environment, or stay single-process.
+
+    Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) nothing is initialised. ``backend``:
+    ``"gloo"``, ``"nccl"`` or None (nccl when CUDA is available, else gloo). ``timeout_s``
+    bounds every collective: a rank whose peers died or hang gets :class:`RankFailure`.
+    On CUDA the process's device is set to ``LOCAL_RANK``.
+    """
+    global _world
+    if not (isinstance(timeout_s, int | float) and timeout_s > 0):
+        raise UsageError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if "WORLD_SIZE" not in os.environ or _env_int("WORLD_SIZE") == 1:
+        _world = World(timeout_s=float(timeout_s))
+        return _world
+    missing = [k for k in _ENV if k not in os.environ]
+    if missing:
+        raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} is not; launch with torchrun")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise UsageError(f"backend {backend!r} is not supported; accepted: 'gloo', 'nccl'")
+    local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _world = World(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        backend=dist.get_backend(),
+        timeout_s=float(timeout_s),
+    )
+    return _world
+
+
+def shutdown() -> None:
+    """Leave the process group (no-op when single-process)."""
+    global _world
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _world = World()
+
+
+def is_writer() -> bool:
+    """True on the one rank that writes files, logs and progress bars (rank 0)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def shard(batch_indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s contiguous part of a global minibatch.
+
+    Sizes differ by at most one (the first ``N mod W`` ranks get ⌈N/W⌉), the parts are
+    disjoint, in order, and their concatenation over ranks is ``batch_indices``.
+    """
+    n = len(batch_indices)
+    if not (
+        isinstance(world_size, int)
+        and world_size >= 1
+        and isinstance(rank, int)
+        and 0 <= rank < world_size
+    ):
+        raise UsageError(
+            f"rank {rank!r} of world size {world_size!r} is not valid; need 0 <= rank < world_size"
+        )
+    if n < world_size:
+        raise UsageError(
+            f"a global batch of {n} examples cannot be split over {world_size} ranks; "
+            f"use a batch size >= {world_size}"
+        )
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return list(batch_indices[start : start + base + (rank < extra)])
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        if isinstance(exc, RankFailure):
+            raise
+        rank, size = dist.get_rank(), dist.get_world_size()
+        raise RankFailure(
+            f"rank {rank} of {size}: {what} failed: another rank died or stalled for longer than the "
+            f"{_world.timeout_s:g} s timeout ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Stop all ranks and re-run the same command to resume from the last checkpoint."
+        ) from exc
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def allreduce_sum(values: Sequence[float], *, counter: CommStats | None = None) -> list[float]:
+    """Σ over ranks of each value, in float64, in one collective (identity single-process)."""
+    values = [float(v) for v in values]
+    if not _active() or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    with _collective(f"all-reduce of {len(values)} scalar(s)"):
+        dist.all_reduce(t)
+    (counter or stats).add(t.numel() * t.element_size())
+    return t.tolist()
+
+
+def weighted_sum(
+    values: Sequence[float], n_local: int, n_global: int, *, counter: CommStats | None = None
+) -> list[float]:
+    """Σ_r (n_r/N)·v_r for each value: the global-batch mean of per-shard means.
+
+    The engine may pass all losses of a step (f(x), f(x ± μz_i), i = 1..q) at once: one
+    collective of 8·(2q+1) bytes.
+    """
+    if not (
+        isinstance(n_global, int)
+        and n_global > 0
+        and isinstance(n_local, int)
+        and 0 <= n_local <= n_global
+    ):
+        raise ValueError(
+            f"need 0 <= n_local <= n_global and n_global > 0, got n_local={n_local!r}, n_global={n_global!r}"
+        )
+    w = n_local / n_global
+    return allreduce_sum([v * w for v in values], counter=counter)
+
+
+def sharded_loss_fn(
+    loss_fn: LossFn, n_local: int, n_global: int, *, counter: CommStats | None = None
+) -> LossFn:
+    """The global-batch loss from this rank's shard loss ``loss_fn`` (a mean over n_local).
+
+    Each call all-reduces the value (float64), so every rank sees f(θ; ξ) = Σ_r (n_r/N) f_r.
+    With autograd on, the result is ``w·f_r + (f − w·f_r).detach()`` (w = n_r/N): its gradient
+    is this rank's term w·∇f_r, which :func:`allreduce_grads_` then sums. Single-process (or
+    N = n_local on one rank) it is ``loss_fn`` itself, so results are unchanged bit for bit.
+    All ranks must call it equally often (they do: they run the same engine code).
+    """
+    if not _active():
+        return loss_fn
+    w = n_local / n_global
+
+    def fn() -> torch.Tensor:
+        local = loss_fn()
+        if local.numel() != 1:
+            raise ValueError(f"the shard loss must be a scalar, got shape {tuple(local.shape)}")
+        (total,) = weighted_sum([float(local.detach())], n_local, n_global, counter=counter)
+        value = torch.tensor(total, dtype=torch.float64, device=local.device)
+        if not local.requires_grad:
+            return value
+        mine = local.double().reshape(()) * w
+        return mine + (value - mine).detach()
+
+    return fn
+
+
+def allreduce_(
+    tensors: Sequence[torch.Tensor], *, weight: float = 1.0, counter: CommStats | None = None
+) -> int:
+    """In place: t ← Σ_r weight_r · t_r for every tensor (HVPs, gradients). Returns bytes.
+
+    Tensors are flattened into one bucket per (device, dtype): one collective per bucket.
+    Every rank must pass tensors of the same shapes in the same order.
+    """
+    if not _active():
+        if weight != 1.0:
+            for t in tensors:
+                t.mul_(weight)
+        return 0
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    sent = 0
+    for (_, dtype), ts in buckets.items():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        if weight != 1.0:
+            flat.mul_(weight)
+        with _collective(f"all-reduce of {flat.numel()} {dtype} values"):
+            dist.all_reduce(flat)
+        (counter or stats).add(flat.numel() * flat.element_size())
+        sent += flat.numel() * flat.element_size()
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return sent
+
+
+def allreduce_grads_(
+    params: Sequence[torch.Tensor], *, weight: float = 1.0, counter: CommStats | None = None
+) -> int:
+    """Sum ``p.grad`` over ranks in place (a missing grad counts as zeros, so every rank sends
+    the same layout). ``weight``: n_r/N when the grads are of the shard mean, 1 when they come
+    from :func:`sharded_loss_fn` (already weighted). Returns the bytes all-reduced."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return allreduce_([p.grad for p in params], weight=weight, counter=counter)
+
+
+def install_grad_allreduce(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    *,
+    counter: CommStats | None = None,
+) -> object:
+    """Before every ``optimizer.step`` sum the grads of ``params`` over ranks (for losses from
+    :func:`sharded_loss_fn`). Returns the hook handle (``.remove()``); no-op single-process."""
+    params = list(params)
+
+    def hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if params and _active():
+            allreduce_grads_(params, counter=counter)
+
+    return optimizer.register_step_pre_hook(hook)
+
+
+def barrier(what: str = "barrier", *, timeout_s: float | None = None) -> None:
+    """Wait for all ranks; :class:`RankFailure` (naming the missing ranks with gloo) when one
+    died or does not arrive within ``timeout_s`` (default: the timeout given to :func:`init`;
+    nccl always uses the latter)."""
+    if not _active():
+        return
+    with _collective(what):
+        if dist.get_backend() == "gloo":
+            seconds = timeout_s or _world.timeout_s or 600.0
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True)
+        else:
+            dist.barrier()
+
+
+def check_same(name: str, value: str) -> None:
+    """Refuse (:class:`UsageError`) when ranks disagree on ``value`` (e.g. the weights hash
+    or the config): data parallelism needs identical replicas."""
+    if not _active():
+        return
+    values: list[object] = [None] * dist.get_world_size()
+    with _collective(f"comparing {name} across ranks"):
+        dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise UsageError(
+            f"ranks disagree on {name} ({shown}); start every rank from the same model and config"
+        )
