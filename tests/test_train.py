@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid.train import METHODS, TrainConfig, build, load_config, split_parameters, train
+from hybrid.train import TrainConfig, build, load_config, split_parameters, train
+from smoothlab.methods import method_names
 from smoothlab.runlog import METRICS_FIELDS, SMOOTHNESS_FIELDS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -63,7 +64,7 @@ SLOW_ENC = [
     pytest.param(m, "enc", marks=pytest.mark.slow) for m in ("fo-ft", "fo-lora", "fo-prompt")
 ]
 CASES = (
-    [(m, "opt") for m in METHODS]
+    [(m, "opt") for m in method_names()]
     + [(m, "enc") for m in ("zo-ft", "hybrid-lora", "hybrid-prompt")]
     + SLOW_ENC
 )
