@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ __all__ = [
     "config_from_dict",
     "load_config_file",
     "resolve_device",
+    "user_input",
 ]
 
 MAX_SEED = 2**63 - 1
@@ -169,7 +171,7 @@ SHARED: dict[str, dict[str, Any]] = {
     ),
     "eval_examples": dict(
         default=None,
-        help="score only the first N eval examples at each evaluation (default: all)",
+        help="score only the first N eval examples at each evaluation (None: all)",
         check=optional(positive_int),
     ),
     "record_every": dict(
@@ -371,7 +373,11 @@ class TrainConfig(ModelConfig):
     one_sided: bool = shared("one_sided")
     fo_at_perturbed: bool = opt(False, "take the PEFT gradient from the first perturbed forward")
     z: str = opt("gaussian", "ZO perturbation source (the distribution of z)")
-    weight_decay: float = opt(0.0, "decoupled weight decay of both groups", check=nonneg_float)
+    weight_decay: float = opt(
+        0.0,
+        "L2 weight decay lambda of both blocks (x <- (1 - eta lambda) x; y: grad + lambda y)",
+        check=nonneg_float,
+    )
     data_seed: int = opt(0, "seed of the train/eval/dev split", check=seed_value)
     train_size: int = shared("train_size")
     eval_size: int = shared("eval_size")
@@ -507,3 +513,19 @@ class Figure1Config(ModelConfig):
         """:class:`UsageError` naming the first bad option."""
         super().validate()
         check_out(self.out, "out", kind="dir")
+
+
+@contextmanager
+def user_input(what: str) -> Iterator[None]:
+    """Errors raised while reading one thing the user named (a data file, a model, a blocks
+    spec) are about that input: re-raised as :class:`UsageError` prefixed with ``what``.
+
+    TODO(issue 7): drop ValueError here once hybrid.data, hybrid.models and smoothlab.blocks
+    raise UsageError for bad input themselves; OSError (missing or unreadable files) stays.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what}: {' '.join(str(e).split())}") from e

@@ -27,7 +27,7 @@ from smoothlab.methods import get_method
 from smoothlab.recorder import TrajectoryRecorder
 from smoothlab.runlog import METRICS_FIELDS, CsvLog, versions, write_json
 
-from .config import TrainConfig
+from .config import TrainConfig, user_input
 from .data import EpochSampler, Splits, Task, load_task_data
 from .engine import HybridEngine
 from .models import ModelBundle, attach_peft, load_model
@@ -65,26 +65,29 @@ def split_parameters(
 def build(cfg: TrainConfig) -> tuple[ModelBundle, Task, Splits]:
     """Load data and model and attach the method's PEFT module."""
     files = {k: getattr(cfg, k) for k in ("eval_data", "dev_data") if getattr(cfg, k) is not None}
-    task, splits = load_task_data(
-        cfg.task,
-        cfg.data,
-        train=cfg.train_size,
-        eval=cfg.eval_size,
-        dev=cfg.dev_size,
-        seed=cfg.data_seed,
-        **files,
-    )
-    bundle = load_model(cfg.model, task, device=cfg.device, seed=cfg.seed)
+    with user_input(f"data {cfg.data or cfg.task!r}"):
+        task, splits = load_task_data(
+            cfg.task,
+            cfg.data,
+            train=cfg.train_size,
+            eval=cfg.eval_size,
+            dev=cfg.dev_size,
+            seed=cfg.data_seed,
+            **files,
+        )
+    with user_input(f"model {cfg.model or 'default'!r}"):
+        bundle = load_model(cfg.model, task, device=cfg.device, seed=cfg.seed)
     kind = get_method(cfg.method).peft
     if kind:
-        bundle = attach_peft(
-            bundle,
-            kind,
-            r=cfg.lora_r,
-            alpha=cfg.lora_alpha,
-            num_virtual_tokens=cfg.num_virtual_tokens,
-            seed=cfg.seed,
-        )
+        with user_input(f"method {cfg.method!r} on model {bundle.name!r}"):
+            bundle = attach_peft(
+                bundle,
+                kind,
+                r=cfg.lora_r,
+                alpha=cfg.lora_alpha,
+                num_virtual_tokens=cfg.num_virtual_tokens,
+                seed=cfg.seed,
+            )
     return bundle, task, splits
 
 
