@@ -356,8 +356,6 @@ def test_each_option_has_one_default_across_subcommands() -> None:
                 seen.setdefault(act.option_strings[0], {})[name] = m.group(1)
     shared = {flag: d for flag, d in seen.items() if len(d) > 1}
     assert {"--q", "--eval-size", "--batch-size", "--seed", "--model"} <= set(shared)
-        shared
-    )
     for flag, by_cmd in shared.items():
         if flag in ("--hvp", "--out"):  # different options: the probe's HVP kind, different outputs
             continue
