@@ -3,6 +3,7 @@ and every user error as one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -32,17 +33,64 @@ def enc(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def recorded_run(enc: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli_runs") / "h"
-    rc = main(["train", "--model", str(enc), "--method", "hybrid-lora", "--steps", "6", "--batch-size", "4",
-               "--eval-every", "3", "--train-size", "24", "--eval-size", "8", "--dev-size", "8", "--lr-base", "1e-3",
-               "--lr-peft", "1e-2", "--record-every", "2", "--record-vectors", "3", "--lora-r", "2", "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(enc),
+            "--method",
+            "hybrid-lora",
+            "--steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--eval-every",
+            "3",
+            "--train-size",
+            "24",
+            "--eval-size",
+            "8",
+            "--dev-size",
+            "8",
+            "--lr-base",
+            "1e-3",
+            "--lr-peft",
+            "1e-2",
+            "--record-every",
+            "2",
+            "--record-vectors",
+            "3",
+            "--lora-r",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     return out
 
 
 def test_probe_prints_table_and_writes_json(enc: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "probe.json"
-    rc = main(["probe", "--model", str(enc), "--peft", "lora", "--lora-r", "2", "--batch-size", "4",
-               "--vectors", "5", "--hvp", "exact", "--out", str(out)])
+    rc = main(
+        [
+            "probe",
+            "--model",
+            str(enc),
+            "--peft",
+            "lora",
+            "--lora-r",
+            "2",
+            "--batch-size",
+            "4",
+            "--vectors",
+            "5",
+            "--hvp",
+            "exact",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "base" in text and "peft" in text and "L_base / L_peft" in text
@@ -57,11 +105,38 @@ def test_probe_prints_table_and_writes_json(enc: Path, tmp_path: Path, capsys) -
 def test_probe_frobenius_on_real_sst2_file(enc: Path, capsys) -> None:
     if not SST2.exists():
         pytest.skip("shared SST-2 file not present")
-    rc = main(["probe", "--model", str(enc), "--data", str(SST2), "--blocks", "layers", "--norm", "frobenius",
-               "--hvp", "fd", "--vectors", "4", "--batch-size", "4"])
+    rc = main(
+        [
+            "probe",
+            "--model",
+            str(enc),
+            "--data",
+            str(SST2),
+            "--blocks",
+            "layers",
+            "--norm",
+            "frobenius",
+            "--hvp",
+            "fd",
+            "--vectors",
+            "4",
+            "--batch-size",
+            "4",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "layer.0" in text and "layer.1" in text and "embeddings" in text
+
+
+def _one_line_exit_2(argv: list[str], capsys) -> str:
+    """Run the CLI; assert exit 2 with exactly one stderr line and no traceback; the line."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
 
 
 @pytest.mark.parametrize(
@@ -69,15 +144,35 @@ def test_probe_frobenius_on_real_sst2_file(enc: Path, capsys) -> None:
     [
         (["probe", "--norm", "max"], "invalid choice: 'max'"),
         (["probe", "--hvp", "magic"], "invalid choice: 'magic'"),
-        (["probe", "--vectors", "0"], "expected a positive integer, got '0'"),
-        (["probe", "--h", "-1"], "expected a finite number >= 0, got '-1'"),
+        (["probe", "--peft", "adapterx"], "invalid choice: 'adapterx'"),
+        (["probe", "--vectors", "0"], "vectors must be a positive integer, got 0"),
+        (["probe", "--vectors", "two"], "expected an integer, got 'two'"),
+        (["probe", "--h", "-1"], "h must be a positive finite number, got -1.0"),
         (["probe", "--data", "/nonexistent/file.tsv", "--model", "MODEL"], "/nonexistent/file.tsv"),
         (["probe", "--model", "/no/such/model_dir"], "/no/such/model_dir"),
         (["probe", "--model", "MODEL", "--blocks", "nosuchpreset"], "nosuchpreset"),
         (["probe", "--model", "MODEL", "--blocks", "q=*nothing_matches*"], "matches no parameter"),
         (["probe", "--model", "MODEL", "--device", "cuda:7"], "cuda:7"),
+        (["probe", "--device", "tpu"], "'tpu' is not a device"),
         (["train", "--method", "sgd"], "invalid choice: 'sgd'"),
-        (["train", "--lr-base", "-1"], "expected a finite number >= 0, got '-1'"),
+        (["train", "--lr-base", "-1"], "lr_base must be a finite number >= 0, got -1.0"),
+        (["train", "--lr-peft", "nan"], "lr_peft must be a finite number >= 0, got nan"),
+        (["train", "--seed", str(2**63)], f"seed must be an integer in [0, 2**63-1], got {2**63}"),
+        (["train", "--seed", "-1"], "seed must be an integer in [0, 2**63-1], got -1"),
+        (["probe", "--seed", str(10**30)], "seed must be an integer in [0, 2**63-1]"),
+        (["train", "--peft", "lora"], "use --method fo-lora or hybrid-lora"),
+        (["train", "--out", ""], "out must not be empty"),
+        (["probe", "--out", ""], "out must not be empty"),
+        (["advise", "--out", ""], "out must not be empty"),
+        (["figure1", "--out", ""], "out must not be empty"),
+        (["train", "--config", "/no/such/config.yaml"], "/no/such/config.yaml"),
+        (["train", "--config", "settings.toml"], "accepted suffixes are .json, .yaml, .yml"),
+        (["advise", "--calibrate", "--multipliers", "0,2"], "multipliers must be positive numbers"),
+        (
+            ["advise", "--calibrate", "--multipliers", "a,b"],
+            "expected comma-separated positive numbers, got 'a,b'",
+        ),
+        (["advise", "--quantile", "1.5"], "quantile must be a number in [0, 1], got 1.5"),
         (["report", "/no/such/run"], "/no/such/run"),
         (["advise", "--run", "/no/such/run"], "/no/such/run"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -89,12 +184,220 @@ def test_user_errors_are_one_line_exit_2(argv: list[str], needle: str, enc: Path
     if "cuda:7" in argv and torch.cuda.is_available():
         pytest.skip("a machine with CUDA may have a device 7")
     argv = [str(enc) if a == "MODEL" else a for a in argv]
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert needle in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err
+    assert needle in _one_line_exit_2(argv, capsys)
+
+
+def test_mps_on_a_machine_without_it_is_a_usage_error(capsys) -> None:
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    for cmd in ("probe", "train", "advise", "figure1"):
+        assert "'mps': MPS is not available" in _one_line_exit_2([cmd, "--device", "mps"], capsys)
+
+
+def test_out_onto_or_under_a_file_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    file = tmp_path / "afile"
+    file.write_text("keep me\n")
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    # a missing model would be the error if the model were loaded first: --out is checked before
+    model = ["--model", str(tmp_path / "no_model")]
+    cases = [
+        (["train", "--out", str(file)], "is a file"),
+        (["train", "--out", str(file / "run")], "which is a file"),
+        (["probe", "--out", str(file / "p.json")], "which is a file"),
+        (["probe", "--out", str(folder)], "is a folder"),
+        (["advise", "--out", str(file)], "is a file"),
+        (["advise", "--out", str(file / "sub")], "which is a file"),
+        (["advise", "--out", str(file / "advice.json")], "which is a file"),
+        (["figure1", "--out", str(file)], "is a file"),
+        (["report", str(tmp_path), "--out", str(file)], "is a file"),
+    ]
+    (tmp_path / "config.json").write_text("{}")
+    for argv, needle in cases:
+        err = _one_line_exit_2(argv + model if argv[0] != "report" else argv, capsys)
+        assert needle in err and ("no_model" not in err), (argv, err)
+    assert file.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "config.json"]
+    assert list(folder.iterdir()) == []  # no adir.tmp, nothing written into it
+
+
+@pytest.mark.parametrize("bad", ["--model", "--data", "--blocks-or-method"])
+def test_failed_train_leaves_no_run_folder(bad: str, enc: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(enc), "--steps", "1", "--out", str(out)]
+    if bad == "--model":
+        argv += ["--model", str(tmp_path / "missing_model")]
+    elif bad == "--data":
+        argv += ["--data", str(tmp_path / "missing.tsv")]
+    else:
+        bad_csv = tmp_path / "bad.csv"
+        bad_csv.write_text("words,stars\nhello,5\n")
+        argv += ["--data", str(bad_csv)]
+    _one_line_exit_2(argv, capsys)
+    assert not out.exists()
+
+
+def _fake_run(root: Path, config: object, blocks: tuple[str, ...]) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    lines = ["step,epoch,block,estimate"] + [f"{s},0,{b},{1.0 + s}" for s in (0, 1) for b in blocks]
+    (root / "smoothness.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_advise_on_runs_it_cannot_use_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    fo_ft = _fake_run(
+        tmp_path / "fo", {"method": "fo-ft", "block_sizes": {"model": 100}}, ("model",)
+    )
+    assert "'fo-ft' run has blocks ['model']" in _one_line_exit_2(
+        ["advise", "--run", str(fo_ft)], capsys
+    )
+    no_sizes = _fake_run(tmp_path / "ns", {"method": "hybrid-lora"}, ("base", "peft"))
+    assert "no block_sizes" in _one_line_exit_2(["advise", "--run", str(no_sizes)], capsys)
+    broken = _fake_run(tmp_path / "br", "{not json", ("base", "peft"))
+    assert "not valid JSON" in _one_line_exit_2(["advise", "--run", str(broken)], capsys)
+    no_rows = _fake_run(tmp_path / "nr", {"block_sizes": {"base": 9, "peft": 3}}, ())
+    assert "blocks 'base' and 'peft'" in _one_line_exit_2(["advise", "--run", str(no_rows)], capsys)
+
+
+def test_config_file_unknown_keys_name_them_and_the_accepted_ones(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"steps": 3, "lr": 0.1, "peft": "lora"}))
+    err = _one_line_exit_2(["train", "--config", str(cfg)], capsys)
+    assert "unknown key(s) 'lr', 'peft'" in err and "accepted:" in err and "lr_base" in err
+    bad = tmp_path / "c.yaml"
+    bad.write_text("steps: [1, 2\n")
+    assert "not valid YAML" in _one_line_exit_2(["train", "--config", str(bad)], capsys)
+    wrong = tmp_path / "w.yaml"
+    wrong.write_text("steps: three\n")
+    assert "steps must be a positive integer, got 'three'" in _one_line_exit_2(
+        ["train", "--config", str(wrong)], capsys
+    )
+
+
+def test_config_file_then_only_typed_flags_override(tmp_path: Path) -> None:
+    from hybrid.config import TrainConfig
+    from smoothlab.cli import _config, build_parser
+
+    cfg_file = tmp_path / "c.yaml"
+    # YAML reads 1e-3 as a string: the loader turns it into the float field's number
+    cfg_file.write_text("method: fo-lora\nsteps: 7\nlr_peft: 0.5\nlr_base: 1e-3\none_sided: true\n")
+    args = build_parser().parse_args(
+        ["train", "--config", str(cfg_file), "--steps", "1000", "--q", "3", "--no-one-sided"]
+    )
+    cfg = _config(args, TrainConfig, TrainConfig())
+    default = TrainConfig()
+    # typed flags win, even when they equal the default (steps=1000 is TrainConfig's default)
+    assert cfg.steps == 1000 and cfg.q == 3 and cfg.one_sided is False
+    # untyped options keep the file's values, not the dataclass defaults
+    assert (
+        (cfg.method, cfg.lr_peft, cfg.lr_base)
+        == ("fo-lora", 0.5, 1e-3)
+        != (default.method, default.lr_peft, default.lr_base)
+    )
+    # and options neither in the file nor typed are the one default
+    assert cfg.batch_size == default.batch_size and cfg.mu == default.mu
+    # without --config the typed flags apply to the defaults
+    cfg2 = _config(
+        build_parser().parse_args(["train", "--lr-peft", "0.25"]), TrainConfig, TrainConfig()
+    )
+    assert cfg2 == TrainConfig(lr_peft=0.25)
+
+
+def test_train_from_config_file_with_override(enc: Path, tmp_path: Path, capsys) -> None:
+    cfg_file = tmp_path / "run.json"
+    out = tmp_path / "run"
+    cfg_file.write_text(
+        json.dumps(
+            {
+                "model": str(enc),
+                "method": "fo-lora",
+                "steps": 5,
+                "batch_size": 4,
+                "train_size": 16,
+                "eval_size": 8,
+                "dev_size": 8,
+                "eval_every": 2,
+                "lora_r": 2,
+                "lr_peft": 0.05,
+                "out": str(tmp_path / "elsewhere"),
+            }
+        )
+    )
+    assert main(["train", "--config", str(cfg_file), "--steps", "2", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["steps"] == 2 and saved["method"] == "fo-lora" and saved["lr_peft"] == 0.05
+    assert saved["batch_size"] == 4 and saved["lora_r"] == 2 and saved["num_zo_params"] == 0
+    assert not (tmp_path / "elsewhere").exists()
+    with (out / "metrics.csv").open() as fh:
+        assert [r["step"] for r in csv.DictReader(fh)] == ["1", "2"]
+
+
+def test_each_option_has_one_default_across_subcommands() -> None:
+    """Flags shared by subcommands show the same default in every subcommand's help
+    (figure1's are its preset's, said in its group title)."""
+    import re
+
+    from smoothlab.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    seen: dict[str, dict[str, str]] = {}
+    for name, parser in sub.choices.items():
+        if name == "figure1":
+            continue
+        for act in parser._actions:
+            if (
+                act.option_strings
+                and act.help
+                and (m := re.search(r"\(default: ([^)]*)\)", act.help))
+            ):
+                seen.setdefault(act.option_strings[0], {})[name] = m.group(1)
+    shared = {flag: d for flag, d in seen.items() if len(d) > 1}
+    assert {"--q", "--eval-size", "--batch-size", "--seed", "--model"} <= set(shared)
+    for flag, by_cmd in shared.items():
+        if flag in ("--hvp", "--out"):  # different options: the probe's HVP kind, different outputs
+            continue
+        assert len(set(by_cmd.values())) == 1, (flag, by_cmd)
+
+
+def test_internal_bug_is_a_traceback_with_exit_1(tmp_path: Path) -> None:
+    """A ValueError that is not a UsageError is a bug: no one-line message, exit 1."""
+    run = _fake_run(
+        tmp_path / "run",
+        {"method": "hybrid-lora", "block_sizes": {"base": 9, "peft": 3}},
+        ("base", "peft"),
+    )
+    code = (
+        "import sys, smoothlab.advisor as a\n"
+        "def boom(*args, **kw): raise ValueError('internal bug in the advisor')\n"
+        "a.advise_from_rows = boom\n"
+        "from smoothlab.cli import main\n"
+        f"sys.exit(main(['advise', '--run', {str(run)!r}]))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ValueError: internal bug in the advisor" in proc.stderr
+    assert "smoothlab: error" not in proc.stderr
+
+
+def test_internal_runtime_error_propagates_from_main(tmp_path: Path, monkeypatch) -> None:
+    import smoothlab.advisor
+
+    run = _fake_run(
+        tmp_path / "run",
+        {"method": "hybrid-lora", "block_sizes": {"base": 9, "peft": 3}},
+        ("base", "peft"),
+    )
+
+    def boom(*args, **kw):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(smoothlab.advisor, "advise_from_rows", boom)
+    with pytest.raises(RuntimeError, match="bug"):
+        main(["advise", "--run", str(run)])
 
 
 def test_bad_data_file_is_one_line(enc: Path, tmp_path: Path, capsys) -> None:
@@ -107,8 +410,12 @@ def test_bad_data_file_is_one_line(enc: Path, tmp_path: Path, capsys) -> None:
 
 def test_console_script_exit_code_without_traceback(tmp_path: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "smoothlab.cli", "probe", "--norm", "nope"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "smoothlab.cli", "probe", "--norm", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
@@ -130,7 +437,9 @@ def test_advise_from_run(recorded_run: Path, tmp_path: Path, capsys) -> None:
     advice = json.loads((tmp_path / "advice.json").read_text())
     cfg = json.loads((recorded_run / "config.json").read_text())
     assert advice["d_x"] == cfg["block_sizes"]["base"]
-    assert advice["eta_x"] == pytest.approx(advice["q"] / (advice["L_x"] * (advice["d_x"] + 1 + advice["q"])))
+    assert advice["eta_x"] == pytest.approx(
+        advice["q"] / (advice["L_x"] * (advice["d_x"] + 1 + advice["q"]))
+    )
     assert advice["eta_y"] == pytest.approx(1 / advice["L_y"])
     assert "eta_y / eta_x" in out
 
@@ -139,23 +448,77 @@ def test_report_from_run(recorded_run: Path, tmp_path: Path, capsys) -> None:
     rc = main(["report", str(recorded_run), "--out", str(tmp_path)])
     assert rc == 0
     html = (tmp_path / "report.html").read_text()
-    assert "data:image/png;base64" in html and "base" in html
+    assert "data:image/png;base64" in html
+    # the run's blocks are table rows (a bare "base" would match "base64")
+    assert "d_base (parameters)" in html and "d_peft (parameters)" in html
 
 
 def test_figure1_on_tiny_model(enc: Path, tmp_path: Path, capsys) -> None:
-    rc = main(["figure1", "--model", str(enc), "--steps", "6", "--record-every", "3", "--vectors", "3",
-               "--batch-size", "4", "--train-size", "24", "--eval-size", "8", "--dev-size", "8",
-               "--eval-examples", "8", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "figure1",
+            "--model",
+            str(enc),
+            "--steps",
+            "6",
+            "--record-every",
+            "3",
+            "--vectors",
+            "3",
+            "--batch-size",
+            "4",
+            "--train-size",
+            "24",
+            "--eval-size",
+            "8",
+            "--dev-size",
+            "8",
+            "--eval-examples",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
-    for f in ("fig1a.png", "fig1a.pdf", "fig1b.png", "fig1b.pdf", "example23.png", "report/report.html"):
+    for f in (
+        "fig1a.png",
+        "fig1a.pdf",
+        "fig1b.png",
+        "fig1b.pdf",
+        "example23.png",
+        "report/report.html",
+    ):
         assert (tmp_path / f).exists(), f
     assert "L_base / L_lora" in capsys.readouterr().out
 
 
 def test_advise_from_model_with_calibration(enc: Path, tmp_path: Path, capsys) -> None:
-    rc = main(["advise", "--model", str(enc), "--lora-r", "2", "--batch-size", "4", "--vectors", "4",
-               "--calibrate", "--pilot-steps", "2", "--multipliers", "0.5,2", "--train-size", "16",
-               "--eval-size", "8", "--dev-size", "8", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "advise",
+            "--model",
+            str(enc),
+            "--lora-r",
+            "2",
+            "--batch-size",
+            "4",
+            "--vectors",
+            "4",
+            "--calibrate",
+            "--pilot-steps",
+            "2",
+            "--multipliers",
+            "0.5,2",
+            "--train-size",
+            "16",
+            "--eval-size",
+            "8",
+            "--dev-size",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "calibration table" in out and "calibrated proposal" in out
@@ -163,12 +526,19 @@ def test_advise_from_model_with_calibration(enc: Path, tmp_path: Path, capsys) -
         rows = list(csv.DictReader(fh))
     # coordinate search over {0.5, 1, 2}: x-sweep (3 pilots), then y-sweep at the best x (2 new)
     assert len(rows) == 5
-    assert [(float(r["scale_x"]), float(r["scale_y"])) for r in rows[:3]] == [(0.5, 1.0), (1.0, 1.0), (2.0, 1.0)]
+    assert [(float(r["scale_x"]), float(r["scale_y"])) for r in rows[:3]] == [
+        (0.5, 1.0),
+        (1.0, 1.0),
+        (2.0, 1.0),
+    ]
     from hybrid.calibrate import select
 
     num = [{k: (float(v) if k != "run" else v) for k, v in r.items()} for r in rows]
     best_x = select(num[:3], scale="scale_x")["scale_x"]
-    assert {(float(r["scale_x"]), float(r["scale_y"])) for r in rows[3:]} == {(best_x, 0.5), (best_x, 2.0)}
+    assert {(float(r["scale_x"]), float(r["scale_y"])) for r in rows[3:]} == {
+        (best_x, 0.5),
+        (best_x, 2.0),
+    }
     adv = json.loads((tmp_path / "advice.json").read_text())
     unc = adv["uncalibrated"]
     y_sweep = [r for r in num if r["scale_x"] == best_x]
@@ -179,7 +549,7 @@ def test_advise_from_model_with_calibration(enc: Path, tmp_path: Path, capsys) -
 
 def test_bad_multipliers_is_a_usage_error(capsys) -> None:
     assert main(["advise", "--calibrate", "--multipliers", "0,2"]) == 2
-    assert "expected comma-separated positive numbers, got '0,2'" in capsys.readouterr().err
+    assert "multipliers must be positive numbers, got (0.0, 2.0)" in capsys.readouterr().err
 
 
 def test_calibration_selection_prefers_the_proposal_within_noise() -> None:
@@ -189,8 +559,16 @@ def test_calibration_selection_prefers_the_proposal_within_noise() -> None:
         return {"scale_x": s, "dev_acc": acc, "final_loss": loss}
 
     # equal accuracy, losses within 1%: the proposal (scale 1) wins
-    assert select([row(0.5, 0.8, 0.5001), row(1.0, 0.8, 0.5003), row(8.0, 0.8, 0.5)], scale="scale_x")["scale_x"] == 1.0
+    assert (
+        select([row(0.5, 0.8, 0.5001), row(1.0, 0.8, 0.5003), row(8.0, 0.8, 0.5)], scale="scale_x")[
+            "scale_x"
+        ]
+        == 1.0
+    )
     # a clearly lower loss wins; a higher accuracy wins over any loss; diverged pilots lose
     assert select([row(1.0, 0.8, 0.6), row(2.0, 0.8, 0.4)], scale="scale_x")["scale_x"] == 2.0
     assert select([row(1.0, 0.8, 0.3), row(8.0, 0.9, 0.7)], scale="scale_x")["scale_x"] == 8.0
-    assert select([row(1.0, 0.5, 0.7), row(8.0, math.nan, math.nan)], scale="scale_x")["scale_x"] == 1.0
+    assert (
+        select([row(1.0, 0.5, 0.7), row(8.0, math.nan, math.nan)], scale="scale_x")["scale_x"]
+        == 1.0
+    )

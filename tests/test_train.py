@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid.train import METHODS, TrainConfig, build, load_config, split_parameters, train
+from hybrid.train import Diverged, TrainConfig, Trainer, build, load_config, split_parameters, train
+from smoothlab.errors import UsageError
+from smoothlab.methods import get_method, method_names
 from smoothlab.runlog import METRICS_FIELDS, SMOOTHNESS_FIELDS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -63,7 +65,7 @@ SLOW_ENC = [
     pytest.param(m, "enc", marks=pytest.mark.slow) for m in ("fo-ft", "fo-lora", "fo-prompt")
 ]
 CASES = (
-    [(m, "opt") for m in METHODS]
+    [(m, "opt") for m in method_names()]
     + [(m, "enc") for m in ("zo-ft", "hybrid-lora", "hybrid-prompt")]
     + SLOW_ENC
 )
@@ -243,7 +245,7 @@ def test_resume_with_another_method_is_refused(resume_runs):
     model = json.loads((a / "config.json").read_text())["model"]
     cfg = TrainConfig(method="hybrid-prompt", model=model, steps=8, out=str(a), **SMALL)
     before = (a / "metrics.csv").read_bytes()
-    with pytest.raises(ValueError, match="hybrid-lora"):
+    with pytest.raises(UsageError, match="hybrid-lora"):
         train(cfg, progress=False)
     assert (a / "metrics.csv").read_bytes() == before
 
@@ -272,9 +274,9 @@ def test_rerun_of_finished_run_is_a_no_op(resume_runs):
         ({"record_batch": "random"}, ["'random'", "fixed", "current"]),
     ],
 )
-def test_bad_config_raises_value_error_before_touching_disk(changes, words, tmp_path):
+def test_bad_config_raises_usage_error_before_touching_disk(changes, words, tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "never"), **(SMALL | changes))
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UsageError) as info:
         train(cfg, progress=False)
     msg = str(info.value)
     for w in words:
@@ -290,3 +292,94 @@ def test_split_parameters_partitions_the_model(models):
         trainable = {n for n in params if ".original_module." not in n}
         assert zo | fo == trainable
         assert all(("lora_" in n or "prompt_encoder" in n or "modules_to_save" in n) for n in fo)
+
+
+def test_split_follows_the_method_registry(models):
+    """x and y of every registered method are what its registry entry says."""
+    for name in method_names():
+        m = get_method(name)
+        cfg = TrainConfig(method=name, model=str(models["opt"]), **SMALL)
+        params, zo, fo = initial_parameters(cfg)
+        trainable = {n for n in params if ".original_module." not in n}
+        assert (zo == trainable) == (m.zo == "all") and (fo == trainable) == (m.fo == "all"), name
+        assert bool(zo) == m.has_zo and bool(fo) == m.has_fo, name
+        if m.fo == "peft":
+            assert fo and all(
+                ("lora_" in n or "prompt_encoder" in n or "modules_to_save" in n) for n in fo
+            )
+        if m.zo == "base":
+            assert zo == trainable - fo
+
+
+def test_trainer_writes_nothing_until_run(models, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(
+        TrainConfig(model=str(models["opt"]), steps=2, eval_every=2, out=str(out), **SMALL),
+        progress=False,
+    )
+    assert not out.exists()  # data and model are loaded; a failure so far leaves no folder
+    assert trainer.run() == out and (out / "summary.json").is_file()
+
+
+def test_missing_model_or_data_leaves_no_run_folder(tmp_path):
+    for changes in ({"model": str(tmp_path / "no_model")}, {"data": str(tmp_path / "no.tsv")}):
+        out = tmp_path / "run"
+        with pytest.raises(UsageError):
+            train(TrainConfig(out=str(out), **(SMALL | changes)), progress=False)
+        assert not out.exists()
+
+
+def test_divergence_is_a_usage_error_that_calibration_can_catch(models, tmp_path):
+    cfg = TrainConfig(
+        method="fo-ft",
+        model=str(models["opt"]),
+        steps=6,
+        eval_every=6,
+        out=str(tmp_path / "r"),
+        **(SMALL | {"lr_peft": 1e12}),
+    )
+    with pytest.raises(Diverged, match="lower the learning rates") as info:
+        train(cfg, progress=False)
+    assert isinstance(info.value, UsageError) and isinstance(info.value, FloatingPointError)
+    rows = _rows(tmp_path / "r" / "metrics.csv")
+    loss = rows[-1]["loss"]  # the diverged step is logged (nan is written as an empty cell)
+    assert loss == "" or not math.isfinite(float(loss))
+
+
+def test_eval_and_dev_files_are_passed_to_the_data_loader(monkeypatch, models, tmp_path):
+    import hybrid.train as ht
+
+    seen: list[dict] = []
+    real = ht.load_task_data
+
+    def spy(*args, **kwargs):
+        seen.append(dict(kwargs))
+        kwargs.pop("eval_data", None), kwargs.pop("dev_data", None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ht, "load_task_data", spy)
+    build(TrainConfig(model=str(models["opt"]), **SMALL))
+    build(TrainConfig(model=str(models["opt"]), eval_data="val.tsv", dev_data="dev.tsv", **SMALL))
+    assert "eval_data" not in seen[0] and "dev_data" not in seen[0]
+    assert seen[1]["eval_data"] == "val.tsv" and seen[1]["dev_data"] == "dev.tsv"
+
+
+def _loader_takes_eval_data() -> bool:
+    import inspect
+
+    from hybrid.data import load_task_data
+
+    return "eval_data" in inspect.signature(load_task_data).parameters
+
+
+@pytest.mark.skipif(
+    not _loader_takes_eval_data(), reason="hybrid.data.load_task_data has no eval_data= yet"
+)
+def test_eval_data_file_is_the_eval_set(models, tmp_path):
+    val = tmp_path / "val.tsv"
+    texts = [f"held out sentence number {i}" for i in range(6)]
+    val.write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)))
+    _, _, splits = build(
+        TrainConfig(model=str(models["opt"]), eval_data=str(val), **(SMALL | {"eval_size": 6}))
+    )
+    assert sorted(e.text for e in splits.eval) == sorted(texts)

@@ -1,0 +1,531 @@
+"""Run configurations: the one declaration of every option, its default and its help.
+
+Each field carries ``metadata`` read by the ``smoothlab`` command, which generates its flags
+from these dataclasses (``--lr-base`` from ``lr_base``):
+
+- ``help``: the help text;
+- ``choices``: a zero-argument callable returning the accepted values (a registry), checked
+  by :func:`check_fields` and offered by the CLI;
+- ``check``: ``check(name, value)`` raising :class:`~smoothlab.errors.UsageError`;
+- ``flag``: the CLI flag when it is not ``--`` + the name with dashes; ``cli=False`` hides it;
+- ``parse``: ``str -> value`` for the CLI when the type is not int/float/str/bool.
+
+Configs are loaded from JSON or YAML files with :func:`load_config_file` (unknown keys are a
+:class:`UsageError`). This module imports no torch at load time (device checks import it
+lazily), so configs can be built and validated cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from smoothlab.errors import UsageError
+from smoothlab.methods import get_method, method_names, peft_kinds
+
+__all__ = [
+    "AdviseConfig",
+    "Figure1Config",
+    "ModelConfig",
+    "ProbeConfig",
+    "TrainConfig",
+    "check_fields",
+    "check_out",
+    "config_from_dict",
+    "load_config_file",
+    "resolve_device",
+    "user_input",
+]
+
+MAX_SEED = 2**63 - 1
+C = TypeVar("C")
+
+
+# ----------------------------------------------------------------------------- checks
+def positive_int(name: str, v: Any) -> None:
+    """``v`` is an int >= 1 (bool excluded)."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise UsageError(f"{name} must be a positive integer, got {v!r}")
+
+
+def nonneg_int(name: str, v: Any) -> None:
+    """``v`` is an int >= 0 (bool excluded)."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise UsageError(f"{name} must be an integer >= 0, got {v!r}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def nonneg_float(name: str, v: Any) -> None:
+    """``v`` is a finite number >= 0."""
+    if not (_number(v) and v >= 0):
+        raise UsageError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+def positive_float(name: str, v: Any) -> None:
+    """``v`` is a finite number > 0."""
+    if not (_number(v) and v > 0):
+        raise UsageError(f"{name} must be a positive finite number, got {v!r}")
+
+
+def unit_interval(name: str, v: Any) -> None:
+    """``v`` is a number in [0, 1]."""
+    if not (_number(v) and 0 <= v <= 1):
+        raise UsageError(f"{name} must be a number in [0, 1], got {v!r}")
+
+
+def seed_value(name: str, v: Any) -> None:
+    """``v`` is an int in [0, 2^63 - 1] (what ``torch.Generator.manual_seed`` takes)."""
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_SEED:
+        raise UsageError(f"{name} must be an integer in [0, 2**63-1], got {v!r}")
+
+
+def optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    """``check`` that also accepts None."""
+
+    def run(name: str, v: Any) -> None:
+        if v is not None:
+            check(name, v)
+
+    return run
+
+
+def positive_floats(name: str, v: Any) -> None:
+    """``v`` is a non-empty sequence of positive finite numbers."""
+    if not isinstance(v, list | tuple) or not v or not all(_number(x) and x > 0 for x in v):
+        raise UsageError(f"{name} must be positive numbers, got {v!r}")
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """The CLI form of a list of numbers: ``"0.5,1,2"``."""
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise UsageError(f"expected comma-separated positive numbers, got {text!r}") from None
+
+
+def _norms() -> tuple[str, ...]:
+    from smoothlab.estimators import NORMS
+
+    return tuple(NORMS)
+
+
+def _hvps() -> tuple[str, ...]:
+    from smoothlab.hvp import HVPS
+
+    return tuple(HVPS)
+
+
+def _tasks() -> tuple[str, ...]:
+    from hybrid.data import TASKS
+
+    return tuple(TASKS)
+
+
+def _pefts() -> tuple[str, ...]:
+    return ("none", *peft_kinds())
+
+
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its help and CLI metadata (see the module docstring)."""
+    meta["help"] = help
+    if isinstance(default, list | dict | set):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Options that several configs share are declared here once: one default, one help.
+SHARED: dict[str, dict[str, Any]] = {
+    "steps": dict(default=1000, help="training steps", check=positive_int),
+    "lr_base": dict(
+        default=1e-6, help="eta_x: zeroth-order rate of the base weights", check=nonneg_float
+    ),
+    "lr_peft": dict(
+        default=1e-2,
+        help="eta_y: first-order rate of the PEFT weights (all weights for fo-ft)",
+        check=nonneg_float,
+    ),
+    "q": dict(default=1, help="SPSA perturbations per step", check=positive_int),
+    "one_sided": dict(default=False, help="one-sided SPSA: (f(x+mu z) - f(x)) / mu"),
+    "train_size": dict(default=1000, help="train examples sampled", check=positive_int),
+    "eval_size": dict(
+        default=1000, help="eval examples sampled (from --eval-data if given)", check=positive_int
+    ),
+    "dev_size": dict(
+        default=100, help="dev examples sampled (from --dev-data if given)", check=positive_int
+    ),
+    "eval_data": dict(
+        default=None,
+        help="separate evaluation file, e.g. GLUE's validation split (default: a sample of --data)",
+    ),
+    "dev_data": dict(
+        default=None, help="separate dev file for model selection (default: a sample of --data)"
+    ),
+    "eval_examples": dict(
+        default=None,
+        help="score only the first N eval examples at each evaluation (None: all)",
+        check=optional(positive_int),
+    ),
+    "record_every": dict(
+        default=0, help="probe L of each block every N steps (0: off)", check=nonneg_int
+    ),
+    "h": dict(
+        default=None,
+        help="finite-difference step of the probes (default: from dtype and |x_b|)",
+        check=optional(positive_float),
+    ),
+    "vectors": dict(
+        default=20, help="Lanczos iterations or random vectors per block", check=positive_int
+    ),
+}
+
+
+def shared(name: str, **over: Any) -> Any:
+    """The field declared in :data:`SHARED` as ``name`` (``over``: e.g. a CLI ``flag``)."""
+    spec = SHARED[name] | over
+    return opt(spec.pop("default"), spec.pop("help"), **spec)
+
+
+def check_fields(cfg: Any) -> None:
+    """Run every field's ``choices`` and ``check`` (see the module docstring)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in (accepted := choices()):
+            raise UsageError(
+                f"{f.name} {value!r} is not accepted; accepted: {', '.join(map(str, accepted))}"
+            )
+        check = f.metadata.get("check")
+        if check is not None:
+            check(f.name, value)
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` if available else ``"cpu"``; otherwise ``name`` itself once
+    it is a device this machine has (cpu, cuda, cuda:N, mps), else :class:`UsageError`."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UsageError(
+                "device 'mps': MPS is not available on this machine (accepted here: cpu, auto)"
+            )
+        return name
+    if isinstance(name, str) and (
+        name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())
+    ):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"device {name!r}: CUDA is not available on this machine (accepted here: cpu, auto)"
+            )
+        if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
+            raise UsageError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        return name
+    raise UsageError(f"device {name!r} is not a device; accepted: cpu, cuda, cuda:N, mps, auto")
+
+
+def check_out(path: str | Path | None, name: str = "out", *, kind: str = "dir") -> None:
+    """An output path the user gave: non-empty, not under a file, and (``kind="dir"``) not
+    an existing file or (``kind="file"``) not an existing folder."""
+    if path is None:
+        return
+    if not str(path).strip():
+        raise UsageError(f"{name} must not be empty")
+    p = Path(path)
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise UsageError(f"{name} {str(path)!r} is a file; give a folder")
+    if kind == "file" and p.is_dir():
+        raise UsageError(f"{name} {str(path)!r} is a folder; give a file name")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{name} {str(path)!r} is under {str(parent)!r}, which is a file")
+            break
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Config-file values as the field expects them: YAML reads ``1e-6`` as a string and
+    JSON has no tuples."""
+    ftype = str(f.type)
+    if isinstance(value, str) and ftype.startswith("float"):
+        try:
+            return float(value)
+        except ValueError:
+            raise UsageError(f"{where}: {f.name} must be a number, got {value!r}") from None
+    if isinstance(value, list) and ftype.startswith("tuple"):
+        return tuple(value)
+    return value
+
+
+def config_from_dict(cls: type[C], data: Any, where: str = "config") -> C:
+    """``cls(**data)``; unknown keys are a :class:`UsageError` naming them and the accepted ones."""
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"{where}: expected a mapping of option names to values, got {type(data).__name__}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(fields)}"
+        )
+    return cls(**{k: _coerce(fields[k], v, where) for k, v in data.items()})
+
+
+def load_config_file(path: str | Path, cls: type[C]) -> C:
+    """A ``cls`` from a ``.json``, ``.yaml`` or ``.yml`` file (flat mapping of field names).
+
+    PyYAML is imported only for YAML files (it is installed as a dependency of transformers).
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise UsageError(f"config file {str(path)!r}: accepted suffixes are .json, .yaml, .yml")
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"config file {str(path)!r}: no such file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise UsageError(
+            f"config file {str(path)!r}: cannot read it ({type(e).__name__})"
+        ) from None
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"config file {str(path)!r}: not valid JSON ({e})") from None
+    else:
+        import yaml  # lazily: PyYAML comes with transformers
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UsageError(
+                f"config file {str(path)!r}: not valid YAML ({' '.join(str(e).split())})"
+            ) from None
+    return config_from_dict(cls, data, f"config file {str(path)!r}")
+
+
+# ----------------------------------------------------------------------------- configs
+@dataclass
+class ModelConfig:
+    """What loads a model and its data (shared by every subcommand)."""
+
+    model: str | None = opt(
+        None,
+        "HF model name or local folder (default: the bundled all-MiniLM-L6-v2 "
+        "with a fresh classification head)",
+    )
+    task: str = opt("sst2", "task of the data", choices=_tasks)
+    data: str | None = opt(
+        None, "local TSV/CSV/JSONL file (default: the built-in synthetic sentiment set)"
+    )
+    batch_size: int = opt(16, "examples per minibatch (and per probe batch)", check=positive_int)
+    seed: int = opt(
+        0,
+        "seed of the model's fresh weights, minibatches, perturbations and probes",
+        check=seed_value,
+    )
+    device: str = opt("cpu", "cpu, cuda, cuda:N, mps or auto")
+    lora_r: int = opt(16, "LoRA rank", check=positive_int)
+    lora_alpha: float = opt(32.0, "LoRA scaling alpha", check=positive_float)
+    num_virtual_tokens: int = opt(
+        10, "prompt/prefix length", check=positive_int, flag="--virtual-tokens"
+    )
+
+    def validate(self) -> None:
+        """:class:`UsageError` naming the first bad option."""
+        check_fields(self)
+        resolve_device(self.device)
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    """Everything a training run needs; saved whole in ``config.json``.
+
+    The method (:mod:`smoothlab.methods`) fixes which weights are x (SPSA, ``lr_base``) and
+    y (gradients, ``lr_peft``) and the PEFT module attached.
+    """
+
+    method: str = opt(
+        "hybrid-lora", "fine-tuning method (it fixes the PEFT module)", choices=method_names
+    )
+    steps: int = shared("steps")
+    lr_base: float = shared("lr_base")
+    lr_peft: float = shared("lr_peft")
+    mu: float = opt(1e-3, "SPSA perturbation scale", check=positive_float)
+    q: int = shared("q")
+    one_sided: bool = shared("one_sided")
+    fo_at_perturbed: bool = opt(False, "take the PEFT gradient from the first perturbed forward")
+    z: str = opt("gaussian", "ZO perturbation source (the distribution of z)")
+    weight_decay: float = opt(
+        0.0,
+        "L2 weight decay lambda of both blocks (x <- (1 - eta lambda) x; y: grad + lambda y)",
+        check=nonneg_float,
+    )
+    data_seed: int = opt(0, "seed of the train/eval/dev split", check=seed_value)
+    train_size: int = shared("train_size")
+    eval_size: int = shared("eval_size")
+    dev_size: int = shared("dev_size")
+    eval_data: str | None = shared("eval_data")
+    dev_data: str | None = shared("dev_data")
+    eval_every: int = opt(100, "evaluate (eval and dev accuracy) every N steps", check=positive_int)
+    eval_examples: int | None = shared("eval_examples")
+    save_every: int | None = opt(
+        None, "checkpoint every N steps (default: --eval-every)", check=optional(positive_int)
+    )
+    max_length: int = opt(128, "tokens per example (longer ones are truncated)", check=positive_int)
+    record_every: int = shared("record_every")
+    record_norm: str = opt("spectral", "norm of the recorded block Hessians", choices=_norms)
+    record_hvp: str = opt("fd", "Hessian-vector products of the recorder", choices=_hvps)
+    record_vectors: int = opt(10, "HVPs per recorded probe", check=positive_int)
+    record_batch: str = opt(
+        "fixed",
+        "probe batch: a 'fixed' held-aside dev batch or the 'current' minibatch",
+        choices=lambda: ("fixed", "current"),
+    )
+    record_h: float | None = shared("h")
+    out: str = opt("runs/run", "run folder (resumed if it holds a checkpoint)")
+    name: str = opt("", "a label for reports")
+    extra: dict = opt({}, "free-form notes saved with the config", cli=False)
+
+    def validate(self) -> None:
+        """:class:`UsageError` naming the first bad option, before anything touches disk."""
+        super().validate()
+        get_method(self.method)
+        check_out(self.out, "out", kind="dir")
+
+
+@dataclass
+class ProbeConfig(ModelConfig):
+    """``smoothlab probe``: per-block Hessian norms of a model's loss on one batch."""
+
+    peft: str = opt("none", "attach a PEFT module before probing", choices=_pefts)
+    blocks: str | None = opt(
+        None,
+        "preset (hybrid, layers, kinds, all) or NAME=GLOB[,NAME=re:REGEX] "
+        "(default: hybrid with --peft, else all)",
+    )
+    norm: str = opt("spectral", "norm of each block Hessian", choices=_norms)
+    hvp: str = opt("exact", "Hessian-vector products", choices=_hvps)
+    vectors: int = shared("vectors")
+    h: float | None = shared("h")
+    target_rel_stderr: float | None = opt(
+        None,
+        "stop a stochastic estimate once stderr/estimate is below this",
+        check=optional(positive_float),
+    )
+    out: str | None = opt(None, "write the estimates as JSON to this file")
+
+    def validate(self) -> None:
+        """:class:`UsageError` naming the first bad option (``out`` included, before probing)."""
+        super().validate()
+        check_out(self.out, "out", kind="file")
+
+
+@dataclass
+class AdviseConfig(ModelConfig):
+    """``smoothlab advise``: (eta_x, eta_y) from a probe at initialisation or a recorded run."""
+
+    run: str | None = opt(
+        None, "a run folder with smoothness.csv (default: probe the model at initialisation)"
+    )
+    hvp: str = opt("exact", "Hessian-vector products of the probe", choices=_hvps)
+    vectors: int = shared("vectors")
+    h: float | None = shared("h")
+    q: int = shared("q")
+    one_sided: bool = shared("one_sided")
+    quantile: float = opt(0.9, "quantile of a recorded trajectory's L", check=unit_interval)
+    calibrate: bool = opt(False, "pilot runs at multiples of the proposal pick c_x, c_y on dev")
+    pilot_steps: int = opt(100, "steps of each pilot run", check=positive_int)
+    multipliers: tuple[float, ...] = opt(
+        (0.125, 0.5, 1.0, 2.0, 8.0),
+        "comma-separated multiples of the proposal tried for each rate",
+        parse=parse_floats,
+        check=positive_floats,
+    )
+    train_size: int = shared("train_size")
+    eval_size: int = shared("eval_size")
+    dev_size: int = shared("dev_size")
+    eval_data: str | None = shared("eval_data")
+    dev_data: str | None = shared("dev_data")
+    out: str | None = opt(
+        None, "folder for advice.json (and calibration.csv and the pilot runs), or a .json file"
+    )
+
+    def validate(self) -> None:
+        """:class:`UsageError` naming the first bad option (``out`` included, before probing)."""
+        super().validate()
+        if self.out is not None:
+            check_out(self.out, "out", kind="file" if str(self.out).endswith(".json") else "dir")
+
+    def pilot_config(self) -> TrainConfig:
+        """The hybrid-LoRA run the calibration pilots start from."""
+        names = {f.name for f in dataclasses.fields(ModelConfig)} | {
+            "q",
+            "one_sided",
+            "train_size",
+            "eval_size",
+            "dev_size",
+            "eval_data",
+            "dev_data",
+        }
+        return TrainConfig(method="hybrid-lora", **{k: getattr(self, k) for k in names})
+
+
+@dataclass
+class Figure1Config(ModelConfig):
+    """``smoothlab figure1``: an fo-ft run (Fig. 1a) and a hybrid-LoRA run (Fig. 1b), both
+    recorded; the defaults are the quick CPU version (see :mod:`hybrid.presets`)."""
+
+    steps: int = shared("steps", default=300)
+    record_every: int = shared("record_every", default=30)
+    vectors: int = shared("vectors", default=10, help="HVPs per probe")
+    hvp: str = opt("fd", "Hessian-vector products of the probes", choices=_hvps)
+    h: float | None = shared("h")
+    lr_fo: float = opt(5e-2, "rate of the full fine-tuning run (Fig. 1a)", check=positive_float)
+    lr_base: float = shared("lr_base", default=1e-5)
+    lr_peft: float = shared("lr_peft", default=0.3)
+    eval_examples: int | None = shared("eval_examples", default=200)
+    train_size: int = shared("train_size")
+    eval_size: int = shared("eval_size")
+    dev_size: int = shared("dev_size")
+    eval_data: str | None = shared("eval_data")
+    dev_data: str | None = shared("dev_data")
+    out: str = opt("smoothlab-out/figure1", "output folder (runs, figures, report)")
+
+    def validate(self) -> None:
+        """:class:`UsageError` naming the first bad option."""
+        super().validate()
+        check_out(self.out, "out", kind="dir")
+
+
+@contextmanager
+def user_input(what: str) -> Iterator[None]:
+    """Errors raised while reading one thing the user named (a data file, a model, a blocks
+    spec) are about that input: re-raised as :class:`UsageError` prefixed with ``what``.
+
+    TODO(issue 7): drop ValueError here once hybrid.data, hybrid.models and smoothlab.blocks
+    raise UsageError for bad input themselves; OSError (missing or unreadable files) stays.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what}: {' '.join(str(e).split())}") from e

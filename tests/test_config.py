@@ -1,0 +1,147 @@
+"""hybrid.config and hybrid.presets: one declaration per option, config files, presets,
+and the checks that turn bad input into UsageError."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from hybrid.config import (
+    AdviseConfig,
+    Figure1Config,
+    ProbeConfig,
+    TrainConfig,
+    check_out,
+    config_from_dict,
+    load_config_file,
+    resolve_device,
+)
+from hybrid.presets import FIGURE1_PRESETS, default_figure1, figure1_runs, paper_figure1
+from smoothlab.errors import UsageError
+from smoothlab.methods import method_names, peft_kinds
+
+CONFIGS = (TrainConfig, ProbeConfig, AdviseConfig, Figure1Config)
+
+
+@pytest.mark.parametrize("cls", CONFIGS)
+def test_every_option_has_help_and_the_defaults_validate(cls) -> None:
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+    cls().validate()
+
+
+def test_choices_come_from_the_registries() -> None:
+    from smoothlab.estimators import NORMS
+    from smoothlab.hvp import HVPS
+
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    assert meta["method"]["choices"]() == method_names()
+    assert meta["record_norm"]["choices"]() == tuple(NORMS)
+    assert meta["record_hvp"]["choices"]() == tuple(HVPS)
+    probe = {f.name: f.metadata for f in dataclasses.fields(ProbeConfig)}
+    assert probe["peft"]["choices"]() == ("none", *peft_kinds())
+
+
+def test_shared_options_have_one_default() -> None:
+    t, a = TrainConfig(), AdviseConfig()
+    for name in ("q", "one_sided", "train_size", "eval_size", "dev_size", "eval_data", "dev_data"):
+        assert getattr(t, name) == getattr(a, name), name
+    for name in ("model", "task", "data", "batch_size", "seed", "device", "lora_r", "lora_alpha"):
+        assert getattr(t, name) == getattr(ProbeConfig(), name) == getattr(a, name), name
+    assert a.pilot_config() == TrainConfig(method="hybrid-lora")
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"seed": 2**63}, ["seed", str(2**63), "2**63-1"]),
+        ({"seed": -1}, ["seed", "-1"]),
+        ({"data_seed": True}, ["data_seed", "True"]),
+        ({"method": "sgd"}, ["'sgd'", "hybrid-lora"]),
+        ({"record_hvp": "magic"}, ["'magic'", "fd-central"]),
+        ({"out": ""}, ["out must not be empty"]),
+        ({"device": "tpu"}, ["'tpu'", "cuda:N"]),
+        ({"eval_examples": 0}, ["eval_examples", "0"]),
+        ({"task": "mnli"}, ["'mnli'", "sst2"]),
+    ],
+)
+def test_bad_values_are_usage_errors(changes: dict, words: list[str]) -> None:
+    with pytest.raises(UsageError) as info:
+        TrainConfig(**changes).validate()
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+def test_resolve_device() -> None:
+    import torch
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(UsageError, match="MPS is not available"):
+            resolve_device("mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_check_out(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_text("x")
+    check_out(tmp_path / "new" / "deeper", "out")  # a folder to be created: fine
+    check_out(tmp_path, "out")  # an existing folder: fine
+    with pytest.raises(UsageError, match="is a file"):
+        check_out(f, "out")
+    with pytest.raises(UsageError, match="which is a file"):
+        check_out(f / "a" / "b", "out")
+    with pytest.raises(UsageError, match="is a folder"):
+        check_out(tmp_path, "out", kind="file")
+    with pytest.raises(UsageError, match="must not be empty"):
+        check_out("  ", "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # checks create nothing
+
+
+def test_config_files_json_and_yaml(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"steps": 5, "lr_base": 1e-4, "method": "zo-ft"}))
+    (tmp_path / "a.yaml").write_text("steps: 5\nlr_base: 1e-4\nmethod: zo-ft\n")
+    (tmp_path / "m.yml").write_text("multipliers: [0.5, 2]\n")
+    expected = TrainConfig(steps=5, lr_base=1e-4, method="zo-ft")
+    assert load_config_file(tmp_path / "a.json", TrainConfig) == expected
+    assert load_config_file(tmp_path / "a.yaml", TrainConfig) == expected  # "1e-4" -> 1e-4
+    assert load_config_file(tmp_path / "m.yml", AdviseConfig).multipliers == (0.5, 2)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(UsageError, match="expected a mapping"):
+        load_config_file(tmp_path / "list.yaml", TrainConfig)
+
+
+def test_unknown_keys_are_named_with_the_accepted_ones() -> None:
+    with pytest.raises(UsageError) as info:
+        config_from_dict(ProbeConfig, {"norm": "rms", "vectorz": 3}, "probe.yaml")
+    msg = str(info.value)
+    assert "probe.yaml" in msg and "'vectorz'" in msg and "accepted:" in msg and "vectors" in msg
+
+
+def test_figure1_presets_are_named_factories(tmp_path: Path) -> None:
+    assert FIGURE1_PRESETS == {"default": default_figure1, "paper": paper_figure1}
+    paper = paper_figure1()
+    assert (
+        paper.model,
+        paper.steps,
+        paper.batch_size,
+        paper.vectors,
+        paper.h,
+        paper.record_every,
+    ) == ("facebook/opt-125m", 5000, 8, 100, 1e-5, 100)
+    assert paper_figure1() is not paper  # a fresh config each call
+    runs = figure1_runs(dataclasses.replace(default_figure1(), out=str(tmp_path)))
+    a, b = runs["fig1a"], runs["fig1b"]
+    assert (a.method, b.method) == ("fo-ft", "hybrid-lora")
+    d = default_figure1()
+    assert a.lr_peft == d.lr_fo and (b.lr_base, b.lr_peft) == (d.lr_base, d.lr_peft)
+    assert a.record_vectors == b.record_vectors == d.vectors and a.record_every == d.record_every
+    assert a.out == str(tmp_path / "fig1a_fo-ft")
+    for cfg in runs.values():
+        cfg.validate()
