@@ -23,7 +23,7 @@ SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train
 
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory) -> Path:
-    from hybrid.models import tiny_encoder
+    from tests.tiny_models import tiny_encoder
 
     root = tmp_path_factory.mktemp("cli_enc")
     tiny_encoder(seed=0, save_dir=root)

@@ -103,7 +103,7 @@ def test_zo_ft_replay_is_bit_identical_and_small(tmp_path) -> None:
 
 
 def test_tiny_bert_zo_ft_replay_is_bit_identical(tmp_path) -> None:
-    from hybrid.models import tiny_encoder
+    from tests.tiny_models import tiny_encoder
 
     model, _ = tiny_encoder(seed=0)
     gen = torch.Generator().manual_seed(0)

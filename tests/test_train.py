@@ -35,7 +35,7 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    from hybrid.models import tiny_causal_lm, tiny_encoder
+    from tests.tiny_models import tiny_causal_lm, tiny_encoder
 
     root = tmp_path_factory.mktemp("train_models")
     tiny_causal_lm("opt", seed=0, save_dir=root / "opt")
