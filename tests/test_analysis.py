@@ -406,14 +406,31 @@ def test_fit_blocks(tmp_path):
 # ----------------------------------------------------------------------------- report
 
 
-def test_import_analysis_loads_no_matplotlib_or_torch():
+def _modules_loaded_by(imports: str) -> list[str]:
     code = (
-        "import sys, analysis; "
-        "bad = [m for m in ('matplotlib', 'torch', 'transformers') if m in sys.modules]; "
-        "print(bad)"
+        f"import sys; import {imports}; "
+        "print([m for m in ('matplotlib', 'torch', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    return json.loads(out.stdout.strip().replace("'", '"'))
+
+
+@pytest.mark.parametrize(
+    "imports", ["analysis", "smoothlab.runlog", "smoothlab.methods", "smoothlab.runlog, analysis"]
+)
+def test_imports_load_no_matplotlib_or_torch(imports):
+    assert _modules_loaded_by(imports) == []
+
+
+def test_lazy_smoothlab_still_exports_on_attribute_access():
+    # the control: the same probe sees torch once a torch-backed name is touched
+    assert _modules_loaded_by("smoothlab; smoothlab.Oracle") == ["torch"]
+    code = (
+        "import smoothlab.recorder, smoothlab, inspect; "
+        "print(inspect.isfunction(smoothlab.probe), smoothlab.Estimate.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "Estimate"]
 
 
 def _assert_self_contained(text: str) -> None:
