@@ -43,7 +43,22 @@ _EXPORTS: dict[str, str] = {
 }
 """Public name -> the submodule defining it."""
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Estimate",
+    "HVPS",
+    "ModelLoss",
+    "NORMS",
+    "Oracle",
+    "block_sizes",
+    "eval_mode",
+    "make_blocks",
+    "peft_parameter_names",
+    "probe",
+    "probe_model",
+    "seeded_gaussian",
+    "shifted",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
