@@ -31,6 +31,7 @@ from analysis import (
     write_report,
 )
 from analysis.report import format_number
+from smoothlab.runlog import RunLogWarning
 
 BLOCK_SIZES = {"base": 22713344, "peft": 74498}
 
@@ -149,6 +150,7 @@ def test_load_full_run(tmp_path):
             "dev_acc": [0.8, 0.9],
             "eval_acc": [0.7, 0.75],
             "final_loss": [0.3, 0.2],
+            "run": ["pilot-0", "pilot-1"],
         }
     )
     path = write_run(tmp_path / "r1", name="my-run", advice=adv, calibration=cal)
@@ -191,13 +193,14 @@ def test_missing_and_zero_byte_files(tmp_path):
     assert load_run(root).smoothness.empty
 
 
-def test_torn_last_line_keeps_rows(tmp_path):
+def test_torn_last_line_dropped_with_warning(tmp_path):
     root = write_run(tmp_path / "r", smoothness=None)
     text = (root / "metrics.csv").read_text()
     (root / "metrics.csv").write_text(text + "200,2.0,0.")  # killed mid-write
-    run = load_run(root)
-    assert len(run.metrics) == 21
-    assert run.metrics["loss"].iloc[-1] == 0.0 and math.isnan(run.metrics["seconds"].iloc[-1])
+    with pytest.warns(RunLogWarning, match="no newline"):
+        run = load_run(root)
+    assert len(run.metrics) == 20 and run.metrics["step"].iloc[-1] == 190
+    assert any("metrics.csv: the last line has no newline" in w for w in run.warnings)
 
 
 def test_not_a_run_folder(tmp_path):
@@ -460,6 +463,7 @@ def test_write_report_single_run(tmp_path):
             "dev_acc": [0.8125, 0.8675],
             "eval_acc": [0.7, 0.75],
             "final_loss": [0.3, 0.2],
+            "run": ["pilot-0", "pilot-1"],
         }
     )
     root = write_run(tmp_path / "run", advice=adv, calibration=cal)
