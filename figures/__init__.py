@@ -11,6 +11,7 @@ from figures.fig1 import fig1a, fig1b
 from figures.fig2 import fig2
 from figures.fig3 import fig3
 from figures.fitplot import fig_fit
+from figures.report import write_report
 from figures.style import block_color, method_color, paper_style, savefig
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "quadratic",
     "run_gd",
     "savefig",
+    "write_report",
 ]

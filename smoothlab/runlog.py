@@ -91,7 +91,17 @@ class LogSchema:
 
 METRICS = LogSchema(
     file="metrics.csv",
-    fields=("step", "epoch", "loss", "proj_grad", "lr_base", "lr_peft", "eval_acc", "dev_acc", "seconds"),
+    fields=(
+        "step",
+        "epoch",
+        "loss",
+        "proj_grad",
+        "lr_base",
+        "lr_peft",
+        "eval_acc",
+        "dev_acc",
+        "seconds",
+    ),
     required=("step", "loss"),
     types={"step": int},
     key=("step",),
@@ -99,8 +109,20 @@ METRICS = LogSchema(
 SMOOTHNESS = LogSchema(
     file="smoothness.csv",
     fields=(
-        "step", "epoch", "block", "norm", "hvp", "estimate", "stderr", "num_hvp", "grad_norm",
-        "loss", "lr_base", "lr_peft", "probe_seconds", "train_seconds",
+        "step",
+        "epoch",
+        "block",
+        "norm",
+        "hvp",
+        "estimate",
+        "stderr",
+        "num_hvp",
+        "grad_norm",
+        "loss",
+        "lr_base",
+        "lr_peft",
+        "probe_seconds",
+        "train_seconds",
     ),
     required=("step", "block", "estimate"),
     types={"step": int, "num_hvp": int, "block": str, "norm": str, "hvp": str},
@@ -247,7 +269,9 @@ class CsvLog:
     malformed row before the last line, or a row without an integer step, is refused.
     """
 
-    def __init__(self, path: str | Path, fields: Sequence[str], *, truncate_after: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, fields: Sequence[str], *, truncate_after: int | None = None
+    ) -> None:
         self.path = Path(path)
         self.fields = tuple(fields)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,12 +289,16 @@ class CsvLog:
             self._rewrite([])
             return
         if scan.header != self.fields:
-            raise UsageError(f"{self.path} has columns {list(scan.header)}, expected {list(self.fields)}; "
-                             "it belongs to another program or version: move it away or use a new run folder")
+            raise UsageError(
+                f"{self.path} has columns {list(scan.header)}, expected {list(self.fields)}; "
+                "it belongs to another program or version: move it away or use a new run folder"
+            )
         if scan.bad:
             n, k = scan.bad[0]
-            raise UsageError(f"{self.path}: line {n} has {k} fields, expected {len(self.fields)} "
-                             f"({len(scan.bad)} such rows): the file is corrupt")
+            raise UsageError(
+                f"{self.path}: line {n} has {k} fields, expected {len(self.fields)} "
+                f"({len(scan.bad)} such rows): the file is corrupt"
+            )
         kept = []
         for n, cells in scan.rows:
             step = self._step_of(cells, n)
@@ -313,7 +341,9 @@ class CsvLog:
         """Append one row (missing columns are empty cells) and flush it."""
         unknown = set(row) - set(self.fields)
         if unknown:
-            raise ValueError(f"unknown columns {sorted(unknown)} for {self.path.name}; columns: {list(self.fields)}")
+            raise ValueError(
+                f"unknown columns {sorted(unknown)} for {self.path.name}; columns: {list(self.fields)}"
+            )
         self._writer.writerow([format_cell(row.get(k)) for k in self.fields])
         self._fh.flush()
         if row.get("step") is not None:
@@ -366,7 +396,9 @@ def read_log(path: str | Path, schema: LogSchema, *, warn: bool = True) -> LogTa
     _check_header(path, scan.header, schema, problems)
     if scan.bad:
         lines = ", ".join(str(n) for n, _ in scan.bad[:5])
-        problems.append(f"{len(scan.bad)} row(s) with a wrong number of fields dropped (line {lines})")
+        problems.append(
+            f"{len(scan.bad)} row(s) with a wrong number of fields dropped (line {lines})"
+        )
     rows = _parse_rows(scan, schema, problems)
     _check_duplicates(rows, schema, problems)
     columns = schema.fields + tuple(c for c in scan.header if c not in schema.fields)
@@ -376,19 +408,27 @@ def read_log(path: str | Path, schema: LogSchema, *, warn: bool = True) -> LogTa
     return LogTable(path, columns, rows, problems)
 
 
-def _check_header(path: Path, header: tuple[str, ...], schema: LogSchema, problems: list[str]) -> None:
+def _check_header(
+    path: Path, header: tuple[str, ...], schema: LogSchema, problems: list[str]
+) -> None:
     repeated = sorted(c for c, k in Counter(header).items() if k > 1)
     missing = [c for c in schema.required if c not in header]
     if repeated or missing:
-        what = f"repeats column(s) {repeated}" if repeated else f"lacks required column(s) {missing}"
-        raise UsageError(f"{path}: the header {what}; found {list(header)} "
-                         f"(expected at least {list(schema.required)}, normally {list(schema.fields)})")
+        what = (
+            f"repeats column(s) {repeated}" if repeated else f"lacks required column(s) {missing}"
+        )
+        raise UsageError(
+            f"{path}: the header {what}; found {list(header)} "
+            f"(expected at least {list(schema.required)}, normally {list(schema.fields)})"
+        )
     if header != schema.fields:
         absent = [c for c in schema.fields if c not in header]
         extra = [c for c in header if c not in schema.fields]
         order = "" if absent or extra else "; same columns in another order"
-        problems.append(f"the header differs from the {schema.file} schema: missing {absent}, "
-                        f"unexpected {extra}{order}")
+        problems.append(
+            f"the header differs from the {schema.file} schema: missing {absent}, "
+            f"unexpected {extra}{order}"
+        )
 
 
 def _parse_rows(scan: _Scan, schema: LogSchema, problems: list[str]) -> list[dict[str, Any]]:
@@ -414,11 +454,15 @@ def _parse_rows(scan: _Scan, schema: LogSchema, problems: list[str]) -> list[dic
         rows.append(row)
     for col, bad in bad_cells.items():
         line, text = bad[0]
-        problems.append(f"column {col!r}: {len(bad)} cell(s) not of type "
-                        f"{schema.type_of(col).__name__}, read as missing (first: line {line}, {text!r})")
+        problems.append(
+            f"column {col!r}: {len(bad)} cell(s) not of type "
+            f"{schema.type_of(col).__name__}, read as missing (first: line {line}, {text!r})"
+        )
     if no_key:
-        problems.append(f"{len(no_key)} row(s) without an integer step dropped (line "
-                        f"{', '.join(map(str, no_key[:5]))})")
+        problems.append(
+            f"{len(no_key)} row(s) without an integer step dropped (line "
+            f"{', '.join(map(str, no_key[:5]))})"
+        )
     return rows
 
 
@@ -430,5 +474,7 @@ def _check_duplicates(rows: list[dict[str, Any]], schema: LogSchema, problems: l
     if dup:
         key, k = dup[0]
         first = ", ".join(f"{c}={v!r}" for c, v in zip(schema.key, key))
-        problems.append(f"{len(dup)} row key(s) ({', '.join(schema.key)}) appear more than once "
-                        f"(first: {first}, {k} times): two writers into one run folder?")
+        problems.append(
+            f"{len(dup)} row key(s) ({', '.join(schema.key)}) appear more than once "
+            f"(first: {first}, {k} times): two writers into one run folder?"
+        )

@@ -23,6 +23,8 @@ from figures import (
     savefig,
 )
 from figures.style import METHOD_COLORS, block_color
+from smoothlab.methods import METHODS, get_method
+from smoothlab.runlog import RunLogWarning
 
 
 def smoothness_frame(blocks=("base", "peft"), steps=range(0, 100, 10)) -> pd.DataFrame:
@@ -147,7 +149,8 @@ def test_fig3_from_runs(tmp_path):
         root.mkdir()
         (root / "config.json").write_text(json.dumps({"method": method}))
         metrics_frame().to_csv(root / "metrics.csv", index=False)
-    runs = [load_run(tmp_path / "r1"), load_run(tmp_path / "r2")]
+    with pytest.warns(RunLogWarning, match=r"header differs .* missing \['epoch'"):
+        runs = [load_run(tmp_path / "r1"), load_run(tmp_path / "r2")]
     assert_written(fig3(runs, tmp_path / "fig3_runs"))
 
 
@@ -160,7 +163,10 @@ def test_fig_fit(tmp_path):
 
 
 def test_style_colors_are_stable_and_distinct():
-    assert method_color("hybrid-lora") == METHOD_COLORS["hybrid-lora"]
+    assert METHOD_COLORS == {name: m.color for name, m in METHODS.items()}  # no second table
+    assert method_color("hybrid-lora") == get_method("hybrid-lora").color == "#D55E00"
+    assert method_color("zo-ft") == "#0072B2"
+    assert len({method_color(m) for m in METHODS}) == len(METHODS)  # all distinct
     assert method_color("Hybrid-LoRA") == method_color("hybrid-lora")
     assert method_color("hybrid-lora (run 2)") == method_color("hybrid-lora")
     assert len({method_color(m) for m in ("hybrid-lora", "zo-ft", "fo-lora")}) == 3
