@@ -30,6 +30,22 @@ __all__ = ["format_number", "write_report"]
 # --------------------------------------------------------------------------- content
 
 
+def input_notes(run: Run) -> list[str]:
+    """What the report's reader must know about a run's input: the problems found while
+    reading its files (:attr:`~analysis.runs.Run.warnings`) and a non-finite training loss."""
+    notes = list(run.warnings)
+    m = run.metrics
+    bad = m[~np.isfinite(m["loss"].to_numpy(dtype="float64"))]
+    if len(bad):
+        first = bad.iloc[0]
+        notes.append(
+            f"the training loss is not finite in {len(bad)} of {len(m)} logged rows "
+            f"(first: step {int(first['step'])}, loss {first['loss']}): the run diverged "
+            "or its loss cells are missing"
+        )
+    return notes
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
 
@@ -196,8 +212,8 @@ def _run_section(rep: Report, run: Run, fig_dir: Path, multi: bool) -> None:
     if multi:
         rep.h(1, f"Run {run.name}")
         rep.p(f"`{run.path}` — method **{run.method}**, model `{run.model}`, task `{run.task}`.")
-    for w in run.warnings:
-        rep.p(f"Note: {w} in `{run.path}`.", css="warn")
+    for w in input_notes(run):
+        rep.p(f"Warning: {w} (in `{run.path}`).", css="warn")
 
     rep.h(lvl, "Block smoothness" if not multi else f"Block smoothness: {run.name}")
     sm = run.smoothness
@@ -300,7 +316,7 @@ def _run_section(rep: Report, run: Run, fig_dir: Path, multi: bool) -> None:
             row = cmp.iloc[0]
             rep.p(
                 f"{len(run.metrics)} logged rows up to step {format_number(row['last_step'])}; "
-                f"final loss {format_number(row['final_loss'])} (mean of the last 10% of rows), "
+                f"final loss {format_number(row['final_loss'])} (mean of the last ⌈n/10⌉ logged losses), "
                 f"best eval accuracy {format_number(row['best_acc'])}, "
                 f"{format_number(row['sec_per_step'])} s/step, "
                 f"{format_number(row['total_seconds'])} s of training."
@@ -363,6 +379,10 @@ def write_report(
         ("date", now),
     ]
     rep = Report(title=title, meta=meta)
+    problems = {r.name: input_notes(r) for r in runs}
+    if any(problems.values()):
+        listed = "; ".join(f"{k}: {len(v)}" for k, v in problems.items() if v)
+        rep.p(f"**Input problems** ({listed}): see the warnings in each run's section.", "warn")
 
     rep.h(1, "Configuration")
     rep.table(_config_table(runs), "Run configuration (config.json).", row_header=True)
@@ -391,7 +411,8 @@ def write_report(
             best = int(np.nanargmax(cmp["best_acc"].to_numpy(dtype="float64")))
         rep.table(
             show,
-            "Final loss = mean over the last 10% of logged rows; s / step = median "
+            "Final loss = mean of the last ⌈n/10⌉ logged losses (non-finite if the run diverged "
+            "there); s / step = median "
             "training seconds per step (probes excluded). Best eval accuracy highlighted.",
             highlight_row=best,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from html import escape
 
 import pandas as pd
 import pytest
@@ -10,6 +11,12 @@ from runfolders import write_run
 
 from analysis import block_summary, load_run
 from figures.report import format_number, write_report
+from smoothlab.errors import UsageError
+from smoothlab.runlog import RunLogWarning
+
+
+def html_escape(text: str) -> str:
+    return escape(text, quote=False)
 
 
 def _assert_self_contained(text: str) -> None:
@@ -109,3 +116,47 @@ def test_format_number():
     assert format_number(123456.7) == "1.235e5"
     assert format_number(float("nan")) == "–"
     assert format_number(3.0) == "3"
+
+
+def _report_text(root) -> str:
+    _, html = write_report(root)
+    return html.read_text()
+
+
+def test_report_warns_about_malformed_metrics(tmp_path, capsys):
+    root = write_run(tmp_path / "r")
+    lines = (root / "metrics.csv").read_text().splitlines()
+    lines[0] += ",surprise"  # a wrong header: one column too many (and rows one short)
+    lines[1:] = [ln + ",0" for ln in lines[1:]]
+    lines[3] = lines[3].replace(",18.0,", ",eighteen,")  # a non-numeric loss
+    lines.append(lines[-1])  # a duplicate step (two writers)
+    (root / "metrics.csv").write_text("\n".join(lines) + "\n190,1.9,0.")  # torn last row
+    with pytest.warns(RunLogWarning) as record:
+        text = _report_text(root)
+    issued = " ".join(str(w.message) for w in record)
+    for expected in (
+        "unexpected ['surprise']",
+        "column 'loss': 1 cell(s) not of type float",
+        "no newline",
+        "first: step=190, 2 times",
+    ):
+        assert expected in issued
+        assert html_escape(expected) in text
+    assert "Input problems</strong> (r: 5)" in text  # 4 file problems + the non-finite loss
+    assert "the training loss is not finite in 1 of 21 logged rows (first: step 20" in text
+
+
+def test_report_without_problems_has_no_warning(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any RunLogWarning would fail the test
+        text = _report_text(write_run(tmp_path / "r"))
+    assert 'class="warn"' not in text and "Input problems" not in text
+
+
+def test_report_refuses_unusable_header(tmp_path):
+    root = write_run(tmp_path / "r")
+    (root / "metrics.csv").write_text("when,what\n1,2\n")
+    with pytest.raises(UsageError, match=r"lacks required column\(s\) \['step', 'loss'\]"):
+        write_report(root)
