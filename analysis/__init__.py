@@ -6,6 +6,7 @@ Importing this package imports neither matplotlib nor torch.
 """
 
 from analysis.fit import AffineFit, PowerFit, fit_blocks, fit_smoothness, fit_table
+from analysis.modules import module_frame, module_matrix, module_side
 from analysis.runs import (
     CALIBRATION_COLUMNS,
     METRICS_COLUMNS,
@@ -31,6 +32,9 @@ __all__ = [
     "fit_table",
     "load_run",
     "load_runs",
+    "module_frame",
+    "module_matrix",
+    "module_side",
     "runs_frame",
     "select_norm",
     "smoothness_ratio",

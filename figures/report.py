@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 
 from analysis.fit import AffineFit, PowerFit, fit_blocks
+from analysis.modules import X_PREFIX, Y_PREFIX, module_frame
 from analysis.runs import Run, load_runs
 from analysis.summary import block_summary, compare_methods, select_norm, smoothness_ratio
 from figures.fig1 import fig1a, fig1b
 from figures.fig3 import fig3
 from figures.fitplot import fig_fit
+from figures.modules import fig_module_heatmap, fig_modules
 from figures.report_render import Report, format_number, is_number, render_html, render_md
 
 __all__ = ["format_number", "write_report"]
@@ -206,6 +208,34 @@ def _advice_section(rep: Report, run: Run, multi: bool) -> None:
             )
 
 
+def _module_section(rep: Report, sm: pd.DataFrame, stem: Path, level: int) -> None:
+    """Per-module curves and heat map when the run recorded per-module blocks."""
+    sel = select_norm(sm)
+    mf = module_frame(sel)
+    if mf.empty:
+        return
+    rep.h(level, "Per-module smoothness")
+    counts = mf.groupby("side")["module"].nunique().to_dict()
+    rep.p(
+        f"{counts.get('x', 0)} x modules (block names `{X_PREFIX}.<module>`) and "
+        f"{counts.get('y', 0)} y modules (`{Y_PREFIX}.<module>`); their per-probe statistics "
+        "are rows of the table above."
+    )
+    _try_figure(
+        rep,
+        lambda: fig_modules(sel, f"{stem}_modules"),
+        "Local smoothness L of each module along the run, log scale: (a) x modules of the "
+        "base model, (b) y modules of the PEFT block; light = first layer, dark = last.",
+        "per-module figure",
+    )
+    _try_figure(
+        rep,
+        lambda: fig_module_heatmap(sel, f"{stem}_modules_heatmap"),
+        "log10 L per module (rows, in layer order) and probe step (columns); blank = not probed.",
+        "per-module heat map",
+    )
+
+
 def _run_section(rep: Report, run: Run, fig_dir: Path, multi: bool) -> None:
     lvl = 2 if multi else 1
     stem = _slug(run.name)
@@ -271,6 +301,7 @@ def _run_section(rep: Report, run: Run, fig_dir: Path, multi: bool) -> None:
                 "smoothness-over-steps figure",
             )
 
+        _module_section(rep, sm, fig_dir / stem, lvl + 1)
         rep.h(lvl + 1, "Smoothness against gradient norm")
         if not rep.explained_fit:
             rep.explained_fit = True
