@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,8 @@ from analysis import (
 from smoothlab.runlog import RunLogWarning
 
 # ----------------------------------------------------------------------------- loading
+
+ROOT = Path(__file__).resolve().parents[1]  # subprocesses import the packages from here
 
 
 def test_load_full_run(tmp_path):
@@ -318,7 +321,9 @@ def _modules_loaded_by(imports: str) -> list[str]:
         f"import sys; import {imports}; "
         "print([m for m in ('matplotlib', 'torch', 'transformers') if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     return json.loads(out.stdout.strip().replace("'", '"'))
 
 
@@ -336,5 +341,7 @@ def test_lazy_smoothlab_still_exports_on_attribute_access():
         "import smoothlab.recorder, smoothlab, inspect; "
         "print(inspect.isfunction(smoothlab.probe), smoothlab.Estimate.__name__)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert out.stdout.split() == ["True", "Estimate"]
