@@ -31,9 +31,10 @@ from analysis import (
 )
 from smoothlab.runlog import RunLogWarning
 
-# ----------------------------------------------------------------------------- loading
-
 ROOT = Path(__file__).resolve().parents[1]  # subprocesses import the packages from here
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def test_load_full_run(tmp_path):
