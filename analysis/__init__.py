@@ -1,12 +1,12 @@
-"""Reading run folders into pandas, summarising and fitting block smoothness, and the
-smoothness report (Markdown + self-contained HTML).
+"""Reading run folders into pandas (through the one schema, :mod:`smoothlab.runlog`),
+summarising and fitting block smoothness: the tables. The report, which also needs the
+figures, lives in the presentation layer: :func:`figures.report.write_report`.
 
-Importing this package does not import matplotlib; :func:`write_report` imports
-:mod:`figures` when called.
+Importing this package imports neither matplotlib nor torch.
 """
 
 from analysis.fit import AffineFit, PowerFit, fit_blocks, fit_smoothness, fit_table
-from analysis.report import write_report
+from analysis.modules import module_frame, module_matrix, module_side
 from analysis.runs import (
     CALIBRATION_COLUMNS,
     METRICS_COLUMNS,
@@ -32,8 +32,10 @@ __all__ = [
     "fit_table",
     "load_run",
     "load_runs",
+    "module_frame",
+    "module_matrix",
+    "module_side",
     "runs_frame",
     "select_norm",
     "smoothness_ratio",
-    "write_report",
 ]

@@ -1,39 +1,34 @@
 """Reading run folders into pandas.
 
-A run folder is what training and recording write (see ``DESIGN.md``):
-
-``config.json``
-    the whole configuration: ``method``, ``model``, ``task``, ``seed``, ``lr_base``,
-    ``lr_peft``, ``steps``, ``batch_size``, ``block_sizes`` (block name -> ``d_b``, the
-    number of parameters of the block), ``versions`` and optionally ``name``.
-``metrics.csv``
-    one row per logged step: ``step, epoch, loss, proj_grad, lr_base, lr_peft, eval_acc,
-    dev_acc, seconds`` (``seconds`` is cumulative training wall-clock, probes excluded).
-``smoothness.csv``
-    one row per probe and block: ``step, epoch, block, norm, hvp, estimate, stderr,
-    num_hvp, grad_norm, loss, lr_base, lr_peft, probe_seconds, train_seconds``.
-    ``estimate`` is the block's Hessian norm ``‖∇²_bb f‖`` (with ``norm == "spectral"`` the
-    local smoothness ``L_b``).
-``advice.json`` (optional)
-    the learning-rate advisor's proposal ``η_x ∝ c_x / (L_x d_x)``, ``η_y ∝ c_y / L_y``.
-``calibration.csv`` (optional)
-    one row per calibration trial: ``scale_x, scale_y, lr_base, lr_peft, dev_acc,
-    eval_acc, final_loss``.
-
-Only ``config.json`` is mandatory: a run killed early may have no CSVs yet, or CSVs with a
-header and no rows. Those load as empty frames with the canonical columns, so downstream
-code never has to special-case them.
+The run-folder format (files, columns, cell types) is defined once, in
+:mod:`smoothlab.runlog` (torch-free); this module turns its :class:`~smoothlab.runlog.LogTable`
+rows into DataFrames. Only ``config.json`` is mandatory: a run killed early may have no CSVs
+yet, or CSVs with a header and no rows. Those load as empty frames with the canonical
+columns, so downstream code never has to special-case them. Everything a file does wrong
+(torn last line, non-numeric cells, an unexpected header, duplicate steps) ends up in
+:attr:`Run.warnings` and is issued as a :class:`~smoothlab.runlog.RunLogWarning`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+
+from smoothlab.errors import UsageError
+from smoothlab.runlog import (
+    CALIBRATION,
+    METRICS,
+    SMOOTHNESS,
+    LogSchema,
+    RunLogWarning,
+    read_log,
+)
 
 __all__ = [
     "CALIBRATION_COLUMNS",
@@ -45,57 +40,12 @@ __all__ = [
     "runs_frame",
 ]
 
-METRICS_COLUMNS: tuple[str, ...] = (
-    "step",
-    "epoch",
-    "loss",
-    "proj_grad",
-    "lr_base",
-    "lr_peft",
-    "eval_acc",
-    "dev_acc",
-    "seconds",
-)
-"""The columns of ``metrics.csv``, in the order the engine writes them."""
-
-METRICS_REQUIRED: tuple[str, ...] = ("step", "loss")
-"""Columns without which ``metrics.csv`` is rejected; the others are filled with NaN."""
-
-SMOOTHNESS_COLUMNS: tuple[str, ...] = (
-    "step",
-    "epoch",
-    "block",
-    "norm",
-    "hvp",
-    "estimate",
-    "stderr",
-    "num_hvp",
-    "grad_norm",
-    "loss",
-    "lr_base",
-    "lr_peft",
-    "probe_seconds",
-    "train_seconds",
-)
-"""The columns of ``smoothness.csv``, in the order the recorder writes them."""
-
-SMOOTHNESS_REQUIRED: tuple[str, ...] = ("step", "block", "estimate")
-"""Columns without which ``smoothness.csv`` is rejected; the others are filled."""
-
-CALIBRATION_COLUMNS: tuple[str, ...] = (
-    "scale_x",
-    "scale_y",
-    "lr_base",
-    "lr_peft",
-    "dev_acc",
-    "eval_acc",
-    "final_loss",
-)
-"""The columns of ``calibration.csv``."""
-
-CALIBRATION_REQUIRED: tuple[str, ...] = ("lr_base", "lr_peft")
-
-_TEXT_COLUMNS = frozenset({"block", "norm", "hvp"})
+METRICS_COLUMNS: tuple[str, ...] = METRICS.fields
+"""The columns of ``metrics.csv`` (:data:`smoothlab.runlog.METRICS`)."""
+SMOOTHNESS_COLUMNS: tuple[str, ...] = SMOOTHNESS.fields
+"""The columns of ``smoothness.csv`` (:data:`smoothlab.runlog.SMOOTHNESS`)."""
+CALIBRATION_COLUMNS: tuple[str, ...] = CALIBRATION.fields
+"""The columns of ``calibration.csv`` (:data:`smoothlab.runlog.CALIBRATION`)."""
 
 
 @dataclass
@@ -147,99 +97,62 @@ class Run:
         )
 
 
-def _read_csv(
-    path: Path,
-    columns: Sequence[str],
-    required: Sequence[str],
-) -> pd.DataFrame:
-    """Read one run CSV into a frame with (at least) ``columns``.
+def _read_csv(path: Path, schema: LogSchema) -> tuple[pd.DataFrame, list[str]]:
+    """Read one run CSV into a frame with (at least) ``schema.fields``, and its problems.
 
-    A missing or zero-byte file, or a header without rows, gives an empty frame with the
-    canonical columns. A file lacking any of ``required`` raises ``ValueError``.
+    Cells typed ``str`` stay Python strings (``None`` when missing), ``step`` is int64, all
+    other columns float64 (a missing cell and a written ``nan`` are both NaN here; the
+    rows of :func:`smoothlab.runlog.read_log` keep them apart).
     """
-    if not path.exists() or path.stat().st_size == 0:
-        frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
-        return _coerce(frame)
-    try:
-        # A killed run can leave a torn last line; skip it rather than refuse the file.
-        frame = pd.read_csv(path, on_bad_lines="skip", skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
-        return _coerce(frame)
-    frame.columns = [str(c).strip() for c in frame.columns]
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise ValueError(
-            f"{path}: missing required column(s) {missing}; found {list(frame.columns)} "
-            f"(expected at least {list(required)}, normally {list(columns)})"
-        )
-    for c in columns:
-        if c not in frame.columns:
-            frame[c] = float("nan")
-    ordered = list(columns) + [c for c in frame.columns if c not in columns]
-    return _coerce(frame[ordered])
-
-
-def _coerce(frame: pd.DataFrame) -> pd.DataFrame:
-    """Numeric columns to float64, ``step`` to int64 (dropping rows without one), text to str."""
-    frame = frame.copy()
+    table = read_log(path, schema, warn=False)
+    frame = pd.DataFrame.from_records(table.rows, columns=list(table.columns))
     for c in frame.columns:
-        if c in _TEXT_COLUMNS:
-            col = frame[c]
-            frame[c] = col.where(col.isna(), col.astype(str)).astype(object)
-            continue
-        frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("float64")
-    if "step" in frame.columns:
-        frame = frame[frame["step"].notna()] if len(frame) else frame
-        frame["step"] = frame["step"].astype("int64")
-    return frame.reset_index(drop=True)
+        kind = schema.type_of(c) if c in schema.fields else None
+        if kind is str:
+            frame[c] = frame[c].astype(object)
+        elif kind is int and c == "step":
+            frame[c] = frame[c].astype("int64")
+        else:
+            frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("float64")
+    return frame.reset_index(drop=True), [f"{schema.file}: {p}" for p in table.problems]
 
 
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise UsageError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def load_run(path: str | Path) -> Run:
     """Load one run folder.
 
-    Raises ``ValueError`` when ``path`` is not a folder containing ``config.json``, when
-    ``config.json`` is not a JSON object, or when a CSV lacks its required columns (the
-    message lists the missing and the found columns).
+    Raises :class:`~smoothlab.errors.UsageError` (a ``ValueError``) when ``path`` is not a
+    folder containing ``config.json``, when a JSON file is not a JSON object, or when a CSV
+    header lacks a required column (the message lists the missing and the found columns).
+    Lesser problems become :attr:`Run.warnings` and :class:`~smoothlab.runlog.RunLogWarning`.
     """
     root = Path(path)
     if not root.is_dir():
-        raise ValueError(f"{root}: not a run folder (no such directory)")
+        raise UsageError(f"{root}: not a run folder (no such directory)")
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         present = sorted(p.name for p in root.iterdir())[:10]
-        raise ValueError(f"{root}: not a run folder (no config.json; found {present or 'nothing'})")
-    config = _read_json(cfg_path)
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
-
-    metrics = _read_csv(root / "metrics.csv", METRICS_COLUMNS, METRICS_REQUIRED)
-    smoothness = _read_csv(root / "smoothness.csv", SMOOTHNESS_COLUMNS, SMOOTHNESS_REQUIRED)
-
-    advice = None
-    if (root / "advice.json").is_file():
-        advice = _read_json(root / "advice.json")
-        if not isinstance(advice, dict):
-            raise ValueError(
-                f"{root / 'advice.json'}: expected a JSON object, got {type(advice).__name__}"
-            )
+        raise UsageError(f"{root}: not a run folder (no config.json; found {present or 'nothing'})")
+    config = _read_object(cfg_path)
+    notes = [f"no {f}" for f in (METRICS.file, SMOOTHNESS.file) if not (root / f).exists()]
+    metrics, problems = _read_csv(root / METRICS.file, METRICS)
+    notes += problems
+    smoothness, problems = _read_csv(root / SMOOTHNESS.file, SMOOTHNESS)
+    notes += problems
+    advice = _read_object(root / "advice.json") if (root / "advice.json").is_file() else None
     calibration = None
-    if (root / "calibration.csv").is_file():
-        calibration = _read_csv(root / "calibration.csv", CALIBRATION_COLUMNS, CALIBRATION_REQUIRED)
-
-    warnings: list[str] = []
-    if not (root / "metrics.csv").exists():
-        warnings.append("no metrics.csv")
-    if not (root / "smoothness.csv").exists():
-        warnings.append("no smoothness.csv")
-
+    if (root / CALIBRATION.file).is_file():
+        calibration, problems = _read_csv(root / CALIBRATION.file, CALIBRATION)
+        notes += problems
+    for note in notes:
+        if not note.startswith("no "):
+            warnings.warn(f"{root}: {note}", RunLogWarning, stacklevel=2)
     name = str(config.get("name") or root.resolve().name)
     return Run(
         path=root,
@@ -249,8 +162,15 @@ def load_run(path: str | Path) -> Run:
         smoothness=smoothness,
         advice=advice,
         calibration=calibration,
-        warnings=warnings,
+        warnings=notes,
     )
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:

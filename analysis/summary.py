@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import Run
+from smoothlab.runlog import final_loss
 
 __all__ = [
     "block_summary",
@@ -220,7 +221,8 @@ def compare_methods(
     ``metrics.csv`` with logged rows ``i = 1..n``:
 
     * ``last_step`` = the last logged step,
-    * ``final_loss`` = mean loss over the last ``⌈0.1 n⌉`` logged rows,
+    * ``final_loss`` = :func:`smoothlab.runlog.final_loss` of the logged losses: the mean
+      over the last ``⌈n/10⌉`` rows, NaN/inf propagating (a diverged run is not hidden),
     * ``best_acc`` = ``max_i acc_i``, ``final_acc`` = the last recorded ``acc``
       (``acc`` is the column, ``"eval_acc"`` by default),
     * ``steps_to_target`` = the first step with ``acc >= target_acc`` (NaN when never
@@ -246,12 +248,10 @@ def compare_methods(
         if acc not in m.columns:
             raise ValueError(f"acc={acc!r} is not a metrics column; found {list(m.columns)}")
         m = m.sort_values("step", kind="stable")
-        loss = m["loss"].dropna()
         accs = m[["step", acc]].dropna()
         secs = m[["step", "seconds"]].dropna()
         row["last_step"] = float(m["step"].iloc[-1]) if len(m) else math.nan
-        k = max(1, math.ceil(0.1 * len(loss)))
-        row["final_loss"] = float(loss.iloc[-k:].mean()) if len(loss) else math.nan
+        row["final_loss"] = final_loss(m["loss"].tolist())
         row["best_acc"] = float(accs[acc].max()) if len(accs) else math.nan
         row["final_acc"] = float(accs[acc].iloc[-1]) if len(accs) else math.nan
         row["steps_to_target"] = math.nan

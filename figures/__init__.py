@@ -11,6 +11,8 @@ from figures.fig1 import fig1a, fig1b
 from figures.fig2 import fig2
 from figures.fig3 import fig3
 from figures.fitplot import fig_fit
+from figures.modules import fig_module_heatmap, fig_modules
+from figures.report import write_report
 from figures.style import block_color, method_color, paper_style, savefig
 
 __all__ = [
@@ -22,9 +24,12 @@ __all__ = [
     "fig2",
     "fig3",
     "fig_fit",
+    "fig_module_heatmap",
+    "fig_modules",
     "method_color",
     "paper_style",
     "quadratic",
     "run_gd",
     "savefig",
+    "write_report",
 ]

@@ -21,6 +21,8 @@ matplotlib.use("Agg")  # headless, and identical output everywhere; before pyplo
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from smoothlab.methods import METHODS  # noqa: E402
+
 __all__ = [
     "BLOCK_COLORS",
     "COLUMN_WIDTH",
@@ -50,21 +52,10 @@ _CYCLE = [
 ]
 # yellow is left out of automatic choices: too light on white for thin lines.
 
-METHOD_COLORS: dict[str, str] = {
-    "hybrid-lora": PALETTE["vermillion"],
-    "hybrid-prefix": PALETTE["purple"],
-    "hybrid-prompt": PALETTE["orange"],
-    "hybrid": PALETTE["vermillion"],
-    "zo-ft": PALETTE["blue"],
-    "zo-lora": PALETTE["skyblue"],
-    "mezo": PALETTE["blue"],
-    "fo-lora": PALETTE["green"],
-    "fo-prompt": PALETTE["skyblue"],
-    "fo-prefix": "#882255",
-    "fo-ft": PALETTE["black"],
-}
-"""Fixed colors of the methods the engine knows; hybrid variants are warm, ZO blue,
-first-order green/black."""
+METHOD_COLORS: dict[str, str] = {name: m.color for name, m in METHODS.items()}
+"""Each registered method's colour, read from the registry (``smoothlab.methods.Method.color``);
+hybrid variants are warm, ZO blue, first-order green/black. Not a second table: a method and
+its colour are added with ``smoothlab.methods.register``."""
 
 BLOCK_COLORS: dict[str, str] = {
     "base": PALETTE["blue"],
@@ -134,11 +125,16 @@ def _hashed(name: str) -> str:
 
 
 def method_color(method: str) -> str:
-    """The color of a method (or any run label), the same in every figure."""
+    """The color of a method (or any run label), the same in every figure.
+
+    A registered method (or a label starting with one and a space or ``/``) gets its
+    registry colour, read when called, so methods registered later are included.
+    """
     key = str(method).strip().lower()
-    if key in METHOD_COLORS:
-        return METHOD_COLORS[key]
-    for known, color in METHOD_COLORS.items():  # "hybrid-lora (seed 1)" -> hybrid-lora
+    colors = {name: m.color for name, m in METHODS.items()}
+    if key in colors:
+        return colors[key]
+    for known, color in colors.items():  # "hybrid-lora (seed 1)" -> hybrid-lora
         if key.startswith(known + " ") or key.startswith(known + "/"):
             return color
     return _hashed(key)

@@ -1,27 +1,157 @@
-"""The run folder: ``config.json`` and append-only, flushed CSV logs.
+"""The run folder: its one schema, ``config.json``, and append-only, flushed CSV logs.
 
-``metrics.csv`` and ``smoothness.csv`` get one row at a time, flushed as written, so a killed
-run keeps every row it logged. Reopening a log for a resumed run drops the rows past the
-resume point (``truncate_after``), so no step appears twice.
+This module is the single definition of the run-folder format; the writers (training,
+recorder, calibration) and the readers in ``analysis`` all import it. It uses only the
+standard library (no torch, no pandas).
+
+Files of a run folder:
+
+``config.json``
+    the whole configuration (``method``, ``model``, ``task``, ``seed``, ``lr_base``,
+    ``lr_peft``, ``steps``, ``batch_size``, ``block_sizes`` = block -> ``d_b``, ``versions``).
+``metrics.csv`` (:data:`METRICS`)
+    one row per logged step; ``seconds`` is cumulative training wall-clock, probes excluded.
+``smoothness.csv`` (:data:`SMOOTHNESS`)
+    one row per probe and block; ``estimate`` is ``‖∇²_bb f‖`` (``norm == "spectral"``: the
+    local smoothness ``L_b``).
+``calibration.csv`` (:data:`CALIBRATION`), ``advice.json``
+    the advisor's calibration trials and proposal (optional).
+
+Cells: integers and floats as text (``repr``), a NaN as ``nan``, infinities as ``inf`` /
+``-inf``, a missing value as the empty cell, so a NaN and a missing value differ.
+Rows are written one at a time and flushed. A crash mid-write leaves a *torn* last line (no
+final newline, or the wrong number of fields); :class:`CsvLog` (on resume) and
+:func:`read_log` both detect and drop it.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-METRICS_FIELDS = ("step", "epoch", "loss", "proj_grad", "lr_base", "lr_peft", "eval_acc", "dev_acc", "seconds")
-SMOOTHNESS_FIELDS = (
-    "step", "epoch", "block", "norm", "hvp", "estimate", "stderr", "num_hvp", "grad_norm",
-    "loss", "lr_base", "lr_peft", "probe_seconds", "train_seconds",
+from .errors import UsageError
+
+__all__ = [
+    "CALIBRATION",
+    "CALIBRATION_FIELDS",
+    "METRICS",
+    "METRICS_FIELDS",
+    "SMOOTHNESS",
+    "SMOOTHNESS_FIELDS",
+    "CsvLog",
+    "LogSchema",
+    "LogTable",
+    "RunLogWarning",
+    "final_loss",
+    "format_cell",
+    "parse_cell",
+    "read_log",
+    "versions",
+    "write_json",
+]
+
+
+class RunLogWarning(UserWarning):
+    """A run-folder file was readable but not as written by the schema (torn line, bad
+    cells, an unexpected header, duplicate rows)."""
+
+
+@dataclass(frozen=True)
+class LogSchema:
+    """One CSV file of the run folder.
+
+    ``fields``: the columns, in the order the writer writes them. ``types``: the type of
+    each column's cells (``int``, ``float`` or ``str``; unlisted columns are ``float``).
+    ``required``: columns without which a reader cannot use the file. ``key``: columns that
+    identify a row; two rows with the same key mean two writers (or a botched resume).
+    """
+
+    file: str
+    fields: tuple[str, ...]
+    required: tuple[str, ...]
+    types: Mapping[str, type] = field(default_factory=dict)
+    key: tuple[str, ...] = ()
+
+    def type_of(self, column: str) -> type:
+        """The cell type of ``column`` (``float`` unless declared)."""
+        return self.types.get(column, float)
+
+
+METRICS = LogSchema(
+    file="metrics.csv",
+    fields=(
+        "step",
+        "epoch",
+        "loss",
+        "proj_grad",
+        "lr_base",
+        "lr_peft",
+        "eval_acc",
+        "dev_acc",
+        "seconds",
+    ),
+    required=("step", "loss"),
+    types={"step": int},
+    key=("step",),
 )
+SMOOTHNESS = LogSchema(
+    file="smoothness.csv",
+    fields=(
+        "step",
+        "epoch",
+        "block",
+        "norm",
+        "hvp",
+        "estimate",
+        "stderr",
+        "num_hvp",
+        "grad_norm",
+        "loss",
+        "lr_base",
+        "lr_peft",
+        "probe_seconds",
+        "train_seconds",
+    ),
+    required=("step", "block", "estimate"),
+    types={"step": int, "num_hvp": int, "block": str, "norm": str, "hvp": str},
+    key=("step", "block", "norm", "hvp"),
+)
+CALIBRATION = LogSchema(
+    file="calibration.csv",
+    fields=("scale_x", "scale_y", "lr_base", "lr_peft", "dev_acc", "eval_acc", "final_loss", "run"),
+    required=("lr_base", "lr_peft"),
+    types={"run": str},
+)
+METRICS_FIELDS = METRICS.fields
+SMOOTHNESS_FIELDS = SMOOTHNESS.fields
+CALIBRATION_FIELDS = CALIBRATION.fields
+
+
+def final_loss(losses: Iterable[float | None]) -> float:
+    """The final loss of a run: the mean of the last ``k = ⌈n/10⌉`` logged losses.
+
+    ``losses``: one value per logged row, in step order; ``None`` (a missing cell) is
+    skipped, so ``n`` counts the rows that carry a loss. A NaN or an infinity among the last
+    ``k`` is kept and propagates (the result is then NaN or ±inf), so a run that diverged
+    near its end never reports its pre-divergence loss. NaN when ``n == 0``.
+    """
+    vals = [float(v) for v in losses if v is not None]
+    if not vals:
+        return math.nan
+    k = math.ceil(len(vals) / 10)
+    return sum(vals[-k:]) / k
 
 
 def versions() -> dict[str, str]:
@@ -53,53 +183,171 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
-def _fmt(v: Any) -> str:
+# ----------------------------------------------------------------------------- cells
+
+
+def format_cell(v: Any) -> str:
+    """One cell as text: ``None`` -> ``""``, NaN -> ``"nan"``, ±inf -> ``"inf"``/``"-inf"``,
+    other floats by ``repr`` (round-trips exactly), anything else by ``str``."""
     if v is None:
         return ""
     if isinstance(v, float):
-        return "" if math.isnan(v) else repr(v)
+        return "nan" if math.isnan(v) else repr(v)
     return str(v)
 
 
-class CsvLog:
-    """Append rows to a CSV with a fixed header, flushing after each row."""
+def parse_cell(text: str, kind: type = float) -> Any:
+    """Parse one cell written by :func:`format_cell` as ``kind`` (``int``/``float``/``str``).
 
-    def __init__(self, path: str | Path, fields: Sequence[str], *, truncate_after: int | None = None) -> None:
+    ``""`` gives ``None`` (missing); ``"nan"`` gives ``float('nan')`` for ``float`` columns.
+    An ``int`` cell must hold an integral finite number (``"10"`` or ``"10.0"``). Raises
+    ``ValueError`` for a cell that is not of the type.
+    """
+    s = text.strip()
+    if s == "":
+        return None
+    if kind is str:
+        return s
+    v = float(s)  # ValueError for non-numeric text
+    if kind is int:
+        if not (math.isfinite(v) and v.is_integer()):
+            raise ValueError(f"{s!r} is not an integer")
+        return int(v)
+    return v
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class _Scan:
+    header: tuple[str, ...]
+    rows: list[tuple[int, list[str]]]  # (line number, cells)
+    torn: str | None  # why the last line was dropped
+    bad: list[tuple[int, int]]  # (line number, number of fields) of malformed middle rows
+
+
+def _scan(path: Path) -> _Scan:
+    """Split a CSV file into header and rows, setting aside a torn last line.
+
+    A last line is torn when the file does not end in a newline or when it has a different
+    number of fields from the header. Other rows of the wrong width are listed in ``bad``.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    torn = None
+    if text and not text.endswith("\n"):
+        cut = text.rfind("\n") + 1
+        torn = f"the last line has no newline (a write cut short): {text[cut:][:60]!r}"
+        text = text[:cut]
+    lines = list(csv.reader(io.StringIO(text)))
+    numbered = [(i + 1, r) for i, r in enumerate(lines) if r]  # csv line i+1; blank lines skipped
+    if not numbered:
+        return _Scan((), [], torn, [])
+    header = tuple(c.strip() for c in numbered[0][1])
+    rows = numbered[1:]
+    width = len(header)
+    if torn is None and rows and len(rows[-1][1]) != width:
+        torn = f"the last line has {len(rows[-1][1])} fields, expected {width}"
+        rows = rows[:-1]
+    bad = [(n, len(r)) for n, r in rows if len(r) != width]
+    rows = [(n, r) for n, r in rows if len(r) == width]
+    return _Scan(header, rows, torn, bad)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class CsvLog:
+    """Append rows to a CSV with a fixed header, flushing after each row.
+
+    An existing non-empty file must have exactly ``fields`` as its header (``UsageError``
+    otherwise, also for a header-only file). A torn last line is dropped (with a
+    :class:`RunLogWarning`); so are rows with ``step > truncate_after`` when resuming. A
+    malformed row before the last line, or a row without an integer step, is refused.
+    """
+
+    def __init__(
+        self, path: str | Path, fields: Sequence[str], *, truncate_after: int | None = None
+    ) -> None:
         self.path = Path(path)
         self.fields = tuple(fields)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._steps: set[int] = set()
         if self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open(newline="") as fh:
-                rows = list(csv.DictReader(fh))
-                header = rows and list(rows[0].keys())
-            if header and tuple(header) != self.fields:
-                raise ValueError(f"{self.path} has columns {header}, expected {list(self.fields)}")
-            if truncate_after is not None:
-                kept = [r for r in rows if r.get("step") in (None, "") or int(float(r["step"])) <= truncate_after]
-                if len(kept) != len(rows):
-                    self._rewrite(kept)
+            self._reopen(truncate_after)
         else:
             self._rewrite([])
-        self._fh = self.path.open("a", newline="")
-        self._writer = csv.DictWriter(self._fh, fieldnames=self.fields)
+        self._fh = self.path.open("a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._fh, lineterminator="\n")
 
-    def _rewrite(self, rows: list[dict]) -> None:
-        with self.path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.fields)
-            w.writeheader()
+    def _reopen(self, truncate_after: int | None) -> None:
+        scan = _scan(self.path)
+        if not scan.header:  # only a torn header: nothing was logged yet
+            self._rewrite([])
+            return
+        if scan.header != self.fields:
+            raise UsageError(
+                f"{self.path} has columns {list(scan.header)}, expected {list(self.fields)}; "
+                "it belongs to another program or version: move it away or use a new run folder"
+            )
+        if scan.bad:
+            n, k = scan.bad[0]
+            raise UsageError(
+                f"{self.path}: line {n} has {k} fields, expected {len(self.fields)} "
+                f"({len(scan.bad)} such rows): the file is corrupt"
+            )
+        kept = []
+        for n, cells in scan.rows:
+            step = self._step_of(cells, n)
+            if truncate_after is None or step is None or step <= truncate_after:
+                kept.append(cells)
+                if step is not None:
+                    self._steps.add(step)
+        if scan.torn:
+            warnings.warn(f"{self.path}: {scan.torn}; dropped", RunLogWarning, stacklevel=3)
+        if scan.torn or len(kept) != len(scan.rows):
+            self._rewrite(kept)
+
+    def _step_of(self, cells: list[str], line: int) -> int | None:
+        if "step" not in self.fields:
+            return None
+        text = cells[self.fields.index("step")]
+        try:
+            step = parse_cell(text, int)
+        except ValueError:
+            step = None
+        if step is None:
+            raise UsageError(f"{self.path}: line {line} has step {text!r}, expected an integer")
+        return step
+
+    def _rewrite(self, rows: list[list[str]]) -> None:
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(self.fields)
             w.writerows(rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.path)
 
     def steps(self) -> set[int]:
-        """Steps already logged."""
-        with self.path.open(newline="") as fh:
-            return {int(float(r["step"])) for r in csv.DictReader(fh) if r.get("step")}
+        """Steps already logged (after truncation)."""
+        return set(self._steps)
 
     def write(self, row: Mapping[str, Any]) -> None:
+        """Append one row (missing columns are empty cells) and flush it."""
         unknown = set(row) - set(self.fields)
         if unknown:
-            raise ValueError(f"unknown columns {sorted(unknown)} for {self.path.name}; columns: {list(self.fields)}")
-        self._writer.writerow({k: _fmt(row.get(k)) for k in self.fields})
+            raise ValueError(
+                f"unknown columns {sorted(unknown)} for {self.path.name}; columns: {list(self.fields)}"
+            )
+        self._writer.writerow([format_cell(row.get(k)) for k in self.fields])
         self._fh.flush()
+        if row.get("step") is not None:
+            self._steps.add(int(row["step"]))
 
     def close(self) -> None:
         self._fh.close()
@@ -109,3 +357,124 @@ class CsvLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+@dataclass
+class LogTable:
+    """A run CSV as read by :func:`read_log`.
+
+    ``columns``: the schema's fields, then any extra columns of the file. ``rows``: one dict
+    per kept row, cells parsed by :meth:`LogSchema.type_of` (``None`` = missing cell, NaN =
+    a written ``nan``; extra columns are floats when numeric, else text). ``problems``: what
+    did not match the schema, one sentence each (empty for a clean file).
+    """
+
+    path: Path
+    columns: tuple[str, ...]
+    rows: list[dict[str, Any]]
+    problems: list[str] = field(default_factory=list)
+
+
+def read_log(path: str | Path, schema: LogSchema, *, warn: bool = True) -> LogTable:
+    """Read one run CSV leniently, listing every deviation from ``schema``.
+
+    A missing or empty file gives no rows. Dropped and reported: a torn last line, rows of the
+    wrong width, rows whose ``int`` key cell (``step``) is missing or not an integer.
+    Reported and read as missing: cells that do not parse as their column's type. Reported
+    only: a header that differs from ``schema.fields`` and rows repeating a ``schema.key``.
+    ``UsageError`` when the header lacks a ``schema.required`` column or repeats a column.
+    With ``warn``, each problem is also issued as a :class:`RunLogWarning`.
+    """
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return LogTable(path, schema.fields, [])
+    scan = _scan(path)
+    problems = [f"{scan.torn}; dropped"] if scan.torn else []
+    _check_header(path, scan.header, schema, problems)
+    if scan.bad:
+        lines = ", ".join(str(n) for n, _ in scan.bad[:5])
+        problems.append(
+            f"{len(scan.bad)} row(s) with a wrong number of fields dropped (line {lines})"
+        )
+    rows = _parse_rows(scan, schema, problems)
+    _check_duplicates(rows, schema, problems)
+    columns = schema.fields + tuple(c for c in scan.header if c not in schema.fields)
+    if warn:
+        for p in problems:
+            warnings.warn(f"{path}: {p}", RunLogWarning, stacklevel=2)
+    return LogTable(path, columns, rows, problems)
+
+
+def _check_header(
+    path: Path, header: tuple[str, ...], schema: LogSchema, problems: list[str]
+) -> None:
+    repeated = sorted(c for c, k in Counter(header).items() if k > 1)
+    missing = [c for c in schema.required if c not in header]
+    if repeated or missing:
+        what = (
+            f"repeats column(s) {repeated}" if repeated else f"lacks required column(s) {missing}"
+        )
+        raise UsageError(
+            f"{path}: the header {what}; found {list(header)} "
+            f"(expected at least {list(schema.required)}, normally {list(schema.fields)})"
+        )
+    if header != schema.fields:
+        absent = [c for c in schema.fields if c not in header]
+        extra = [c for c in header if c not in schema.fields]
+        order = "" if absent or extra else "; same columns in another order"
+        problems.append(
+            f"the header differs from the {schema.file} schema: missing {absent}, "
+            f"unexpected {extra}{order}"
+        )
+
+
+def _parse_rows(scan: _Scan, schema: LogSchema, problems: list[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    bad_cells: dict[str, list[tuple[int, str]]] = {}
+    no_key: list[int] = []
+    for line, cells in scan.rows:
+        row: dict[str, Any] = dict.fromkeys(schema.fields)
+        for col, text in zip(scan.header, cells):
+            kind = schema.type_of(col) if col in schema.fields else None
+            try:
+                row[col] = parse_cell(text, kind or float)
+            except ValueError:
+                if kind is None:
+                    row[col] = text.strip()
+                else:
+                    row[col] = None
+                    if col not in schema.key:  # a bad key drops the row, reported below
+                        bad_cells.setdefault(col, []).append((line, text))
+        if any(schema.type_of(k) is int and row[k] is None for k in schema.key if k in scan.header):
+            no_key.append(line)
+            continue
+        rows.append(row)
+    for col, bad in bad_cells.items():
+        line, text = bad[0]
+        problems.append(
+            f"column {col!r}: {len(bad)} cell(s) not of type "
+            f"{schema.type_of(col).__name__}, read as missing (first: line {line}, {text!r})"
+        )
+    if no_key:
+        problems.append(
+            f"{len(no_key)} row(s) without an integer step dropped (line "
+            f"{', '.join(map(str, no_key[:5]))})"
+        )
+    return rows
+
+
+def _check_duplicates(rows: list[dict[str, Any]], schema: LogSchema, problems: list[str]) -> None:
+    if not schema.key:
+        return
+    counts = Counter(tuple(r.get(k) for k in schema.key) for r in rows)
+    dup = [(key, k) for key, k in counts.items() if k > 1]
+    if dup:
+        key, k = dup[0]
+        first = ", ".join(f"{c}={v!r}" for c, v in zip(schema.key, key))
+        problems.append(
+            f"{len(dup)} row key(s) ({', '.join(schema.key)}) appear more than once "
+            f"(first: {first}, {k} times): two writers into one run folder?"
+        )

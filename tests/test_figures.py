@@ -4,6 +4,9 @@ figure writing a non-empty PNG and PDF or refusing bad input with a clear messag
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,11 @@ from figures import (
     run_gd,
     savefig,
 )
-from figures.style import METHOD_COLORS, block_color
+from figures.style import METHOD_COLORS, PALETTE, block_color
+from smoothlab.methods import METHODS, get_method
+from smoothlab.runlog import RunLogWarning
+
+ROOT = Path(__file__).resolve().parents[1]  # subprocesses import the packages from here
 
 
 def smoothness_frame(blocks=("base", "peft"), steps=range(0, 100, 10)) -> pd.DataFrame:
@@ -147,7 +154,8 @@ def test_fig3_from_runs(tmp_path):
         root.mkdir()
         (root / "config.json").write_text(json.dumps({"method": method}))
         metrics_frame().to_csv(root / "metrics.csv", index=False)
-    runs = [load_run(tmp_path / "r1"), load_run(tmp_path / "r2")]
+    with pytest.warns(RunLogWarning, match=r"header differs .* missing \['epoch'"):
+        runs = [load_run(tmp_path / "r1"), load_run(tmp_path / "r2")]
     assert_written(fig3(runs, tmp_path / "fig3_runs"))
 
 
@@ -160,11 +168,22 @@ def test_fig_fit(tmp_path):
 
 
 def test_style_colors_are_stable_and_distinct():
-    assert method_color("hybrid-lora") == METHOD_COLORS["hybrid-lora"]
+    assert METHOD_COLORS == {name: m.color for name, m in METHODS.items()}  # no second table
+    assert method_color("hybrid-lora") == get_method("hybrid-lora").color == "#D55E00"
+    assert method_color("zo-ft") == "#0072B2"
+    assert len({method_color(m) for m in METHODS}) == len(METHODS)  # all distinct
     assert method_color("Hybrid-LoRA") == method_color("hybrid-lora")
     assert method_color("hybrid-lora (run 2)") == method_color("hybrid-lora")
     assert len({method_color(m) for m in ("hybrid-lora", "zo-ft", "fo-lora")}) == 3
-    assert method_color("some new method") == method_color("some new method")
+    # an unregistered label: a palette colour, the same in a process with another hash seed
+    new = method_color("some new method")
+    assert new in PALETTE.values()
+    code = "from figures.style import method_color; print(method_color('some new method'))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert out.stdout.strip() == new
     assert block_color("base") != block_color("peft")
 
 

@@ -1,0 +1,157 @@
+"""The run-folder schema (smoothlab.runlog): writer and reader agree on headers, torn lines,
+NaN versus missing cells, malformed rows and the one definition of the final loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from smoothlab.errors import UsageError
+from smoothlab.runlog import (
+    METRICS,
+    METRICS_FIELDS,
+    SMOOTHNESS,
+    CsvLog,
+    RunLogWarning,
+    final_loss,
+    format_cell,
+    parse_cell,
+    read_log,
+)
+
+
+def _write_steps(path, steps, **extra):
+    with CsvLog(path, METRICS_FIELDS) as log:
+        for s in steps:
+            log.write({"step": s, "loss": 1.0 / s, **extra})
+
+
+def test_nan_and_missing_cells_round_trip(tmp_path):
+    path = tmp_path / "metrics.csv"
+    with CsvLog(path, METRICS_FIELDS) as log:
+        log.write({"step": 1, "loss": math.nan, "eval_acc": None, "seconds": math.inf})
+        log.write({"step": 2, "loss": 0.1 + 0.2, "proj_grad": -math.inf})
+    lines = path.read_text().splitlines()
+    assert lines[1] == "1,,nan,,,,,,inf"  # nan written, missing cells empty
+    rows = read_log(path, METRICS).rows
+    assert math.isnan(rows[0]["loss"]) and rows[0]["eval_acc"] is None
+    assert rows[0]["seconds"] == math.inf and rows[1]["proj_grad"] == -math.inf
+    assert rows[1]["loss"] == 0.1 + 0.2  # repr round-trips the float exactly
+    assert rows[1]["step"] == 2 and isinstance(rows[1]["step"], int)
+
+
+def test_cells():
+    assert format_cell(None) == "" and format_cell(math.nan) == "nan" and format_cell(3) == "3"
+    assert parse_cell("") is None and parse_cell("10.0", int) == 10
+    assert parse_cell(" x ", str) == "x"
+    with pytest.raises(ValueError):
+        parse_cell("10.5", int)
+    with pytest.raises(ValueError):
+        parse_cell("abc")
+
+
+def test_header_only_file_with_other_columns_is_rejected(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss,other\n")
+    with pytest.raises(UsageError, match=r"columns \['step', 'loss', 'other'\], expected"):
+        CsvLog(path, METRICS_FIELDS)
+    assert path.read_text() == "step,loss,other\n"  # untouched
+
+
+def test_resume_drops_torn_last_line_instead_of_appending_to_it(tmp_path):
+    path = tmp_path / "metrics.csv"
+    _write_steps(path, range(1, 11))
+    with path.open("a") as fh:
+        fh.write("11")  # killed while writing step 11's row
+    with pytest.warns(RunLogWarning, match="no newline"):
+        log = CsvLog(path, METRICS_FIELDS, truncate_after=10)
+    assert log.steps() == set(range(1, 11))
+    log.write({"step": 11, "loss": 0.5})
+    log.close()
+    steps = [r["step"] for r in read_log(path, METRICS).rows]
+    assert steps == list(range(1, 12))  # no step "111"
+
+
+def test_resume_drops_last_line_of_wrong_width_and_later_steps(tmp_path):
+    path = tmp_path / "metrics.csv"
+    _write_steps(path, range(1, 6))
+    with path.open("a") as fh:
+        fh.write("6,0.1\n")
+    with pytest.warns(RunLogWarning, match="2 fields, expected 9"):
+        log = CsvLog(path, METRICS_FIELDS, truncate_after=3)
+    log.close()
+    assert [r["step"] for r in read_log(path, METRICS).rows] == [1, 2, 3]
+
+
+def test_writer_refuses_corrupt_middle_row(tmp_path):
+    path = tmp_path / "metrics.csv"
+    _write_steps(path, [1])
+    with path.open("a") as fh:
+        fh.write("2,0.1\n3,,0.5,,,,,,\n")
+    with pytest.raises(UsageError, match="line 3 has 2 fields, expected 9"):
+        CsvLog(path, METRICS_FIELDS)
+
+
+def test_torn_header_only_file_restarts(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,epo")
+    CsvLog(path, METRICS_FIELDS).close()
+    assert path.read_text() == ",".join(METRICS_FIELDS) + "\n"
+
+
+def test_reader_lists_every_problem(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text(
+        "\ufeffstep,loss,extra\n"  # BOM accepted; header differs from the schema
+        "1,0.5,a\n"
+        "2,oops,b\n"  # non-numeric loss
+        "2,0.4,c\n"  # second row for step 2
+        "x,0.3,d\n"  # no integer step
+        "4,0.2\n"  # wrong width in the middle
+        "5,0.1,e\n"
+        "6,0."  # torn
+    )
+    with pytest.warns(RunLogWarning):
+        table = read_log(path, METRICS)
+    assert [r["step"] for r in table.rows] == [1, 2, 2, 5]
+    assert table.rows[1]["loss"] is None and table.rows[0]["extra"] == "a"
+    assert table.columns == METRICS.fields + ("extra",)
+    text = "\n".join(table.problems)
+    for expected in (
+        "no newline",
+        "missing ['epoch', 'proj_grad'",
+        "unexpected ['extra']",
+        "column 'loss': 1 cell(s) not of type float, read as missing (first: line 3, 'oops')",
+        "1 row(s) without an integer step dropped (line 5)",
+        "1 row(s) with a wrong number of fields dropped (line 6)",
+        "first: step=2, 2 times",
+    ):
+        assert expected in text
+    assert len(table.problems) == 6
+
+
+def test_clean_file_has_no_problems(tmp_path):
+    path = tmp_path / "metrics.csv"
+    _write_steps(path, [1, 2, 3])
+    assert read_log(path, METRICS).problems == []
+    assert read_log(tmp_path / "absent.csv", METRICS).rows == []
+
+
+def test_reader_rejects_unusable_header(tmp_path):
+    path = tmp_path / "smoothness.csv"
+    path.write_text("step,block,value\n0,base,1.0\n")
+    with pytest.raises(UsageError, match=r"lacks required column\(s\) \['estimate'\]"):
+        read_log(path, SMOOTHNESS)
+    path.write_text("step,step,block,estimate\n")
+    with pytest.raises(UsageError, match=r"repeats column\(s\) \['step'\]"):
+        read_log(path, SMOOTHNESS)
+
+
+def test_final_loss():
+    assert final_loss(range(20, 0, -1)) == 1.5  # n = 20: mean of the last 2
+    assert final_loss([4.0, None, 2.0]) == 2.0  # n = 2 rows with a loss: k = 1
+    assert final_loss([1.0] * 11) == 1.0 and final_loss([3.0] * 10 + [1.0]) == 2.0  # k = 2
+    assert math.isnan(final_loss([])) and math.isnan(final_loss([None]))
+    assert math.isnan(final_loss([1.0] * 30 + [math.nan]))  # divergence is not hidden
+    assert final_loss([1.0] * 30 + [math.inf]) == math.inf
