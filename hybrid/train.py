@@ -25,7 +25,7 @@ from smoothlab.blocks import block_sizes, make_blocks
 from smoothlab.errors import UsageError
 from smoothlab.methods import get_method
 from smoothlab.recorder import TrajectoryRecorder
-from smoothlab.runlog import METRICS_FIELDS, CsvLog, versions, write_json
+from smoothlab.runlog import METRICS, METRICS_FIELDS, CsvLog, final_loss, read_log, versions, write_json
 
 from .config import TrainConfig, user_input
 from .data import EpochSampler, Splits, Task, load_task_data
@@ -244,7 +244,7 @@ class Trainer:
             "step": self.t,
             "epoch": epoch,
             "loss": res.loss,
-            "proj_grad": res.proj_grad,
+            "proj_grad": res.proj_grad if self.engine.zo_params else None,  # n/a, not nan
             "lr_base": self.engine.lr("base"),
             "lr_peft": self.engine.lr("peft"),
             "seconds": self.elapsed,
@@ -319,7 +319,7 @@ class Trainer:
         summary = {
             "method": self.cfg.method,
             "steps": self.t,
-            "final_loss": self.last_loss,
+            "final_loss": final_loss(r["loss"] for r in read_log(self.out / "metrics.csv", METRICS, warn=False).rows),
             "best_dev_acc": self.best_dev,
             "train_seconds": self.elapsed,
             "seconds_per_step": self.elapsed / ran if ran > 0 else math.nan,

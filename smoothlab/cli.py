@@ -291,7 +291,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- figure1
 def cmd_figure1(args: argparse.Namespace) -> int:
-    from analysis import load_run, smoothness_ratio, write_report
+    from analysis import load_run, smoothness_ratio
+    from figures.report import write_report
     from figures.example23 import example23
     from figures.fig1 import fig1a, fig1b
     from hybrid.config import Figure1Config
@@ -454,7 +455,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
-    from analysis import write_report
+    from figures.report import write_report
     from hybrid.config import check_out
 
     for r in args.runs:
