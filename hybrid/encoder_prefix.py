@@ -295,5 +295,7 @@ def load_encoder_prefix(
     cfg.inference_mode = not is_trainable
     model = EncoderPrefixModel(bundle.model, cfg)
     model.load_adapter(os.fspath(path), adapter_name="default", is_trainable=is_trainable)
+    if not is_trainable:  # peft leaves the prompt encoder trainable even in inference mode
+        model.requires_grad_(False)
     model.to(bundle.device)
     return dataclasses.replace(bundle, model=model)
