@@ -83,24 +83,13 @@ def _attach_prompt(bundle: ModelBundle, opts: PeftOptions) -> ModelBundle:
     return _wrap(bundle, config, opts.seed)
 
 
-_ENCODER_PREFIX_MODULE = f"{__package__}.encoder_prefix"
-
-
 def _attach_prefix(bundle: ModelBundle, opts: PeftOptions) -> ModelBundle:
     """Prefix tuning: trainable key/value prefixes in every attention layer. Causal LMs use
     peft's ``PrefixTuningConfig``; encoders use :mod:`hybrid.encoder_prefix` (transformers 5
     encoders ignore the ``past_key_values`` peft's prefix tuning relies on)."""
     if bundle.kind == "encoder":
-        try:
-            from .encoder_prefix import attach_encoder_prefix
-        except ModuleNotFoundError as err:
-            if err.name != _ENCODER_PREFIX_MODULE:
-                raise
-            raise UsageError(
-                f"PEFT method 'prefix' is not supported for encoder model {bundle.name!r}: in "
-                "transformers 5 BERT-like encoders ignore past key values, which prefix tuning "
-                "needs; accepted for encoders: 'lora', 'prompt'"
-            ) from None
+        from .encoder_prefix import attach_encoder_prefix  # imports peft at load
+
         return attach_encoder_prefix(bundle, opts.num_virtual_tokens, seed=opts.seed)
     from peft import PrefixTuningConfig
 

@@ -38,7 +38,8 @@ import torch
 from peft import PeftModelForSequenceClassification, PrefixTuningConfig, TaskType
 from torch import nn
 
-from hybrid.models import ModelBundle, _seeded_rng
+from hybrid.scoring import ModelBundle
+from hybrid.seeding import seeded_rng
 from smoothlab.errors import UsageError
 
 __all__ = [
@@ -265,7 +266,7 @@ def attach_encoder_prefix(
         raise UsageError(f"num_virtual_tokens={num_virtual_tokens}; accepted: an integer >= 1")
     _check_bundle(bundle)
     cfg = PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=num_virtual_tokens)
-    with _seeded_rng(seed, bundle.device):
+    with seeded_rng(seed, bundle.device):
         model = EncoderPrefixModel(bundle.model, cfg)
     model.to(bundle.device)
     return dataclasses.replace(bundle, model=model)

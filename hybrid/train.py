@@ -25,7 +25,15 @@ from smoothlab.blocks import block_sizes, make_blocks
 from smoothlab.errors import UsageError
 from smoothlab.methods import get_method
 from smoothlab.recorder import TrajectoryRecorder
-from smoothlab.runlog import METRICS, METRICS_FIELDS, CsvLog, final_loss, read_log, versions, write_json
+from smoothlab.runlog import (
+    METRICS,
+    METRICS_FIELDS,
+    CsvLog,
+    final_loss,
+    read_log,
+    versions,
+    write_json,
+)
 
 from .config import TrainConfig, user_input
 from .data import EpochSampler, Splits, Task, load_task_data

@@ -292,9 +292,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- figure1
 def cmd_figure1(args: argparse.Namespace) -> int:
     from analysis import load_run, smoothness_ratio
-    from figures.report import write_report
     from figures.example23 import example23
     from figures.fig1 import fig1a, fig1b
+    from figures.report import write_report
     from hybrid.config import Figure1Config
     from hybrid.presets import FIGURE1_PRESETS, figure1_runs
     from hybrid.train import train

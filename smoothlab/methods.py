@@ -90,6 +90,9 @@ def peft_kinds() -> tuple[str, ...]:
 
 _PEFT_LR = (0.01, 0.03, 0.1, 0.3, 1.0)  # plain SGD (no momentum): PEFT rates must be large
 _BASE_LR = (1e-6, 1e-5, 1e-4, 1e-3)
+# encoder prefixes get tiny gradients (a fresh head, std 0.02): plain SGD moves them only at
+# rates of 1e2-1e3 (measured on MiniLM + SST-2, tests/test_encoder_prefix.py)
+_PREFIX_LR = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 register(Method("zo-ft", zo="all", fo="none", color=_BLUE, label="ZO full fine-tuning (MeZO)",
                 grid={"lr_base": _BASE_LR}))
@@ -97,9 +100,11 @@ register(Method("fo-ft", zo="none", fo="all", color=_BLACK, label="first-order f
                 grid={"lr_peft": (1e-3, 1e-2, 5e-2, 0.1)}))
 _KINDS = (("lora", _GREEN, _VERMILLION), ("prompt", _SKYBLUE, _ORANGE), ("prefix", _WINE, _PURPLE))
 for _kind, _color, _ in _KINDS:
+    _lr = _PREFIX_LR if _kind == "prefix" else _PEFT_LR
     register(Method(f"fo-{_kind}", zo="none", fo="peft", peft=_kind, color=_color,
-                    label=f"first-order {_kind}", grid={"lr_peft": _PEFT_LR}))
+                    label=f"first-order {_kind}", grid={"lr_peft": _lr}))
 for _kind, _, _color in _KINDS:
     register(Method(f"hybrid-{_kind}", zo="base", fo="peft", peft=_kind, color=_color,
                     label=f"hybrid ZO base + first-order {_kind}",
-                    grid={"lr_base": _BASE_LR, "lr_peft": _PEFT_LR}))
+                    grid={"lr_base": _BASE_LR,
+                          "lr_peft": _PREFIX_LR if _kind == "prefix" else _PEFT_LR}))

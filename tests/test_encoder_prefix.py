@@ -17,9 +17,11 @@ from hybrid.encoder_prefix import (
     extend_mask,
     load_encoder_prefix,
 )
+from hybrid.seeding import seeded_rng
 from smoothlab.blocks import make_blocks
 from smoothlab.errors import UsageError
 from smoothlab.perturb import shifted
+from tests.tiny_models import tiny_encoder
 
 SST2 = D.get_task("sst2")
 SST2_TSV = "/work/shared/data/sst2/train.tsv"
@@ -42,7 +44,7 @@ def _tiny_bert(impl: str, seed: int = 0) -> torch.nn.Module:
         initializer_range=0.5,
         attn_implementation=impl,
     )
-    with M._seeded_rng(seed):
+    with seeded_rng(seed):
         model = BertForSequenceClassification(cfg)
     return model.double().eval()
 
@@ -109,7 +111,7 @@ def test_prefixed_attention_matches_float64_reference(impl: str) -> None:
 def test_eager_and_sdpa_agree_and_prefix_changes_logits() -> None:
     logits = {}
     for impl in ("eager", "sdpa"):
-        with M._seeded_rng(1):
+        with seeded_rng(1):
             model = EncoderPrefixModel(_tiny_bert(impl), _prefix_config()).double()
         with torch.no_grad():
             logits[impl] = model(input_ids=IDS, attention_mask=MASK).logits
@@ -138,7 +140,7 @@ def _prefix_config():  # noqa: ANN202
 
 
 def _tiny_bundle(seed: int = 0) -> M.ModelBundle:
-    model, tok = M.tiny_encoder(seed=seed)
+    model, tok = tiny_encoder(seed=seed)
     return M.ModelBundle(
         model=model,
         tokenizer=tok,

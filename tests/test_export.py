@@ -15,8 +15,8 @@ import torch
 from hybrid.data import Task
 from hybrid.export import export
 from hybrid.models import attach_peft, load_model
-from tests.tiny_models import tiny_encoder
 from smoothlab.errors import UsageError
+from tests.tiny_models import tiny_encoder
 
 TASK = Task(name="t", kind="classification", num_options=2, label_words=("bad", "good"))
 

@@ -269,14 +269,6 @@ def test_attach_peft_encoder_multiple_choice(tiny_dirs) -> None:
     _check_peft_forward(pb, MC_EXAMPLES, 2)
 
 
-# TO DELETE AT MERGE: once hybrid/encoder_prefix.py exists, "prefix" on an encoder dispatches
-# to it (test_prefix_on_encoder_dispatches_to_encoder_prefix) and is no longer refused.
-def test_prefix_on_encoder_is_refused(tiny_dirs) -> None:
-    bundle = M.load_model(tiny_dirs["encoder"], CLS_TASK)
-    with pytest.raises(ValueError, match="prefix.*lora.*prompt"):
-        M.attach_peft(bundle, "prefix")
-
-
 def test_prefix_on_encoder_dispatches_to_encoder_prefix(
     tiny_dirs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
