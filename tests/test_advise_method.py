@@ -77,3 +77,40 @@ def test_train_command_runs_with_the_advised_rates(enc: Path, tmp_path: Path, ca
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     for key in ("method", "steps", "batch_size", "q", "train_size", "lora_r", "model", "task"):
         assert saved[key] == getattr(cfg, key)
+
+
+def test_paired_selection_sees_small_consistent_loss_differences() -> None:
+    from hybrid.calibrate import select_paired
+
+    base = [
+        0.7 + 0.05 * math.sin(t) for t in range(40)
+    ]  # batch-to-batch noise shared by all pilots
+
+    def row(s: float, shift: float, losses: list[float] | None = None) -> dict:
+        ls = (
+            [v + shift * (t / 40) + 1e-4 * math.cos(3 * t + s) for t, v in enumerate(base)]
+            if losses is None
+            else losses
+        )
+        return {"scale_x": s, "final_loss": ls[-1] if ls else math.nan, "losses": ls}
+
+    # a 0.3% lower loss, far below the batch noise, is resolved by pairing
+    assert select_paired([row(0.5, 0.0), row(1.0, 0.0), row(8.0, -0.002)])["scale_x"] == 8.0
+    # indistinguishable pilots keep the proposal; a diverged pilot never wins
+    assert select_paired([row(0.5, 0.0), row(1.0, 0.0), row(8.0, 0.0, [])])["scale_x"] == 1.0
+    assert select_paired([row(0.5, 0.001), row(1.0, 0.0, [])])["scale_x"] == 0.5
+
+
+def test_calibration_x_pilots_are_zo_ft(enc: Path, tmp_path: Path) -> None:
+    from hybrid.calibrate import calibrate
+
+    cfg = _cfg(enc, "hybrid-lora", tmp_path / "unused")
+    adv, _ = advise_config(cfg, hvp="exact", vectors=4)
+    cal, rows = calibrate(
+        cfg, adv, tmp_path / "cal", multipliers=(0.5, 2.0), pilot_steps=3, progress=False
+    )
+    assert [r["method"] for r in rows[:3]] == ["zo-ft"] * 3 and all(
+        r["lr_peft"] == 0 for r in rows[:3]
+    )
+    assert {r["method"] for r in rows[3:]} == {"hybrid-lora"}
+    assert cal.eta_x / adv.eta_x in (0.5, 1.0, 2.0)
