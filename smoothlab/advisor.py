@@ -196,7 +196,7 @@ def _optional(name: str, v: float | None) -> float:
 
 
 def _rel(se: float, v: float) -> float:
-    return (se / abs(v)) if (math.isfinite(se) and v) else 0.0
+    return (se / abs(v)) if v else nan
 
 
 def curvature_rate(
