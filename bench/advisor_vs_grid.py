@@ -68,8 +68,10 @@ def _cfg(
     )
 
 
-def cell_path(out: Path, method: str, lr_base: float, lr_peft: float, seed: int) -> Path:
-    return out / "grid" / f"{method}_b{lr_base:.3g}_p{lr_peft:.3g}_s{seed}.json"
+def cell_path(
+    out: Path, method: str, lr_base: float, lr_peft: float, seed: int, steps: int
+) -> Path:
+    return out / f"grid_{steps}steps" / f"{method}_b{lr_base:.3g}_p{lr_peft:.3g}_s{seed}.json"
 
 
 def run_cell(
@@ -81,7 +83,7 @@ def run_cell(
 
     from hybrid.train import train
 
-    path = cell_path(args.out, method, lr_base, lr_peft, seed)
+    path = cell_path(args.out, method, lr_base, lr_peft, seed, args.steps)
     if path.exists():
         return json.loads(path.read_text())
     run_dir = args.out / "runs" / path.stem
@@ -262,10 +264,10 @@ def _summary_lines(method: str, agg: dict, adv: dict) -> list[str]:
 
 
 def phase_report(args: argparse.Namespace) -> None:
-    cells, advice = _load(args.out, "grid"), _load(args.out, "advise")
+    cells, advice = _load(args.out, f"grid_{args.steps}steps"), _load(args.out, "advise")
     lines = [
         f"advisor vs grid: SST-2 ({args.data.name}, data seed {args.data_seed}), MiniLM, CPU, batch 16; "
-        f"{len(cells)} grid runs, {len(advice)} advice probes",
+        f"{args.steps} steps; {len(cells)} grid runs, {len(advice)} advice probes",
         "advice: probe of the step-0 batch at initialisation, no pilots",
     ]
     for a in advice:
