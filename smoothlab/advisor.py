@@ -1,17 +1,57 @@
-r"""Learning-rate advisor: step sizes from block smoothness (the paper's Section 3, insight 1).
+r"""Learning-rate advisor: step sizes from block curvature (the paper's Section 3, insight 1).
 
-For the PEFT block y (exact gradients), the descent lemma gives the classic η_y = c_y / L_y.
-For the base block x with a Gaussian SPSA estimate averaged over q perturbations,
-E‖ĝ_x‖² = ((d_x + 1)/q + 1)‖∇_x f‖² (two-sided, μ → 0), and minimising the descent-lemma bound
-−η‖∇f‖² + (L_x η²/2) E‖ĝ‖² gives
+**First-order block y** (exact gradients): the descent lemma gives η_y = c_y / L_y. Reported
+beside it: the gradient-direction curvature ρ_y = g_yᵀH_yy g_y/‖g_y‖² and the exact line
+minimiser of the quadratic model along −g_y, 1/ρ_y.
 
-    η_x = c_x · q / (L_x (d_x + 1 + q))  ≈  c_x / (L_x d_x)      (d_x ≫ q).
+**Zeroth-order block x, rule ``"curvature"`` (the default when curvature inputs are given).**
+One SPSA step x⁺ = x − η ĝ with ĝ = (1/q) Σ_i (gᵀz_i) z_i (the μ → 0 limit of both the one-
+and two-sided estimate), z_i i.i.d. with independent coordinates, E z = 0, E z_a² = 1,
+E z_a⁴ = κ (Gaussian κ = 3, Rademacher κ = 1); g = ∇_x f, H = ∇²_xx f at x. The second-order
+model of f:
 
-A one-sided estimate has the same second moment to first order (plus an O(μ L_x d_x) bias),
-so it gets the same proposal. With ``x_gradient="exact"`` (first-order x) η_x = c_x / L_x; on
-the paper's Example 2.3, f = a x² + b y², that is exactly 1/(2a) and 1/(2b) for c = 1.
+    E f(x − ηĝ) ≈ f − η gᵀE ĝ + (η²/2) E[ĝᵀHĝ],     E ĝ = E[z zᵀ] g = g.
 
-Uncertainty is carried through to first order: se(η)/η = se(L)/L.
+E[ĝᵀHĝ] = (1/q²) Σ_{i,j} E[(gᵀz_i)(gᵀz_j) z_iᵀH z_j]. The q(q−1) pairs i ≠ j are independent:
+each gives (E[(gᵀz)z])ᵀ H E[(gᵀz)z] = gᵀHg. The q diagonal terms need the fourth moment
+E[z_a z_b z_c z_d] = δ_ab δ_cd + δ_ac δ_bd + δ_ad δ_bc + (κ − 3) δ_abcd (Isserlis for κ = 3):
+
+    E[(gᵀz)² zᵀHz] = Σ g_a g_b H_cd E[z_a z_b z_c z_d] = ‖g‖² tr H + 2 gᵀHg + (κ−3) Σ_a g_a² H_aa,
+    E[ĝᵀHĝ] = (1/q)(‖g‖² tr H + 2 gᵀHg + (κ−3) Σ_a g_a² H_aa) + (1 − 1/q) gᵀHg.
+
+Minimising −η‖g‖² + (η²/2) E[ĝᵀHĝ] over η (with ρ = gᵀHg/‖g‖², δ = Σ g_a² H_aa/‖g‖²):
+
+    η_x* = q / (tr H + (q+1) ρ + (κ−3) δ)                          ("curvature", × c_x)
+    η_x,safe = q / (tr⁺H + (q+1) L_x + |κ−3| L_x)   (ρ, |δ| ≤ L_x)    ("safe")
+
+and the model predicts the one-step change −η‖g‖² + (η²/2)E[ĝᵀHĝ] = −‖g‖²η*/2 at η*.
+Instead of tr H one may give the measured single-direction second moment
+m₁ = E[(gᵀz)² zᵀHz]/‖g‖² (= tr H + 2ρ + (κ−3)δ); then η* = q / (m₁ + (q−1) ρ).
+
+Assumptions: the quadratic model holds over one step (a step moves x by η‖ĝ‖ ≈ η‖g‖√(d/q));
+μ → 0 (the O(μ²) bias of the difference quotient is ignored); g and H are those of the batch
+the step sees (minibatch noise is not modelled: with E_ξ over batches the numerator would be
+‖∇F‖² instead of ‖g_ξ‖², a smaller rate when the gradient noise dominates).
+Guards (see :func:`advise`): the trace is floored at L_x (tr H ≥ λ_max for H ⪰ 0; a trace
+estimate below L_x, or negative, is rounding/sampling noise or a saddle, and a step sized
+by a near-zero trace would be unbounded), ρ at 0. Effective dimension r_x = tr H / L_x.
+
+**The paper's rule** (``rule="paper"``), kept for comparison: minimising the descent-lemma
+bound −η‖g‖² + (L_x η²/2) E‖ĝ‖² with E‖ĝ‖² = ((d_x + κ − 2)/q + 1)‖g‖² (Gaussian: d_x + 1)
+gives η_x = c_x q / (L_x (d_x + 1 + q)) ≈ c_x / (L_x d_x). It pays for L_x·d_x where the
+SPSA step pays for tr H = r_x L_x; on MiniLM r_x ≪ d_x (see bench/out/advisor_vs_grid.txt).
+With ``x_gradient="exact"`` (first-order x): η_x = c_x / L_x (Example 2.3: 1/(2a), 1/(2b)).
+
+**Joint step.** With ĝ_x as above and the exact g_y, the joint quadratic model predicts
+
+    Δ = −η_x‖g_x‖² − η_y‖g_y‖² + ½η_x² E[ĝ_xᵀH_xx ĝ_x] + η_x η_y g_xᵀH_xy g_y + ½η_y² g_yᵀH_yy g_y
+
+(E ĝ_x = g_x makes the cross term exact in expectation). If Δ > 0 both rates are multiplied
+by s = a/b, the model's minimiser along the ray (a = the linear, b = twice the quadratic
+coefficient), which makes Δ = −a²/(2b) < 0.
+
+Uncertainty, to first order: se(η)/η = se(denominator)/denominator with the stderrs of the
+inputs combined in quadrature; se(η_y)/η_y = se(L_y)/L_y.
 """
 
 from __future__ import annotations
@@ -22,10 +62,22 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import UsageError
+
+RULES = ("auto", "curvature", "safe", "paper", "exact")
+PAPER_TABLE2_RATIO = (1e3, 1e4)  # the paper's Table 2: η_y/η_x on 7B models
+
+nan = math.nan
+
 
 @dataclass(frozen=True)
 class Advice:
-    """A learning-rate proposal with its inputs."""
+    """A learning-rate proposal with its inputs.
+
+    ``eta_x``/``eta_y``: the proposal (rule ``rule``, times ``joint_scale``). ``eta_x_paper``,
+    ``eta_x_curvature``, ``eta_x_safe``: each rule's value before the joint scaling (nan when
+    its inputs are missing). A block the method does not train has rate nan.
+    """
 
     eta_x: float
     eta_y: float
@@ -42,48 +94,176 @@ class Advice:
     c_x: float
     c_y: float
     source: str
+    rule: str = "paper"
+    kurtosis: float = 3.0
+    eta_x_paper: float = nan
+    eta_x_curvature: float = nan
+    eta_x_curvature_stderr: float = nan
+    eta_x_safe: float = nan
+    trace_x: float = nan
+    trace_x_stderr: float = nan
+    second_moment_x: float = nan  # m₁ = E[(gᵀz)² zᵀHz]/‖g‖², when measured directly
+    second_moment_x_stderr: float = nan
+    rho_x: float = nan  # g_xᵀH_xx g_x / ‖g_x‖²
+    rho_x_stderr: float = nan
+    delta_x: float = nan  # Σ g_a² H_aa / ‖g‖² (enters only for κ ≠ 3)
+    denominator_x: float = nan  # what η_x* = c_x q / denominator used (after the guards)
+    trace_floored: bool = False
+    rho_y: float = nan  # g_yᵀH_yy g_y / ‖g_y‖²
+    grad_norm_x: float = nan
+    grad_norm_y: float = nan
+    cross: float = nan  # g_xᵀ H_xy g_y
+    predicted_change: float = nan  # the joint model's Δ at (eta_x, eta_y), after scaling
+    predicted_change_unscaled: float = nan
+    joint_scale: float = 1.0
 
     @property
     def ratio(self) -> float:
         """η_y / η_x."""
-        return self.eta_y / self.eta_x
+        return self.eta_y / self.eta_x if self.eta_x else nan
+
+    @property
+    def r_x(self) -> float:
+        """Effective dimension tr H_xx / L_x (compare with d_x)."""
+        return self.trace_x / self.L_x if self.L_x and math.isfinite(self.L_x) else nan
+
+    @property
+    def eta_y_gradient(self) -> float:
+        """1/ρ_y: the quadratic model's exact minimiser along −g_y."""
+        return 1.0 / self.rho_y if self.rho_y > 0 else nan
 
     @property
     def formula(self) -> str:
-        if self.x_gradient == "exact":
-            fx = "eta_x = c_x / L_x"
-        else:
-            fx = "eta_x = c_x * q / (L_x * (d_x + 1 + q))  (~ c_x / (L_x d_x))"
+        fx = {
+            "exact": "eta_x = c_x / L_x",
+            "paper": "eta_x = c_x * q / (L_x * (d_x + 1 + q))  (~ c_x / (L_x d_x))",
+            "curvature": "eta_x = c_x * q / (max(tr H_xx, L_x) + (q+1) rho_x + (kappa-3) delta_x)",
+            "safe": "eta_x = c_x * q / (max(tr H_xx, 0) + (q+1+|kappa-3|) L_x)",
+        }[self.rule]
         return f"{fx};  eta_y = c_y / L_y"
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(ratio=self.ratio, formula=self.formula)
+        d.update(
+            ratio=self.ratio, formula=self.formula, r_x=self.r_x, eta_y_gradient=self.eta_y_gradient
+        )
         return d
 
     def describe(self) -> str:
-        """A few lines for a terminal: the formula, the inputs and the result."""
+        """A few lines for a terminal: the formula, the inputs and both rules' results."""
         pm = lambda v, s: f"{v:.4g}" + (f" ± {s:.2g}" if math.isfinite(s) else "")  # noqa: E731
-        return "\n".join([
+        lines = [
             f"formula : {self.formula}",
             f"inputs  : L_x = {pm(self.L_x, self.L_x_stderr)}, L_y = {pm(self.L_y, self.L_y_stderr)}, "
             f"d_x = {self.d_x:,}, q = {self.q}, {'one' if self.one_sided else 'two'}-sided, "
             f"c_x = {self.c_x:g}, c_y = {self.c_y:g}  (source: {self.source})",
-            f"eta_x   : {pm(self.eta_x, self.eta_x_stderr)}",
-            f"eta_y   : {pm(self.eta_y, self.eta_y_stderr)}",
-            f"ratio   : eta_y / eta_x = {self.ratio:.4g}",
-        ])
+        ]
+        if math.isfinite(self.trace_x) or math.isfinite(self.second_moment_x):
+            lines.append(
+                f"curv.   : tr H_xx = {pm(self.trace_x, self.trace_x_stderr)}, r_x = tr/L_x = {self.r_x:.4g} "
+                f"(d_x = {self.d_x:.3g}), rho_x = {pm(self.rho_x, self.rho_x_stderr)}, "
+                f"m1 = {pm(self.second_moment_x, self.second_moment_x_stderr)}, kappa = {self.kurtosis:g}"
+                + (" [trace floored at L_x]" if self.trace_floored else "")
+            )
+        lines += [
+            f"eta_x   : {pm(self.eta_x, self.eta_x_stderr)}  [rule {self.rule}]",
+            f"          curvature {self.eta_x_curvature:.4g}, safe {self.eta_x_safe:.4g}, "
+            f"paper c_x/(L_x d_x) {self.eta_x_paper:.4g}",
+            f"eta_y   : {pm(self.eta_y, self.eta_y_stderr)}  (1/rho_y along g_y: {self.eta_y_gradient:.4g})",
+            f"ratio   : eta_y / eta_x = {self.ratio:.4g}  (paper's Table 2: "
+            f"{PAPER_TABLE2_RATIO[0]:.0e}..{PAPER_TABLE2_RATIO[1]:.0e})",
+        ]
+        if math.isfinite(self.predicted_change):
+            lines.append(
+                f"joint   : predicted one-step change {self.predicted_change:.4g} (cross term "
+                f"g_x'H_xy g_y = {self.cross:.4g}); pair scaled by {self.joint_scale:.3g}"
+            )
+        return "\n".join(lines)
 
 
 def _positive(name: str, v: float) -> float:
-    if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+        raise UsageError(f"{name} must be a positive finite number, got {v!r}")
     return float(v)
 
 
-def advise(
+def _optional(name: str, v: float | None) -> float:
+    if v is None:
+        return nan
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        raise UsageError(f"{name} must be a number or None, got {v!r}")
+    return float(v)
+
+
+def _rel(se: float, v: float) -> float:
+    return (se / abs(v)) if v else nan
+
+
+def curvature_rate(
     L_x: float,
-    L_y: float,
+    q: int,
+    *,
+    trace: float = nan,
+    trace_stderr: float = nan,
+    second_moment: float = nan,
+    second_moment_stderr: float = nan,
+    rho: float = nan,
+    rho_stderr: float = nan,
+    delta: float = nan,
+    kurtosis: float = 3.0,
+    L_x_stderr: float = nan,
+) -> tuple[float, float, float, bool]:
+    """(η*, se(η*), denominator, trace floored?) of the curvature rule with c_x = 1.
+
+    Denominator: m₁ + (q−1)ρ⁺ when the second moment m₁ is given, else
+    max(tr H, L_x) + (q+1)ρ⁺ + (κ−3)δ. A missing ρ is replaced by its bound L_x; a missing δ
+    by L_x·sign(κ−3) (the larger denominator). Without L_x (nan) no floor applies.
+    """
+    have_L = math.isfinite(L_x) and L_x > 0
+    r = max(rho, 0.0) if math.isfinite(rho) else (L_x if have_L else nan)
+    r_se = rho_stderr if math.isfinite(rho) else (L_x_stderr if have_L else nan)
+    if math.isfinite(second_moment):
+        den = second_moment + (q - 1) * (r if q > 1 else 0.0)
+        var = second_moment_stderr**2 if math.isfinite(second_moment_stderr) else 0.0
+        var += ((q - 1) * r_se) ** 2 if q > 1 and math.isfinite(r_se) else 0.0
+        floored = False
+    else:
+        if not math.isfinite(trace):
+            return nan, nan, nan, False
+        floored = have_L and trace < L_x
+        t, t_se = (L_x, L_x_stderr) if floored else (trace, trace_stderr)
+        d = (
+            delta
+            if math.isfinite(delta)
+            else (math.copysign(L_x, kurtosis - 3.0) if have_L else 0.0)
+        )
+        den = t + (q + 1) * r + (kurtosis - 3.0) * d
+        var = sum(x * x for x in (t_se, (q + 1) * r_se) if math.isfinite(x))
+    if not (math.isfinite(den) and den > 0):
+        return nan, nan, den, floored
+    eta = q / den
+    return eta, eta * math.sqrt(var) / den, den, floored
+
+
+def joint_change(
+    eta_x: float, eta_y: float, *, gx2: float, gy2: float, hx: float, cross: float, hy: float
+) -> tuple[float, float]:
+    """(Δ, s): the joint quadratic model's one-step change and the scale s ≤ 1 that makes it a
+    decrease. ``gx2``/``gy2``: ‖g_x‖², ‖g_y‖²; ``hx`` = E[ĝ_xᵀH_xx ĝ_x]; ``cross`` = g_xᵀH_xy g_y;
+    ``hy`` = g_yᵀH_yy g_y. Absent blocks: give η = 0 (their terms vanish)."""
+    terms = [(eta_x, gx2), (eta_y, gy2)]
+    a = sum(e * g for e, g in terms if e)
+    b = (eta_x**2 * hx if eta_x else 0.0) + (eta_y**2 * hy if eta_y else 0.0)
+    if eta_x and eta_y:
+        b += 2 * eta_x * eta_y * cross
+    delta = -a + 0.5 * b
+    scale = a / b if (math.isfinite(delta) and delta > 0 and b > 0) else 1.0
+    return delta, scale
+
+
+def advise(
+    L_x: float | None,
+    L_y: float | None,
     d_x: int,
     *,
     q: int = 1,
@@ -91,39 +271,184 @@ def advise(
     x_gradient: str = "zo",
     c_x: float = 1.0,
     c_y: float = 1.0,
-    L_x_stderr: float = math.nan,
-    L_y_stderr: float = math.nan,
+    L_x_stderr: float = nan,
+    L_y_stderr: float = nan,
     source: str = "given",
+    rule: str = "auto",
+    kurtosis: float = 3.0,
+    trace: float | None = None,
+    trace_stderr: float = nan,
+    second_moment: float | None = None,
+    second_moment_stderr: float = nan,
+    rho_x: float | None = None,
+    rho_x_stderr: float = nan,
+    delta_x: float | None = None,
+    rho_y: float | None = None,
+    grad_norm_x: float | None = None,
+    grad_norm_y: float | None = None,
+    cross: float | None = None,
 ) -> Advice:
-    """Propose (η_x, η_y) from the block smoothness constants (see module docstring)."""
-    L_x, L_y = _positive("L_x", L_x), _positive("L_y", L_y)
-    c_x, c_y = _positive("c_x", c_x), _positive("c_y", c_y)
-    if not isinstance(d_x, int | np.integer) or d_x < 1:
-        raise ValueError(f"d_x must be a positive integer (parameters in the base block), got {d_x!r}")
-    if not isinstance(q, int) or q < 1:
-        raise ValueError(f"q must be an integer >= 1, got {q!r}")
+    """Propose (η_x, η_y) (see module docstring).
+
+    ``rule``: ``curvature`` (needs ``trace`` or ``second_moment``), ``safe`` (``trace`` and
+    ``L_x``), ``paper`` (``L_x``, ``d_x``), ``exact`` (first-order x: c_x/L_x) or ``auto``:
+    ``exact`` if ``x_gradient="exact"``, else ``curvature`` when its inputs are given, else
+    ``paper``. ``L_x=None`` (no x block, or a ``zo`` probe without L) or ``L_y=None`` (no y
+    block) give nan for what needs them. With the gradient norms, ``rho_y`` and ``cross``
+    the joint model's Δ is computed and the pair scaled down if Δ > 0.
+    """
+    if rule not in RULES:
+        raise UsageError(f"unknown rule {rule!r}; accepted: {', '.join(RULES)}")
     if x_gradient not in ("zo", "exact"):
-        raise ValueError(f"x_gradient must be 'zo' or 'exact', got {x_gradient!r}")
-    eta_x = c_x / L_x if x_gradient == "exact" else c_x * q / (L_x * (int(d_x) + 1 + q))
-    eta_y = c_y / L_y
+        raise UsageError(f"x_gradient must be 'zo' or 'exact', got {x_gradient!r}")
+    Lx = nan if L_x is None else _positive("L_x", L_x)
+    Ly = nan if L_y is None else _positive("L_y", L_y)
+    c_x, c_y = _positive("c_x", c_x), _positive("c_y", c_y)
+    if not isinstance(d_x, int | np.integer) or isinstance(d_x, bool) or d_x < 0:
+        raise UsageError(
+            f"d_x must be a non-negative integer (parameters in the base block), got {d_x!r}"
+        )
+    if not isinstance(q, int) or isinstance(q, bool) or q < 1:
+        raise UsageError(f"q must be an integer >= 1, got {q!r}")
+    if not (isinstance(kurtosis, int | float) and kurtosis >= 1):
+        raise UsageError(
+            f"kurtosis must be a number >= 1 (E z^4 of a unit-variance z), got {kurtosis!r}"
+        )
+    tr, m1 = _optional("trace", trace), _optional("second_moment", second_moment)
+    rx, dx = _optional("rho_x", rho_x), _optional("delta_x", delta_x)
+    ry, gx, gy, cr = (
+        _optional(n, v)
+        for n, v in (
+            ("rho_y", rho_y),
+            ("grad_norm_x", grad_norm_x),
+            ("grad_norm_y", grad_norm_y),
+            ("cross", cross),
+        )
+    )
+    paper = c_x * q / (Lx * (int(d_x) + kurtosis - 2 + q)) if d_x else nan
+    eta_c, se_c, den, floored = curvature_rate(
+        Lx,
+        q,
+        trace=tr,
+        trace_stderr=trace_stderr,
+        second_moment=m1,
+        second_moment_stderr=second_moment_stderr,
+        rho=rx,
+        rho_stderr=rho_x_stderr,
+        delta=dx,
+        kurtosis=kurtosis,
+        L_x_stderr=L_x_stderr,
+    )
+    eta_c, se_c = c_x * eta_c, c_x * se_c
+    safe_den = max(tr, 0.0) + (q + 1 + abs(kurtosis - 3.0)) * Lx
+    safe = c_x * q / safe_den if math.isfinite(safe_den) and safe_den > 0 else nan
+    if rule == "auto":
+        rule = (
+            "exact" if x_gradient == "exact" else ("curvature" if math.isfinite(eta_c) else "paper")
+        )
+    if rule == "exact":
+        eta_x, se_x = c_x / Lx, c_x / Lx * _rel(L_x_stderr, Lx)
+    elif rule == "curvature":
+        if not math.isfinite(eta_c):
+            raise UsageError(
+                "rule='curvature' needs trace= (with L_x) or second_moment=, and a positive denominator"
+            )
+        eta_x, se_x = eta_c, se_c
+    elif rule == "safe":
+        eta_x = safe
+        se_x = safe * math.hypot(
+            _rel(trace_stderr, safe_den),
+            (q + 1 + abs(kurtosis - 3.0)) * Lx * _rel(L_x_stderr, Lx) / safe_den,
+        )
+    else:
+        eta_x, se_x = paper, paper * _rel(L_x_stderr, Lx)
+    eta_y = c_y / Ly
+    se_y = eta_y * _rel(L_y_stderr, Ly)
+    if d_x == 0:
+        eta_x = se_x = nan
+    hx_per_g2 = {
+        "curvature": den / q,
+        "safe": safe_den / q,
+        "paper": Lx * (d_x + kurtosis - 2 + q) / q,
+        "exact": rx if math.isfinite(rx) else Lx,
+    }[rule]
+    change, delta, scale = _joint(eta_x, eta_y, gx, gy, hx_per_g2, cr, ry)
     return Advice(
-        eta_x=eta_x, eta_y=eta_y,
-        eta_x_stderr=eta_x * L_x_stderr / L_x, eta_y_stderr=eta_y * L_y_stderr / L_y,
-        L_x=L_x, L_y=L_y, L_x_stderr=L_x_stderr, L_y_stderr=L_y_stderr, d_x=int(d_x), q=q,
-        one_sided=one_sided, x_gradient=x_gradient, c_x=c_x, c_y=c_y, source=source,
+        eta_x=eta_x * scale,
+        eta_y=eta_y * scale,
+        eta_x_stderr=se_x * scale,
+        eta_y_stderr=se_y * scale,
+        L_x=Lx,
+        L_y=Ly,
+        L_x_stderr=L_x_stderr,
+        L_y_stderr=L_y_stderr,
+        d_x=int(d_x),
+        q=q,
+        one_sided=one_sided,
+        x_gradient=x_gradient,
+        c_x=c_x,
+        c_y=c_y,
+        source=source,
+        rule=rule,
+        kurtosis=float(kurtosis),
+        eta_x_paper=paper,
+        eta_x_curvature=eta_c,
+        eta_x_curvature_stderr=se_c,
+        eta_x_safe=safe,
+        trace_x=tr,
+        trace_x_stderr=trace_stderr,
+        second_moment_x=m1,
+        second_moment_x_stderr=second_moment_stderr,
+        rho_x=rx,
+        rho_x_stderr=rho_x_stderr,
+        delta_x=dx,
+        denominator_x=den,
+        trace_floored=floored,
+        rho_y=ry,
+        grad_norm_x=gx,
+        grad_norm_y=gy,
+        cross=cr,
+        predicted_change=change,
+        predicted_change_unscaled=delta,
+        joint_scale=scale,
     )
 
 
+def _joint(
+    eta_x: float, eta_y: float, gx: float, gy: float, hx_per_g2: float, cross: float, rho_y: float
+) -> tuple[float, float, float]:
+    """(Δ after scaling, Δ before, scale) of the joint model; nan, nan, 1 without gradient norms."""
+    if not (math.isfinite(gx) or math.isfinite(gy)):
+        return nan, nan, 1.0
+    ex = eta_x if math.isfinite(eta_x) and math.isfinite(gx) else 0.0
+    ey = eta_y if math.isfinite(eta_y) and math.isfinite(gy) else 0.0
+    kw = dict(
+        gx2=gx**2 if ex else 0.0,
+        gy2=gy**2 if ey else 0.0,
+        hx=hx_per_g2 * gx**2 if ex else 0.0,
+        cross=cross if math.isfinite(cross) else 0.0,
+        hy=rho_y * gy**2 if ey and math.isfinite(rho_y) else 0.0,
+    )
+    before, scale = joint_change(ex, ey, **kw)
+    after, _ = joint_change(ex * scale, ey * scale, **kw)
+    return after, before, scale
+
+
 def trajectory_L(
-    values: Sequence[float], *, quantile: float = 0.9, fraction: float = 0.5, n_boot: int = 1000, seed: int = 0
+    values: Sequence[float],
+    *,
+    quantile: float = 0.9,
+    fraction: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """A robust L from a recorded trajectory: the ``quantile`` of the estimates over the first
     ``fraction`` of training (not one noisy point), with a bootstrap standard error."""
     if not 0 < quantile <= 1 or not 0 < fraction <= 1:
-        raise ValueError(f"quantile and fraction must lie in (0, 1], got {quantile}, {fraction}")
+        raise UsageError(f"quantile and fraction must lie in (0, 1], got {quantile}, {fraction}")
     x = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
     if x.size == 0:
-        raise ValueError("the trajectory has no finite estimates")
+        raise UsageError("the trajectory has no finite estimates")
     x = x[: max(1, math.ceil(fraction * x.size))]
     value = float(np.quantile(x, quantile))
     if x.size < 3:
@@ -149,11 +474,16 @@ def advise_from_rows(
     When the first-order block y was recorded as an adapter block plus a ``head_block``
     (a trained classifier), L_y is taken as the larger of the two, a lower bound of the
     joint block's L."""
+
     def series(block: str) -> list[float]:
-        pts = sorted((float(r["step"]), float(r["estimate"])) for r in rows if r.get("block") == block)  # type: ignore[arg-type]
+        pts = sorted(
+            (float(r["step"]), float(r["estimate"])) for r in rows if r.get("block") == block
+        )  # type: ignore[arg-type]
         if not pts:
             found = sorted({str(r.get("block")) for r in rows})
-            raise ValueError(f"no rows for block {block!r} in the trajectory; blocks found: {found}")
+            raise UsageError(
+                f"no rows for block {block!r} in the trajectory; blocks found: {found}"
+            )
         return [v for _, v in pts]
 
     lx, sx = trajectory_L(series(x_block), quantile=quantile, fraction=fraction)
@@ -163,5 +493,12 @@ def advise_from_rows(
         lh, sh = trajectory_L(series(head_block), quantile=quantile, fraction=fraction)
         if lh > ly:
             ly, sy = lh, sh
-    return advise(lx, ly, d_x, L_x_stderr=sx, L_y_stderr=sy,
-                  source=f"trajectory q{quantile:g} of first {fraction:.0%}", **kwargs)  # type: ignore[arg-type]
+    return advise(
+        lx,
+        ly,
+        d_x,
+        L_x_stderr=sx,
+        L_y_stderr=sy,
+        source=f"trajectory q{quantile:g} of first {fraction:.0%}",
+        **kwargs,
+    )  # type: ignore[arg-type]

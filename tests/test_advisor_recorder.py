@@ -1,85 +1,15 @@
-"""Learning-rate advisor (closed forms) and the trajectory recorder (plain loop, CSV, resume,
-HF Trainer callback)."""
+"""The trajectory recorder (plain loop, CSV, resume, HF Trainer callback)."""
 
 from __future__ import annotations
 
 import csv
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import smoothlab
-from smoothlab.advisor import advise, advise_from_rows, trajectory_L
 from smoothlab.recorder import TrajectoryRecorder, block_grad_norms
-
-
-def test_example_2_3_advice_is_exactly_half_inverse_curvature() -> None:
-    a, b = 100.0, 1.0
-    x = torch.nn.Parameter(torch.tensor([0.7], dtype=torch.float64))
-    y = torch.nn.Parameter(torch.tensor([-1.3], dtype=torch.float64))
-    est = smoothlab.probe(lambda: a * x.pow(2).sum() + b * y.pow(2).sum(), {"x": [x], "y": [y]})
-    adv = advise(est["x"].value, est["y"].value, 1, x_gradient="exact")
-    assert adv.eta_x == pytest.approx(1 / (2 * a), rel=1e-12)
-    assert adv.eta_y == pytest.approx(1 / (2 * b), rel=1e-12)
-    # and those rates reach the minimum in one gradient step
-    with torch.no_grad():
-        x -= adv.eta_x * 2 * a * x
-        y -= adv.eta_y * 2 * b * y
-    assert float(x) == 0.0 and float(y) == 0.0
-
-
-def test_zo_formula_uses_spsa_second_moment() -> None:
-    adv = advise(4.0, 0.5, 1000, q=4, c_x=2.0, c_y=3.0)
-    assert adv.eta_x == pytest.approx(2.0 * 4 / (4.0 * (1000 + 1 + 4)))
-    assert adv.eta_y == pytest.approx(3.0 / 0.5)
-    assert adv.ratio == pytest.approx(adv.eta_y / adv.eta_x)
-    big = advise(4.0, 0.5, 10**8)
-    assert big.eta_x == pytest.approx(1 / (4.0 * 10**8), rel=1e-6)  # ~ c_x / (L_x d_x)
-    assert "eta_x" in big.describe() and "ratio" in big.describe()
-
-
-def test_spsa_second_moment_matches_the_formula() -> None:
-    """E‖ĝ‖² = ((d+1)/q + 1)‖∇f‖² for the averaged Gaussian SPSA estimate (what the advisor uses)."""
-    gen = torch.Generator().manual_seed(0)
-    d, q, n = 30, 3, 20000
-    g = torch.randn(d, generator=gen, dtype=torch.float64)
-    z = torch.randn(n, q, d, generator=gen, dtype=torch.float64)
-    est = ((z @ g).unsqueeze(-1) * z).mean(dim=1)  # (1/q) Σ (zᵀg) z
-    m = est.pow(2).sum(-1)
-    expected = ((d + 1) / q + 1) * float(g.pow(2).sum())
-    assert abs(float(m.mean()) - expected) < 4 * float(m.std()) / math.sqrt(n)
-
-
-def test_uncertainty_is_carried_through() -> None:
-    adv = advise(2.0, 1.0, 10, L_x_stderr=0.2, L_y_stderr=0.05)
-    assert adv.eta_x_stderr == pytest.approx(adv.eta_x * 0.1)
-    assert adv.eta_y_stderr == pytest.approx(adv.eta_y * 0.05)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "needle"),
-    [({"L_x": -1.0}, "L_x"), ({"L_y": float("nan")}, "L_y"), ({"d_x": 0}, "d_x"), ({"q": 0}, "q"),
-     ({"x_gradient": "fo"}, "x_gradient"), ({"c_x": 0.0}, "c_x")],
-)
-def test_advise_errors(kwargs: dict, needle: str) -> None:
-    args = {"L_x": 1.0, "L_y": 1.0, "d_x": 10} | kwargs
-    with pytest.raises(ValueError, match=needle):
-        advise(**args)
-
-
-def test_trajectory_quantile_and_head_block() -> None:
-    vals = list(np.linspace(1, 10, 10)) + [1000.0] * 10  # late outliers are outside the first half
-    L, se = trajectory_L(vals, quantile=0.9, fraction=0.5)
-    assert L == pytest.approx(np.quantile(np.linspace(1, 10, 10), 0.9))
-    assert se > 0
-    rows = [{"step": s, "block": blk, "estimate": v} for s in range(4)
-            for blk, v in (("base", 8.0), ("peft", 0.5), ("head", 2.0))]
-    adv = advise_from_rows(rows, 100)
-    assert adv.L_x == pytest.approx(8.0) and adv.L_y == pytest.approx(2.0)  # y = adapter + head
-    with pytest.raises(ValueError, match="blocks found"):
-        advise_from_rows(rows, 100, x_block="nope")
 
 
 def _quadratic_model():
@@ -93,7 +23,9 @@ def _quadratic_model():
 def test_recorder_in_a_plain_loop_logs_exact_values(tmp_path) -> None:
     lin, xs, ys = _quadratic_model()
     loss_fn = smoothlab.ModelLoss(lin, (xs, ys), criterion=torch.nn.functional.mse_loss)
-    rec = TrajectoryRecorder({"w": [lin.weight]}, every=2, hvp="exact", num_vectors=6, out_dir=tmp_path, model=lin)
+    rec = TrajectoryRecorder(
+        {"w": [lin.weight]}, every=2, hvp="exact", num_vectors=6, out_dir=tmp_path, model=lin
+    )
     opt = torch.optim.SGD(lin.parameters(), lr=0.1)
     truth = float(torch.linalg.eigvalsh(2 * xs.T @ xs / len(xs)).max())  # MSE Hessian, constant
     for step in range(5):
@@ -129,7 +61,9 @@ def test_recorder_resume_drops_later_rows_and_never_repeats(tmp_path) -> None:
     for s in range(5):
         rec.step(s, loss_fn)
     rec.close()
-    rec = TrajectoryRecorder({"w": [lin.weight]}, every=1, num_vectors=3, out_dir=tmp_path, resume_step=2)
+    rec = TrajectoryRecorder(
+        {"w": [lin.weight]}, every=1, num_vectors=3, out_dir=tmp_path, resume_step=2
+    )
     assert rec.step(2, loss_fn) is None  # already recorded before the checkpoint
     for s in range(3, 6):
         rec.step(s, loss_fn)
@@ -157,15 +91,32 @@ def test_hf_trainer_callback_records(tmp_path) -> None:
 
     model, tok = tiny_encoder(seed=0)
     enc = tok(["good film", "bad film", "great", "awful"] * 4, padding=True, return_tensors="pt")
-    data = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": torch.tensor(i % 2)}
-            for i in range(16)]
+    data = [
+        {
+            "input_ids": enc["input_ids"][i],
+            "attention_mask": enc["attention_mask"][i],
+            "labels": torch.tensor(i % 2),
+        }
+        for i in range(16)
+    ]
     held = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
     blocks = smoothlab.make_blocks(model, {"cls": "classifier.*"})
     rec = TrajectoryRecorder(blocks, every=2, num_vectors=3, out_dir=tmp_path, model=model)
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=4,
-                             report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no")
-    trainer = Trainer(model=model, args=args, train_dataset=data,
-                      callbacks=[hf_callback(rec, lambda m: smoothlab.ModelLoss(m, held))])
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        callbacks=[hf_callback(rec, lambda m: smoothlab.ModelLoss(m, held))],
+    )
     trainer.train()
     with (tmp_path / "smoothness.csv").open() as fh:
         rows = list(csv.DictReader(fh))

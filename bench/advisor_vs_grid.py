@@ -1,0 +1,380 @@
+"""The advisor against learning-rate grids (issue 8, "Proof").
+
+Seeded split of SST-2 (train 1000 / eval 1000 / dev 100, ``--data-seed``), MiniLM, CPU,
+batch 16, ``--steps`` (300) steps, ``--seeds`` (0,1,2). Grids (fixed; half-decade steps):
+
+* zo-ft:       lr_base in 1e-7 .. 1e-1 (13 cells, 6 decades)
+* fo-lora:     lr_peft in 1e-3 .. 10   (9 cells, 4 decades)
+* hybrid-lora: lr_base in {1e-7, 1e-5, 1e-3, 1e-1} x lr_peft in {1e-2, 1e-1, 1} (coarse 2-D)
+
+Phases (run in this order; each is resumable):
+
+    python bench/advisor_vs_grid.py --phase grid   [--methods zo-ft,fo-lora] [--seeds 0,1,2]
+    python bench/advisor_vs_grid.py --phase advise [--methods ...]  # probe at init, no pilots
+    python bench/advisor_vs_grid.py --phase report  # table + figure -> bench/out/advisor_vs_grid.*
+
+``grid`` caches each (method, lr_base, lr_peft, seed) cell as one JSON under ``--out``/grid and
+skips cells already done; a run whose loss becomes non-finite is recorded as diverged.
+``advise`` writes ``--out``/advise/<method>_s<seed>.json: the advice (curvature rule and the
+paper's c/(L d) beside it) and the measured curvature. ``report`` ranks, per method, the cells
+by mean final train loss (mean over the last 10% of steps, averaged over seeds) and says how
+far the advised rates are from the grid-best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+HALF = [10 ** (k / 2) for k in range(-14, -1)]  # 1e-7 .. 1e-1
+GRIDS = {
+    "zo-ft": [(b, 0.0) for b in HALF],
+    "fo-lora": [(0.0, 10 ** (k / 2)) for k in range(-6, 3)],  # 1e-3 .. 10
+    "hybrid-lora": [(b, p) for b in (1e-7, 1e-5, 1e-3, 1e-1) for p in (1e-2, 1e-1, 1.0)],
+}
+
+
+def _cfg(
+    args: argparse.Namespace, method: str, lr_base: float, lr_peft: float, seed: int, out: Path
+):
+    from hybrid.train import TrainConfig
+
+    return TrainConfig(
+        method=method,
+        data=str(args.data),
+        task="sst2",
+        steps=args.steps,
+        batch_size=16,
+        lr_base=lr_base,
+        lr_peft=lr_peft,
+        seed=seed,
+        data_seed=args.data_seed,
+        train_size=1000,
+        eval_size=1000,
+        dev_size=100,
+        eval_every=args.steps,
+        eval_examples=args.eval_examples,
+        out=str(out),
+        name=out.name,
+    )
+
+
+def cell_path(
+    out: Path, method: str, lr_base: float, lr_peft: float, seed: int, steps: int
+) -> Path:
+    return out / f"grid_{steps}steps" / f"{method}_b{lr_base:.3g}_p{lr_peft:.3g}_s{seed}.json"
+
+
+def run_cell(
+    args: argparse.Namespace, method: str, lr_base: float, lr_peft: float, seed: int
+) -> dict:
+    """Train one cell (or read its cached result)."""
+    import csv
+    import shutil
+
+    from hybrid.train import train
+
+    path = cell_path(args.out, method, lr_base, lr_peft, seed, args.steps)
+    if path.exists():
+        return json.loads(path.read_text())
+    run_dir = args.out / "runs" / path.stem
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    res = {
+        "method": method,
+        "lr_base": lr_base,
+        "lr_peft": lr_peft,
+        "seed": seed,
+        "steps": args.steps,
+        "diverged": False,
+        "final_loss": math.nan,
+        "eval_acc": math.nan,
+        "dev_acc": math.nan,
+    }
+    try:
+        train(_cfg(args, method, lr_base, lr_peft, seed, run_dir), progress=False, resume=False)
+    except FloatingPointError as e:
+        res.update(diverged=True, error=str(e))
+    with (run_dir / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    losses = [float(r["loss"]) for r in rows]
+    res["losses"] = losses
+    if not res["diverged"]:
+        tail = losses[-max(1, len(losses) // 10) :]
+        evals = [r for r in rows if r.get("eval_acc")]
+        res.update(
+            final_loss=sum(tail) / len(tail),
+            eval_acc=float(evals[-1]["eval_acc"]),
+            dev_acc=float(evals[-1]["dev_acc"]),
+        )
+    res["seconds"] = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+    shutil.rmtree(run_dir, ignore_errors=True)  # keep results, not run folders
+    return res
+
+
+def phase_grid(args: argparse.Namespace) -> None:
+    cells = GRIDS if args.cells is None else None
+    for method in args.methods:
+        grid = GRIDS[method] if cells is not None else [c for c in GRIDS[method] if c in args.cells]
+        for seed in args.seeds:
+            for lr_base, lr_peft in grid:
+                r = run_cell(args, method, lr_base, lr_peft, seed)
+                print(
+                    f"{method:<12} b={lr_base:<8.3g} p={lr_peft:<8.3g} s={seed} loss={r['final_loss']:.4f} "
+                    f"eval={r['eval_acc']:.3f} {'DIVERGED ' if r['diverged'] else ''}{r.get('seconds', 0):.0f}s",
+                    flush=True,
+                )
+
+
+def phase_advise(args: argparse.Namespace) -> None:
+    from hybrid.advise import advise_config, ratio_line, train_command
+
+    for method in args.methods:
+        for seed in args.seeds:
+            path = args.out / "advise" / f"{method}_s{seed}.json"
+            if path.exists() and not args.force:
+                continue
+            cfg = _cfg(args, method, 0.0, 0.0, seed, args.out / "runs" / "advised")
+            t0 = time.perf_counter()
+            adv, curv = advise_config(
+                cfg,
+                hvp=args.hvp,
+                vectors=args.vectors,
+                second_moment_samples=args.second_moment_samples,
+            )
+            print(
+                f"[{method} seed {seed}] {time.perf_counter() - t0:.0f} s\n{adv.describe()}\n{ratio_line(adv)}\n"
+                f"{train_command(adv, cfg)}\n",
+                flush=True,
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(
+                json.dumps(
+                    {
+                        "advice": adv.as_dict(),
+                        "curvature": curv.as_dict(),
+                        "seconds": time.perf_counter() - t0,
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
+
+
+def _load(out: Path, sub: str) -> list[dict]:
+    return (
+        [json.loads(p.read_text()) for p in sorted((out / sub).glob("*.json"))]
+        if (out / sub).exists()
+        else []
+    )
+
+
+def _aggregate(cells: list[dict], method: str) -> dict[tuple[float, float], dict]:
+    agg: dict[tuple[float, float], dict] = {}
+    for c in cells:
+        if c["method"] != method:
+            continue
+        a = agg.setdefault((c["lr_base"], c["lr_peft"]), {"loss": [], "acc": [], "diverged": 0})
+        a["loss"].append(math.inf if c["diverged"] else c["final_loss"])
+        a["acc"].append(c["eval_acc"])
+        a["diverged"] += bool(c["diverged"])
+    for a in agg.values():
+        a["mean_loss"] = sum(a["loss"]) / len(a["loss"])
+        finite = [v for v in a["acc"] if math.isfinite(v)]
+        a["mean_acc"] = sum(finite) / len(finite) if finite else math.nan
+    return agg
+
+
+def _advised(advice: list[dict], method: str) -> dict[str, float]:
+    """Geometric means over seeds of the advised rates (both rules)."""
+    rows = [a["advice"] for a in advice if a["advice"]["source"].startswith(method + ":")]
+
+    def gm(k: str) -> float:
+        vals = [r[k] for r in rows]
+        if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
+            return math.nan
+        return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+    return {
+        "eta_x": gm("eta_x"),
+        "eta_y": gm("eta_y"),
+        "eta_x_paper": gm("eta_x_paper"),
+        "n": len(rows),
+        "trace_x": gm("trace_x") if rows and all(r["trace_x"] > 0 for r in rows) else math.nan,
+        "L_x": gm("L_x"),
+        "L_y": gm("L_y"),
+        "d_x": rows[0]["d_x"] if rows else 0,
+    }
+
+
+def _summary_lines(method: str, agg: dict, adv: dict) -> list[str]:
+    key = 1 if method == "fo-lora" else 0
+    name = "eta_y" if key else "eta_x"
+    lines = [
+        f"\n[{method}] cells ranked by mean final train loss ({'lr_peft' if key else 'lr_base'}"
+        + (", lr_peft" if method == "hybrid-lora" else "")
+        + ")"
+    ]
+    ranked = sorted(agg.items(), key=lambda kv: kv[1]["mean_loss"])
+    for i, ((b, p), a) in enumerate(ranked, 1):
+        lines.append(
+            f"  {i:>2}. lr_base={b:<8.3g} lr_peft={p:<8.3g} loss={a['mean_loss']:.4f} "
+            f"eval_acc={a['mean_acc']:.3f} seeds={len(a['loss'])} diverged={a['diverged']}"
+        )
+    if not ranked:
+        return lines + ["  (no grid cells yet)"]
+    best = ranked[0][0][key]
+    for rule, k in (
+        ("default (curvature)", name),
+        ("paper c/(L d)", "eta_x_paper" if not key else name),
+    ):
+        eta = adv.get(k, math.nan)
+        if not math.isfinite(eta):
+            lines.append(f"  advised {name} [{rule}]: n/a")
+            continue
+        factor = max(eta / best, best / eta) if best > 0 else math.inf
+        near = min(
+            agg,
+            key=lambda c: (
+                abs(math.log(max(c[key], 1e-30) / eta))
+                + (
+                    abs(math.log(max(c[1], 1e-30) / adv["eta_y"]))
+                    if method == "hybrid-lora" and math.isfinite(adv["eta_y"])
+                    else 0
+                )
+            ),
+        )
+        rank = [c for c, _ in ranked].index(near) + 1
+        lines.append(
+            f"  advised {name} [{rule}] = {eta:.3g}; grid-best {best:.3g}; factor {factor:.3g} "
+            f"({'within' if factor <= 3 else 'NOT within'} x3); nearest cell ranks {rank}/{len(ranked)}"
+        )
+    return lines
+
+
+def phase_report(args: argparse.Namespace) -> None:
+    cells, advice = _load(args.out, f"grid_{args.steps}steps"), _load(args.out, "advise")
+    lines = [
+        f"advisor vs grid: SST-2 ({args.data.name}, data seed {args.data_seed}), MiniLM, CPU, batch 16; "
+        f"{args.steps} steps; {len(cells)} grid runs, {len(advice)} advice probes",
+        "advice: probe of the step-0 batch at initialisation, no pilots",
+    ]
+    for a in advice:
+        d, c = a["advice"], a["curvature"]
+        lines.append(
+            f"  {d['source'].split(':')[0]:<12} eta_x={d['eta_x']:.3g} (paper {d['eta_x_paper']:.3g}) "
+            f"eta_y={d['eta_y']:.3g} tr H_xx={d['trace_x']:.4g}±{d['trace_x_stderr']:.2g} "
+            f"L_x={d['L_x']:.4g} r_x={d['r_x']:.3g} d_x={d['d_x']:,} rho_x={d['rho_x']:.3g} "
+            f"L_y={d['L_y']:.4g} rho_y={d['rho_y']:.3g} m1={c['second_moment_x']:.4g}"
+            f"±{c['second_moment_x_stderr']:.2g} scale={d['joint_scale']:.3g}"
+        )
+    methods = [m for m in GRIDS if m in args.methods]
+    for m in methods:
+        lines += _summary_lines(m, _aggregate(cells, m), _advised(advice, m))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(text)
+    _figure(cells, advice, methods, args.report.with_suffix(".png"))
+
+
+def _figure(cells: list[dict], advice: list[dict], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        agg, adv = _aggregate(cells, m), _advised(advice, m)
+        key = 1 if m == "fo-lora" else 0
+        groups = sorted({c[1 - key] for c in agg}) if m == "hybrid-lora" else [None]
+        for g in groups:
+            pts = sorted(
+                (c[key], a["mean_loss"]) for c, a in agg.items() if g is None or c[1 - key] == g
+            )
+            xs = [x for x, _ in pts]
+            ys = [y if math.isfinite(y) else float("nan") for _, y in pts]
+            ax.plot(xs, ys, "o-", label=None if g is None else f"lr_peft={g:g}")
+            ax.plot(
+                [x for x, y in pts if not math.isfinite(y)],
+                [1.0] * sum(not math.isfinite(y) for _, y in pts),
+                "rx",
+            )
+        name = "eta_y" if key else "eta_x"
+        for k, style, lab in (
+            (name, "-", "advised (curvature)"),
+            ("eta_x_paper", ":", "paper c/(L d)"),
+        ):
+            if key and k == "eta_x_paper":
+                continue
+            if math.isfinite(adv.get(k, math.nan)):
+                ax.axvline(adv[k], color="k", ls=style, label=f"{lab} {adv[k]:.2g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("lr_peft (eta_y)" if key else "lr_base (eta_x)")
+        ax.set_ylabel("final train loss (mean over seeds)")
+        ax.set_title(m)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--phase", choices=("grid", "advise", "report"), required=True)
+    ap.add_argument("--methods", default=",".join(GRIDS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--data-seed", type=int, default=8)
+    ap.add_argument("--eval-examples", type=int, default=500)
+    ap.add_argument(
+        "--cells", default=None, help="grid phase only: 'lr_base:lr_peft,...' subset of the grid"
+    )
+    ap.add_argument("--hvp", default="fd", help="advise phase: fd, exact or zo")
+    ap.add_argument(
+        "--vectors",
+        type=int,
+        default=10,
+        help="advise phase: Hutchinson vectors / Lanczos iterations",
+    )
+    ap.add_argument("--second-moment-samples", type=int, default=10)
+    ap.add_argument("--force", action="store_true", help="advise phase: redo cached probes")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "advisor_vs_grid")
+    ap.add_argument("--report", type=Path, default=ROOT / "bench" / "out" / "advisor_vs_grid.txt")
+    args = ap.parse_args()
+    args.methods = args.methods.split(",")
+    bad = [m for m in args.methods if m not in GRIDS]
+    if bad:
+        ap.error(f"unknown methods {bad}; accepted: {', '.join(GRIDS)}")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.cells = (
+        None
+        if args.cells is None
+        else [tuple(float(v) for v in c.split(":")) for c in args.cells.split(",")]
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    {"grid": phase_grid, "advise": phase_advise, "report": phase_report}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Learning-rate advice for a fine-tuning method on a model (the ``smoothlab advise`` back end).
+
+x and y are the blocks the method trains — :func:`hybrid.train.split_parameters` reads the
+method registry (:func:`smoothlab.methods.get_method`): ``zo-ft`` makes every weight x,
+``fo-*`` only the adapter y, ``hybrid-*`` base = x and adapter = y. The curvature comes from
+:func:`smoothlab.curvature.measure` on one batch at the current weights, the rule from
+:func:`smoothlab.advisor.advise` (the curvature-aware default, the paper's formula beside it).
+
+Typical use (what ``smoothlab advise --method`` and ``train --lr-base auto`` call)::
+
+    advice, curv = advise_config(TrainConfig(method="zo-ft", data=..., q=1))
+    print(advice.describe())
+    print(train_command(advice, cfg))     # the exact `smoothlab train ...` line
+
+or, with a model already built: ``advise_method(bundle, "hybrid-lora", lambda: bundle.loss(b))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+from collections.abc import Callable
+
+import torch
+
+from smoothlab.advisor import PAPER_TABLE2_RATIO, Advice, advise
+from smoothlab.curvature import Curvature, measure
+from smoothlab.errors import UsageError
+from smoothlab.methods import get_method
+
+from .data import EpochSampler
+from .models import ModelBundle
+from .train import TrainConfig, build, split_parameters
+
+__all__ = ["advise_config", "advise_method", "measure_method", "ratio_line", "train_command"]
+
+
+def measure_method(
+    bundle: ModelBundle,
+    method: str,
+    batch_loss_fn: Callable[[], torch.Tensor],
+    *,
+    hvp: str = "fd",
+    vectors: int = 10,
+    seed: int = 0,
+    z: str = "gaussian",
+    second_moment_samples: int = 0,
+) -> Curvature:
+    """:func:`smoothlab.curvature.measure` on the method's (x, y) blocks of ``bundle.model``.
+
+    ``vectors``: Hutchinson vectors for tr H_xx and Lanczos iterations per block."""
+    m = get_method(method)  # UsageError-compatible ValueError naming the accepted methods
+    x, y = split_parameters(bundle.model, m.name)
+    was = bundle.model.training
+    bundle.model.eval()
+    try:
+        return measure(
+            batch_loss_fn,
+            x if m.has_zo else [],
+            y if m.has_fo else [],
+            hvp=hvp,
+            trace_vectors=vectors,
+            spectral_iters=vectors,
+            z=z,
+            seed=seed,
+            second_moment_samples=second_moment_samples,
+            model=bundle.model,
+        )
+    finally:
+        bundle.model.train(was)
+
+
+def advise_method(
+    bundle: ModelBundle,
+    method: str,
+    batch_loss_fn: Callable[[], torch.Tensor],
+    *,
+    hvp: str = "fd",
+    vectors: int = 10,
+    seed: int = 0,
+    q: int = 1,
+    z: str = "gaussian",
+    rule: str = "auto",
+    one_sided: bool = False,
+    c_x: float = 1.0,
+    c_y: float = 1.0,
+    second_moment_samples: int = 0,
+) -> Advice:
+    """(η_x, η_y) for ``method`` from a probe of ``batch_loss_fn`` at the current weights.
+
+    Rates of a block the method does not train are nan. ``rule`` as in
+    :func:`smoothlab.advisor.advise` (default: curvature-aware; ``"paper"``: c_x/(L_x d_x))."""
+    curv = measure_method(
+        bundle,
+        method,
+        batch_loss_fn,
+        hvp=hvp,
+        vectors=vectors,
+        seed=seed,
+        z=z,
+        second_moment_samples=second_moment_samples,
+    )
+    return advice_from_curvature(
+        curv,
+        method,
+        q=q,
+        rule=rule,
+        one_sided=one_sided,
+        c_x=c_x,
+        c_y=c_y,
+        source=f"probe of one batch ({hvp}, {vectors} vectors, seed {seed})",
+    )
+
+
+def advice_from_curvature(
+    curv: Curvature,
+    method: str,
+    *,
+    q: int = 1,
+    rule: str = "auto",
+    one_sided: bool = False,
+    c_x: float = 1.0,
+    c_y: float = 1.0,
+    source: str = "curvature",
+) -> Advice:
+    """The advice for ``method`` from measured curvature (see :func:`advise_method`)."""
+    m = get_method(method)
+    kw = curv.advice_inputs()
+    if m.has_zo and kw["L_x"] is None and kw.get("second_moment") is None and rule != "paper":
+        kw["L_x"] = None  # zo probe: trace only; the advisor floors nothing without L_x
+    return advise(
+        **kw,
+        q=q,
+        rule=rule,
+        one_sided=one_sided,
+        c_x=c_x,
+        c_y=c_y,
+        source=f"{method}: {source}",
+        x_gradient="exact" if m.zo == "none" else "zo",
+    )
+
+
+def first_batch_loss(bundle: ModelBundle, cfg: TrainConfig, splits) -> Callable[[], torch.Tensor]:  # noqa: ANN001
+    """The loss of the batch that training step 0 of ``cfg`` sees."""
+    sampler = EpochSampler(len(splits.train), cfg.batch_size, seed=cfg.seed)
+    batch = bundle.encode([splits.train[i] for i in sampler.batch(0)], cfg.max_length)
+    return lambda: bundle.loss(batch)
+
+
+def advise_config(
+    cfg: TrainConfig,
+    *,
+    hvp: str = "fd",
+    vectors: int = 10,
+    z: str = "gaussian",
+    rule: str = "auto",
+    second_moment_samples: int = 0,
+) -> tuple[Advice, Curvature]:
+    """Build ``cfg``'s model (PEFT attached, weights as at step 0) and advise on the batch of
+    step 0 — what ``train --lr-base auto`` needs. q and one_sided come from ``cfg``."""
+    cfg.validate()
+    bundle, _, splits = build(cfg)
+    loss_fn = first_batch_loss(bundle, cfg, splits)
+    curv = measure_method(
+        bundle,
+        cfg.method,
+        loss_fn,
+        hvp=hvp,
+        vectors=vectors,
+        seed=cfg.seed,
+        z=z,
+        second_moment_samples=second_moment_samples,
+    )
+    adv = advice_from_curvature(
+        curv,
+        cfg.method,
+        q=cfg.q,
+        rule=rule,
+        one_sided=cfg.one_sided,
+        source=f"probe at initialisation, step-0 batch ({hvp}, {vectors} vectors)",
+    )
+    return adv, curv
+
+
+def ratio_line(advice: Advice) -> str:
+    """η_y/η_x beside the paper's Table 2 range (1e3–1e4 on 7B models)."""
+    lo, hi = PAPER_TABLE2_RATIO
+    r = advice.ratio
+    if not math.isfinite(r):
+        return "eta_y / eta_x: n/a (the method trains one block only)"
+    where = "inside" if lo <= r <= hi else ("below" if r < lo else "above")
+    paper = advice.eta_y / advice.eta_x_paper if math.isfinite(advice.eta_x_paper) else math.nan
+    return (
+        f"eta_y / eta_x = {r:.3g} ({where} the paper's Table 2 range {lo:.0e}..{hi:.0e}); "
+        f"with the paper's eta_x: {paper:.3g}"
+    )
+
+
+def train_command(advice: Advice, cfg: TrainConfig, *, program: str = "smoothlab train") -> str:
+    """The exact ``smoothlab train`` command line running ``cfg`` with the advised rates."""
+    m = get_method(cfg.method)
+    lr_base = advice.eta_x if m.has_zo else 0.0
+    lr_peft = advice.eta_y if m.has_fo else 0.0
+    if not all(math.isfinite(v) and v >= 0 for v in (lr_base, lr_peft)):
+        raise UsageError(
+            f"the advice has no usable rate for {cfg.method!r}: eta_x={lr_base!r}, eta_y={lr_peft!r}"
+        )
+    c = dataclasses.replace(cfg, lr_base=float(f"{lr_base:.3g}"), lr_peft=float(f"{lr_peft:.3g}"))
+    args = [
+        "--method",
+        c.method,
+        "--lr-base",
+        f"{c.lr_base:g}",
+        "--lr-peft",
+        f"{c.lr_peft:g}",
+        "--steps",
+        str(c.steps),
+        "--batch-size",
+        str(c.batch_size),
+        "--seed",
+        str(c.seed),
+        "--q",
+        str(c.q),
+        "--mu",
+        f"{c.mu:g}",
+        "--eval-every",
+        str(c.eval_every),
+        "--out",
+        c.out,
+    ]
+    d = TrainConfig()
+    for flag, key in (
+        ("--model", "model"),
+        ("--task", "task"),
+        ("--data", "data"),
+        ("--train-size", "train_size"),
+        ("--eval-size", "eval_size"),
+        ("--dev-size", "dev_size"),
+        ("--lora-r", "lora_r"),
+        ("--lora-alpha", "lora_alpha"),
+        ("--virtual-tokens", "num_virtual_tokens"),
+        ("--device", "device"),
+    ):
+        value = getattr(c, key)
+        if value is not None and value != getattr(d, key):
+            args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if c.one_sided:
+        args.append("--one-sided")
+    return program + " " + " ".join(shlex.quote(a) for a in args)

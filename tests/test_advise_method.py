@@ -1,0 +1,116 @@
+"""hybrid.advise on a tiny encoder: the method's blocks, the rule, and the train command."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+
+import pytest
+
+from hybrid.advise import advise_config, ratio_line, train_command
+from hybrid.train import TrainConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def enc(tmp_path_factory) -> Path:
+    from hybrid.models import tiny_encoder
+
+    root = tmp_path_factory.mktemp("adv_enc")
+    tiny_encoder(seed=0, save_dir=root)
+    return root
+
+
+def _cfg(enc: Path, method: str, out: Path) -> TrainConfig:
+    return TrainConfig(
+        method=method,
+        model=str(enc),
+        task="synthetic",
+        steps=2,
+        batch_size=4,
+        train_size=16,
+        eval_size=8,
+        dev_size=8,
+        eval_every=2,
+        lora_r=2,
+        q=2,
+        out=str(out),
+    )
+
+
+def test_zo_ft_advises_every_weight_as_x(enc: Path, tmp_path: Path) -> None:
+    adv, curv = advise_config(_cfg(enc, "zo-ft", tmp_path / "r"), hvp="exact", vectors=6)
+    assert curv.d_y == 0 and math.isnan(adv.eta_y)
+    assert adv.rule == "curvature" and adv.d_x == curv.d_x
+    den = max(curv.trace_x.value, curv.L_x.value) + 3 * max(curv.rho_x, 0.0)
+    assert adv.eta_x == pytest.approx(adv.joint_scale * 2 / den)
+    assert adv.eta_x_paper == pytest.approx(2 / (curv.L_x.value * (curv.d_x + 3)))
+    assert "n/a" in ratio_line(adv)
+
+
+def test_fo_lora_has_no_x_and_hybrid_has_both(enc: Path, tmp_path: Path) -> None:
+    fo, curv = advise_config(_cfg(enc, "fo-lora", tmp_path / "f"), hvp="exact", vectors=6)
+    assert curv.d_x == 0 and math.isnan(fo.eta_x)
+    assert fo.eta_y == pytest.approx(fo.joint_scale / curv.L_y.value)
+    hy, hc = advise_config(_cfg(enc, "hybrid-lora", tmp_path / "h"), hvp="fd", vectors=6)
+    assert (
+        hc.d_x > 0 and hc.d_y > 0 and math.isfinite(hy.cross) and math.isfinite(hy.predicted_change)
+    )
+    assert hy.predicted_change < 0  # scaled down if the joint model predicted an increase
+    assert "Table 2" in ratio_line(hy)
+
+
+def test_train_command_runs_with_the_advised_rates(enc: Path, tmp_path: Path, capsys) -> None:
+    from smoothlab.cli import main
+
+    cfg = _cfg(enc, "hybrid-lora", tmp_path / "run")
+    adv, _ = advise_config(cfg, hvp="exact", vectors=4)
+    cmd = train_command(adv, cfg)
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["smoothlab", "train"]
+    assert float(argv[argv.index("--lr-base") + 1]) == pytest.approx(adv.eta_x, rel=2e-3)
+    assert main(argv[1:]) == 0
+    import json
+
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    for key in ("method", "steps", "batch_size", "q", "train_size", "lora_r", "model", "task"):
+        assert saved[key] == getattr(cfg, key)
+
+
+def test_paired_selection_sees_small_consistent_loss_differences() -> None:
+    from hybrid.calibrate import select_paired
+
+    base = [
+        0.7 + 0.05 * math.sin(t) for t in range(40)
+    ]  # batch-to-batch noise shared by all pilots
+
+    def row(s: float, shift: float, losses: list[float] | None = None) -> dict:
+        ls = (
+            [v + shift * (t / 40) + 1e-4 * math.cos(3 * t + s) for t, v in enumerate(base)]
+            if losses is None
+            else losses
+        )
+        return {"scale_x": s, "final_loss": ls[-1] if ls else math.nan, "losses": ls}
+
+    # a 0.3% lower loss, far below the batch noise, is resolved by pairing
+    assert select_paired([row(0.5, 0.0), row(1.0, 0.0), row(8.0, -0.002)])["scale_x"] == 8.0
+    # indistinguishable pilots keep the proposal; a diverged pilot never wins
+    assert select_paired([row(0.5, 0.0), row(1.0, 0.0), row(8.0, 0.0, [])])["scale_x"] == 1.0
+    assert select_paired([row(0.5, 0.001), row(1.0, 0.0, [])])["scale_x"] == 0.5
+
+
+def test_calibration_x_pilots_are_zo_ft(enc: Path, tmp_path: Path) -> None:
+    from hybrid.calibrate import calibrate
+
+    cfg = _cfg(enc, "hybrid-lora", tmp_path / "unused")
+    adv, _ = advise_config(cfg, hvp="exact", vectors=4)
+    cal, rows = calibrate(
+        cfg, adv, tmp_path / "cal", multipliers=(0.5, 2.0), pilot_steps=3, progress=False
+    )
+    assert [r["method"] for r in rows[:3]] == ["zo-ft"] * 3 and all(
+        r["lr_peft"] == 0 for r in rows[:3]
+    )
+    assert {r["method"] for r in rows[3:]} == {"hybrid-lora"}
+    assert cal.eta_x / adv.eta_x in (0.5, 1.0, 2.0)

@@ -1,0 +1,196 @@
+"""Learning-rate advisor: closed forms, the curvature rule against Monte Carlo, guards."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import smoothlab
+from smoothlab.advisor import advise, advise_from_rows, trajectory_L
+
+
+def test_example_2_3_advice_is_exactly_half_inverse_curvature() -> None:
+    a, b = 100.0, 1.0
+    x = torch.nn.Parameter(torch.tensor([0.7], dtype=torch.float64))
+    y = torch.nn.Parameter(torch.tensor([-1.3], dtype=torch.float64))
+    est = smoothlab.probe(lambda: a * x.pow(2).sum() + b * y.pow(2).sum(), {"x": [x], "y": [y]})
+    adv = advise(est["x"].value, est["y"].value, 1, x_gradient="exact")
+    assert adv.eta_x == pytest.approx(1 / (2 * a), rel=1e-12)
+    assert adv.eta_y == pytest.approx(1 / (2 * b), rel=1e-12)
+    # and those rates reach the minimum in one gradient step
+    with torch.no_grad():
+        x -= adv.eta_x * 2 * a * x
+        y -= adv.eta_y * 2 * b * y
+    assert float(x) == 0.0 and float(y) == 0.0
+
+
+def test_zo_formula_uses_spsa_second_moment() -> None:
+    adv = advise(4.0, 0.5, 1000, q=4, c_x=2.0, c_y=3.0)
+    assert adv.eta_x == pytest.approx(2.0 * 4 / (4.0 * (1000 + 1 + 4)))
+    assert adv.eta_y == pytest.approx(3.0 / 0.5)
+    assert adv.ratio == pytest.approx(adv.eta_y / adv.eta_x)
+    big = advise(4.0, 0.5, 10**8)
+    assert big.eta_x == pytest.approx(1 / (4.0 * 10**8), rel=1e-6)  # ~ c_x / (L_x d_x)
+    assert "eta_x" in big.describe() and "ratio" in big.describe()
+
+
+def test_spsa_second_moment_matches_the_formula() -> None:
+    """E‖ĝ‖² = ((d+1)/q + 1)‖∇f‖² for the averaged Gaussian SPSA estimate (what the advisor uses)."""
+    gen = torch.Generator().manual_seed(0)
+    d, q, n = 30, 3, 20000
+    g = torch.randn(d, generator=gen, dtype=torch.float64)
+    z = torch.randn(n, q, d, generator=gen, dtype=torch.float64)
+    est = ((z @ g).unsqueeze(-1) * z).mean(dim=1)  # (1/q) Σ (zᵀg) z
+    m = est.pow(2).sum(-1)
+    expected = ((d + 1) / q + 1) * float(g.pow(2).sum())
+    assert abs(float(m.mean()) - expected) < 4 * float(m.std()) / math.sqrt(n)
+
+
+def test_uncertainty_is_carried_through() -> None:
+    adv = advise(2.0, 1.0, 10, L_x_stderr=0.2, L_y_stderr=0.05)
+    assert adv.eta_x_stderr == pytest.approx(adv.eta_x * 0.1)
+    assert adv.eta_y_stderr == pytest.approx(adv.eta_y * 0.05)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"L_x": -1.0}, "L_x"),
+        ({"L_y": float("nan")}, "L_y"),
+        ({"d_x": -1}, "d_x"),
+        ({"q": 0}, "q"),
+        ({"x_gradient": "fo"}, "x_gradient"),
+        ({"c_x": 0.0}, "c_x"),
+    ],
+)
+def test_advise_errors(kwargs: dict, needle: str) -> None:
+    args = {"L_x": 1.0, "L_y": 1.0, "d_x": 10} | kwargs
+    with pytest.raises(ValueError, match=needle):
+        advise(**args)
+
+
+def test_trajectory_quantile_and_head_block() -> None:
+    vals = list(np.linspace(1, 10, 10)) + [1000.0] * 10  # late outliers are outside the first half
+    L, se = trajectory_L(vals, quantile=0.9, fraction=0.5)
+    assert L == pytest.approx(np.quantile(np.linspace(1, 10, 10), 0.9))
+    assert se > 0
+    rows = [
+        {"step": s, "block": blk, "estimate": v}
+        for s in range(4)
+        for blk, v in (("base", 8.0), ("peft", 0.5), ("head", 2.0))
+    ]
+    adv = advise_from_rows(rows, 100)
+    assert adv.L_x == pytest.approx(8.0) and adv.L_y == pytest.approx(2.0)  # y = adapter + head
+    with pytest.raises(ValueError, match="blocks found"):
+        advise_from_rows(rows, 100, x_block="nope")
+
+
+# --------------------------------------------------------------------------- curvature rule
+def _dense_quadratic(d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An indefinite-free dense H = A Aᵀ/d + diag (PSD, non-diagonal, unequal diagonal) and g."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d // 2, generator=gen, dtype=torch.float64)
+    h = a @ a.T / d + torch.diag(torch.linspace(0.1, 3.0, d, dtype=torch.float64))
+    g = torch.randn(d, generator=gen, dtype=torch.float64) * torch.linspace(
+        0.2, 2.0, d, dtype=torch.float64
+    )
+    return h, g
+
+
+def _z(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if kind == "rademacher":
+        return torch.randint(0, 2, shape, generator=gen).to(torch.float64).mul_(2).sub_(1)
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("kind", "kappa", "q"), [("gaussian", 3.0, 1), ("gaussian", 3.0, 4), ("rademacher", 1.0, 3)]
+)
+def test_spsa_quadratic_form_matches_the_isserlis_formula(kind: str, kappa: float, q: int) -> None:
+    """E[ĝᵀHĝ] = (1/q)(‖g‖² tr H + 2 gᵀHg + (κ−3) Σ g_a² H_aa) + (1 − 1/q) gᵀHg, by Monte Carlo."""
+    d, n = 12, 40000
+    h, g = _dense_quadratic(d)
+    gen = torch.Generator().manual_seed(1)
+    z = _z(kind, (n, q, d), gen)
+    ghat = ((z @ g).unsqueeze(-1) * z).mean(dim=1)
+    samples = torch.einsum("ni,ij,nj->n", ghat, h, ghat)
+    g2, ghg = float(g @ g), float(g @ h @ g)
+    diag = float((g * g * torch.diagonal(h)).sum())
+    expected = (g2 * float(torch.trace(h)) + 2 * ghg + (kappa - 3) * diag) / q + (1 - 1 / q) * ghg
+    se = float(samples.std()) / math.sqrt(n)
+    assert abs(float(samples.mean()) - expected) < 4 * se
+    # the (κ−3) term is resolvable here: dropping it would be rejected for Rademacher z
+    if kappa != 3:
+        assert abs(float(samples.mean()) - (expected - (kappa - 3) * diag / q)) > 4 * se
+
+
+@pytest.mark.parametrize("q", [1, 3])
+def test_curvature_rate_minimises_the_expected_step_on_a_quadratic(q: int) -> None:
+    """On f = ½ xᵀHx the second-order model is exact: E f(x − ηĝ) (Monte Carlo) at η* from
+    ``advise`` equals f − ‖g‖²η*/2 and is lower than at η*/2 and 2η*."""
+    d, n = 12, 40000
+    h, g = _dense_quadratic(d, seed=2)
+    x0 = torch.linalg.solve(h, g)  # so that ∇f(x0) = g
+    f = lambda x: 0.5 * torch.einsum("...i,ij,...j->...", x, h, x)  # noqa: E731
+    rho = float(g @ h @ g) / float(g @ g)
+    lam = torch.linalg.eigvalsh(h)
+    adv = advise(float(lam.max()), None, d, q=q, trace=float(torch.trace(h)), rho_x=rho)
+    assert adv.rule == "curvature" and not adv.trace_floored
+    assert adv.eta_x == pytest.approx(q / (float(torch.trace(h)) + (q + 1) * rho), rel=1e-12)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(n, q, d, generator=gen, dtype=torch.float64)
+    ghat = ((z @ g).unsqueeze(-1) * z).mean(dim=1)
+    means = {}
+    for s in (0.5, 1.0, 2.0):
+        vals = f(x0 - s * adv.eta_x * ghat) - f(x0)
+        means[s] = (float(vals.mean()), float(vals.std()) / math.sqrt(n))
+    m, se = means[1.0]
+    assert abs(m - (-float(g @ g) * adv.eta_x / 2)) < 4 * se
+    assert m < means[0.5][0] and m < means[2.0][0]
+    assert adv.predicted_change != adv.predicted_change  # nan: no gradient norms given
+
+
+def test_rules_side_by_side_floor_and_stderr() -> None:
+    adv = advise(10.0, 2.0, 10**6, q=1, trace=500.0, trace_stderr=50.0, rho_x=4.0, rho_x_stderr=0.4)
+    assert adv.eta_x == pytest.approx(1 / (500 + 2 * 4))
+    assert adv.eta_x_paper == pytest.approx(1 / (10 * (10**6 + 2)))
+    assert adv.eta_x_safe == pytest.approx(1 / (500 + 2 * 10))
+    assert adv.r_x == pytest.approx(50.0)
+    assert adv.eta_x_stderr == pytest.approx(adv.eta_x * math.hypot(50, 0.8) / 508)
+    assert "paper" in adv.describe() and "r_x" in adv.describe()
+    # a trace below L_x (or negative) is floored at L_x and flagged
+    low = advise(10.0, 2.0, 100, trace=-3.0, rho_x=1.0)
+    assert low.trace_floored and low.eta_x == pytest.approx(1 / (10 + 2))
+    # without curvature inputs, auto falls back to the paper's rule; rule='paper' forces it
+    assert advise(10.0, 2.0, 100).rule == "paper"
+    assert advise(10.0, 2.0, 100, trace=500.0, rule="paper").eta_x == pytest.approx(1 / (10 * 102))
+    # missing rho is bounded by L_x; Rademacher without delta adds its bound |κ−3| L_x
+    assert advise(10.0, 2.0, 100, trace=500.0).eta_x == pytest.approx(1 / 520)
+    assert advise(10.0, 2.0, 100, trace=500.0, rho_x=1.0, kurtosis=1.0).eta_x == pytest.approx(
+        1 / (502 + 20)
+    )
+    # a directly measured single-direction second moment m1 replaces the trace formula
+    assert advise(None, None, 100, q=2, second_moment=300.0, rho_x=5.0).eta_x == pytest.approx(
+        2 / 305
+    )
+
+
+def test_joint_model_scales_the_pair_down_when_it_predicts_an_increase() -> None:
+    kw = dict(trace=100.0, rho_x=1.0, rho_y=1.0, grad_norm_x=1.0, grad_norm_y=1.0)
+    ok = advise(10.0, 1.0, 1000, cross=0.0, **kw)
+    ex, ey = 1 / 102, 1.0
+    expected = -ex - ey + 0.5 * ex**2 * 102 + 0.5 * ey**2 * 1.0
+    assert ok.joint_scale == 1.0 and ok.predicted_change == pytest.approx(expected)
+    bad = advise(10.0, 1.0, 1000, cross=60.0, **kw)  # strong coupling: Δ(1) > 0
+    assert bad.predicted_change_unscaled > 0 and bad.joint_scale < 1
+    assert bad.predicted_change < 0
+    assert bad.eta_x == pytest.approx(ex * bad.joint_scale) and bad.eta_y == pytest.approx(
+        bad.joint_scale
+    )
+    a, b = ex + ey, ex**2 * 102 + 2 * ex * ey * 60 + ey**2
+    assert bad.joint_scale == pytest.approx(a / b) and bad.predicted_change == pytest.approx(
+        -a * a / (2 * b)
+    )
