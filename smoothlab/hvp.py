@@ -215,6 +215,9 @@ class Oracle:
         self._f0_var = 0.0  # its variance (rounding shared by every zo sample)
         self._f_noise = 0.0  # rounding std of one evaluation of f
         self._inv_s2: list[float] = []
+        self._grad_confirmed = False
+        self._ulps: list[float] = []  # |f(x+sv) + f(x−sv) − 2f̂₀| in units of the loss's ulp
+        self._ulp = 0.0
         self._graph: tuple[torch.Tensor, ...] | None = None
         self._step: float | None = None  # set once the loss's dtype is known
         self._loss_dtype: torch.dtype | None = None
@@ -346,10 +349,20 @@ class Oracle:
         if self._f0 is None:
             self._estimate_center(s * float(v.norm()))
         fp, fm = self._value_at(v, s), self._value_at(v, -s)
-        if fp == fm == self._f_ref:
-            raise no_grad_error(f"f(x) = f(x ± h·v) = {fp!r} bit for bit: the block does not move it")
+        if fp == fm == self._f_ref and not self._grad_confirmed:
+            self._confirm_grad(fp)
         self._inv_s2.append(1.0 / (s * s))
-        return ((fp - self._f0) + (fm - self._f0)) / (s * s)
+        numer = (fp - self._f0) + (fm - self._f0)
+        self._ulps.append(abs(numer) / self._ulp)
+        return numer / (s * s)
+
+    def _confirm_grad(self, value: float) -> None:
+        """f(x ± h v) = f(x) bit for bit: a loss without grad, or curvature below rounding.
+        One forward with autograd on tells them apart (only in this rare case)."""
+        with grad_enabled_for(self.params), torch.enable_grad():
+            if not self._loss(REFERENCE).requires_grad:
+                raise no_grad_error(f"f(x) = f(x ± h·v) = {value!r} bit for bit and requires_grad=False")
+        self._grad_confirmed = True
 
     def _estimate_center(self, displacement: float) -> None:
         """f(x) for second differences. A float64 loss: f(x) itself. Coarser: the mean of K
@@ -357,6 +370,7 @@ class Oracle:
         errors are independent; their spread gives the rounding noise of one evaluation."""
         f_ref = self.reference_value()
         eps = torch.finfo(self._loss_dtype).eps if self._loss_dtype and self._loss_dtype.is_floating_point else 0.0
+        self._ulp = max(eps * 2.0 ** math.floor(math.log2(max(abs(f_ref), 1e-30))), 1e-300)
         if eps < 1e-10 or self.ZO_CENTER_PAIRS < 2:
             self._f0 = f_ref
             return
@@ -371,10 +385,12 @@ class Oracle:
         var = sum((p - mean) ** 2 for p in pairs) / (k - 1)
         self._f0, self._f0_var, self._f_noise = mean, var / k, math.sqrt(2 * var)
 
-    def rounding(self) -> tuple[float, float]:
+    def rounding(self) -> tuple[float, float, float]:
         """(rounding std of one ``zo`` sample, std of the error shared by all samples), in the
-        units of vᵀHv: √2·σ_f·mean(1/s²) and 2·√Var(f̂₀)·mean(1/s²)."""
+        units of vᵀHv: √2·σ_f·mean(1/s²) and 2·√Var(f̂₀)·mean(1/s²); and the median size of
+        the second difference's numerator in ulps of f (a few ulps: quantised, biased)."""
         if not self._inv_s2:
-            return 0.0, 0.0
+            return 0.0, 0.0, math.inf
         inv = sum(self._inv_s2) / len(self._inv_s2)
-        return math.sqrt(2) * self._f_noise * inv, 2 * math.sqrt(self._f0_var) * inv
+        ulps = sorted(self._ulps)[len(self._ulps) // 2]
+        return math.sqrt(2) * self._f_noise * inv, 2 * math.sqrt(self._f0_var) * inv, ulps

@@ -21,8 +21,10 @@ reports their spread; ``stderr`` includes the remaining shared error
 rounding variance σ_c², an upward bias of σ_c²/2 in ‖H‖_F².
 
 ``rounding_dominated`` is set when rounding noise is more than half of the sample variance
-(σ_c² > s²/2) or the shared error exceeds the Monte-Carlo stderr: the estimate is still
-honest about its stderr, but a larger step ``h`` or a float64 loss would sharpen it.
+(σ_c² > s²/2), when the shared error exceeds the Monte-Carlo stderr, or when the typical
+numerator f(x+sv) + f(x−sv) − 2f̂₀ spans fewer than 32 ulps of f (then the loss's
+quantisation is correlated with the signal and can bias the estimate beyond its stderr): a
+larger step ``h`` or a float64 loss is needed for a trustworthy value.
 
 Citation. Hutchinson (1990); second differences: Nocedal and Wright, *Numerical
 Optimization* (2006) §8.1; MeZO: Malladi et al. (2023), NeurIPS.
@@ -62,10 +64,14 @@ def _var_se(x: np.ndarray) -> tuple[float, float]:
     return s2, math.sqrt(max((m4 - s2 * s2 * (n - 3) / (n - 1)) / n, 0.0))
 
 
-def _rounding(op: Any) -> tuple[float, float]:
-    """(σ_c per-sample rounding std, σ_shared common error std) the operator reports, or 0."""
+MIN_ULPS = 32.0
+
+
+def _rounding(op: Any) -> tuple[float, float, float]:
+    """(σ_c per-sample rounding std, σ_shared common error std, median numerator in ulps of f)
+    as the operator reports them; (0, 0, inf) for an operator without rounding."""
     fn = getattr(op, "rounding", None)
-    return fn() if fn is not None else (0.0, 0.0)
+    return fn() if fn is not None else (0.0, 0.0, math.inf)
 
 
 def _zo(
@@ -100,10 +106,12 @@ def _zo(
         finish, num_vectors=num_vectors, target_rel_stderr=target_rel_stderr,
         min_vectors=min_vectors, callback=callback,
     )
-    sigma_c, sigma_shared = _rounding(op)
+    sigma_c, sigma_shared, ulps = _rounding(op)
     var = float(xs.var(ddof=1)) if len(xs) > 1 else math.inf
     mc_se = math.sqrt(var / len(xs)) if len(xs) > 1 else math.inf
-    dominated = sigma_c**2 > 0.5 * var or (norm == "trace" and sigma_shared > mc_se)
+    dominated = (
+        sigma_c**2 > 0.5 * var or (norm == "trace" and sigma_shared > mc_se) or ulps < MIN_ULPS
+    )
     return Estimate(
         value=value, stderr=se, num_hvp=len(xs), norm=norm, hvp=getattr(op, "kind", "zo"),
         dim=op.dim, samples=tuple(float(x) for x in xs), converged=reached,
