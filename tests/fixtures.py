@@ -16,14 +16,25 @@ import torch
 from torch import nn
 
 
-def dense_hessian(loss: torch.Tensor | Callable[[], torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
+def dense_hessian(
+    loss: torch.Tensor | Callable[[], torch.Tensor], params: Sequence[torch.Tensor], *, batched: bool = True
+) -> torch.Tensor:
     """Dense Hessian of ``loss`` (a tensor with a graph, or a zero-argument callable) w.r.t.
-    ``params``, symmetrised, float64, detached."""
-    value = loss() if callable(loss) else loss
-    grads = torch.autograd.grad(value, list(params), create_graph=True)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
-    cols = torch.autograd.grad(flat, list(params), grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+    ``params``, symmetrised, float64, detached. ``batched=False`` takes one backward per row
+    (for models whose ops have no vmap rule); attention runs on SDPA's math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = list(params)
+    with sdpa_kernel([SDPBackend.MATH]):
+        value = loss() if callable(loss) else loss
+        grads = torch.autograd.grad(value, params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+        if batched:
+            cols = torch.autograd.grad(flat, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+        else:
+            rows = [torch.autograd.grad(flat, params, grad_outputs=e, retain_graph=True, allow_unused=True) for e in eye]
+            cols = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(params))]
     H = torch.cat(
         [torch.zeros(flat.numel(), p.numel(), dtype=flat.dtype) if c is None else c.reshape(flat.numel(), -1)
          for c, p in zip(cols, params)], 1,

@@ -59,6 +59,15 @@ def uses_reorth(dim: int, max_iter: int, reorth: bool | None = None) -> bool:
     return (dim * min(max_iter, dim) <= REORTH_LIMIT) if reorth is None else bool(reorth)
 
 
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """aᵀb accumulated in float64 in chunks (a float32 dot over 10⁷ entries loses digits, and
+    those errors put Ritz values outside the spectrum), without a full float64 copy."""
+    if a.dtype == torch.float64:
+        return float(torch.dot(a, b))
+    step = 1 << 20
+    return float(sum(torch.dot(a[i : i + step].double(), b[i : i + step].double()) for i in range(0, a.numel(), step)))
+
+
 def _top_ritz(alphas: list[float], betas: list[float], beta: float) -> tuple[float, float]:
     """(θ of largest modulus, its residual β_k |s_k|) from the tridiagonal T_k."""
     from scipy.linalg import eigh_tridiagonal
@@ -95,7 +104,7 @@ def lanczos(
     beta, theta, residual, converged = 0.0, 0.0, math.inf, False
     for j in range(k_max):
         w = op.matvec(v)
-        alpha = float(torch.dot(w, v))
+        alpha = _dot64(w, v)
         w = w.sub_(v, alpha=alpha) if w is not v else w - alpha * v  # a fresh result: in place
         if beta:
             w.sub_(v_prev, alpha=beta)
@@ -103,7 +112,7 @@ def lanczos(
             q = torch.stack(basis)
             for _ in range(2):
                 w = w - q.T @ (q @ w)
-        beta = float(w.norm())
+        beta = math.sqrt(_dot64(w, w))
         alphas.append(alpha)
         theta, residual = _top_ritz(alphas, betas, beta)
         history.append(abs(theta))
