@@ -554,3 +554,23 @@ def test_zo_float32_trace_unbiased_with_a_large_loss():
         tiny.shift_x_spectrum(0.5 * top)
         e = probe(lambda t=tiny: t() + 10.0, {"x": [tiny.x]}, norm="trace", hvp="zo", num_vectors=10)["x"]
         assert e.rounding_dominated is flagged, top
+
+
+@pytest.mark.slow
+def test_zo_trace_agrees_with_exact_on_minilm_base():
+    """MiniLM + LoRA's base block (22.7M weights, float32, SST-2 batch of 16): the zo and exact
+    traces agree within 2 stderr + 3%, and the paired difference (same Rademacher vectors)
+    is within 3 of its own stderr — no rounding bias (bench/zo_vs_exact.py prints it)."""
+    import importlib.util
+    from pathlib import Path
+
+    if not Path("../shared/data/sst2/train.tsv").exists():
+        pytest.skip("needs ../shared/data/sst2/train.tsv")
+    path = Path(__file__).resolve().parents[1] / "bench" / "zo_vs_exact.py"
+    spec = importlib.util.spec_from_file_location("zo_vs_exact", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.compare(num_vectors=8)
+    assert abs(r["zo"] - r["exact"]) <= 2 * math.hypot(r["zo_stderr"], r["exact_stderr"]) + 0.03 * abs(r["exact"])
+    assert abs(r["paired_diff"]) <= 3 * r["paired_diff_stderr"], r
+    assert not r["rounding_dominated"], r
