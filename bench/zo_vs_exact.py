@@ -35,16 +35,32 @@ def compare(num_vectors: int = 24, seed: int = 0) -> dict[str, float]:
     out: dict[str, object] = {}
     for hvp in ("zo", "exact"):
         t = time.perf_counter()
-        e = smoothlab.probe(loss, blocks, norm="trace", hvp=hvp, num_vectors=num_vectors,
-                            distribution="rademacher", seed=seed)["base"]
+        e = smoothlab.probe(
+            loss,
+            blocks,
+            norm="trace",
+            hvp=hvp,
+            num_vectors=num_vectors,
+            distribution="rademacher",
+            seed=seed,
+        )["base"]
         out[hvp] = (e, time.perf_counter() - t)
     zo, ex = out["zo"][0], out["exact"][0]
-    diff = torch.tensor(zo.samples, dtype=torch.float64) - torch.tensor(ex.samples, dtype=torch.float64)
+    diff = torch.tensor(zo.samples, dtype=torch.float64) - torch.tensor(
+        ex.samples, dtype=torch.float64
+    )
     return {
-        "zo": zo.value, "zo_stderr": zo.stderr, "exact": ex.value, "exact_stderr": ex.stderr,
-        "paired_diff": float(diff.mean()), "paired_diff_stderr": float(diff.std() / math.sqrt(len(diff))),
-        "rounding_dominated": zo.rounding_dominated, "rounding_noise": zo.rounding_noise,
-        "zo_seconds": out["zo"][1], "exact_seconds": out["exact"][1], "dim": zo.dim,
+        "zo": zo.value,
+        "zo_stderr": zo.stderr,
+        "exact": ex.value,
+        "exact_stderr": ex.stderr,
+        "paired_diff": float(diff.mean()),
+        "paired_diff_stderr": float(diff.std() / math.sqrt(len(diff))),
+        "rounding_dominated": zo.rounding_dominated,
+        "rounding_noise": zo.rounding_noise,
+        "zo_seconds": out["zo"][1],
+        "exact_seconds": out["exact"][1],
+        "dim": zo.dim,
     }
 
 
@@ -54,4 +70,7 @@ if __name__ == "__main__":
         print(f"{k:20s} {v}")
     gap = abs(r["zo"] - r["exact"])
     allowed = 2 * math.hypot(r["zo_stderr"], r["exact_stderr"]) + 0.03 * abs(r["exact"])
-    print(f"|zo - exact| = {gap:.4g}  allowed (2 stderr + 3%) = {allowed:.4g}  ->", "OK" if gap <= allowed else "MISS")
+    print(
+        f"|zo - exact| = {gap:.4g}  allowed (2 stderr + 3%) = {allowed:.4g}  ->",
+        "OK" if gap <= allowed else "MISS",
+    )

@@ -17,7 +17,10 @@ from torch import nn
 
 
 def dense_hessian(
-    loss: torch.Tensor | Callable[[], torch.Tensor], params: Sequence[torch.Tensor], *, batched: bool = True
+    loss: torch.Tensor | Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    *,
+    batched: bool = True,
 ) -> torch.Tensor:
     """Dense Hessian of ``loss`` (a tensor with a graph, or a zero-argument callable) w.r.t.
     ``params``, symmetrised, float64, detached. ``batched=False`` takes one backward per row
@@ -31,14 +34,33 @@ def dense_hessian(
         flat = torch.cat([g.reshape(-1) for g in grads])
         eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
         if batched:
-            cols = torch.autograd.grad(flat, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+            cols = torch.autograd.grad(
+                flat, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True
+            )
         else:
-            rows = [torch.autograd.grad(flat, params, grad_outputs=e, retain_graph=True, allow_unused=True) for e in eye]
-            cols = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(params))]
-    H = torch.cat(
-        [torch.zeros(flat.numel(), p.numel(), dtype=flat.dtype) if c is None else c.reshape(flat.numel(), -1)
-         for c, p in zip(cols, params)], 1,
-    ).detach().double()
+            rows = [
+                torch.autograd.grad(
+                    flat, params, grad_outputs=e, retain_graph=True, allow_unused=True
+                )
+                for e in eye
+            ]
+            cols = [
+                None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+                for i in range(len(params))
+            ]
+    H = (
+        torch.cat(
+            [
+                torch.zeros(flat.numel(), p.numel(), dtype=flat.dtype)
+                if c is None
+                else c.reshape(flat.numel(), -1)
+                for c, p in zip(cols, params)
+            ],
+            1,
+        )
+        .detach()
+        .double()
+    )
     return 0.5 * (H + H.T)
 
 
@@ -46,8 +68,12 @@ def norms_of(H: torch.Tensor) -> dict[str, float]:
     """spectral, frobenius, rms and trace of a symmetric matrix."""
     eig = torch.linalg.eigvalsh(H.double())
     fro = float(eig.norm())
-    return {"spectral": float(eig.abs().max()), "frobenius": fro, "rms": fro / math.sqrt(len(eig)),
-            "trace": float(eig.sum())}
+    return {
+        "spectral": float(eig.abs().max()),
+        "frobenius": fro,
+        "rms": fro / math.sqrt(len(eig)),
+        "trace": float(eig.sum()),
+    }
 
 
 def haar(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -77,16 +103,26 @@ class Quadratic:
     ±0.9·top; C is a dense coupling with entries of size ``coupling/√d_y``.
     """
 
-    def __init__(self, dx, dy, *, top_x=100.0, top_y=1.0, coupling=30.0, dtype=torch.float32, seed=0):
+    def __init__(
+        self, dx, dy, *, top_x=100.0, top_y=1.0, coupling=30.0, dtype=torch.float32, seed=0
+    ):
         g = torch.Generator().manual_seed(seed)
-        self.ex = torch.cat([
-            torch.tensor([top_x], dtype=torch.float64),
-            torch.empty(dx - 1, dtype=torch.float64).uniform_(-0.9 * top_x, 0.9 * top_x, generator=g),
-        ])
-        self.ey = torch.cat([
-            torch.tensor([-top_y], dtype=torch.float64),
-            torch.empty(dy - 1, dtype=torch.float64).uniform_(-0.9 * top_y, 0.9 * top_y, generator=g),
-        ])
+        self.ex = torch.cat(
+            [
+                torch.tensor([top_x], dtype=torch.float64),
+                torch.empty(dx - 1, dtype=torch.float64).uniform_(
+                    -0.9 * top_x, 0.9 * top_x, generator=g
+                ),
+            ]
+        )
+        self.ey = torch.cat(
+            [
+                torch.tensor([-top_y], dtype=torch.float64),
+                torch.empty(dy - 1, dtype=torch.float64).uniform_(
+                    -0.9 * top_y, 0.9 * top_y, generator=g
+                ),
+            ]
+        )
         self.Qx, self.Qy = orthogonal(dx, g), orthogonal(dy, g)
         self.C = coupling * torch.randn(dx, dy, generator=g, dtype=torch.float64) / math.sqrt(dy)
         self.x = nn.Parameter(torch.randn(dx, generator=g, dtype=torch.float64).to(dtype))

@@ -52,11 +52,20 @@ class Options:
     callback: Callable[[int, int], None] | None = None
 
 
-def _mc(fn: Callable[..., Estimate], with_distribution: bool = True) -> Callable[[Any, torch.Generator, Options], Estimate]:
+def _mc(
+    fn: Callable[..., Estimate], with_distribution: bool = True
+) -> Callable[[Any, torch.Generator, Options], Estimate]:
     def run(op: Any, gen: torch.Generator, o: Options) -> Estimate:
         extra = {"distribution": o.distribution} if with_distribution else {}
-        return fn(op, gen, num_vectors=o.num_vectors, target_rel_stderr=o.target_rel_stderr,
-                  min_vectors=o.min_vectors, callback=o.callback, **extra)
+        return fn(
+            op,
+            gen,
+            num_vectors=o.num_vectors,
+            target_rel_stderr=o.target_rel_stderr,
+            min_vectors=o.min_vectors,
+            callback=o.callback,
+            **extra,
+        )
 
     return run
 
@@ -82,16 +91,34 @@ ESTIMATORS: dict[str, EstimatorEntry] = {
     e.name: e
     for e in (
         EstimatorEntry(
-            "spectral", "‖H‖₂, the local smoothness L (Lanczos; a lower bound)",
-            lambda op, gen, o: lanczos(op, gen, max_iter=o.num_vectors, tol=o.tol, callback=o.callback),
+            "spectral",
+            "‖H‖₂, the local smoothness L (Lanczos; a lower bound)",
+            lambda op, gen, o: lanczos(
+                op, gen, max_iter=o.num_vectors, tol=o.tol, callback=o.callback
+            ),
             None,
         ),
-        EstimatorEntry("frobenius", "‖H‖_F (Hutchinson)", _mc(hutchinson_frobenius), _mc(zo_frobenius),
-                       zo_min_vectors=3),
-        EstimatorEntry("rms", "‖H‖_F/√d, the paper's D.4 (unit vectors)", _mc(rms, False), _mc(zo_rms),
-                       zo_min_vectors=3),
-        EstimatorEntry("trace", "tr H (Hutchinson)", _mc(hutchinson_trace), _mc(zo_trace),
-                       zo_distributions=DISTRIBUTIONS),
+        EstimatorEntry(
+            "frobenius",
+            "‖H‖_F (Hutchinson)",
+            _mc(hutchinson_frobenius),
+            _mc(zo_frobenius),
+            zo_min_vectors=3,
+        ),
+        EstimatorEntry(
+            "rms",
+            "‖H‖_F/√d, the paper's D.4 (unit vectors)",
+            _mc(rms, False),
+            _mc(zo_rms),
+            zo_min_vectors=3,
+        ),
+        EstimatorEntry(
+            "trace",
+            "tr H (Hutchinson)",
+            _mc(hutchinson_trace),
+            _mc(zo_trace),
+            zo_distributions=DISTRIBUTIONS,
+        ),
     )
 }
 NORMS: tuple[str, ...] = tuple(ESTIMATORS)
@@ -104,7 +131,9 @@ def get_estimator(norm: str) -> EstimatorEntry:
     return ESTIMATORS[norm]
 
 
-def validate(norm: str, hvp: str, distribution: str = "gaussian", num_vectors: int = 1) -> EstimatorEntry:
+def validate(
+    norm: str, hvp: str, distribution: str = "gaussian", num_vectors: int = 1
+) -> EstimatorEntry:
     """Check that ``norm`` works with oracle ``hvp`` and ``distribution``; return its entry."""
     entry = get_estimator(norm)
     if hvp not in entry.hvps:
@@ -114,7 +143,9 @@ def validate(norm: str, hvp: str, distribution: str = "gaussian", num_vectors: i
             f"{', '.join(n for n, e in ESTIMATORS.items() if e.run_zo is not None)})"
         )
     if distribution not in DISTRIBUTIONS:
-        raise UsageError(f"unknown distribution {distribution!r}; accepted: {', '.join(DISTRIBUTIONS)}")
+        raise UsageError(
+            f"unknown distribution {distribution!r}; accepted: {', '.join(DISTRIBUTIONS)}"
+        )
     if hvp == "zo":
         if distribution not in entry.zo_distributions:
             raise UsageError(

@@ -64,11 +64,20 @@ def hutchinson_frobenius(
         return sqrt_of_mean(*mean_se(x))
 
     xs, value, se, reached = sample(
-        lambda: squared_norms(op, distribution, gen), finish, num_vectors=num_vectors,
-        target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, callback=callback,
+        lambda: squared_norms(op, distribution, gen),
+        finish,
+        num_vectors=num_vectors,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
     )
     return Estimate(
-        value=value, stderr=se, num_hvp=len(xs), norm="frobenius",
-        hvp=getattr(op, "kind", "operator"), dim=op.dim, samples=tuple(float(x) for x in xs),
+        value=value,
+        stderr=se,
+        num_hvp=len(xs),
+        norm="frobenius",
+        hvp=getattr(op, "kind", "operator"),
+        dim=op.dim,
+        samples=tuple(float(x) for x in xs),
         converged=reached,
     )

@@ -65,7 +65,12 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.dtype == torch.float64:
         return float(torch.dot(a, b))
     step = 1 << 20
-    return float(sum(torch.dot(a[i : i + step].double(), b[i : i + step].double()) for i in range(0, a.numel(), step)))
+    return float(
+        sum(
+            torch.dot(a[i : i + step].double(), b[i : i + step].double())
+            for i in range(0, a.numel(), step)
+        )
+    )
 
 
 def _top_ritz(alphas: list[float], betas: list[float], beta: float) -> tuple[float, float]:
@@ -126,7 +131,13 @@ def lanczos(
         if store:
             basis.append(v)
     return Estimate(
-        value=abs(theta), stderr=math.nan, num_hvp=len(history), norm="spectral",
-        hvp=getattr(op, "kind", "operator"), dim=n, samples=tuple(history), residual=residual,
+        value=abs(theta),
+        stderr=math.nan,
+        num_hvp=len(history),
+        norm="spectral",
+        hvp=getattr(op, "kind", "operator"),
+        dim=n,
+        samples=tuple(history),
+        residual=residual,
         converged=converged or len(history) == n,
     )

@@ -81,8 +81,12 @@ def as_operator(
     ``v ↦ H v`` with ``dim=`` (and optionally ``dtype=``, default float64)."""
     if isinstance(op, torch.Tensor):
         if op.ndim != 2 or op.shape[0] != op.shape[1]:
-            raise UsageError(f"a dense operator must be a square matrix, got shape {tuple(op.shape)}")
-        return LinearOperator(lambda v: op @ v, op.shape[0], dtype=op.dtype, device=op.device, kind="dense")
+            raise UsageError(
+                f"a dense operator must be a square matrix, got shape {tuple(op.shape)}"
+            )
+        return LinearOperator(
+            lambda v: op @ v, op.shape[0], dtype=op.dtype, device=op.device, kind="dense"
+        )
     if hasattr(op, "dim") and (hasattr(op, "matvec") or hasattr(op, "quad")):
         return op
     if callable(op):

@@ -56,10 +56,20 @@ def hutchinson_trace(
         return quad_form(op, random_vector(distribution, op.dim, gen, op.dtype, op.device))
 
     xs, value, se, reached = sample(
-        draw, mean_se, num_vectors=num_vectors, target_rel_stderr=target_rel_stderr,
-        min_vectors=min_vectors, callback=callback,
+        draw,
+        mean_se,
+        num_vectors=num_vectors,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
     )
     return Estimate(
-        value=value, stderr=se, num_hvp=len(xs), norm="trace", hvp=getattr(op, "kind", "operator"),
-        dim=op.dim, samples=tuple(float(x) for x in xs), converged=reached,
+        value=value,
+        stderr=se,
+        num_hvp=len(xs),
+        norm="trace",
+        hvp=getattr(op, "kind", "operator"),
+        dim=op.dim,
+        samples=tuple(float(x) for x in xs),
+        converged=reached,
     )

@@ -87,7 +87,9 @@ def _zo(
     dim: int | None,
 ) -> Estimate:
     op = as_operator(op, dim=dim)
-    check_distribution(distribution, ("gaussian", "rademacher") if norm == "trace" else ("gaussian",))
+    check_distribution(
+        distribution, ("gaussian", "rademacher") if norm == "trace" else ("gaussian",)
+    )
     if norm != "trace" and num_vectors < 3:
         raise UsageError(f"hvp='zo' with norm={norm!r} needs num_vectors >= 3, got {num_vectors}")
     scale = math.sqrt(op.dim) if norm == "rms" else 1.0
@@ -103,8 +105,11 @@ def _zo(
 
     xs, value, se, reached = sample(
         lambda: float(op.quad(random_vector(distribution, op.dim, gen, op.dtype, op.device))),
-        finish, num_vectors=num_vectors, target_rel_stderr=target_rel_stderr,
-        min_vectors=min_vectors, callback=callback,
+        finish,
+        num_vectors=num_vectors,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
     )
     sigma_c, sigma_shared, ulps = _rounding(op)
     var = float(xs.var(ddof=1)) if len(xs) > 1 else math.inf
@@ -113,31 +118,89 @@ def _zo(
         sigma_c**2 > 0.5 * var or (norm == "trace" and sigma_shared > mc_se) or ulps < MIN_ULPS
     )
     return Estimate(
-        value=value, stderr=se, num_hvp=len(xs), norm=norm, hvp=getattr(op, "kind", "zo"),
-        dim=op.dim, samples=tuple(float(x) for x in xs), converged=reached,
-        rounding_noise=sigma_c, rounding_dominated=bool(dominated),
+        value=value,
+        stderr=se,
+        num_hvp=len(xs),
+        norm=norm,
+        hvp=getattr(op, "kind", "zo"),
+        dim=op.dim,
+        samples=tuple(float(x) for x in xs),
+        converged=reached,
+        rounding_noise=sigma_c,
+        rounding_dominated=bool(dominated),
     )
 
 
-def zo_trace(op: Any, gen: torch.Generator, *, num_vectors: int = 20, distribution: str = "gaussian",
-             target_rel_stderr: float | None = None, min_vectors: int = 5,
-             callback: Callback | None = None, dim: int | None = None) -> Estimate:
+def zo_trace(
+    op: Any,
+    gen: torch.Generator,
+    *,
+    num_vectors: int = 20,
+    distribution: str = "gaussian",
+    target_rel_stderr: float | None = None,
+    min_vectors: int = 5,
+    callback: Callback | None = None,
+    dim: int | None = None,
+) -> Estimate:
     """tr H ≈ mean vᵀHv from quadratic forms (see the module docstring)."""
-    return _zo("trace", op, gen, num_vectors=num_vectors, distribution=distribution,
-               target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, callback=callback, dim=dim)
+    return _zo(
+        "trace",
+        op,
+        gen,
+        num_vectors=num_vectors,
+        distribution=distribution,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
+        dim=dim,
+    )
 
 
-def zo_frobenius(op: Any, gen: torch.Generator, *, num_vectors: int = 20, distribution: str = "gaussian",
-                 target_rel_stderr: float | None = None, min_vectors: int = 5,
-                 callback: Callback | None = None, dim: int | None = None) -> Estimate:
+def zo_frobenius(
+    op: Any,
+    gen: torch.Generator,
+    *,
+    num_vectors: int = 20,
+    distribution: str = "gaussian",
+    target_rel_stderr: float | None = None,
+    min_vectors: int = 5,
+    callback: Callback | None = None,
+    dim: int | None = None,
+) -> Estimate:
     """‖H‖_F ≈ √(s²/2) from Gaussian quadratic forms (see the module docstring)."""
-    return _zo("frobenius", op, gen, num_vectors=num_vectors, distribution=distribution,
-               target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, callback=callback, dim=dim)
+    return _zo(
+        "frobenius",
+        op,
+        gen,
+        num_vectors=num_vectors,
+        distribution=distribution,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
+        dim=dim,
+    )
 
 
-def zo_rms(op: Any, gen: torch.Generator, *, num_vectors: int = 20, distribution: str = "gaussian",
-           target_rel_stderr: float | None = None, min_vectors: int = 5,
-           callback: Callback | None = None, dim: int | None = None) -> Estimate:
+def zo_rms(
+    op: Any,
+    gen: torch.Generator,
+    *,
+    num_vectors: int = 20,
+    distribution: str = "gaussian",
+    target_rel_stderr: float | None = None,
+    min_vectors: int = 5,
+    callback: Callback | None = None,
+    dim: int | None = None,
+) -> Estimate:
     """‖H‖_F/√d ≈ √(s²/(2d)) from Gaussian quadratic forms (see the module docstring)."""
-    return _zo("rms", op, gen, num_vectors=num_vectors, distribution=distribution,
-               target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, callback=callback, dim=dim)
+    return _zo(
+        "rms",
+        op,
+        gen,
+        num_vectors=num_vectors,
+        distribution=distribution,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
+        dim=dim,
+    )
