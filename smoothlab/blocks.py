@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from .errors import UsageError
+
 Blocks = dict[str, list[nn.Parameter]]
 
 PRESETS = ("hybrid", "base-peft", "hybrid-split", "layers", "kinds", "all")
@@ -97,7 +99,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
         try:
             return re.compile(pattern[3:])
         except re.error as e:
-            raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+            raise UsageError(f"invalid regex {pattern!r}: {e}") from None
     return re.compile(fnmatch.translate(pattern))
 
 
@@ -119,12 +121,12 @@ def make_blocks(
 
     ``spec``: one of :data:`PRESETS`, or a mapping block name -> pattern(s) (glob, or regex
     with a ``re:`` prefix). ``trainable_only`` keeps only ``requires_grad`` parameters.
-    Raises ``ValueError`` when a pattern matches nothing or when blocks overlap, listing the
+    Raises ``UsageError`` (a ValueError) when a pattern matches nothing or when blocks overlap, listing the
     parameter names examined.
     """
     named = _named(model, trainable_only)
     if not named:
-        raise ValueError(f"model {type(model).__name__} has no parameters to put in blocks")
+        raise UsageError(f"model {type(model).__name__} has no parameters to put in blocks")
     all_names = [n for n, _ in named]
 
     if isinstance(spec, str):
@@ -132,7 +134,7 @@ def make_blocks(
         if spec in ("hybrid", "base-peft", "hybrid-split"):
             peft_names = peft_parameter_names(model)
             if not peft_names & set(all_names):
-                raise ValueError(
+                raise UsageError(
                     "preset 'hybrid' (base/peft) found no peft adapter parameters in "
                     f"{type(model).__name__}; attach a PEFT module first (e.g. --peft lora). "
                     f"Parameters examined: {_preview(all_names)}"
@@ -158,7 +160,7 @@ def make_blocks(
             return {k: [p for _, p in v] for k, v in groups.items()}
         if spec == "all":
             return {"all": [p for _, p in named]}
-        raise ValueError(
+        raise UsageError(
             f"unknown block preset {spec!r}; accepted: {', '.join(PRESETS)}, "
             "or a mapping of block name to glob/regex patterns"
         )
@@ -168,20 +170,22 @@ def make_blocks(
     blocks: Blocks = {}
     owner: dict[str, str] = {}
     for block, patterns in spec.items():
+        if not isinstance(block, str) or not block.strip():
+            raise UsageError(f"block names must be non-empty strings, got {block!r} (patterns {patterns!r})")
         pats = [patterns] if isinstance(patterns, str) else list(patterns)
         chosen = []
         for pat in pats:
             rx = _compile(pat)
             hits = [(n, p) for n, p in named if rx.fullmatch(n)]
             if not hits:
-                raise ValueError(
+                raise UsageError(
                     f"block {block!r}: pattern {pat!r} matches no parameter. "
                     f"Parameters examined ({len(all_names)}): {_preview(all_names)}"
                 )
             chosen.extend(hits)
         for n, _ in chosen:
             if n in owner and owner[n] != block:
-                raise ValueError(
+                raise UsageError(
                     f"blocks overlap: parameter {n!r} is in both {owner[n]!r} and {block!r}"
                 )
             owner[n] = block
@@ -198,9 +202,18 @@ def parse_blocks_arg(text: str) -> str | dict[str, str]:
     out: dict[str, str] = {}
     for item in text.split(","):
         if "=" not in item:
-            raise ValueError(f"bad --blocks item {item!r}; expected NAME=PATTERN or a preset")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+            raise UsageError(f"bad --blocks item {item!r}; expected NAME=PATTERN or a preset")
+        k, v = (x.strip() for x in item.split("=", 1))
+        if not k:
+            raise UsageError(f"bad --blocks item {item!r}: empty block name; expected NAME=PATTERN")
+        if not v:
+            raise UsageError(f"bad --blocks item {item!r}: empty pattern; expected NAME=PATTERN")
+        if k in out:
+            raise UsageError(
+                f"--blocks names block {k!r} twice ({k}={out[k]} and {k}={v}); give each block one "
+                "name, or one name with a regex alternative (re:a|b)"
+            )
+        out[k] = v
     return out
 
 
@@ -210,13 +223,19 @@ def check_blocks(blocks: Mapping[str, list[torch.Tensor]]) -> None:
         raise TypeError(f"blocks must be a non-empty dict[str, list[Parameter]], got {type(blocks).__name__}")
     owner: dict[int, str] = {}
     for name, params in blocks.items():
+        if not isinstance(name, str) or not name.strip():
+            raise UsageError(f"block names must be non-empty strings, got {name!r}")
         if isinstance(params, torch.Tensor) or not isinstance(params, list | tuple) or not params:
             raise TypeError(f"block {name!r} must be a non-empty list of parameters, got {type(params).__name__}")
-        for p in params:
+        for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"block {name!r} holds a {type(p).__name__}, expected torch parameters")
-            if id(p) in owner and owner[id(p)] != name:
-                raise ValueError(f"blocks overlap: a parameter of shape {tuple(p.shape)} is in both {owner[id(p)]!r} and {name!r}")
+            if id(p) in owner:
+                where = f"twice in block {name!r}" if owner[id(p)] == name else f"in both {owner[id(p)]!r} and {name!r}"
+                raise UsageError(
+                    f"blocks overlap: a parameter of shape {tuple(p.shape)} (entry {i} of {name!r}) is "
+                    f"{where}; each parameter may appear once (it would be counted twice)"
+                )
             owner[id(p)] = name
 
 

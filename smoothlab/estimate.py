@@ -19,6 +19,10 @@ class Estimate:
     ``norm``/``hvp``/``dim``: what was estimated, with which oracle, over how many parameters.
     ``grad_norm``: ‖∇_b f‖₂ at the probed point when the oracle computed it anyway (``fd``,
     ``exact``); ``nan`` otherwise.
+    ``rounding_noise`` (``zo`` only): the rounding std of one second-difference sample, in the
+    units of vᵀHv. ``rounding_dominated``: rounding noise is more than half of the sample
+    variance, or the rounding error shared by all samples exceeds the Monte-Carlo stderr
+    (see :mod:`smoothlab.estimators.zo`).
     """
 
     value: float
@@ -32,6 +36,8 @@ class Estimate:
     converged: bool = True
     seconds: float = 0.0
     grad_norm: float = math.nan
+    rounding_noise: float = math.nan
+    rounding_dominated: bool = False
 
     @property
     def rel_stderr(self) -> float:
@@ -53,5 +59,7 @@ class Estimate:
             "converged": self.converged,
             "seconds": self.seconds,
             "grad_norm": self.grad_norm,
+            "rounding_noise": self.rounding_noise,
+            "rounding_dominated": self.rounding_dominated,
             "samples": list(self.samples),
         }

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import UsageError
+from .estimators.operator import random_vector
 from .perturb import shifted
 
 HVPS = ("fd", "fd-central", "exact", "zo")
@@ -110,15 +112,45 @@ def grad_enabled_for(params: Sequence[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def scalar_loss(loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``loss_fn()`` as a 0-d tensor; TypeError naming what came back if it is not a scalar."""
+REFERENCE = "at the probe's reference point"
+
+
+def scalar_loss(loss_fn: Callable[[], torch.Tensor], where: str | None = None) -> torch.Tensor:
+    """``loss_fn()`` as a 0-d tensor; TypeError naming what came back if it is not a scalar.
+
+    With ``where`` (e.g. :data:`REFERENCE`), a nan/inf loss is a UsageError naming it."""
     loss = loss_fn()
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(
             f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
             + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
         )
-    return loss.reshape(())
+    loss = loss.reshape(())
+    if where is not None:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            hint = "" if where == REFERENCE else " (finite at the reference point: try a smaller h)"
+            raise UsageError(
+                f"loss is {value} {where}{hint}; the probe needs a finite loss "
+                "(check the batch, the labels and the weights)"
+            )
+    return loss
+
+
+def no_grad_error(detail: str) -> UsageError:
+    """The one error every oracle raises for a loss that the block's parameters cannot move."""
+    return UsageError(
+        f"loss_fn returned a loss without grad with respect to the probed block ({detail}); "
+        "compute it from the parameters with gradients enabled (not under torch.no_grad(), "
+        "not from .detach() or .item())"
+    )
+
+
+def require_grad(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` if it has an autograd graph, else :func:`no_grad_error`."""
+    if not loss.requires_grad:
+        raise no_grad_error("requires_grad=False")
+    return loss
 
 
 def block_gradients(
@@ -128,7 +160,7 @@ def block_gradients(
     and the loss's dtype. Frozen parameters get ``requires_grad`` only for the duration."""
     params = [p for ps in blocks.values() for p in ps]
     with grad_enabled_for(params), torch.enable_grad():
-        loss = scalar_loss(loss_fn)
+        loss = require_grad(scalar_loss(loss_fn, REFERENCE))
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     out, i = {}, 0
     for name, ps in blocks.items():
@@ -139,11 +171,16 @@ def block_gradients(
 
 
 class Oracle:
-    """Block-restricted curvature oracle. Use as a context manager around its calls.
+    """Block-restricted curvature oracle, a linear operator over the block's flat parameters.
 
-    ``hvp(v)`` returns H_bb v (flat); ``quad(v)`` returns vᵀ H_bb v. ``num_hvp`` counts
-    oracle calls (an HVP, or one second difference for ``zo``).
+    Operator interface (see :mod:`smoothlab.estimators.operator`): ``dim``, ``dtype``,
+    ``device``, ``kind``, ``matvec(v)`` = H_bb v (``hvp`` is the same), ``quad(v)`` = vᵀH_bb v,
+    ``has_matvec`` (False for ``zo``) and, for ``zo``, ``rounding()``. ``num_hvp`` counts
+    oracle calls (an HVP, or one second difference for ``zo``). Use as a context manager.
     """
+
+    ZO_CENTER_PAIRS = 4  # jittered reference pairs estimating f(x) for a float32 zo loss
+    ZO_JITTER = 1e-2  # their displacement, relative to the second difference's
 
     def __init__(
         self,
@@ -158,10 +195,11 @@ class Oracle:
         """``gradient``: ∇_b f(x) (flat) and the loss's dtype, when the caller already has them
         (``probe`` computes one joint backward for all blocks of an ``fd`` probe)."""
         if kind not in HVPS:
-            raise ValueError(f"unknown hvp oracle {kind!r}; accepted: {', '.join(HVPS)}")
+            raise UsageError(f"unknown hvp oracle {kind!r}; accepted: {', '.join(HVPS)}")
         if h is not None and not (isinstance(h, int | float) and h > 0 and math.isfinite(h)):
-            raise ValueError(f"h must be a positive finite float, got {h!r}")
+            raise UsageError(f"h must be a positive finite float, got {h!r}")
         self.kind = kind
+        self.has_matvec = kind != "zo"
         self.loss_fn = loss_fn
         self.params = list(params)
         self.h = h
@@ -172,7 +210,14 @@ class Oracle:
         self.num_hvp = 0
         self._stack: contextlib.ExitStack | None = None
         self._g0: torch.Tensor | None = None
-        self._f0: float | None = None
+        self._f_ref: float | None = None  # f(x) as computed (checked finite)
+        self._f0: float | None = None  # the zo centre estimate of f(x)
+        self._f0_var = 0.0  # its variance (rounding shared by every zo sample)
+        self._f_noise = 0.0  # rounding std of one evaluation of f
+        self._inv_s2: list[float] = []
+        self._grad_confirmed = False
+        self._ulps: list[float] = []  # |f(x+sv) + f(x−sv) − 2f̂₀| in units of the loss's ulp
+        self._ulp = 0.0
         self._graph: tuple[torch.Tensor, ...] | None = None
         self._step: float | None = None  # set once the loss's dtype is known
         self._loss_dtype: torch.dtype | None = None
@@ -211,18 +256,18 @@ class Oracle:
             return 0.0
         if self._step is None:
             if self._loss_dtype is None:
-                self._value_at(None, 0.0)  # one forward to learn the loss's dtype
+                self.reference_value()  # one forward to learn the loss's dtype
             self._step = default_step(self.kind, self.params, self._loss_dtype)
         return self._step / max(float(v.norm()), 1e-30)
 
-    def _loss(self) -> torch.Tensor:
-        loss = scalar_loss(self.loss_fn)
+    def _loss(self, where: str) -> torch.Tensor:
+        loss = scalar_loss(self.loss_fn, where)
         self._loss_dtype = loss.dtype
         return loss
 
-    def _grad(self) -> torch.Tensor:
+    def _grad(self, where: str = REFERENCE) -> torch.Tensor:
         with torch.enable_grad():
-            loss = self._loss()
+            loss = require_grad(self._loss(where))
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return flatten(
             [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)], self.dtype
@@ -230,14 +275,18 @@ class Oracle:
 
     def _grad_at(self, v: torch.Tensor, s: float) -> torch.Tensor:
         with shifted(self.params, unflatten(v, self.params), s, self.root):
-            return self._grad()
+            return self._grad(f"at the shifted point x + {s:.3g}·v")
 
-    def _value_at(self, v: torch.Tensor | None, s: float) -> float:
-        with torch.no_grad():
-            if v is None:
-                return float(self._loss().double())
-            with shifted(self.params, unflatten(v, self.params), s, self.root):
-                return float(self._loss().double())
+    def _value_at(self, v: torch.Tensor, s: float) -> float:
+        with torch.no_grad(), shifted(self.params, unflatten(v, self.params), s, self.root):
+            return float(self._loss(f"at the shifted point x + {s:.3g}·v").double())
+
+    def reference_value(self) -> float:
+        """f(x), computed once (a nan/inf loss is a UsageError naming it)."""
+        if self._f_ref is None:
+            with torch.no_grad():
+                self._f_ref = float(self._loss(REFERENCE).double())
+        return self._f_ref
 
     def gradient(self) -> torch.Tensor:
         """∇_b f(x) as a flat vector (cached)."""
@@ -257,44 +306,91 @@ class Oracle:
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """H_bb v for a flat vector v (not available for ``zo``)."""
         if self.kind == "zo":
-            raise ValueError("hvp='zo' gives quadratic forms vᵀHv only; use norm='trace' or 'frobenius'")
+            raise UsageError("hvp='zo' gives quadratic forms vᵀHv only; use norm='trace' or 'frobenius'")
         self.num_hvp += 1
         if self.kind == "exact":
-            if self._graph is None:
-                with torch.enable_grad():
-                    loss = self._loss()
-                    grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-                self._graph = tuple(
-                    torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)
-                )
-            pieces = unflatten(v, self.params)
-            with torch.enable_grad():
-                needs = [g.requires_grad for g in self._graph]
-                if not any(needs):
-                    return torch.zeros_like(v)
-                hv = torch.autograd.grad(
-                    [g for g, n in zip(self._graph, needs) if n],
-                    self.params,
-                    grad_outputs=[w.to(g.dtype) for w, g, n in zip(pieces, self._graph, needs) if n],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-            return flatten([torch.zeros_like(p) if x is None else x for x, p in zip(hv, self.params)], self.dtype)
+            return self._exact_hvp(v)
         if self.kind == "fd":
             g0 = self.gradient()  # also tells step_for the loss's dtype
             s = self.step_for(v)
             return self._grad_at(v, s).sub_(g0).div_(s)  # in place: block-sized temporaries are costly
+        self.reference_value()
         s = self.step_for(v)
         return self._grad_at(v, s).sub_(self._grad_at(v, -s)).div_(2 * s)
+
+    matvec = hvp
+
+    def _exact_hvp(self, v: torch.Tensor) -> torch.Tensor:
+        if self._graph is None:
+            with torch.enable_grad():
+                loss = require_grad(self._loss(REFERENCE))
+                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            self._graph = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params))
+        pieces = unflatten(v, self.params)
+        with torch.enable_grad():
+            needs = [g.requires_grad for g in self._graph]
+            if not any(needs):
+                return torch.zeros_like(v)
+            hv = torch.autograd.grad(
+                [g for g, n in zip(self._graph, needs) if n],
+                self.params,
+                grad_outputs=[w.to(g.dtype) for w, g, n in zip(pieces, self._graph, needs) if n],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return flatten([torch.zeros_like(p) if x is None else x for x, p in zip(hv, self.params)], self.dtype)
 
     def quad(self, v: torch.Tensor) -> float:
         """vᵀ H_bb v: from an HVP, or (``zo``) from a second difference of f."""
         if self.kind != "zo":
             return float(torch.dot(v.to(torch.float64), self.hvp(v).to(torch.float64)))
         self.num_hvp += 1
+        s = self.step_for(v)  # also evaluates f(x) once
         if self._f0 is None:
-            self._f0 = self._value_at(None, 0.0)  # also tells step_for the loss's dtype
-        s = self.step_for(v)
-        fp = self._value_at(v, s)
-        fm = self._value_at(v, -s)
-        return (fp - 2.0 * self._f0 + fm) / (s * s)
+            self._estimate_center(s * float(v.norm()))
+        fp, fm = self._value_at(v, s), self._value_at(v, -s)
+        if fp == fm == self._f_ref and not self._grad_confirmed:
+            self._confirm_grad(fp)
+        self._inv_s2.append(1.0 / (s * s))
+        numer = (fp - self._f0) + (fm - self._f0)
+        self._ulps.append(abs(numer) / self._ulp)
+        return numer / (s * s)
+
+    def _confirm_grad(self, value: float) -> None:
+        """f(x ± h v) = f(x) bit for bit: a loss without grad, or curvature below rounding.
+        One forward with autograd on tells them apart (only in this rare case)."""
+        with grad_enabled_for(self.params), torch.enable_grad():
+            if not self._loss(REFERENCE).requires_grad:
+                raise no_grad_error(f"f(x) = f(x ± h·v) = {value!r} bit for bit and requires_grad=False")
+        self._grad_confirmed = True
+
+    def _estimate_center(self, displacement: float) -> None:
+        """f(x) for second differences. A float64 loss: f(x) itself. Coarser: the mean of K
+        pairs (f(x + t w_k) + f(x − t w_k))/2 with t‖w_k‖ = 10⁻²·displacement, whose rounding
+        errors are independent; their spread gives the rounding noise of one evaluation."""
+        f_ref = self.reference_value()
+        eps = torch.finfo(self._loss_dtype).eps if self._loss_dtype and self._loss_dtype.is_floating_point else 0.0
+        self._ulp = max(eps * 2.0 ** math.floor(math.log2(max(abs(f_ref), 1e-30))), 1e-300)
+        if eps < 1e-10 or self.ZO_CENTER_PAIRS < 2:
+            self._f0 = f_ref
+            return
+        gen = torch.Generator(device=self.device).manual_seed(0x5EED)
+        pairs = []
+        for _ in range(self.ZO_CENTER_PAIRS):
+            w = random_vector("rademacher", self.dim, gen, self.dtype, self.device)
+            t = self.ZO_JITTER * displacement / math.sqrt(self.dim)
+            pairs.append(0.5 * (self._value_at(w, t) + self._value_at(w, -t)))
+        k = len(pairs)
+        mean = sum(pairs) / k
+        var = sum((p - mean) ** 2 for p in pairs) / (k - 1)
+        self._f0, self._f0_var, self._f_noise = mean, var / k, math.sqrt(2 * var)
+
+    def rounding(self) -> tuple[float, float, float]:
+        """(rounding std of one ``zo`` sample, std of the error shared by all samples), in the
+        units of vᵀHv: √2·σ_f·mean(1/s²) and 2·√Var(f̂₀)·mean(1/s²); and the median size of
+        the second difference's numerator in ulps of f (a few ulps: quantised, biased)."""
+        if not self._inv_s2:
+            return 0.0, 0.0, math.inf
+        inv = sum(self._inv_s2) / len(self._inv_s2)
+        ulps = sorted(self._ulps)[len(self._ulps) // 2]
+        return math.sqrt(2) * self._f_noise * inv, 2 * math.sqrt(self._f0_var) * inv, ulps

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .blocks import Blocks, check_blocks, make_blocks
+from .errors import UsageError
 from .estimate import Estimate
-from .estimators import DISTRIBUTIONS, NORMS, spectral, stochastic
+from .estimators import Options, estimate, validate
 from .hvp import HVPS, Oracle, block_gradients
 from .perturb import param_seed
 
@@ -50,7 +51,7 @@ class ModelLoss:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if (batch is None) == (compute is None):
-            raise ValueError("give exactly one of batch= or compute=")
+            raise UsageError("give exactly one of batch= or compute=")
         self.model = model
         self.batch = batch
         self.criterion = criterion
@@ -64,11 +65,11 @@ class ModelLoss:
             # a Hugging Face ModelOutput is a Mapping that omits a None loss: .get, not ["loss"]
             loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", out)
             if loss is None:
-                raise ValueError("model output has no loss; include labels in the batch")
+                raise UsageError("model output has no loss; include labels in the batch")
             return loss
         inputs, targets = self.batch  # type: ignore[misc]
         if self.criterion is None:
-            raise ValueError("a (inputs, targets) batch needs criterion=")
+            raise UsageError("a (inputs, targets) batch needs criterion=")
         return self.criterion(self.model(inputs), targets)
 
 
@@ -126,27 +127,7 @@ def probe(
             on-the-fly perturbation, dropout-off and the attention switch for ``exact``.
         progress: ``callback(block, done, total)``.
     """
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be a zero-argument callable, got {type(loss_fn).__name__}")
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; accepted: {', '.join(NORMS)}")
-    if hvp not in HVPS:
-        raise ValueError(f"unknown hvp oracle {hvp!r}; accepted: {', '.join(HVPS)}")
-    if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or num_vectors < 1:
-        raise ValueError(f"num_vectors must be a positive integer, got {num_vectors!r}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; accepted: {', '.join(DISTRIBUTIONS)}")
-    if not (isinstance(tol, int | float) and tol > 0):
-        raise ValueError(f"tol must be a positive float, got {tol!r}")
-    if target_rel_stderr is not None and not (
-        isinstance(target_rel_stderr, int | float) and target_rel_stderr > 0
-    ):
-        raise ValueError(f"target_rel_stderr must be a positive float or None, got {target_rel_stderr!r}")
-    if norm == "spectral" and hvp == "zo":
-        raise ValueError(
-            "norm='spectral' needs Hessian-vector products; hvp='zo' gives only quadratic "
-            "forms (accepted with 'zo': trace, frobenius, rms)"
-        )
+    _check_arguments(loss_fn, norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
     check_blocks(blocks)
     root = model if model is not None else getattr(loss_fn, "model", None)
     if root is not None and not isinstance(root, nn.Module):
@@ -165,17 +146,32 @@ def probe(
             gen.manual_seed(block_seed(seed, name))
             cb = (lambda d, t, _n=name: progress(_n, d, t)) if progress else None
             start = time.perf_counter()
+            options = Options(num_vectors, tol, distribution, target_rel_stderr, min_vectors, cb)
             with Oracle(hvp, loss_fn, params, h=h, root=root, gradient=shared.pop(name, None)) as oracle:
-                if norm == "spectral":
-                    est = spectral(oracle, gen, max_iter=num_vectors, tol=tol, callback=cb)
-                else:
-                    est = stochastic(
-                        norm, oracle, gen, num_vectors=num_vectors, distribution=distribution,
-                        target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, callback=cb,
-                    )
+                est = estimate(norm, oracle, gen, options)
                 grad_norm = oracle.cached_grad_norm()
             results[name] = replace(est, seconds=time.perf_counter() - start, grad_norm=grad_norm)
     return results
+
+
+def _check_arguments(
+    loss_fn: object, norm: str, hvp: str, num_vectors: object, distribution: str, tol: object,
+    target_rel_stderr: object,
+) -> None:
+    """probe()'s argument checks; norm/hvp/distribution pairs through the estimator registry."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a zero-argument callable, got {type(loss_fn).__name__}")
+    if hvp not in HVPS:
+        raise UsageError(f"unknown hvp oracle {hvp!r}; accepted: {', '.join(HVPS)}")
+    if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or num_vectors < 1:
+        raise UsageError(f"num_vectors must be a positive integer, got {num_vectors!r}")
+    validate(norm, hvp, distribution, num_vectors)
+    if not (isinstance(tol, int | float) and tol > 0):
+        raise UsageError(f"tol must be a positive float, got {tol!r}")
+    if target_rel_stderr is not None and not (
+        isinstance(target_rel_stderr, int | float) and target_rel_stderr > 0
+    ):
+        raise UsageError(f"target_rel_stderr must be a positive float or None, got {target_rel_stderr!r}")
 
 
 def probe_model(

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .blocks import check_blocks
+from .errors import UsageError
 from .estimate import Estimate
 from .hvp import block_gradients
 from .probe import eval_mode, probe
@@ -72,7 +73,7 @@ class TrajectoryRecorder:
     ) -> None:
         check_blocks(blocks)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
+            raise UsageError(f"every must be a positive integer, got {every!r}")
         self.blocks = dict(blocks)
         self.every = every
         self.kwargs = {"norm": norm, "hvp": hvp, "num_vectors": num_vectors, "h": h, "tol": tol}
@@ -111,7 +112,7 @@ class TrajectoryRecorder:
         """Probe every block now and log one row per block."""
         fn = self.probe_loss_fn or loss_fn
         if fn is None:
-            raise ValueError("no loss to probe: pass loss_fn or construct the recorder with probe_loss_fn")
+            raise UsageError("no loss to probe: pass loss_fn or construct the recorder with probe_loss_fn")
         model = self.model if self.model is not None else getattr(fn, "model", None)
         start = time.perf_counter()
         ests = probe(fn, self.blocks, seed=self.seed + step, model=model, **self.kwargs)

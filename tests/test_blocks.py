@@ -10,10 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from fixtures import dense_hessian
 from torch import nn
 
 from smoothlab import ModelLoss, Oracle, block_sizes, make_blocks, peft_parameter_names, probe
 from smoothlab.blocks import PRESETS, check_blocks, parse_blocks_arg
+from smoothlab.errors import UsageError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -218,6 +220,14 @@ def test_parse_blocks_arg_and_check_blocks():
     assert parse_blocks_arg("a=*.query.*, b=re:cls.*") == {"a": "*.query.*", "b": "re:cls.*"}
     with pytest.raises(ValueError, match="'oops'"):
         parse_blocks_arg("a=x,oops")
+    with pytest.raises(UsageError, match=r"block 'a' twice \(a=\*query\* and a=\*key\*\)"):
+        parse_blocks_arg("a=*query*,a=*key*")
+    with pytest.raises(UsageError, match=r"'=\*query\*'.*empty block name"):
+        parse_blocks_arg("=*query*")
+    with pytest.raises(UsageError, match=r"'a='.*empty pattern"):
+        parse_blocks_arg("a=")
+    with pytest.raises(UsageError, match="non-empty strings, got ''"):
+        make_blocks(tiny_bert(), {"": "classifier.*"})
     p = nn.Parameter(torch.zeros(2))
     with pytest.raises(TypeError, match="non-empty dict"):
         check_blocks([p])
@@ -225,6 +235,8 @@ def test_parse_blocks_arg_and_check_blocks():
         check_blocks({"a": [3]})
     with pytest.raises(ValueError, match=r"overlap.*shape \(2,\).*'a'.*'b'"):
         check_blocks({"a": [p], "b": [p]})
+    with pytest.raises(UsageError, match=r"shape \(2,\) \(entry 1 of 'a'\) is twice in block 'a'"):
+        check_blocks({"a": [p, p]})
 
 
 # --- peft models through the probe (on-the-fly perturbation of adapter weights) ----------------
@@ -245,6 +257,8 @@ def _agree(model, batch, params):
     v = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with Oracle("exact", loss_fn, params, root=model) as o:
         hv = o.hvp(v)
+    hv_dense = dense_hessian(compute, params, batched=False) @ v  # ground truth, not smoothlab
+    assert float((hv - hv_dense).norm()) <= 1e-9 * float(hv_dense.norm())
     assert float(hv.norm()) > 1e-3 * float(v.norm())
     for kind, tol in (("fd", 1e-4), ("fd-central", 1e-7)):
         with Oracle(kind, loss_fn, params, root=model) as o:

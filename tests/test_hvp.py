@@ -16,37 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from fixtures import coupled_quadratic, dense_hessian, norms_of
 from torch import nn
 
 from smoothlab import Oracle, probe
 from smoothlab.hvp import default_step, flatten, unflatten
 
 ORACLES = ("exact", "fd", "fd-central")
-
-
-# --- ground-truth problems ------------------------------------------------------------------
-def planted(eigs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Q diag(eigs) Qᵀ with a random orthogonal Q (float64)."""
-    d = len(eigs)
-    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))
-    return (q * eigs) @ q.T
-
-
-def coupled_quadratic(dx=40, dy=12, dtype=torch.float64, seed=0, coupling=30.0):
-    """f = ½xᵀAx + ½yᵀBy + xᵀCy with a large C; returns (x, y, f, A, B, C) (A, B, C float64)."""
-    g = torch.Generator().manual_seed(seed)
-    A = planted(torch.empty(dx, dtype=torch.float64).uniform_(-10, 10, generator=g), g)
-    B = planted(torch.empty(dy, dtype=torch.float64).uniform_(-1, 1, generator=g), g)
-    C = coupling * torch.randn(dx, dy, generator=g, dtype=torch.float64) / math.sqrt(dy)
-    x = nn.Parameter(torch.randn(dx, generator=g, dtype=torch.float64).to(dtype))
-    y = nn.Parameter(torch.randn(dy, generator=g, dtype=torch.float64).to(dtype))
-    A_, B_, C_ = A.to(dtype), B.to(dtype), C.to(dtype)
-
-    def f():
-        return 0.5 * x @ (A_ @ x) + 0.5 * y @ (B_ @ y) + x @ (C_ @ y)
-
-    return x, y, f, A, B, C
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -188,18 +164,9 @@ def mlp_problem():
 
 
 def dense_block_hessian(model, names, batch):
-    """Dense float64 Hessian of ``model(**batch).loss`` w.r.t. the named parameters.
-
-    Built independently of smoothlab: plain double backward, all unit vectors at once.
-    """
+    """Dense float64 Hessian of ``model(**batch).loss`` w.r.t. the named parameters."""
     params = dict(model.named_parameters())
-    ps = [params[n] for n in names]
-    grads = torch.autograd.grad(model(**batch).loss, ps, create_graph=True)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    eye = torch.eye(flat.numel(), dtype=flat.dtype)
-    cols = torch.autograd.grad(flat, ps, grad_outputs=eye, is_grads_batched=True)
-    H = torch.cat([c.reshape(flat.numel(), -1) for c in cols], 1).detach()
-    return 0.5 * (H + H.T)
+    return dense_hessian(lambda: model(**batch).loss, [params[n] for n in names])
 
 
 def test_mlp_oracles_match_dense_hessian():
@@ -321,15 +288,7 @@ def test_mlp_probe_norms_match_dense_hessian(hvp):
     model, loss_fn, inputs, targets = mlp_problem()
     named = dict(model.named_parameters())
     blocks = {"first": [named["0.weight"], named["0.bias"]], "last": [named["2.weight"]]}
-    truths = {}
-    for b, ps in blocks.items():
-        flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(), ps, create_graph=True)])
-        eye = torch.eye(flat.numel(), dtype=flat.dtype)
-        cols = torch.autograd.grad(flat, ps, grad_outputs=eye, is_grads_batched=True)
-        H = torch.cat([c.reshape(flat.numel(), -1) for c in cols], 1)
-        eig = torch.linalg.eigvalsh(0.5 * (H + H.T))
-        truths[b] = {"spectral": float(eig.abs().max()), "frobenius": float(eig.norm()),
-                     "rms": float(eig.norm()) / math.sqrt(len(eig)), "trace": float(eig.sum())}
+    truths = {b: norms_of(dense_hessian(loss_fn, ps)) for b, ps in blocks.items()}
     spec = probe(loss_fn, blocks, norm="spectral", hvp=hvp, num_vectors=48, tol=1e-6, model=model)
     for b, e in spec.items():
         assert abs(e.value - truths[b]["spectral"]) <= 1.01 * e.residual + 1e-6 * truths[b]["spectral"]

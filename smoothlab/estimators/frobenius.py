@@ -1,0 +1,83 @@
+r"""``frobenius``: ‖H‖_F by Hutchinson's estimator on H².
+
+Formula. For random v with E[v vᵀ] = I, E‖H v‖² = tr(HᵀH) = ‖H‖_F². With m the sample mean
+of ‖H v_i‖² over n vectors, the estimate is √m and ``stderr`` = se(m)/(2√m) (delta method).
+
+Bias. m is unbiased for ‖H‖_F²; √m is biased low by about Var(m)/(8 ‖H‖_F³) (Jensen), which
+is O(1/n) and below the stderr for n ≳ 5.
+
+Variance. Var‖Hv‖² = 2‖H²‖_F² for Gaussian v and 2(‖H²‖_F² − Σ_i (H²)_ii²) for
+Rademacher v; so rel. stderr of √m ≈ ½·√(2‖H²‖_F²/n)/‖H‖_F² ≤ 1/√(2n).
+
+Citation. M. F. Hutchinson (1990); Avron and Toledo (2011); as used for Hessians by
+Z. Yao et al. (2020), "PyHessian", IEEE Big Data.
+
+>>> import torch
+>>> H = torch.diag(torch.tensor([3.0, -4.0], dtype=torch.float64))
+>>> est = hutchinson_frobenius(lambda v: H @ v, torch.Generator().manual_seed(0), dim=2,
+...                            num_vectors=4000)
+>>> abs(est.value - 5.0) <= 4 * est.stderr  # ‖H‖_F = 5
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..estimate import Estimate
+from .operator import (
+    Callback,
+    as_operator,
+    check_distribution,
+    mean_se,
+    random_vector,
+    sample,
+    sqrt_of_mean,
+)
+
+
+def squared_norms(op: Any, kind: str, gen: torch.Generator) -> float:
+    """One sample ‖H v‖² (float64 accumulation) for a fresh random vector of ``kind``."""
+    hv = op.matvec(random_vector(kind, op.dim, gen, op.dtype, op.device))
+    return float(hv.pow(2).sum(dtype=torch.float64))
+
+
+def hutchinson_frobenius(
+    op: Any,
+    gen: torch.Generator,
+    *,
+    num_vectors: int = 20,
+    distribution: str = "gaussian",
+    target_rel_stderr: float | None = None,
+    min_vectors: int = 5,
+    callback: Callback | None = None,
+    dim: int | None = None,
+) -> Estimate:
+    """‖H‖_F = √(E‖Hv‖²) (see the module docstring)."""
+    check_distribution(distribution)
+    op = as_operator(op, dim=dim)
+
+    def finish(x: np.ndarray) -> tuple[float, float]:
+        return sqrt_of_mean(*mean_se(x))
+
+    xs, value, se, reached = sample(
+        lambda: squared_norms(op, distribution, gen),
+        finish,
+        num_vectors=num_vectors,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
+    )
+    return Estimate(
+        value=value,
+        stderr=se,
+        num_hvp=len(xs),
+        norm="frobenius",
+        hvp=getattr(op, "kind", "operator"),
+        dim=op.dim,
+        samples=tuple(float(x) for x in xs),
+        converged=reached,
+    )

@@ -1,0 +1,189 @@
+r"""Linear operators the estimators act on, random probe vectors, and the Monte-Carlo loop.
+
+An *operator* is anything with (curvlinops style)
+
+* ``dim`` (int), ``dtype`` (torch dtype of the vectors), ``device``;
+* ``matvec(v) -> H v`` for a flat vector ``v`` of length ``dim``;
+* optionally ``quad(v) -> vᵀ H v`` (a float) when it is cheaper than ``v · matvec(v)``;
+* optionally ``has_matvec = False`` when only ``quad`` is available (the ``zo`` oracle:
+  second differences of function values);
+* optionally ``kind`` (a name recorded in :attr:`Estimate.hvp`).
+
+:class:`smoothlab.hvp.Oracle` is one; :func:`as_operator` turns a dense square tensor or a
+plain callable ``v ↦ H v`` into one, so every estimator can be tested on ``lambda v: H @ v``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+
+Callback = Callable[[int, int], None]
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+
+@runtime_checkable
+class Operator(Protocol):
+    """What an estimator needs from H (see the module docstring)."""
+
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class LinearOperator:
+    """``H`` given by ``matvec`` (and optionally ``quad``); counts its calls in ``num_calls``."""
+
+    def __init__(
+        self,
+        matvec: Callable[[torch.Tensor], torch.Tensor] | None,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+        quad: Callable[[torch.Tensor], float] | None = None,
+        kind: str = "operator",
+    ) -> None:
+        if matvec is None and quad is None:
+            raise UsageError("a LinearOperator needs matvec= or quad= (got neither)")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise UsageError(f"dim must be a positive integer, got {dim!r}")
+        self._matvec, self._quad = matvec, quad
+        self.dim, self.dtype, self.device, self.kind = dim, dtype, torch.device(device), kind
+        self.has_matvec = matvec is not None
+        self.num_calls = 0
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        if self._matvec is None:
+            raise UsageError(f"operator {self.kind!r} gives quadratic forms vᵀHv only, not H v")
+        self.num_calls += 1
+        return self._matvec(v)
+
+    def quad(self, v: torch.Tensor) -> float:
+        if self._quad is not None:
+            self.num_calls += 1
+            return float(self._quad(v))
+        return float(torch.dot(v.to(torch.float64), self.matvec(v).to(torch.float64)))
+
+
+def as_operator(
+    op: Any, *, dim: int | None = None, dtype: torch.dtype | None = None, device: Any = None
+) -> Any:
+    """``op`` if it already is an operator; a square tensor ``H`` → ``v ↦ H v``; a callable
+    ``v ↦ H v`` with ``dim=`` (and optionally ``dtype=``, default float64)."""
+    if isinstance(op, torch.Tensor):
+        if op.ndim != 2 or op.shape[0] != op.shape[1]:
+            raise UsageError(
+                f"a dense operator must be a square matrix, got shape {tuple(op.shape)}"
+            )
+        return LinearOperator(
+            lambda v: op @ v, op.shape[0], dtype=op.dtype, device=op.device, kind="dense"
+        )
+    if hasattr(op, "dim") and (hasattr(op, "matvec") or hasattr(op, "quad")):
+        return op
+    if callable(op):
+        if dim is None:
+            raise UsageError("a plain callable operator v -> H v needs dim=")
+        return LinearOperator(op, dim, dtype=dtype or torch.float64, device=device or "cpu")
+    raise TypeError(
+        f"expected an operator (dim, dtype, device, matvec), a square tensor or a callable, "
+        f"got {type(op).__name__}"
+    )
+
+
+def has_matvec(op: Any) -> bool:
+    """Whether ``op`` gives H v (the ``zo`` oracle gives only vᵀHv)."""
+    return bool(getattr(op, "has_matvec", True)) and hasattr(op, "matvec")
+
+
+def quad_form(op: Any, v: torch.Tensor) -> float:
+    """vᵀHv: ``op.quad`` when it has one, else v · (H v) accumulated in float64."""
+    quad = getattr(op, "quad", None)
+    if quad is not None:
+        return float(quad(v))
+    return float(torch.dot(v.to(torch.float64), op.matvec(v).to(torch.float64)))
+
+
+# --- random vectors ---------------------------------------------------------------------------
+_SIGNS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 8): row b holds bit j of byte b as ±1."""
+    key = (dtype, device)
+    if key not in _SIGNS:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _SIGNS[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
+    return _SIGNS[key]
+
+
+def random_vector(
+    kind: str, dim: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A random vector: ``gaussian`` N(0, I), ``rademacher`` ±1, ``unit`` uniform on the sphere.
+
+    Rademacher signs come from packed random bits (one random byte per 8 entries, expanded
+    by a 256×8 table lookup): about one pass over the output instead of ``randn``'s cost.
+    """
+    if kind == "rademacher":
+        nbytes = (dim + 7) // 8
+        bytes_ = torch.randint(0, 256, (nbytes,), generator=gen, device=device, dtype=torch.uint8)
+        table = _sign_table(dtype, torch.device(device))
+        return torch.index_select(table, 0, bytes_.to(torch.int32)).view(-1)[:dim]
+    v = torch.randn(dim, generator=gen, device=device, dtype=dtype)
+    if kind == "unit":
+        v /= v.norm()
+    return v
+
+
+def check_distribution(distribution: str, accepted: tuple[str, ...] = DISTRIBUTIONS) -> None:
+    if distribution not in accepted:
+        raise UsageError(f"unknown distribution {distribution!r}; accepted: {', '.join(accepted)}")
+
+
+# --- Monte-Carlo loop ---------------------------------------------------------------------------
+def mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Sample mean and its standard error s/√n (nan for n < 2)."""
+    n = len(x)
+    return float(x.mean()), (float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan)
+
+
+def sqrt_of_mean(sq: float, sq_se: float) -> tuple[float, float]:
+    """√m and its delta-method stderr se(m)/(2√m)."""
+    value = math.sqrt(max(sq, 0.0))
+    return value, (sq_se / (2 * value) if value > 0 else math.nan)
+
+
+def sample(
+    draw: Callable[[], float],
+    finish: Callable[[np.ndarray], tuple[float, float]],
+    *,
+    num_vectors: int,
+    target_rel_stderr: float | None = None,
+    min_vectors: int = 5,
+    callback: Callback | None = None,
+) -> tuple[np.ndarray, float, float, bool]:
+    """Draw up to ``num_vectors`` samples; stop once stderr/|value| ≤ ``target_rel_stderr``
+    (after ``min_vectors``). Returns (samples, value, stderr, target reached)."""
+    xs: list[float] = []
+    reached = target_rel_stderr is None
+    for i in range(num_vectors):
+        xs.append(draw())
+        if callback:
+            callback(i + 1, num_vectors)
+        if target_rel_stderr is not None and len(xs) >= min_vectors:
+            value, se = finish(np.array(xs))
+            if math.isfinite(se) and se <= target_rel_stderr * abs(value):
+                reached = True
+                break
+    arr = np.array(xs)
+    value, se = finish(arr)
+    return arr, value, se, reached

@@ -1,0 +1,206 @@
+r"""Estimators from quadratic forms only (the ``zo`` oracle: second differences of f).
+
+The oracle returns c(v) = (f(x + s v) − 2 f̂₀ + f(x − s v)) / s² = vᵀHv + O(s²), with f̂₀ an
+estimate of f(x) (see :class:`smoothlab.hvp.Oracle`), at inference memory.
+
+Formulas, for n samples c_i with Gaussian v (``trace`` also accepts Rademacher):
+
+* ``trace``: tr H ≈ mean c_i (Hutchinson), Var c = 2‖H‖_F² (Gaussian) or
+  2(‖H‖_F² − Σ H_ii²) (Rademacher).
+* ``frobenius``: Var(vᵀHv) = 2‖H‖_F² for Gaussian v, so ‖H‖_F² ≈ s²/2 with s² the unbiased
+  sample variance; se(s²) ≈ √((m₄ − s⁴(n−3)/(n−1))/n).  ``rms`` is that over √d.
+
+Bias. ``trace``: O(s²) truncation (a fourth-derivative term) plus rounding. Rounding in each
+f(x ± s v) is fresh noise per sample and shows up in the sample variance; but the rounding
+error of f̂₀ is *shared by every sample*, a bias of −2 e₀/s² that no number of vectors
+averages away (in float32, e₀ ~ ε|f| with ε = 1.2e-7: a large loss with little curvature is
+dominated by it). The oracle therefore estimates f(x) from K jittered reference pairs
+(f(x + t w_k) + f(x − t w_k))/2, t‖w‖ = 10⁻²·s‖v‖, whose rounding errors are independent, and
+reports their spread; ``stderr`` includes the remaining shared error
+(stderr² = s²/n + σ²_shared). ``frobenius``/``rms``: rounding inflates s² by the per-sample
+rounding variance σ_c², an upward bias of σ_c²/2 in ‖H‖_F².
+
+``rounding_dominated`` is set when rounding noise is more than half of the sample variance
+(σ_c² > s²/2), when the shared error exceeds the Monte-Carlo stderr, or when the typical
+numerator f(x+sv) + f(x−sv) − 2f̂₀ spans fewer than 32 ulps of f (then the loss's
+quantisation is correlated with the signal and can bias the estimate beyond its stderr): a
+larger step ``h`` or a float64 loss is needed for a trustworthy value.
+
+Citation. Hutchinson (1990); second differences: Nocedal and Wright, *Numerical
+Optimization* (2006) §8.1; MeZO: Malladi et al. (2023), NeurIPS.
+
+>>> import torch
+>>> from smoothlab.estimators.operator import LinearOperator
+>>> H = torch.diag(torch.tensor([3.0, -4.0, 1.0], dtype=torch.float64))
+>>> op = LinearOperator(None, 3, quad=lambda v: float(v @ H @ v), kind="zo")
+>>> est = zo_trace(op, torch.Generator().manual_seed(0), num_vectors=20, distribution="rademacher")
+>>> round(est.value, 12)  # every Rademacher sample of a diagonal H is tr H
+0.0
+>>> est = zo_frobenius(op, torch.Generator().manual_seed(0), num_vectors=4000)
+>>> abs(est.value - 26 ** 0.5) <= 4 * est.stderr  # ‖H‖_F = √26
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from ..estimate import Estimate
+from .operator import Callback, as_operator, check_distribution, mean_se, random_vector, sample
+
+
+def _var_se(x: np.ndarray) -> tuple[float, float]:
+    """Unbiased sample variance s² and its stderr (nan for n < 3)."""
+    n = len(x)
+    if n < 3:
+        return math.nan, math.nan
+    s2 = float(x.var(ddof=1))
+    m4 = float(((x - x.mean()) ** 4).mean())
+    return s2, math.sqrt(max((m4 - s2 * s2 * (n - 3) / (n - 1)) / n, 0.0))
+
+
+MIN_ULPS = 32.0
+
+
+def _rounding(op: Any) -> tuple[float, float, float]:
+    """(σ_c per-sample rounding std, σ_shared common error std, median numerator in ulps of f)
+    as the operator reports them; (0, 0, inf) for an operator without rounding."""
+    fn = getattr(op, "rounding", None)
+    return fn() if fn is not None else (0.0, 0.0, math.inf)
+
+
+def _zo(
+    norm: str,
+    op: Any,
+    gen: torch.Generator,
+    *,
+    num_vectors: int,
+    distribution: str,
+    target_rel_stderr: float | None,
+    min_vectors: int,
+    callback: Callback | None,
+    dim: int | None,
+) -> Estimate:
+    op = as_operator(op, dim=dim)
+    check_distribution(
+        distribution, ("gaussian", "rademacher") if norm == "trace" else ("gaussian",)
+    )
+    if norm != "trace" and num_vectors < 3:
+        raise UsageError(f"hvp='zo' with norm={norm!r} needs num_vectors >= 3, got {num_vectors}")
+    scale = math.sqrt(op.dim) if norm == "rms" else 1.0
+
+    def finish(x: np.ndarray) -> tuple[float, float]:
+        if norm == "trace":
+            m, se = mean_se(x)
+            return m, math.hypot(se, _rounding(op)[1]) if math.isfinite(se) else se
+        s2, s2_se = _var_se(x)
+        value = math.sqrt(max(s2 / 2.0, 0.0))
+        se = s2_se / 2.0 / (2 * value) if value > 0 else math.nan
+        return value / scale, se / scale
+
+    xs, value, se, reached = sample(
+        lambda: float(op.quad(random_vector(distribution, op.dim, gen, op.dtype, op.device))),
+        finish,
+        num_vectors=num_vectors,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
+    )
+    sigma_c, sigma_shared, ulps = _rounding(op)
+    var = float(xs.var(ddof=1)) if len(xs) > 1 else math.inf
+    mc_se = math.sqrt(var / len(xs)) if len(xs) > 1 else math.inf
+    dominated = (
+        sigma_c**2 > 0.5 * var or (norm == "trace" and sigma_shared > mc_se) or ulps < MIN_ULPS
+    )
+    return Estimate(
+        value=value,
+        stderr=se,
+        num_hvp=len(xs),
+        norm=norm,
+        hvp=getattr(op, "kind", "zo"),
+        dim=op.dim,
+        samples=tuple(float(x) for x in xs),
+        converged=reached,
+        rounding_noise=sigma_c,
+        rounding_dominated=bool(dominated),
+    )
+
+
+def zo_trace(
+    op: Any,
+    gen: torch.Generator,
+    *,
+    num_vectors: int = 20,
+    distribution: str = "gaussian",
+    target_rel_stderr: float | None = None,
+    min_vectors: int = 5,
+    callback: Callback | None = None,
+    dim: int | None = None,
+) -> Estimate:
+    """tr H ≈ mean vᵀHv from quadratic forms (see the module docstring)."""
+    return _zo(
+        "trace",
+        op,
+        gen,
+        num_vectors=num_vectors,
+        distribution=distribution,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
+        dim=dim,
+    )
+
+
+def zo_frobenius(
+    op: Any,
+    gen: torch.Generator,
+    *,
+    num_vectors: int = 20,
+    distribution: str = "gaussian",
+    target_rel_stderr: float | None = None,
+    min_vectors: int = 5,
+    callback: Callback | None = None,
+    dim: int | None = None,
+) -> Estimate:
+    """‖H‖_F ≈ √(s²/2) from Gaussian quadratic forms (see the module docstring)."""
+    return _zo(
+        "frobenius",
+        op,
+        gen,
+        num_vectors=num_vectors,
+        distribution=distribution,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
+        dim=dim,
+    )
+
+
+def zo_rms(
+    op: Any,
+    gen: torch.Generator,
+    *,
+    num_vectors: int = 20,
+    distribution: str = "gaussian",
+    target_rel_stderr: float | None = None,
+    min_vectors: int = 5,
+    callback: Callback | None = None,
+    dim: int | None = None,
+) -> Estimate:
+    """‖H‖_F/√d ≈ √(s²/(2d)) from Gaussian quadratic forms (see the module docstring)."""
+    return _zo(
+        "rms",
+        op,
+        gen,
+        num_vectors=num_vectors,
+        distribution=distribution,
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
+        dim=dim,
+    )
