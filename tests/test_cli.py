@@ -524,27 +524,44 @@ def test_advise_from_model_with_calibration(enc: Path, tmp_path: Path, capsys) -
     assert "calibration table" in out and "calibrated proposal" in out
     with (tmp_path / "calibration.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    # coordinate search over {0.5, 1, 2}: x-sweep (3 pilots), then y-sweep at the best x (2 new)
-    assert len(rows) == 5
-    assert [(float(r["scale_x"]), float(r["scale_y"])) for r in rows[:3]] == [
-        (0.5, 1.0),
-        (1.0, 1.0),
-        (2.0, 1.0),
-    ]
-    from hybrid.calibrate import select
-
-    num = [{k: (float(v) if k != "run" else v) for k, v in r.items()} for r in rows]
-    best_x = select(num[:3], scale="scale_x")["scale_x"]
-    assert {(float(r["scale_x"]), float(r["scale_y"])) for r in rows[3:]} == {
-        (best_x, 0.5),
-        (best_x, 2.0),
-    }
+    # eta_x: zo-ft pilots (the ZO block alone, eta_y = 0) at scales {0.5, 1, 2}, ranked by
+    # paired training loss; then eta_y: the method's own pilots at the best x, scales {0.5, 1, 2}
+    assert len(rows) == 6
     adv = json.loads((tmp_path / "advice.json").read_text())
     unc = adv["uncalibrated"]
-    y_sweep = [r for r in num if r["scale_x"] == best_x]
-    best = select(y_sweep, scale="scale_y")
-    assert adv["eta_x"] == pytest.approx(unc["eta_x"] * float(best["scale_x"]))
-    assert adv["eta_y"] == pytest.approx(unc["eta_y"] * float(best["scale_y"]))
+    x_rows, y_rows = rows[:3], rows[3:]
+    assert [(r["method"], float(r["scale_x"]), float(r["scale_y"])) for r in x_rows] == [
+        ("zo-ft", 0.5, 1.0),
+        ("zo-ft", 1.0, 1.0),
+        ("zo-ft", 2.0, 1.0),
+    ]
+    for r in x_rows:
+        assert float(r["lr_peft"]) == 0.0
+        assert float(r["lr_base"]) == pytest.approx(unc["eta_x"] * float(r["scale_x"]))
+    from hybrid.calibrate import select, select_paired
+
+    def pilot(r: dict) -> dict:
+        """A csv row as calibrate keeps it: numbers, and the loss curve of its pilot run."""
+        num = {k: (v if k in ("run", "method") else float(v)) for k, v in r.items()}
+        with (tmp_path / r["run"] / "metrics.csv").open() as fh:
+            num["losses"] = [float(m["loss"]) for m in csv.DictReader(fh)]
+        assert len(num["losses"]) == 2  # --pilot-steps 2
+        return num
+
+    best_x = select_paired([pilot(r) for r in x_rows])["scale_x"]
+    assert [r["method"] for r in y_rows] == ["hybrid-lora"] * 3
+    assert sorted((float(r["scale_x"]), float(r["scale_y"])) for r in y_rows) == [
+        (best_x, 0.5),
+        (best_x, 1.0),
+        (best_x, 2.0),
+    ]
+    for r in y_rows:
+        assert float(r["lr_peft"]) == pytest.approx(unc["eta_y"] * float(r["scale_y"]))
+        assert float(r["lr_base"]) == pytest.approx(unc["eta_x"] * best_x)
+    best_y = select([pilot(r) for r in y_rows], scale="scale_y")["scale_y"]
+    assert adv["eta_x"] == pytest.approx(unc["eta_x"] * best_x)
+    assert adv["eta_y"] == pytest.approx(unc["eta_y"] * best_y)
+    assert adv["c_x"] == pytest.approx(unc["c_x"] * best_x)
 
 
 def test_bad_multipliers_is_a_usage_error(capsys) -> None:
