@@ -372,14 +372,14 @@ def _read_run(run: str) -> tuple[dict, list[dict]]:
     return cfg, rows
 
 
-def _calibrate(cfg: Any, advice: Any, train_cfg: Any) -> None:
+def _calibrate(cfg: Any, advice: Any, train_cfg: Any) -> Any:
     from hybrid.calibrate import calibrate
 
     out = Path(cfg.out or "smoothlab-out/calibration")
 
     def show(r: dict) -> None:
         print(
-            f"  pilot x{r['scale_x']:<6g} y{r['scale_y']:<6g} lr_base {r['lr_base']:.3g}  lr_peft {r['lr_peft']:.3g}"
+            f"  pilot {r['method']:<12} x{r['scale_x']:<6g} y{r['scale_y']:<6g} lr_base {r['lr_base']:.3g}  lr_peft {r['lr_peft']:.3g}"
             f"  dev {r['dev_acc']:.3f}  eval {r['eval_acc']:.3f}  loss {r['final_loss']:.4f}",
             flush=True,
         )
@@ -395,54 +395,76 @@ def _calibrate(cfg: Any, advice: Any, train_cfg: Any) -> None:
     )
     print(f"\ncalibration table ({out / 'calibration.csv'}):")
     print(
-        f"{'scale_x':>8} {'scale_y':>8} {'lr_base':>10} {'lr_peft':>10} {'dev_acc':>8} {'eval_acc':>8} {'final_loss':>10}"
+        f"{'method':<12} {'scale_x':>8} {'scale_y':>8} {'lr_base':>10} {'lr_peft':>10} {'dev_acc':>8} {'eval_acc':>8} {'final_loss':>10}"
     )
     for r in rows:
         print(
-            f"{r['scale_x']:>8g} {r['scale_y']:>8g} {r['lr_base']:>10.3g} {r['lr_peft']:>10.3g} "
+            f"{r['method']:<12} {r['scale_x']:>8g} {r['scale_y']:>8g} {r['lr_base']:>10.3g} {r['lr_peft']:>10.3g} "
             f"{r['dev_acc']:>8.3f} {r['eval_acc']:>8.3f} {r['final_loss']:>10.4f}"
         )
     print("\ncalibrated proposal:")
     print(calibrated.describe())
+    return calibrated
+
+
+def _curvature_line(curv: Any) -> str:
+    """One line of what the probe measured (nan where the method has no such block)."""
+    est = lambda e: "-" if e is None else f"{e.value:.4g}"  # noqa: E731
+    return (
+        f"probe   : d_x = {curv.d_x:,}, d_y = {curv.d_y:,}, loss {curv.loss:.4g}, "
+        f"L_x = {est(curv.L_x)}, tr H_xx = {est(curv.trace_x)}, L_y = {est(curv.L_y)}, "
+        f"|g_x| = {curv.grad_norm_x:.3g}, |g_y| = {curv.grad_norm_y:.3g}  "
+        f"({curv.hvp}, {curv.seconds:.1f} s)"
+    )
+
+
+def _advise_run(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Advice from a recorded run's trajectory, and the run's own TrainConfig."""
+    from hybrid.train import load_config
+    from smoothlab.advisor import advise_from_rows
+
+    run_cfg, rows = _read_run(cfg.run)
+    if hasattr(args, "method") and run_cfg.get("method") not in (None, cfg.method):
+        raise UsageError(
+            f"--method {cfg.method}: advice from --run {cfg.run} is for the run's own method "
+            f"{run_cfg['method']!r}; drop --method"
+        )
+    advice = advise_from_rows(
+        rows,
+        int(run_cfg["block_sizes"]["base"]),
+        q=int(run_cfg.get("q", 1)),
+        one_sided=bool(run_cfg.get("one_sided", False)),
+        quantile=cfg.quantile,
+        rule=cfg.rule,
+    )
+    train_cfg = load_config(cfg.run) if (cfg.calibrate or cfg.print_command) else None
+    return advice, train_cfg
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
+    from hybrid.advise import advise_config, ratio_line, train_command
     from hybrid.config import AdviseConfig
-    from smoothlab.advisor import advise, advise_from_rows
 
     cfg = _config(args, AdviseConfig, AdviseConfig())
     if cfg.calibrate and cfg.out and cfg.out.endswith(".json"):
         raise UsageError(f"--calibrate writes pilot runs: --out must be a folder, got {cfg.out}")
     if cfg.run:
-        from hybrid.train import load_config
-
-        run_cfg, rows = _read_run(cfg.run)
-        advice = advise_from_rows(
-            rows,
-            int(run_cfg["block_sizes"]["base"]),
-            q=int(run_cfg.get("q", 1)),
-            one_sided=bool(run_cfg.get("one_sided", False)),
-            quantile=cfg.quantile,
-        )
-        train_cfg = load_config(cfg.run) if cfg.calibrate else None
+        advice, train_cfg = _advise_run(cfg, args)
     else:
-        bundle, splits = _load_bundle(cfg, "lora")
-        ests, sizes = _probe_bundle(
-            cfg, bundle, splits.train, "hybrid", norm="spectral", target_rel_stderr=None
-        )
-        print(_table(ests, sizes))
-        advice = advise(
-            ests["base"].value,
-            ests["peft"].value,
-            sizes["base"],
-            q=cfg.q,
-            one_sided=cfg.one_sided,
-            source=f"probe at initialisation ({cfg.hvp}, {cfg.vectors} vectors)",
-        )
         train_cfg = cfg.pilot_config()
+        advice, curv = advise_config(
+            train_cfg,
+            hvp=cfg.hvp,
+            vectors=cfg.vectors,
+            z=cfg.z,
+            rule=cfg.rule,
+            second_moment_samples=cfg.second_moment_samples,
+        )
+        print(_curvature_line(curv))
     print(advice.describe())
+    print(ratio_line(advice))
     if cfg.calibrate:
-        _calibrate(cfg, advice, train_cfg)
+        advice = _calibrate(cfg, advice, train_cfg)
     elif cfg.out:
         from smoothlab.runlog import write_json
 
@@ -450,6 +472,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
             Path(cfg.out) / "advice.json" if not cfg.out.endswith(".json") else cfg.out,
             advice.as_dict(),
         )
+    if cfg.print_command:
+        print("command : " + train_command(advice, train_cfg))
     return 0
 
 

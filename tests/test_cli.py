@@ -155,8 +155,13 @@ def _one_line_exit_2(argv: list[str], capsys) -> str:
         (["probe", "--model", "MODEL", "--device", "cuda:7"], "cuda:7"),
         (["probe", "--device", "tpu"], "'tpu' is not a device"),
         (["train", "--method", "sgd"], "invalid choice: 'sgd'"),
-        (["train", "--lr-base", "-1"], "lr_base must be a finite number >= 0, got -1.0"),
-        (["train", "--lr-peft", "nan"], "lr_peft must be a finite number >= 0, got nan"),
+        (["train", "--lr-base", "-1"], "lr_base must be a finite number >= 0 or 'auto', got -1.0"),
+        (["train", "--lr-peft", "nan"], "lr_peft must be a finite number >= 0 or 'auto', got nan"),
+        (["train", "--lr-peft", "fast"], "expected a number or 'auto', got 'fast'"),
+        (["train", "--advise-rule", "exact"], "invalid choice: 'exact'"),
+        (["train", "--record-blocks", "heads"], "record_blocks 'heads' is not accepted"),
+        (["train", "--record-blocks", "layers"], "needs record_every > 0"),
+        (["advise", "--method", "sgd"], "invalid choice: 'sgd'"),
         (["train", "--seed", str(2**63)], f"seed must be an integer in [0, 2**63-1], got {2**63}"),
         (["train", "--seed", "-1"], "seed must be an integer in [0, 2**63-1], got -1"),
         (["probe", "--seed", str(10**30)], "seed must be an integer in [0, 2**63-1]"),
@@ -589,3 +594,92 @@ def test_calibration_selection_prefers_the_proposal_within_noise() -> None:
         select([row(1.0, 0.5, 0.7), row(8.0, math.nan, math.nan)], scale="scale_x")["scale_x"]
         == 1.0
     )
+
+
+# --------------------------------------------------------------------------- advise --method
+def _advise_argv(enc: Path, *extra: str) -> list[str]:
+    return [
+        "advise",
+        "--model",
+        str(enc),
+        "--lora-r",
+        "2",
+        "--batch-size",
+        "4",
+        "--vectors",
+        "3",
+        "--train-size",
+        "16",
+        "--eval-size",
+        "8",
+        "--dev-size",
+        "8",
+        *extra,
+    ]
+
+
+def _printed_command(out: str) -> list[str]:
+    import shlex
+
+    line = next(ln for ln in out.splitlines() if ln.startswith("command : "))
+    argv = shlex.split(line[len("command : ") :])
+    assert argv[:2] == ["smoothlab", "train"]
+    return argv[1:]
+
+
+@pytest.mark.parametrize("method", __import__("smoothlab.methods").methods.method_names())
+def test_advise_from_nothing_for_every_method(method: str, enc: Path, tmp_path: Path, capsys):
+    """x and y are the blocks the method trains: d_x is its ZO parameter count, a rate is
+    finite exactly for a block it trains, and the printed command trains with the advice."""
+    from hybrid.config import AdviseConfig, TrainConfig
+    from hybrid.train import build, split_parameters
+    from smoothlab.cli import _config, build_parser
+    from smoothlab.methods import get_method
+
+    argv = _advise_argv(enc, "--method", method, "--print-command", "--out", str(tmp_path))
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    adv = json.loads((tmp_path / "advice.json").read_text())
+    cfg = _config(build_parser().parse_args(argv), AdviseConfig, AdviseConfig())
+    x, y = split_parameters(build(cfg.pilot_config())[0].model, method)
+    m = get_method(method)
+    assert adv["d_x"] == sum(p.numel() for p in x) and (adv["d_x"] > 0) == m.has_zo
+    assert math.isfinite(adv["eta_x"]) == m.has_zo and math.isfinite(adv["eta_y"]) == m.has_fo
+    assert math.isfinite(adv["L_y"]) == m.has_fo == bool(y)
+    assert f"source: {method}:" in out and "eta_y / eta_x" in out
+    # the printed command is a valid `smoothlab train` line using the advised rates
+    targs = build_parser().parse_args(_printed_command(out))
+    tcfg = _config(targs, TrainConfig, TrainConfig())
+    assert tcfg.method == method and tcfg.model == str(enc) and tcfg.batch_size == 4
+    want_x = float(f"{adv['eta_x']:.3g}") if m.has_zo else 0.0
+    want_y = float(f"{adv['eta_y']:.3g}") if m.has_fo else 0.0
+    assert (tcfg.lr_base, tcfg.lr_peft) == (want_x, want_y)
+
+
+def test_advise_rule_paper_is_the_papers_formula(enc: Path, tmp_path: Path, capsys) -> None:
+    argv = _advise_argv(enc, "--method", "zo-ft", "--rule", "paper", "--out", str(tmp_path))
+    assert main(argv) == 0
+    adv = json.loads((tmp_path / "advice.json").read_text())
+    assert adv["rule"] == "paper"
+    # Gaussian z (kappa = 3): eta_x = q / (L_x (d_x + 1 + q)), nothing scaled by the joint model
+    want = adv["q"] / (adv["L_x"] * (adv["d_x"] + 1 + adv["q"]))
+    assert adv["eta_x"] == pytest.approx(want * adv["joint_scale"], rel=1e-12)
+    assert adv["eta_x_paper"] == pytest.approx(want, rel=1e-12)
+    assert "rule paper" in capsys.readouterr().out
+    err = _one_line_exit_2(_advise_argv(enc, "--rule", "exact"), capsys)
+    assert "invalid choice: 'exact'" in err
+
+
+def test_advise_run_prints_ratio_and_command(recorded_run: Path, capsys) -> None:
+    from hybrid.config import TrainConfig
+    from smoothlab.cli import _config, build_parser
+
+    assert main(["advise", "--run", str(recorded_run), "--print-command"]) == 0
+    out = capsys.readouterr().out
+    assert "eta_y / eta_x = " in out and "Table 2 range" in out
+    tcfg = _config(build_parser().parse_args(_printed_command(out)), TrainConfig, TrainConfig())
+    run = json.loads((recorded_run / "config.json").read_text())
+    assert (tcfg.method, tcfg.steps, tcfg.out) == (run["method"], run["steps"], run["out"])
+    # --method cannot re-label a recorded run
+    err = _one_line_exit_2(["advise", "--run", str(recorded_run), "--method", "zo-ft"], capsys)
+    assert "the run's own method 'hybrid-lora'" in err
