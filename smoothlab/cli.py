@@ -275,12 +275,32 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- train
+def _print_rate_advice(cfg: Any, record: dict) -> None:
+    """What ``train --lr-base/--lr-peft auto`` resolved, from the advice record."""
+    from hybrid.advise import ratio_line
+    from smoothlab.advisor import Advice
+
+    auto = record.get("auto", [])
+    rates = ", ".join(f"{k} = {getattr(cfg, k):.4g}" for k in auto)
+    if record.get("reused"):
+        print(f"auto rates: {rates} (resolved when {cfg.out} started; not probed again)")
+        return
+    names = {f.name for f in dataclasses.fields(Advice)}
+    advice = Advice(**{k: v for k, v in record.items() if k in names})
+    print(advice.describe())
+    print(ratio_line(advice))
+    print(f"auto rates: {rates} (written to {Path(cfg.out) / 'config.json'} under 'advice')")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hybrid.config import TrainConfig
-    from hybrid.train import train
+    from hybrid.train import resolve_rates, train
 
     cfg = _config(args, TrainConfig, TrainConfig())
-    out = train(cfg, progress=True, resume=not args.restart)
+    cfg, advice = resolve_rates(cfg, resume=not args.restart)
+    if advice is not None:
+        _print_rate_advice(cfg, advice)
+    out = train(cfg, progress=True, resume=not args.restart, advice=advice)
     summary = json.loads((out / "summary.json").read_text())
     print(
         f"{cfg.method}: final loss {summary['final_loss']:.4f}, best dev acc {summary['best_dev_acc']:.3f}, "

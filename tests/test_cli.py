@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from smoothlab.cli import main
+from smoothlab.errors import UsageError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -683,3 +684,106 @@ def test_advise_run_prints_ratio_and_command(recorded_run: Path, capsys) -> None
     # --method cannot re-label a recorded run
     err = _one_line_exit_2(["advise", "--run", str(recorded_run), "--method", "zo-ft"], capsys)
     assert "the run's own method 'hybrid-lora'" in err
+
+
+# --------------------------------------------------------------------------- train --lr-* auto
+def _train_argv(enc: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        str(enc),
+        "--batch-size",
+        "4",
+        "--train-size",
+        "16",
+        "--eval-size",
+        "8",
+        "--dev-size",
+        "8",
+        "--eval-every",
+        "2",
+        "--lora-r",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_train_auto_rates_probe_step_0_and_resume_reuses_them(
+    enc: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import hybrid.advise
+    from hybrid.config import TrainConfig
+    from smoothlab.cli import _config, build_parser
+
+    out = tmp_path / "auto"
+    argv = _train_argv(enc, out, "--lr-base", "auto", "--lr-peft", "auto", "--steps", "2")
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    adv = saved["advice"]
+    # ground truth: the advisor on the same config, probed independently (same seeds, batch 0)
+    cfg = _config(build_parser().parse_args(argv), TrainConfig, TrainConfig())
+    assert cfg.auto_rates == ("lr_base", "lr_peft")
+    want, _ = hybrid.advise.advise_config(cfg, hvp=cfg.advise_hvp, vectors=cfg.advise_vectors)
+    assert adv["eta_x"] == pytest.approx(want.eta_x, rel=1e-6)
+    assert adv["eta_y"] == pytest.approx(want.eta_y, rel=1e-6)
+    assert (saved["lr_base"], saved["lr_peft"]) == (adv["eta_x"], adv["eta_y"])
+    assert adv["auto"] == ["lr_base", "lr_peft"] and adv["reused"] is False
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {float(r["lr_base"]) for r in rows} == {adv["eta_x"]}  # the engine ran at the advice
+    assert {float(r["lr_peft"]) for r in rows} == {adv["eta_y"]}
+    assert "auto rates: lr_base = " in text and "eta_y / eta_x = " in text
+    # the report shows the proposal (advice.json in the run folder)
+    assert json.loads((out / "advice.json").read_text())["eta_x"] == adv["eta_x"]
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert "Learning-rate proposal" in (tmp_path / "rep" / "report.md").read_text()
+
+    # resuming the run reuses the resolved rates: no second probe
+    def no_probe(*a, **kw):
+        raise AssertionError("a resumed run must not probe again")
+
+    monkeypatch.setattr(hybrid.advise, "advise_config", no_probe)
+    argv4 = _train_argv(enc, out, "--lr-base", "auto", "--lr-peft", "auto", "--steps", "4")
+    assert main(argv4) == 0
+    assert "not probed again" in capsys.readouterr().out
+    again = json.loads((out / "config.json").read_text())
+    assert (again["lr_base"], again["lr_peft"], again["steps"]) == (adv["eta_x"], adv["eta_y"], 4)
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert {float(r["lr_base"]) for r in rows} == {adv["eta_x"]}
+
+
+def test_train_one_auto_rate_keeps_the_other(enc: Path, tmp_path: Path, capsys) -> None:
+    from hybrid.config import TrainConfig
+
+    out = tmp_path / "half"
+    argv = _train_argv(enc, out, "--lr-base", "2e-4", "--lr-peft", "auto", "--steps", "1")
+    assert main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["lr_base"] == 2e-4 and saved["advice"]["auto"] == ["lr_peft"]
+    assert saved["lr_peft"] == saved["advice"]["eta_y"] > 0
+    # a method without a ZO block: lr_base auto resolves to 0 (unused), lr_peft to eta_y
+    out2 = tmp_path / "fo"
+    argv = _train_argv(enc, out2, "--method", "fo-lora", "--lr-base", "auto", "--steps", "1")
+    assert main(argv) == 0
+    saved = json.loads((out2 / "config.json").read_text())
+    assert saved["lr_base"] == 0.0 and saved["lr_peft"] == TrainConfig().lr_peft
+    # --restart probes again instead of reusing
+    assert main([*argv, "--restart"]) == 0
+    assert "not probed again" not in capsys.readouterr().out
+
+
+def test_auto_rates_in_a_config_file(tmp_path: Path) -> None:
+    from hybrid.config import TrainConfig, load_config_file
+
+    f = tmp_path / "c.yaml"
+    f.write_text("lr_base: auto\nlr_peft: 1e-3\n")
+    cfg = load_config_file(f, TrainConfig)
+    assert (cfg.lr_base, cfg.lr_peft, cfg.auto_rates) == ("auto", 1e-3, ("lr_base",))
+    f.write_text("lr_base: quick\n")
+    with pytest.raises(UsageError, match="expected a number or 'auto', got 'quick'"):
+        load_config_file(f, TrainConfig)
