@@ -787,3 +787,93 @@ def test_auto_rates_in_a_config_file(tmp_path: Path) -> None:
     f.write_text("lr_base: quick\n")
     with pytest.raises(UsageError, match="expected a number or 'auto', got 'quick'"):
         load_config_file(f, TrainConfig)
+
+
+# --------------------------------------------------------------------------- --record-blocks
+def _smoothness_blocks(run: Path) -> dict[int, set[str]]:
+    with (run / "smoothness.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    by_step: dict[int, set[str]] = {}
+    for r in rows:
+        assert math.isfinite(float(r["estimate"])), r
+        by_step.setdefault(int(r["step"]), set()).add(r["block"])
+    return by_step
+
+
+def _expected_modules(cfg, spec) -> dict[str, int]:  # noqa: ANN001
+    """base.<m>/peft.<m> sizes: the spec's blocks of the whole model, cut by the x/y split."""
+    from hybrid.train import build, split_parameters
+    from smoothlab.blocks import make_blocks, parse_blocks_arg
+
+    model = build(cfg)[0].model
+    x, y = split_parameters(model, cfg.method)
+    out = {}
+    for prefix, side in (("base", x), ("peft", y)):
+        ids = {id(p) for p in side}
+        for name, params in make_blocks(model, parse_blocks_arg(spec)).items():
+            n = sum(p.numel() for p in params if id(p) in ids)
+            if n:
+                out[f"{prefix}.{name}"] = n
+    return out
+
+
+def test_train_record_blocks_layers_splits_x_and_y(enc: Path, tmp_path: Path) -> None:
+    from figures.report import write_report
+    from hybrid.train import load_config
+
+    out = tmp_path / "mod"
+    argv = _train_argv(
+        enc, out, "--steps", "2", "--record-every", "2", "--record-vectors", "2",
+        "--record-blocks", "layers",
+    )  # fmt: skip
+    assert main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    sizes = saved["block_sizes"]
+    want = _expected_modules(load_config(out), "layers")
+    # both sides split per layer: base.layer.0/1 and peft.layer.0/1 (the tiny encoder has 2)
+    assert {"base.layer.0", "base.layer.1", "peft.layer.0", "peft.layer.1"} <= set(want)
+    assert {k: v for k, v in sizes.items() if "." in k} == want
+    # the modules partition each side: x = base, y = peft + head (the trained classifier)
+    assert sum(v for k, v in want.items() if k.startswith("base.")) == sizes["base"]
+    assert sum(v for k, v in want.items() if k.startswith("peft.")) == sizes["peft"] + sizes["head"]
+    # every probe step logs the whole blocks and every module, once
+    assert _smoothness_blocks(out) == {s: {"base", "peft", "head", *want} for s in (0, 2)}
+    md, _ = write_report([out], tmp_path / "rep")
+    text = md.read_text()
+    assert "Per-module smoothness" in text
+    n_x = sum(k.startswith("base.") for k in want)
+    n_y = sum(k.startswith("peft.") for k in want)
+    assert f"{n_x} x modules" in text and f"{n_y} y modules" in text
+    assert list((tmp_path / "rep").rglob("*_modules.png"))
+    assert list((tmp_path / "rep").rglob("*_modules_heatmap.png"))
+
+
+def test_figure1_record_blocks_globs(enc: Path, tmp_path: Path, capsys) -> None:
+    spec = "attn=*attention*,ffn=*intermediate*"
+    rc = main(
+        [
+            "figure1", "--model", str(enc), "--steps", "2", "--record-every", "2",
+            "--vectors", "2", "--batch-size", "4", "--train-size", "16", "--eval-size", "8",
+            "--dev-size", "8", "--eval-examples", "8", "--record-blocks", spec,
+            "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    from hybrid.train import load_config
+
+    for run, whole in (("fig1a_fo-ft", {"model"}), ("fig1b_hybrid-lora", {"base", "peft", "head"})):
+        want = _expected_modules(load_config(tmp_path / run), spec)
+        assert _smoothness_blocks(tmp_path / run) == {s: whole | set(want) for s in (0, 2)}
+    # fo-ft trains every weight as y: its modules are peft.* only; hybrid splits both sides
+    assert set(_expected_modules(load_config(tmp_path / "fig1a_fo-ft"), spec)) == {
+        "peft.attn",
+        "peft.ffn",
+    }
+    assert "Per-module smoothness" in (tmp_path / "report" / "report.md").read_text()
+    capsys.readouterr()
+    bad = _one_line_exit_2(
+        ["train", "--model", str(enc), "--record-every", "1", "--record-blocks", "q=*nomatch*",
+         "--out", str(tmp_path / "bad")],
+        capsys,
+    )  # fmt: skip
+    assert "matches no parameter" in bad and not (tmp_path / "bad").exists()
