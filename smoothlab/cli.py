@@ -589,29 +589,62 @@ def _one_line(e: BaseException) -> str:
     return f"smoothlab: error: {msg}".replace("smoothlab: error: smoothlab", "smoothlab")
 
 
+def _show_warning(message: Any, category: type, *rest: Any, **kw: Any) -> None:
+    """A :class:`~smoothlab.runlog.RunLogWarning` (a problem in a run's logs, about the
+    user's files) as one line on stderr; other warnings as Python shows them."""
+    from smoothlab.runlog import RunLogWarning
+
+    if issubclass(category, RunLogWarning):
+        print(f"smoothlab: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        warnings._showwarning_orig(message, category, *rest, **kw)  # type: ignore[attr-defined]
+
+
+def _rank_failure(e: BaseException) -> bool:
+    """Whether ``e`` is :class:`hybrid.distributed.RankFailure` (only raised once imported)."""
+    dist = sys.modules.get("hybrid.distributed")
+    return dist is not None and isinstance(e, dist.RankFailure)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``smoothlab`` console script: 0 on success, 2 (one line on stderr)
-    on a :class:`UsageError`; any other exception propagates with its traceback (status 1)."""
+    on a :class:`UsageError`, 1 (one line) when a distributed rank failed
+    (``hybrid.distributed.RankFailure``); any other exception propagates with its traceback
+    (status 1). Run-log problems (``RunLogWarning``) are one ``smoothlab: warning:`` line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # our own progress bars and one-line errors only: silence transformers' loading reports
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"load_task_data\(.*synthetic")
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command in ("probe", "train", "figure1", "advise"):
-            _quiet_transformers()
-        return int(args.func(args) or 0)
-    except UsageError as e:
-        print(_one_line(e), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            "smoothlab: interrupted; what was logged is kept (rerun the same command to resume)",
-            file=sys.stderr,
-        )
-        return 130
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"load_task_data\(.*synthetic")
+        warnings.filterwarnings("default", category=_runlog_warning())
+        warnings.showwarning = _show_warning
+        try:
+            args = build_parser().parse_args(argv)
+            if args.command in ("probe", "train", "figure1", "advise"):
+                _quiet_transformers()
+            return int(args.func(args) or 0)
+        except UsageError as e:
+            print(_one_line(e), file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(
+                "smoothlab: interrupted; what was logged is kept (rerun the same command to resume)",
+                file=sys.stderr,
+            )
+            return 130
+        except Exception as e:
+            if not _rank_failure(e):
+                raise
+            print(_one_line(e), file=sys.stderr)
+            return 1
+
+
+def _runlog_warning() -> type:
+    from smoothlab.runlog import RunLogWarning
+
+    return RunLogWarning
 
 
 if __name__ == "__main__":

@@ -877,3 +877,33 @@ def test_figure1_record_blocks_globs(enc: Path, tmp_path: Path, capsys) -> None:
         capsys,
     )  # fmt: skip
     assert "matches no parameter" in bad and not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------- warnings, ranks
+def test_run_log_warning_is_one_line_on_stderr(recorded_run: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    run = tmp_path / "torn"
+    shutil.copytree(recorded_run, run)
+    metrics = run / "metrics.csv"
+    text = metrics.read_text()
+    metrics.write_text(text[: text.rstrip("\n").rfind("\n") + 1] + "7,0.5,0.69")  # torn last row
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "the torn row must be reported"
+    assert all(ln.startswith("smoothlab: warning: ") for ln in err), err
+    assert any("metrics.csv" in ln and "no newline" in ln for ln in err), err
+    assert not any("RunLogWarning" in ln or "warnings.warn" in ln for ln in err), err
+
+
+def test_rank_failure_is_one_line_exit_1(enc: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import hybrid.train
+    from hybrid.distributed import RankFailure
+
+    def dies(*a, **kw):
+        raise RankFailure("all_reduce: rank 1 did not answer within\n 30 s")
+
+    monkeypatch.setattr(hybrid.train, "train", dies)
+    assert main(["train", "--model", str(enc), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err == "smoothlab: error: all_reduce: rank 1 did not answer within 30 s\n"
