@@ -7,9 +7,19 @@ so every option has one default and one help text, and its choices come from the
 file (figure1: ``--preset NAME`` from a named preset, :mod:`hybrid.presets`); the flags the
 user typed override it.
 
+``advise --method M`` advises the blocks method M trains (x: its SPSA block, y: its gradient
+block) from a probe at initialisation (:func:`hybrid.advise.advise_config`) or, with
+``--run``, from a recorded trajectory; ``--print-command`` prints the ``smoothlab train``
+line that uses the proposal. ``train --lr-base auto --lr-peft auto`` (either or both) takes
+the rates from the same probe at step 0 (:func:`hybrid.train.resolve_rates`); the advice is
+saved in the run's ``config.json`` and ``advice.json``. ``--record-blocks`` (train, figure1)
+also records per-module blocks ``base.<module>``/``peft.<module>``.
+
 Errors: bad input (:class:`~smoothlab.errors.UsageError`, argparse errors included) prints
-one line on stderr and exits with status 2. Anything else is a bug: its traceback is shown
-and the status is 1. The heavy packages (transformers, peft, the engine, analysis, figures)
+one line on stderr and exits with status 2; a failed distributed rank
+(``hybrid.distributed.RankFailure``) prints one line and exits with 1. A problem in a run's
+logs (:class:`~smoothlab.runlog.RunLogWarning`) is one ``smoothlab: warning:`` line. Anything
+else is a bug: its traceback is shown and the status is 1. The heavy packages (transformers, peft, the engine, analysis, figures)
 are imported only by the subcommand that needs them.
 """
 
