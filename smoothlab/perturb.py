@@ -119,7 +119,9 @@ class SeededDirection:
         buf = torch.empty(self.padded(n), dtype=p.dtype, device=p.device)
         return self._fill(index, p, buf)[:n].view(p.shape)
 
-    def shift(self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    def shift(
+        self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         n = w.numel()
         buf = self.sampler.scratch.take(self.padded(n), w.dtype, w.device)
         try:
@@ -176,10 +178,14 @@ class _Rademacher(_Signs):
     def _words(self, index: int, k: int, device: torch.device) -> torch.Tensor:
         gen = torch.Generator(device=device)
         gen.manual_seed(param_seed(self.seed, index))
-        return torch.empty(k, dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
+        return torch.empty(k, dtype=torch.int64, device=device).random_(
+            -(2**63), None, generator=gen
+        )
 
 
-_GOLDEN, _C1, _C2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_GOLDEN, _C1, _C2 = (
+    _signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+)
 
 
 def splitmix64(x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +212,9 @@ class _Table(SeededDirection):
     """z_j = table[(o + j) mod T], o = ``param_seed(seed, i) mod T``: at most two contiguous
     slices of the run's table, so a shift or an update is one pass and z is never built."""
 
-    def _pieces(self, index: int, p: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    def _pieces(
+        self, index: int, p: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         t = self.sampler.noise_table(p.device, p.dtype)
         n, size = p.numel(), t.numel()
         if n > size:
@@ -222,7 +230,9 @@ class _Table(SeededDirection):
         t, pieces = self._pieces(index, p)
         return torch.cat([t[o : o + m] for _, o, m in pieces]).view(p.shape)
 
-    def shift(self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    def shift(
+        self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if (w.requires_grad and torch.is_grad_enabled()) or not w.is_contiguous():
             return torch.add(w, self(index, w), alpha=scale)
         t, pieces = self._pieces(index, w)
@@ -260,7 +270,9 @@ class Sampler:
     perturbation seed. Holds what the run reuses: scratch buffers, the sign lookup table and
     (``table``) the noise table, built on first use on each device from ``run_seed``."""
 
-    def __init__(self, source: Source, run_seed: int = 0, max_numel: int = 0, scratch: Scratch | None = None) -> None:
+    def __init__(
+        self, source: Source, run_seed: int = 0, max_numel: int = 0, scratch: Scratch | None = None
+    ) -> None:
         self.source, self.run_seed = source, int(run_seed)
         self.table_size = table_size(max_numel)
         self.scratch = scratch if scratch is not None else Scratch()
@@ -276,7 +288,9 @@ class Sampler:
             gen = torch.Generator(device=device)
             gen.manual_seed(param_seed(self.run_seed, -1))
             t = torch.randn(self.table_size, generator=gen, device=device, dtype=torch.float32)
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != "table"}  # one dtype at a time
+            self._cache = {
+                k: v for k, v in self._cache.items() if k[0] != "table"
+            }  # one dtype at a time
             self._cache[key] = t.to(dtype)
         return self._cache[key]
 
@@ -284,7 +298,12 @@ class Sampler:
         """256 × 8: row b holds the signs (−1)^(1 − bit k of b), k = 0..7."""
         key = ("signs", torch.device(device), dtype)
         if key not in self._cache:
-            bits = torch.arange(256, device=device)[:, None].bitwise_right_shift(torch.arange(8, device=device)) & 1
+            bits = (
+                torch.arange(256, device=device)[:, None].bitwise_right_shift(
+                    torch.arange(8, device=device)
+                )
+                & 1
+            )
             self._cache[key] = (2 * bits - 1).to(dtype)
         return self._cache[key]
 
@@ -299,7 +318,9 @@ class Source:
     summary: str
     direction_class: type[SeededDirection]
 
-    def sampler(self, run_seed: int = 0, max_numel: int = 0, scratch: Scratch | None = None) -> Sampler:
+    def sampler(
+        self, run_seed: int = 0, max_numel: int = 0, scratch: Scratch | None = None
+    ) -> Sampler:
         """This source bound to a run (``max_numel``: the largest parameter it will perturb)."""
         return Sampler(self, run_seed, max_numel, scratch)
 
@@ -311,7 +332,9 @@ class Source:
 _SOURCES = (
     Source("gaussian", 3.0, "exact N(0,1) per parameter from a seeded torch.Generator", _Gaussian),
     Source("table", 3.0, "shared N(0,1) noise table per run, slice at a seeded offset", _Table),
-    Source("rademacher", 1.0, "±1 from packed random bits of a seeded torch.Generator", _Rademacher),
+    Source(
+        "rademacher", 1.0, "±1 from packed random bits of a seeded torch.Generator", _Rademacher
+    ),
     Source("hash", 1.0, "±1 from a counter-based generator (splitmix64 of seed and index)", _Hash),
 )
 SOURCES: tuple[str, ...] = tuple(s.name for s in _SOURCES)
@@ -354,7 +377,9 @@ def spsa_second_moment(grad_norm_sq: float, d: int, q: int = 1, kurtosis: float 
     return ((d + kurtosis - 2) / q + 1) * float(grad_norm_sq)
 
 
-def spsa_curvature(grad: torch.Tensor, hess: torch.Tensor, q: int = 1, kurtosis: float = 3.0) -> float:
+def spsa_curvature(
+    grad: torch.Tensor, hess: torch.Tensor, q: int = 1, kurtosis: float = 3.0
+) -> float:
     """E[ĝᵀHĝ] for the estimate of :func:`spsa_second_moment` (a = ``grad``, H = ``hess``):
 
         (1/q)(‖a‖² tr H + 2 aᵀHa + (κ − 3) Σ_j a_j² H_jj) + (1 − 1/q) aᵀHa
@@ -362,7 +387,11 @@ def spsa_curvature(grad: torch.Tensor, hess: torch.Tensor, q: int = 1, kurtosis:
     — the second-order term of the descent lemma E f(x − ηĝ) ≈ f − η‖a‖² + (η²/2) E[ĝᵀHĝ]."""
     a, H = grad.double().reshape(-1), hess.double()
     aHa = float(a @ H @ a)
-    single = float(a @ a) * float(torch.trace(H)) + 2 * aHa + (kurtosis - 3) * float((a * a) @ torch.diagonal(H))
+    single = (
+        float(a @ a) * float(torch.trace(H))
+        + 2 * aHa
+        + (kurtosis - 3) * float((a * a) @ torch.diagonal(H))
+    )
     return single / q + (1 - 1 / q) * aHa
 
 
@@ -375,7 +404,9 @@ def explicit(directions: Sequence[torch.Tensor]) -> Direction:
     return direction
 
 
-def _owners(root: nn.Module, params: Sequence[torch.Tensor]) -> dict[nn.Module, list[tuple[str, int]]]:
+def _owners(
+    root: nn.Module, params: Sequence[torch.Tensor]
+) -> dict[nn.Module, list[tuple[str, int]]]:
     index = {id(p): i for i, p in enumerate(params)}
     owners: dict[nn.Module, list[tuple[str, int]]] = {}
     seen: set[int] = set()
@@ -456,7 +487,9 @@ def shifted(
 
     def pre_hook(module: nn.Module, args: object) -> None:
         for name, i in owners[module]:
-            module.__dict__[name], buf = _shadow(direction, i, module._parameters[name], scale, scratch)
+            module.__dict__[name], buf = _shadow(
+                direction, i, module._parameters[name], scale, scratch
+            )
             if buf is not None:
                 lent[id(module), name] = buf
 
@@ -471,7 +504,9 @@ def shifted(
         with torch.enable_grad():
             for module in static:
                 for name, i in owners[module]:
-                    module.__dict__[name] = _shadow(direction, i, module._parameters[name], scale, None)[0]
+                    module.__dict__[name] = _shadow(
+                        direction, i, module._parameters[name], scale, None
+                    )[0]
         for module in owners:
             if module in static:
                 continue
