@@ -181,8 +181,9 @@ def mezo_step(base, loss_fn, mu: float, lr: float = 0.0) -> float:
 
 
 def hvp_cases(model, base, loss_fn) -> dict[str, Callable[[], object]]:
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(sum(p.numel() for p in base), generator=gen).to(base[0].device)
+    dev = base[0].device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    v = torch.randn(sum(p.numel() for p in base), generator=gen, device=dev)  # on the device
     state: dict[str, object] = {}
 
     def grad():

@@ -86,7 +86,8 @@ class Scratch:
         return torch.empty(n, dtype=dtype, device=device)
 
     def give(self, buf: torch.Tensor) -> None:
-        self._free.setdefault((buf.device, buf.dtype), []).append(buf)
+        if buf.device.type == "cpu":  # elsewhere the caching allocator already reuses memory
+            self._free.setdefault((buf.device, buf.dtype), []).append(buf)
 
     def clear(self) -> None:
         self._free.clear()
