@@ -73,7 +73,9 @@ def _signed(c: int) -> int:
 class Scratch:
     """Reusable flat buffers per (device, dtype): ``take`` one at least ``n`` long, ``give``
     it back. Saves the page faults of allocating a fresh layer-sized tensor per use (a fresh
-    tensor costs ~5 passes over it on CPU). Nested users get distinct buffers."""
+    tensor costs ~5 passes over it on CPU). Nested users get distinct buffers. Only CPU
+    buffers are kept: on CUDA the caching allocator already reuses freed memory, and a held
+    layer-sized buffer would raise a step's peak memory above inference."""
 
     def __init__(self) -> None:
         self._free: dict[tuple, list[torch.Tensor]] = {}
