@@ -2,7 +2,7 @@ r"""The hybrid SGD engine (the paper's Algorithm 1) and its baselines.
 
 One step on a minibatch ξ, with base weights x (zeroth order) and PEFT weights y (first order):
 
-    ĝ_x = (1/q) Σ_{i=1..q} g_i z_i,   z_i ~ N(0, I) regenerated from a seed, never stored,
+    ĝ_x = (1/q) Σ_{i=1..q} g_i z_i,   z_i regenerated from a seed, never stored,
         g_i = [f(x + μz_i, y; ξ) − f(x − μz_i, y; ξ)] / 2μ          (two-sided), or
         g_i = [f(x + μz_i, y; ξ) − f(x, y; ξ)] / μ                   (one-sided; f(x) shared)
     x ← x − η_x ĝ_x
@@ -13,6 +13,13 @@ schedulers act on each group. The perturbed forwards use :func:`smoothlab.shifte
 applied on the fly inside each layer), so after the step x has moved by exactly −η_x ĝ_x:
 no +μ/−2μ/+μ drift, in bf16 too; the memory is that of inference (+ one layer's z), for any q.
 The base weights keep ``requires_grad=False``: backprop stores no base gradients.
+
+z comes from a perturbation source (``z=``, :data:`smoothlab.perturb.SOURCES`; i.i.d.
+entries of unit variance and fourth moment κ, so E ĝ = ∇f and E‖ĝ‖² = ((d + κ − 2)/q + 1)‖∇f‖²).
+Per step and parameter, z is fetched once per use: fused into the layer's shadow
+``W + μz`` (one pass, into reusable scratch memory) in each perturbed forward, and into the
+update ``x ← x − η Σ_i c_i z_i`` (one in-place pass per term). With the default ``table``
+source no z is ever generated: it is a slice of the run's noise table.
 
 ``fo_at_perturbed=True`` takes ∇_y f at (x + μz_1, y) from the first perturbed forward
 instead of a separate forward at (x, y): one forward fewer per step, at the price of a
@@ -28,7 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from smoothlab.perturb import param_seed, seeded_gaussian, shifted
+from smoothlab.errors import UsageError
+from smoothlab.perturb import DEFAULT_SOURCE, Sampler, get_source, param_seed, shifted
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -46,28 +54,38 @@ class TwoRateSGD(torch.optim.Optimizer):
         for g in groups:
             lr = g.get("lr")
             if not (isinstance(lr, int | float) and lr >= 0 and math.isfinite(lr)):
-                raise ValueError(f"learning rate of group {g.get('name')!r} must be a finite float >= 0, got {lr!r}")
+                raise UsageError(
+                    f"learning rate of group {g.get('name')!r} must be a finite float >= 0, got {lr!r}"
+                )
         super().__init__(groups, {"lr": 0.0, "zo": False, "weight_decay": weight_decay, "name": ""})
 
     @torch.no_grad()
     def step(self, closure: None = None, zo_terms: Sequence[tuple[int, float]] = ()) -> None:  # type: ignore[override]
-        """Apply one update. ``zo_terms``: (seed, coefficient) pairs of the SPSA estimate."""
+        """Apply one update. ``zo_terms``: (seed, coefficient) pairs of the SPSA estimate; z of
+        each seed comes from the group's ``sampler`` (default: the exact Gaussian)."""
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             if group["zo"]:
-                if wd and zo_terms:
-                    for p in group["params"]:
+                if not zo_terms:
+                    continue
+                sampler = group.get("sampler") or _gaussian_sampler()
+                dirs = [(sampler(seed), coef) for seed, coef in zo_terms]
+                for p in group["params"]:  # one parameter at a time: it stays in cache
+                    i = group["index"][id(p)]
+                    if wd:
                         p.mul_(1 - lr * wd)
-                for seed, coef in zo_terms:
-                    direction = seeded_gaussian(seed)
-                    for p in group["params"]:
-                        p.add_(direction(group["index"][id(p)], p), alpha=-lr * coef)
+                    for d, coef in dirs:
+                        d.update_(i, p, -lr * coef)
             else:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
                     d = p.grad if not wd else p.grad.add(p, alpha=wd)
                     p.add_(d, alpha=-lr)
+
+
+def _gaussian_sampler() -> Sampler:
+    return get_source("gaussian").sampler()
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,8 @@ class HybridEngine:
     ``zo_params`` (x) are updated from SPSA estimates, ``fo_params`` (y) from gradients;
     either may be empty (``zo-ft``: no y; ``fo-*``: no x). ``seed`` fixes every z: step t's
     perturbation i uses seed ``param_seed(seed, t·q + i)``, so a resumed run replays the same z.
+    ``z`` names the perturbation source (``smoothlab.perturb.SOURCES``); the ``table``
+    source's table is rebuilt from ``seed`` and the size of the largest x.
     """
 
     def __init__(
@@ -102,20 +122,31 @@ class HybridEngine:
         fo_at_perturbed: bool = False,
         weight_decay: float = 0.0,
         seed: int = 0,
+        z: str = DEFAULT_SOURCE,
     ) -> None:
+        self.source = get_source(z)  # UsageError naming the accepted sources
         if not zo_params and not fo_params:
-            raise ValueError("nothing to train: both the zeroth-order and first-order parameter lists are empty")
+            raise UsageError(
+                "nothing to train: both the zeroth-order and first-order parameter lists are empty"
+            )
         if not (isinstance(mu, int | float) and mu > 0 and math.isfinite(mu)):
-            raise ValueError(f"mu must be a positive float, got {mu!r}")
+            raise UsageError(f"mu must be a positive float, got {mu!r}")
         if not isinstance(q, int) or isinstance(q, bool) or q < 1:
-            raise ValueError(f"q must be an integer >= 1, got {q!r}")
+            raise UsageError(f"q must be an integer >= 1, got {q!r}")
         for name, group, lr in (("lr_zo", "base", lr_zo), ("lr_fo", "peft", lr_fo)):
             # checked even when the group is absent: a bad rate is a caller error either way
-            if not (isinstance(lr, int | float) and not isinstance(lr, bool) and lr >= 0 and math.isfinite(lr)):
-                raise ValueError(f"{name} (learning rate of group {group!r}) must be a finite float >= 0, got {lr!r}")
+            if not (
+                isinstance(lr, int | float)
+                and not isinstance(lr, bool)
+                and lr >= 0
+                and math.isfinite(lr)
+            ):
+                raise UsageError(
+                    f"{name} (learning rate of group {group!r}) must be a finite float >= 0, got {lr!r}"
+                )
         ids = {id(p) for p in zo_params}
         if any(id(p) in ids for p in fo_params):
-            raise ValueError("a parameter is in both the zeroth-order and the first-order set")
+            raise UsageError("a parameter is in both the zeroth-order and the first-order set")
         self.model = model
         self.zo_params = list(zo_params)
         self.fo_params = list(fo_params)
@@ -123,14 +154,25 @@ class HybridEngine:
         self.fo_at_perturbed = fo_at_perturbed and bool(zo_params) and bool(fo_params)
         self.seed = seed
         self.t = 0
+        self.sampler = self.source.sampler(
+            seed, max((p.numel() for p in self.zo_params), default=0)
+        )
         for p in self.zo_params:
             p.requires_grad_(False)
         for p in self.fo_params:
             p.requires_grad_(True)
         groups = []
         if self.zo_params:
-            groups.append({"name": "base", "params": self.zo_params, "lr": lr_zo, "zo": True,
-                           "index": {id(p): i for i, p in enumerate(self.zo_params)}})
+            groups.append(
+                {
+                    "name": "base",
+                    "params": self.zo_params,
+                    "lr": lr_zo,
+                    "zo": True,
+                    "index": {id(p): i for i, p in enumerate(self.zo_params)},
+                    "sampler": self.sampler,
+                }
+            )
         if self.fo_params:
             groups.append({"name": "peft", "params": self.fo_params, "lr": lr_fo, "zo": False})
         self.optimizer = TwoRateSGD(groups, weight_decay=weight_decay)
@@ -147,13 +189,22 @@ class HybridEngine:
         """Seed of perturbation i at step t."""
         return param_seed(self.seed, t * self.q + i)
 
+    def direction(self, seed: int):
+        """z(i, p) of a perturbation seed (``engine.direction(engine.perturbation_seed(t, k))``)."""
+        return self.sampler(seed)
+
+    def _shifted(self, seed: int, scale: float):
+        return shifted(
+            self.zo_params, self.sampler(seed), scale, self.model, scratch=self.sampler.scratch
+        )
+
     # -- the step ------------------------------------------------------------------------
     def _fo_loss(self, loss_fn: LossFn, shift: tuple[int, float] | None) -> torch.Tensor:
         with torch.enable_grad():
             if shift is None:
                 loss = loss_fn()
             else:
-                with shifted(self.zo_params, seeded_gaussian(shift[0]), shift[1], self.model):
+                with self._shifted(*shift):
                     loss = loss_fn()
             grads = torch.autograd.grad(loss, self.fo_params, allow_unused=True)
         for p, g in zip(self.fo_params, grads):
@@ -164,7 +215,7 @@ class HybridEngine:
         with torch.no_grad():
             if seed is None:
                 return float(loss_fn())
-            with shifted(self.zo_params, seeded_gaussian(seed), scale, self.model):
+            with self._shifted(seed, scale):
                 return float(loss_fn())
 
     def step(self, loss_fn: LossFn) -> StepResult:
@@ -210,9 +261,22 @@ class HybridEngine:
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Step counter and learning rates (weights are saved by the caller)."""
-        return {"t": self.t, "lrs": {g["name"]: g["lr"] for g in self.optimizer.param_groups}, "seed": self.seed}
+        return {
+            "t": self.t,
+            "lrs": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+            "seed": self.seed,
+            "z": self.source.name,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the step counter and rates; a state saved with another z source is refused
+        (its trajectory cannot be continued). States without ``z`` predate sources: gaussian."""
+        saved = state.get("z", "gaussian")
+        if self.zo_params and saved != self.source.name:
+            raise UsageError(
+                f"the saved run perturbs with z={saved!r}, this engine with "
+                f"z={self.source.name!r}; resume it with z={saved!r}"
+            )
         self.t = int(state["t"])
         for g in self.optimizer.param_groups:
             g["lr"] = state["lrs"].get(g["name"], g["lr"])

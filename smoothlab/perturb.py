@@ -6,35 +6,356 @@ Adding ``s·d`` to a weight in place and subtracting it back is not exact in flo
 * **on the fly** (a module tree is known): a forward pre-hook on every module that owns a
   perturbed parameter shadows it with ``W + s·d`` for that forward only (the shadow lives in
   the module's instance ``__dict__``, which attribute lookup finds before ``_parameters``);
-  a forward hook removes it. Extra memory: one layer's weight at a time. The shadow is a
-  differentiable function of ``W``, so ``∂f/∂W`` at the shifted point is ordinary autograd.
+  a forward hook removes it. Extra memory: one layer's weight at a time (a reusable
+  :class:`Scratch` buffer when no gradient is taken). The shadow is a differentiable
+  function of ``W``, so ``∂f/∂W`` at the shifted point is ordinary autograd.
 * **swap** (only the parameters are known): ``p.data`` is replaced by a new tensor
   ``W + s·d`` and the *original tensor object* is put back afterwards, so restoration is
   bit-exact. Extra memory: one copy of the perturbed parameters.
 
-Directions are either explicit tensors or generated from a seed (``seeded_gaussian``), so a
-zeroth-order step can replay ``z`` instead of storing it.
+Directions are explicit tensors or generated from a seed, so a zeroth-order step replays
+``z`` instead of storing it. Seeded perturbation sources (``SOURCES``, :func:`get_source`),
+every one with i.i.d. zero-mean, unit-variance entries of fourth moment κ = E z⁴:
+
+==============  ====  ==================================================================
+``gaussian``    3     exact N(0, 1): ``torch.randn`` from a generator seeded per parameter
+``table``       3     shared noise table (Salimans et al. 2017): one N(0, 1) table per run,
+                      rebuilt from the run's seed; z = a cyclic slice at a seeded offset
+``rademacher``  1     ±1 from packed random bits (Spall's SPSA): 64 signs per generator word
+``hash``        1     ±1 from a counter-based generator: splitmix64(key, word index) bits
+==============  ====  ==================================================================
+
+Two-sided SPSA with q directions, g_i = z_iᵀa (a = ∇f, μ → 0), ĝ = (1/q) Σ g_i z_i, d = dim:
+
+    E ĝ = a,     E‖ĝ‖² = ((d + κ − 2)/q + 1) ‖a‖²                (:func:`spsa_second_moment`)
+    E[ĝᵀHĝ] = (1/q)(‖a‖² tr H + 2 aᵀHa + (κ − 3) Σ_j a_j² H_jj) + (1 − 1/q) aᵀHa
+                                                                     (:func:`spsa_curvature`)
+
+(Gaussian: (d + 1)/q + 1.) The table's entries are exactly N(0, 1) over the table's
+randomness; different parameters' slices may overlap (probability ≈ n/T per pair), which
+correlates their z with E[z_j z_k] ≈ 1/T per entry pair — a bias of relative size
+≈ √(n_other)/T, below 1e-3 for the default sizes.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .errors import UsageError
+
 Direction = Callable[[int, torch.Tensor], torch.Tensor]
 
 _MASK = (1 << 63) - 1
+_M64 = (1 << 64) - 1
 
 
 def param_seed(seed: int, index: int) -> int:
     """A 63-bit seed for parameter ``index`` under base ``seed`` (splitmix64 mix)."""
-    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
     return (z ^ (z >> 31)) & _MASK
+
+
+def _signed(c: int) -> int:
+    """A 64-bit constant as the int64 that has its bits (tensor ops wrap modulo 2⁶⁴)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+# --------------------------------------------------------------------------- scratch
+
+
+class Scratch:
+    """Reusable flat buffers per (device, dtype): ``take`` one at least ``n`` long, ``give``
+    it back. Saves the page faults of allocating a fresh layer-sized tensor per use (a fresh
+    tensor costs ~5 passes over it on CPU). Nested users get distinct buffers. Only CPU
+    buffers are kept: on CUDA the caching allocator already reuses freed memory, and a held
+    layer-sized buffer would raise a step's peak memory above inference."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self._free.setdefault((device, dtype), [])
+        for k, buf in enumerate(free):
+            if buf.numel() >= n:
+                return free.pop(k)
+        return torch.empty(n, dtype=dtype, device=device)
+
+    def give(self, buf: torch.Tensor) -> None:
+        if buf.device.type == "cpu":  # elsewhere the caching allocator already reuses memory
+            self._free.setdefault((buf.device, buf.dtype), []).append(buf)
+
+    def clear(self) -> None:
+        self._free.clear()
+
+
+# --------------------------------------------------------------------------- directions
+
+
+class SeededDirection:
+    """z(i, p) for one seed, regenerated identically on every call (never stored).
+
+    ``d(i, p)`` returns a fresh tensor shaped and typed like ``p``. The fused forms read or
+    write ``p`` once and generate z straight into reusable scratch memory:
+    ``shift(i, w, s, out)`` = w + s·z (into ``out`` when given) and ``update_(i, p, a)``:
+    p ← p + a·z. All three give bit-identical results to ``torch.add(w, d(i, w), alpha=s)``.
+    """
+
+    def __init__(self, sampler: Sampler, seed: int) -> None:
+        self.sampler, self.seed = sampler, seed
+
+    def _fill(self, index: int, p: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """z for ``p`` as a flat tensor of ``p.dtype`` written into ``buf`` (len >= padded(n))."""
+        raise NotImplementedError
+
+    def padded(self, n: int) -> int:
+        return n
+
+    def __call__(self, index: int, p: torch.Tensor) -> torch.Tensor:
+        n = p.numel()
+        buf = torch.empty(self.padded(n), dtype=p.dtype, device=p.device)
+        return self._fill(index, p, buf)[:n].view(p.shape)
+
+    def shift(
+        self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        n = w.numel()
+        buf = self.sampler.scratch.take(self.padded(n), w.dtype, w.device)
+        try:
+            z = self._fill(index, w, buf)[:n].view(w.shape)
+            if out is None:
+                return torch.add(w, z, alpha=scale)
+            return torch.add(w, z, alpha=scale, out=out[:n].view(w.shape))
+        finally:
+            self.sampler.scratch.give(buf)
+
+    def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
+        n = p.numel()
+        buf = self.sampler.scratch.take(self.padded(n), p.dtype, p.device)
+        try:
+            p.add_(self._fill(index, p, buf)[:n].view(p.shape), alpha=alpha)
+        finally:
+            self.sampler.scratch.give(buf)
+
+
+class _Gaussian(SeededDirection):
+    """``torch.randn`` (float32, then rounded to p's dtype) from a generator on p's device
+    seeded with ``param_seed(seed, i)``, written into scratch memory (no allocation)."""
+
+    def _fill(self, index: int, p: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(param_seed(self.seed, index))
+        n = p.numel()
+        if buf.dtype == torch.float32:
+            return torch.randn(n, generator=gen, device=p.device, out=buf[:n])
+        z = torch.randn(n, generator=gen, device=p.device, dtype=torch.float32)
+        return buf[:n].copy_(z)
+
+
+class _Signs(SeededDirection):
+    """±1 from 64-bit words: bit k of byte b of a word is the sign of entry 8b + k, unpacked
+    through a 256 × 8 lookup table in one ``index_select`` (one write pass over z)."""
+
+    def padded(self, n: int) -> int:
+        return -(-n // 64) * 64
+
+    def _words(self, index: int, k: int, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _fill(self, index: int, p: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        k = -(-p.numel() // 64)
+        idx = self._words(index, k, p.device).view(torch.uint8).int()
+        lut = self.sampler.sign_table(p.device, buf.dtype)
+        return torch.index_select(lut, 0, idx, out=buf[: 64 * k].view(8 * k, 8)).view(-1)
+
+
+class _Rademacher(_Signs):
+    """Packed random bits from a ``torch.Generator`` seeded with ``param_seed(seed, i)``."""
+
+    def _words(self, index: int, k: int, device: torch.device) -> torch.Tensor:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(param_seed(self.seed, index))
+        return torch.empty(k, dtype=torch.int64, device=device).random_(
+            -(2**63), None, generator=gen
+        )
+
+
+_GOLDEN, _C1, _C2 = (
+    _signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on an int64 tensor, in place (wrapping int64 arithmetic,
+    logical shifts by masking): a bijection of 64-bit words with full avalanche."""
+    for shift, mult in ((30, _C1), (27, _C2), (31, None)):
+        x.bitwise_xor_(x.bitwise_right_shift(shift).bitwise_and_((1 << (64 - shift)) - 1))
+        if mult is not None:
+            x.mul_(mult)
+    return x
+
+
+class _Hash(_Signs):
+    """Counter-based: word j = splitmix64(key + (j + 1)·φ), key = ``param_seed(seed, i)``.
+    Stateless and random-access; pure integer ops, so CPU and CUDA give the same z."""
+
+    def _words(self, index: int, k: int, device: torch.device) -> torch.Tensor:
+        key = _signed(param_seed(self.seed, index))
+        x = torch.arange(1, k + 1, dtype=torch.int64, device=device).mul_(_GOLDEN).add_(key)
+        return splitmix64(x)
+
+
+class _Table(SeededDirection):
+    """z_j = table[(o + j) mod T], o = ``param_seed(seed, i) mod T``: at most two contiguous
+    slices of the run's table, so a shift or an update is one pass and z is never built."""
+
+    def _pieces(
+        self, index: int, p: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        t = self.sampler.noise_table(p.device, p.dtype)
+        n, size = p.numel(), t.numel()
+        if n > size:
+            raise UsageError(
+                f"parameter {index} has {n:,} entries but the noise table only {size:,}; build "
+                f"the sampler with max_numel >= {n} (HybridEngine does this from its parameters)"
+            )
+        o = param_seed(self.seed, index) % size
+        m = min(n, size - o)
+        return t, [(0, o, m)] + ([(m, 0, n - m)] if m < n else [])
+
+    def __call__(self, index: int, p: torch.Tensor) -> torch.Tensor:
+        t, pieces = self._pieces(index, p)
+        return torch.cat([t[o : o + m] for _, o, m in pieces]).view(p.shape)
+
+    def shift(
+        self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if (w.requires_grad and torch.is_grad_enabled()) or not w.is_contiguous():
+            return torch.add(w, self(index, w), alpha=scale)
+        t, pieces = self._pieces(index, w)
+        wf = w.view(-1)
+        of = torch.empty_like(wf) if out is None else out[: wf.numel()]
+        for a, o, m in pieces:
+            torch.add(wf[a : a + m], t[o : o + m], alpha=scale, out=of[a : a + m])
+        return of.view(w.shape)
+
+    def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
+        if not p.is_contiguous():
+            p.add_(self(index, p), alpha=alpha)
+            return
+        t, pieces = self._pieces(index, p)
+        pf = p.view(-1)
+        for a, o, m in pieces:
+            pf[a : a + m].add_(t[o : o + m], alpha=alpha)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+TABLE_MIN = 1 << 22  # entries of the smallest noise table (16 MiB in float32)
+
+
+def table_size(max_numel: int) -> int:
+    """Entries of the run's noise table: the largest perturbed parameter rounded up to a
+    multiple of 2²⁰, at least ``TABLE_MIN`` (a function of the model only, so a resumed run
+    rebuilds the same table)."""
+    return max(TABLE_MIN, -(-int(max_numel) // (1 << 20)) * (1 << 20))
+
+
+class Sampler:
+    """A source bound to one run: ``sampler(seed)`` is the :class:`SeededDirection` of a
+    perturbation seed. Holds what the run reuses: scratch buffers, the sign lookup table and
+    (``table``) the noise table, built on first use on each device from ``run_seed``."""
+
+    def __init__(
+        self, source: Source, run_seed: int = 0, max_numel: int = 0, scratch: Scratch | None = None
+    ) -> None:
+        self.source, self.run_seed = source, int(run_seed)
+        self.table_size = table_size(max_numel)
+        self.scratch = scratch if scratch is not None else Scratch()
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, seed: int) -> SeededDirection:
+        return self.source.direction_class(self, seed)
+
+    def noise_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The run's N(0, 1) table on ``device`` (float32 draw, rounded to ``dtype``)."""
+        key = ("table", torch.device(device), dtype)
+        if key not in self._cache:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(param_seed(self.run_seed, -1))
+            t = torch.randn(self.table_size, generator=gen, device=device, dtype=torch.float32)
+            self._cache = {
+                k: v for k, v in self._cache.items() if k[0] != "table"
+            }  # one dtype at a time
+            self._cache[key] = t.to(dtype)
+        return self._cache[key]
+
+    def sign_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """256 × 8: row b holds the signs (−1)^(1 − bit k of b), k = 0..7."""
+        key = ("signs", torch.device(device), dtype)
+        if key not in self._cache:
+            bits = (
+                torch.arange(256, device=device)[:, None].bitwise_right_shift(
+                    torch.arange(8, device=device)
+                )
+                & 1
+            )
+            self._cache[key] = (2 * bits - 1).to(dtype)
+        return self._cache[key]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A perturbation source: name, fourth moment κ = E z⁴ of its i.i.d. unit-variance
+    entries (the only property the SPSA moments depend on) and how z is produced."""
+
+    name: str
+    kurtosis: float
+    summary: str
+    direction_class: type[SeededDirection]
+
+    def sampler(
+        self, run_seed: int = 0, max_numel: int = 0, scratch: Scratch | None = None
+    ) -> Sampler:
+        """This source bound to a run (``max_numel``: the largest parameter it will perturb)."""
+        return Sampler(self, run_seed, max_numel, scratch)
+
+    def second_moment(self, grad_norm_sq: float, d: int, q: int = 1) -> float:
+        """E‖ĝ‖² of a q-direction two-sided estimate: see :func:`spsa_second_moment`."""
+        return spsa_second_moment(grad_norm_sq, d, q, self.kurtosis)
+
+
+_SOURCES = (
+    Source("gaussian", 3.0, "exact N(0,1) per parameter from a seeded torch.Generator", _Gaussian),
+    Source("table", 3.0, "shared N(0,1) noise table per run, slice at a seeded offset", _Table),
+    Source(
+        "rademacher", 1.0, "±1 from packed random bits of a seeded torch.Generator", _Rademacher
+    ),
+    Source("hash", 1.0, "±1 from a counter-based generator (splitmix64 of seed and index)", _Hash),
+)
+SOURCES: tuple[str, ...] = tuple(s.name for s in _SOURCES)
+DEFAULT_SOURCE = "table"
+
+
+def get_source(name: str) -> Source:
+    """The source called ``name`` (one of ``SOURCES``); UsageError naming it otherwise."""
+    for s in _SOURCES:
+        if s.name == name:
+            return s
+    raise UsageError(f"unknown perturbation source {name!r}; accepted: {', '.join(SOURCES)}")
+
+
+def seeded(name: str, seed: int, *, run_seed: int = 0, max_numel: int = 0) -> SeededDirection:
+    """z(i, p) of source ``name`` for perturbation ``seed`` (a fresh sampler: for many seeds
+    of one run, keep ``get_source(name).sampler(run_seed, max_numel)`` and call it)."""
+    return get_source(name).sampler(run_seed, max_numel)(seed)
 
 
 def seeded_gaussian(seed: int) -> Direction:
@@ -44,14 +365,37 @@ def seeded_gaussian(seed: int) -> Direction:
     ``param_seed(seed, i)``; the global RNG is never touched. Generated in float32 and cast
     to the parameter's dtype, so fp32 and bf16 copies of a model see the same z up to rounding.
     """
+    return seeded("gaussian", seed)
 
-    def direction(index: int, p: torch.Tensor) -> torch.Tensor:
-        gen = torch.Generator(device=p.device)
-        gen.manual_seed(param_seed(seed, index))
-        z = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
-        return z.to(p.dtype)
 
-    return direction
+def spsa_second_moment(grad_norm_sq: float, d: int, q: int = 1, kurtosis: float = 3.0) -> float:
+    """E‖ĝ‖² of ĝ = (1/q) Σ_i (z_iᵀa) z_i with i.i.d. entries, E z = 0, E z² = 1, E z⁴ = κ:
+
+        E‖ĝ‖² = ((d + κ − 2)/q + 1) ‖a‖²
+
+    (per direction E[(zᵀa)²‖z‖²] = (d − 1 + κ)‖a‖²; cross terms give ‖a‖²). Gaussian κ = 3:
+    (d + 1)/q + 1; Rademacher κ = 1: (d − 1)/q + 1. Two-sided differences as μ → 0."""
+    if not (isinstance(d, int) and d >= 1 and isinstance(q, int) and q >= 1):
+        raise UsageError(f"d and q must be integers >= 1, got d={d!r}, q={q!r}")
+    return ((d + kurtosis - 2) / q + 1) * float(grad_norm_sq)
+
+
+def spsa_curvature(
+    grad: torch.Tensor, hess: torch.Tensor, q: int = 1, kurtosis: float = 3.0
+) -> float:
+    """E[ĝᵀHĝ] for the estimate of :func:`spsa_second_moment` (a = ``grad``, H = ``hess``):
+
+        (1/q)(‖a‖² tr H + 2 aᵀHa + (κ − 3) Σ_j a_j² H_jj) + (1 − 1/q) aᵀHa
+
+    — the second-order term of the descent lemma E f(x − ηĝ) ≈ f − η‖a‖² + (η²/2) E[ĝᵀHĝ]."""
+    a, H = grad.double().reshape(-1), hess.double()
+    aHa = float(a @ H @ a)
+    single = (
+        float(a @ a) * float(torch.trace(H))
+        + 2 * aHa
+        + (kurtosis - 3) * float((a * a) @ torch.diagonal(H))
+    )
+    return single / q + (1 - 1 / q) * aHa
 
 
 def explicit(directions: Sequence[torch.Tensor]) -> Direction:
@@ -63,7 +407,9 @@ def explicit(directions: Sequence[torch.Tensor]) -> Direction:
     return direction
 
 
-def _owners(root: nn.Module, params: Sequence[torch.Tensor]) -> dict[nn.Module, list[tuple[str, int]]]:
+def _owners(
+    root: nn.Module, params: Sequence[torch.Tensor]
+) -> dict[nn.Module, list[tuple[str, int]]]:
     index = {id(p): i for i, p in enumerate(params)}
     owners: dict[nn.Module, list[tuple[str, int]]] = {}
     seen: set[int] = set()
@@ -74,12 +420,24 @@ def _owners(root: nn.Module, params: Sequence[torch.Tensor]) -> dict[nn.Module, 
                 seen.add(id(p))
     missing = [i for i, p in enumerate(params) if id(p) not in seen]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"{len(missing)} perturbed parameter(s) (e.g. index {missing[0]}, shape "
             f"{tuple(params[missing[0]].shape)}) are not registered in the given module tree "
             f"{type(root).__name__}; pass the model that owns them"
         )
     return owners
+
+
+def _shadow(direction: Direction, i: int, w: torch.Tensor, scale: float, scratch: Scratch | None):
+    """(w + scale·z_i, the scratch buffer it lives in or None). Scratch only without autograd:
+    a graph may save the shadow (e.g. a linear layer's weight, for the input's gradient)."""
+    fast = getattr(direction, "shift", None)
+    if fast is None:
+        return torch.add(w, direction(i, w), alpha=scale), None
+    if scratch is None or torch.is_grad_enabled():
+        return fast(i, w, scale), None
+    buf = scratch.take(w.numel(), w.dtype, w.device)
+    return fast(i, w, scale, out=buf), buf
 
 
 @contextlib.contextmanager
@@ -88,12 +446,16 @@ def shifted(
     direction: Direction | Sequence[torch.Tensor],
     scale: float,
     root: nn.Module | None = None,
+    *,
+    scratch: Scratch | None = None,
 ) -> Iterator[None]:
     """Inside the context, forwards see ``p_i + scale · direction(i, p_i)`` for every i.
 
     With ``root`` the shift is applied on the fly by forward hooks (stored weights are never
     written); without it by an exact ``.data`` swap. Either way every parameter is
-    bit-identical after the context, also when the body raises.
+    bit-identical after the context, also when the body raises. A :class:`SeededDirection`
+    is applied fused (one pass per layer); ``scratch`` lends the shadows reusable memory in
+    forwards without autograd.
 
     On the fly, a parameter is seen shifted when it is read inside its owning module's
     forward, or when its owner is a container without a forward (``ParameterDict``,
@@ -111,7 +473,7 @@ def shifted(
         try:
             with torch.no_grad():
                 for i, p in enumerate(params):
-                    p.data = torch.add(p.data, direction(i, p), alpha=scale)
+                    p.data = _shadow(direction, i, p.data, scale, None)[0]
             yield
         finally:
             for p, data in zip(params, originals):
@@ -124,22 +486,30 @@ def shifted(
     # for the whole context (their size only), built with grad on so ∂f/∂W still flows.
     static = [m for m in owners if type(m).forward is nn.Module.forward]
     handles = []
+    lent: dict[tuple[int, str], torch.Tensor] = {}
 
     def pre_hook(module: nn.Module, args: object) -> None:
         for name, i in owners[module]:
-            w = module._parameters[name]
-            module.__dict__[name] = torch.add(w, direction(i, w), alpha=scale)
+            module.__dict__[name], buf = _shadow(
+                direction, i, module._parameters[name], scale, scratch
+            )
+            if buf is not None:
+                lent[id(module), name] = buf
 
     def post_hook(module: nn.Module, args: object, output: object) -> None:
         for name, _ in owners[module]:
             module.__dict__.pop(name, None)
+            buf = lent.pop((id(module), name), None)
+            if buf is not None:
+                scratch.give(buf)
 
     try:
         with torch.enable_grad():
             for module in static:
                 for name, i in owners[module]:
-                    w = module._parameters[name]
-                    module.__dict__[name] = torch.add(w, direction(i, w), alpha=scale)
+                    module.__dict__[name] = _shadow(
+                        direction, i, module._parameters[name], scale, None
+                    )[0]
         for module in owners:
             if module in static:
                 continue
@@ -152,3 +522,5 @@ def shifted(
         for module, names in owners.items():
             for name, _ in names:
                 module.__dict__.pop(name, None)
+        for buf in lent.values():
+            scratch.give(buf)

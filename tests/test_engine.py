@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid.engine import HybridEngine, StepResult, TwoRateSGD
-from smoothlab.perturb import seeded_gaussian
+from smoothlab.errors import UsageError
+from smoothlab.perturb import (
+    DEFAULT_SOURCE,
+    SOURCES,
+    get_source,
+    seeded_gaussian,
+    spsa_second_moment,
+)
 
 # --------------------------------------------------------------------------- toy models
 
@@ -102,7 +109,7 @@ def reference_step(engine: HybridEngine, loss_fn):
     mu, q = engine.mu, engine.q
     lr_zo, lr_fo = engine.lr("base"), engine.lr("peft")
     seeds = [engine.perturbation_seed(engine.t, i) for i in range(q)]
-    zs = [[seeded_gaussian(s)(j, p) for j, p in enumerate(zo)] for s in seeds]
+    zs = [[engine.direction(s)(j, p) for j, p in enumerate(zo)] for s in seeds]
     fo_grads = None
     forwards = 0
     f0 = math.nan
@@ -265,17 +272,17 @@ def test_absent_group_reads_lr_zero_and_zo_only_engine_has_no_peft_group():
 # --------------------------------------------------------------------------- SPSA statistics
 
 
-def _spsa_directions(one_sided: bool, mu: float, n: int, seed: int = 0):
+def _spsa_directions(one_sided: bool, mu: float, n: int, seed: int = 0, z: str = "gaussian"):
     """Per-seed (g, z, ∇f, update direction) from the engine itself, x reset after each step."""
     model = Quadratic()
     x0 = model.x.detach().clone()
     eng = HybridEngine(
-        model, [model.x], [], lr_zo=1.0, lr_fo=0.0, mu=mu, one_sided=one_sided, seed=seed
+        model, [model.x], [], lr_zo=1.0, lr_fo=0.0, mu=mu, one_sided=one_sided, seed=seed, z=z
     )
     grad = model.grad()
     gs, zs, dirs = [], [], []
     for _ in range(n):
-        z = seeded_gaussian(eng.perturbation_seed(eng.t, 0))(0, model.x)
+        z = eng.direction(eng.perturbation_seed(eng.t, 0))(0, model.x)
         res = eng.step(model)
         dirs.append(x0 - model.x.detach())  # = lr · g · z
         gs.append(res.proj_grad)
@@ -285,8 +292,9 @@ def _spsa_directions(one_sided: bool, mu: float, n: int, seed: int = 0):
     return model, torch.tensor(gs, dtype=torch.float64), torch.stack(zs), grad, torch.stack(dirs)
 
 
-def test_two_sided_spsa_is_exact_directional_derivative_on_quadratic_and_unbiased():
-    model, g, z, grad, dirs = _spsa_directions(one_sided=False, mu=1e-2, n=3000)
+@pytest.mark.parametrize("source", SOURCES)
+def test_two_sided_spsa_is_exact_directional_derivative_on_quadratic_and_unbiased(source):
+    model, g, z, grad, dirs = _spsa_directions(one_sided=False, mu=1e-2, n=3000, z=source)
     # per seed: g = zᵀ∇f exactly (no odd derivatives beyond the first on a quadratic)
     torch.testing.assert_close(g, z @ grad, rtol=1e-9, atol=1e-9)
     # the update direction is g·z exactly
@@ -297,6 +305,14 @@ def test_two_sided_spsa_is_exact_directional_derivative_on_quadratic_and_unbiase
     assert ((mean - grad).abs() < 4 * stderr).all(), (mean, grad, stderr)
     # and the test can fail: the mean is far (in stderrs) from a wrong answer
     assert ((mean - 1.3 * grad).abs() > 4 * stderr).any()
+    # E‖ĝ‖² of the engine's own updates (lr = 1: ĝ = x0 − x) matches the source's formula
+    sq = dirs.pow(2).sum(1)
+    kappa = get_source(source).kurtosis
+    expected = spsa_second_moment(float(grad @ grad), grad.numel(), 1, kappa)
+    se = float(sq.std()) / math.sqrt(len(sq))
+    assert abs(float(sq.mean()) - expected) < 4 * se, (float(sq.mean()), expected, se)
+    wrong = spsa_second_moment(float(grad @ grad), grad.numel(), 1, 4 - kappa)
+    assert abs(float(sq.mean()) - wrong) > 4 * se
 
 
 def test_one_sided_spsa_has_order_mu_bias_in_the_directional_derivative():
@@ -325,7 +341,7 @@ def test_q_averages_q_distinct_directions():
     eng = HybridEngine(model, [model.x], [], lr_zo=1.0, lr_fo=0.0, mu=1e-3, q=q, seed=5)
     seeds = [eng.perturbation_seed(0, i) for i in range(q)]
     assert len(set(seeds)) == q
-    zs = [seeded_gaussian(s)(0, model.x) for s in seeds]
+    zs = [eng.direction(s)(0, model.x) for s in seeds]
     for i in range(q):
         for j in range(i):
             assert not torch.allclose(zs[i], zs[j])
@@ -359,9 +375,10 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("zo_kind,fo_kind,q,one_sided,fo_at_perturbed,forwards", VARIANTS)
 def test_step_equals_independent_reference(
-    zo_kind, fo_kind, q, one_sided, fo_at_perturbed, forwards
+    zo_kind, fo_kind, q, one_sided, fo_at_perturbed, forwards, source
 ):
     model = Toy(seed=2)
     everything = model.base() + model.peft()
@@ -379,6 +396,7 @@ def test_step_equals_independent_reference(
         one_sided=one_sided,
         fo_at_perturbed=fo_at_perturbed,
         seed=11,
+        z=source,
     )
     for t in range(3):
         res = assert_step_matches_reference(eng, toy_loss(model, seed=t))
@@ -417,14 +435,17 @@ def test_step_on_real_tiny_models_matches_reference(tiny_bundles):
     module, tied embeddings, peft wrappers) equal the swap-in reference exactly."""
     from hybrid.train import split_parameters
 
-    for method, bundle, batch in tiny_bundles:
+    for k, (method, bundle, batch) in enumerate(tiny_bundles):
         zo, fo = split_parameters(bundle.model, method)
-        eng = HybridEngine(bundle.model, zo, fo, lr_zo=1e-3, lr_fo=1e-2, mu=1e-3, q=2, seed=7)
-        eng.t = 5  # a later step's seeds
-        before = [p.detach().clone() for p in zo]
-        assert_step_matches_reference(eng, lambda b=batch, bu=bundle: bu.loss(b))
-        for p, w in zip(zo, before):
-            assert not torch.equal(p.detach(), w), method
+        for source in SOURCES if k < 2 else SOURCES[k % len(SOURCES) : k % len(SOURCES) + 1]:
+            eng = HybridEngine(
+                bundle.model, zo, fo, lr_zo=1e-3, lr_fo=1e-2, mu=1e-3, q=2, seed=7, z=source
+            )
+            eng.t = 5  # a later step's seeds
+            before = [p.detach().clone() for p in zo]
+            assert_step_matches_reference(eng, lambda b=batch, bu=bundle: bu.loss(b))
+            for p, w in zip(zo, before):
+                assert not torch.equal(p.detach(), w), (method, source)
 
 
 @pytest.fixture(scope="module")
@@ -461,6 +482,61 @@ def tiny_bundles(tmp_path_factory):
             bundle.model.eval()
             out.append((method, bundle, bundle.encode(splits.train[:4], 32)))
     return out
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("q,fo_at_perturbed", [(1, False), (2, True)])
+def test_resume_replays_the_trajectory_bit_exactly(source, q, fo_at_perturbed):
+    """6 steps in one go = 3 steps, (weights, engine state) saved, a fresh model and engine
+    (a rebuilt noise table) loaded, 3 more steps: bit-identical weights, losses and g."""
+
+    def engine(model):
+        return HybridEngine(
+            model,
+            model.base(),
+            model.peft(),
+            lr_zo=0.05,
+            lr_fo=0.3,
+            mu=1e-2,
+            q=q,
+            fo_at_perturbed=fo_at_perturbed,
+            weight_decay=0.01,
+            seed=13,
+            z=source,
+        )
+
+    model = Toy(seed=5)
+    eng = engine(model)
+    straight = [eng.step(toy_loss(model, seed=t)) for t in range(6)]
+    model2 = Toy(seed=5)
+    eng2 = engine(model2)
+    first = [eng2.step(toy_loss(model2, seed=t)) for t in range(3)]
+    weights, state = model2.state_dict(), eng2.state_dict()
+    assert state["z"] == source
+    model3 = Toy(seed=99)
+    model3.load_state_dict(weights)
+    eng3 = engine(model3)
+    eng3.load_state_dict(state)
+    resumed = first + [eng3.step(toy_loss(model3, seed=t)) for t in range(3, 6)]
+    assert resumed == straight
+    for a, b in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(a.detach(), b.detach())
+    # a run cannot be resumed with another source
+    other = SOURCES[(SOURCES.index(source) + 1) % len(SOURCES)]
+    with pytest.raises(UsageError, match=f"z='{source}'"):
+        HybridEngine(model3, model3.base(), [], lr_zo=0.1, lr_fo=0.0, z=other).load_state_dict(
+            state
+        )
+
+
+def test_default_source_and_unknown_source():
+    model = Toy()
+    assert HybridEngine(model, model.base(), [], lr_zo=0.1, lr_fo=0.0).source.name == DEFAULT_SOURCE
+    with pytest.raises(UsageError, match="'normal'.*accepted"):
+        HybridEngine(model, model.base(), [], lr_zo=0.1, lr_fo=0.0, z="normal")
 
 
 # --------------------------------------------------------------------------- no drift

@@ -9,6 +9,7 @@ as much as the update), ``shifted`` does not.
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,7 +19,17 @@ import torch
 from torch import nn
 
 from smoothlab import seeded_gaussian, shifted
-from smoothlab.perturb import param_seed
+from smoothlab.errors import UsageError
+from smoothlab.perturb import (
+    SOURCES,
+    Scratch,
+    get_source,
+    param_seed,
+    seeded,
+    spsa_curvature,
+    spsa_second_moment,
+    table_size,
+)
 
 
 class Net(nn.Module):
@@ -101,7 +112,9 @@ def test_restored_bit_exact_when_body_raises(on_the_fly):
     assert same(model, snap)
     assert [p.data.data_ptr() for p in params] == objs
     # no hook or shadow left behind: forward equals the unperturbed one
-    assert torch.equal(model(x), manual(model, params, [torch.zeros_like(p) for p in params], 0.0)(x))
+    assert torch.equal(
+        model(x), manual(model, params, [torch.zeros_like(p) for p in params], 0.0)(x)
+    )
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     assert not any(n in vars(m) for m in model.modules() for n in m._parameters)
 
@@ -230,3 +243,201 @@ def test_parameter_dict_owned_parameter_is_shifted(on_the_fly):
         out = model(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert same(model, snap) and "a" not in vars(model.pd)
+
+
+# --------------------------------------------------------------------------- sources
+
+KURTOSIS = {"gaussian": 3.0, "table": 3.0, "rademacher": 1.0, "hash": 1.0}
+
+
+def test_registry_names_kurtosis_and_unknown_source():
+    assert set(SOURCES) == set(KURTOSIS)
+    for name in SOURCES:
+        src = get_source(name)
+        assert src.name == name and src.kurtosis == KURTOSIS[name] and src.summary
+    with pytest.raises(UsageError, match="'normal'.*gaussian.*table"):
+        get_source("normal")
+
+
+def test_seeded_gaussian_is_torch_randn_of_the_parameter_seed():
+    """The exact Gaussian is unchanged: z_i = randn(shape) from a generator seeded with
+    param_seed(seed, i), also when written into scratch memory by the fused forms."""
+    p = torch.randn(33, 17)
+    gen = torch.Generator().manual_seed(param_seed(9, 4))
+    expected = torch.randn(p.shape, generator=gen)
+    assert torch.equal(seeded_gaussian(9)(4, p), expected)
+    assert torch.equal(seeded("gaussian", 9).shift(4, p, 0.1), torch.add(p, expected, alpha=0.1))
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_source_entries_have_zero_mean_unit_variance_and_its_fourth_moment(name):
+    """Over 4·10⁵ entries (several seeds and parameters): mean 0, E z² = 1 and E z⁴ = κ within
+    4 standard errors of each sample mean; a wrong κ (3 ↔ 1) is far outside."""
+    sampler = get_source(name).sampler(run_seed=5)
+    p = torch.zeros(200, 500)
+    z = torch.cat([sampler(s)(i, p).reshape(-1) for s in (1, 2) for i in (0, 3)]).double()
+    for k, target in ((1, 0.0), (2, 1.0), (4, KURTOSIS[name])):
+        m = z.pow(k)
+        se = float(m.std()) / math.sqrt(m.numel())
+        assert abs(float(m.mean()) - target) <= 4 * se + 1e-12, (k, float(m.mean()), se)
+    wrong = 4 - KURTOSIS[name]  # 1 for the Gaussians, 3 for the signs
+    m4 = z.pow(4)
+    assert abs(float(m4.mean()) - wrong) > 4 * float(m4.std()) / math.sqrt(m4.numel()) + 0.1
+    # distinct parameters and seeds give (nearly) uncorrelated z
+    a, b, c = (sampler(s)(i, p).reshape(-1).double() for s, i in ((1, 0), (1, 1), (2, 0)))
+    n = a.numel()
+    assert abs(float(a @ b)) / n < 4 / math.sqrt(n) and abs(float(a @ c)) / n < 4 / math.sqrt(n)
+
+
+@pytest.mark.parametrize("name", SOURCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_call_shift_and_update_agree_bit_exactly_and_replay(name, dtype):
+    """d(i, p), the fused shift (fresh or into scratch) and the in-place update are the same
+    z; a fresh sampler of the same run replays it; the global RNG is never touched."""
+    p = torch.randn(129, 65).to(dtype)  # not a multiple of 64 entries: padded sign words
+    state = torch.get_rng_state()
+    d = get_source(name).sampler(run_seed=3)(17)
+    z = d(2, p)
+    assert z.shape == p.shape and z.dtype == p.dtype
+    assert torch.equal(z, get_source(name).sampler(run_seed=3)(17)(2, p))
+    assert torch.equal(d.shift(2, p, 0.25), torch.add(p, z, alpha=0.25))
+    buf = torch.full((p.numel() + 100,), float("nan"), dtype=dtype)
+    assert torch.equal(d.shift(2, p, -0.5, out=buf), torch.add(p, z, alpha=-0.5))
+    w = p.clone()
+    d.update_(2, w, 1e-2)
+    assert torch.equal(w, torch.add(p, z, alpha=1e-2))
+    assert not torch.equal(z, d(3, p)) and not torch.equal(z, get_source(name).sampler(3)(18)(2, p))
+    if dtype == torch.bfloat16:  # the same z as float32, rounded
+        assert torch.equal(z, d(2, p.float()).bfloat16())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_noise_table_is_the_runs_and_too_small_tables_are_refused():
+    """One table per run seed: other run seeds see other z; the table covers the largest
+    parameter (z is a cyclic slice, never repeating an entry); larger ones are refused."""
+    p = torch.zeros(1000)
+    a = get_source("table").sampler(run_seed=1)(5)(0, p)
+    assert not torch.equal(a, get_source("table").sampler(run_seed=2)(5)(0, p))
+    assert table_size(0) == table_size(1000) >= 1 << 22 and table_size((1 << 23) + 1) == (
+        1 << 23
+    ) + (1 << 20)
+    sampler = get_source("table").sampler(run_seed=1, max_numel=10)
+    t = sampler.noise_table(torch.device("cpu"), torch.float32)
+    # a parameter as large as the table is a permutation (rotation) of it: no repeated entry
+    whole = sampler(8)(0, torch.zeros(t.numel()))
+    assert torch.equal(whole.sort().values, t.sort().values)
+    with pytest.raises(UsageError, match="max_numel"):
+        sampler(8)(0, torch.zeros(t.numel() + 1))
+
+
+@pytest.mark.parametrize("name", SOURCES)
+@pytest.mark.parametrize("on_the_fly", [True, False])
+def test_shifted_with_each_source_and_scratch_equals_manual_copy(name, on_the_fly):
+    """A seeded direction through ``shifted`` (fused, shadows in reusable scratch) equals the
+    replaced-weight model; nested owners (the root's ``scale`` is read before ``fc2`` runs)
+    get distinct buffers; the scratch holds its buffers for reuse afterwards."""
+    model, x = make()
+    params = list(model.parameters())
+    d = get_source(name).sampler(run_seed=0)(4)
+    dirs = [d(i, p) for i, p in enumerate(params)]
+    scratch = Scratch()
+    snap = snapshot(model)
+    expected = manual(model, params, dirs, 0.3)(x)
+    for _ in range(2):
+        with (
+            torch.no_grad(),
+            shifted(params, d, 0.3, root=model if on_the_fly else None, scratch=scratch),
+        ):
+            out = model(x)
+        assert torch.equal(out, expected) and same(model, snap)
+    with shifted(
+        params, d, 0.3, root=model if on_the_fly else None, scratch=scratch
+    ):  # autograd on
+        out = model(x)
+        g = torch.autograd.grad(out.sum(), [model.fc1.weight])[0]
+    twin = manual(model, params, dirs, 0.3)
+    expected_g = torch.autograd.grad(twin(x).sum(), [twin.fc1.weight])[0]
+    torch.testing.assert_close(g, expected_g, rtol=1e-6, atol=1e-6)
+    if on_the_fly:
+        assert scratch._free  # the buffers came back
+
+
+# --------------------------------------------------------------------------- SPSA moments
+
+
+def _mc_moments(name: str, a: torch.Tensor, H: torch.Tensor, q: int, n: int):
+    """Monte Carlo over n estimates ĝ = (1/q) Σ (zᵀa) z: samples of ‖ĝ‖², ĝᵀHĝ and ĝ."""
+    sampler = get_source(name).sampler(run_seed=0)
+    x = torch.zeros_like(a)
+    norms, curv, gs = [], [], []
+    for k in range(n):
+        zs = [sampler(k * q + i)(0, x) for i in range(q)]
+        g = sum((z @ a) * z for z in zs) / q
+        gs.append(g)
+        norms.append(float(g @ g))
+        curv.append(float(g @ H @ g))
+    return (
+        torch.tensor(norms, dtype=torch.float64),
+        torch.tensor(curv, dtype=torch.float64),
+        torch.stack(gs),
+    )
+
+
+@pytest.mark.parametrize("name", SOURCES)
+@pytest.mark.parametrize("q", [1, 3])
+def test_spsa_moment_formulas_match_monte_carlo(name, q):
+    """E ĝ = a, E‖ĝ‖² = ((d + κ − 2)/q + 1)‖a‖² and E[ĝᵀHĝ] (spsa_curvature) for every source,
+    within 4 standard errors of the Monte Carlo means; the other κ's formula is rejected."""
+    gen = torch.Generator().manual_seed(1)
+    d = 4
+    a = torch.randn(d, generator=gen, dtype=torch.float64) * torch.tensor(
+        [3.0, 1.0, 0.3, 2.0], dtype=torch.float64
+    )
+    M = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    H = M @ M.T + torch.diag(torch.tensor([5.0, 0.1, 2.0, 0.5], dtype=torch.float64))
+    kappa = get_source(name).kurtosis
+    norms, curv, gs = _mc_moments(name, a, H, q, 6000)
+    se = lambda v: float(v.std()) / math.sqrt(len(v))  # noqa: E731
+    mean_g, se_g = gs.mean(0), gs.std(0) / math.sqrt(len(gs))
+    assert ((mean_g - a).abs() < 4 * se_g).all(), (mean_g, a)
+    a2 = float(a @ a)
+    assert abs(float(norms.mean()) - spsa_second_moment(a2, d, q, kappa)) < 4 * se(norms)
+    assert abs(float(curv.mean()) - spsa_curvature(a, H, q, kappa)) < 4 * se(curv)
+    if q == 1:  # the test can fail: the wrong kurtosis is many standard errors away
+        assert abs(float(norms.mean()) - spsa_second_moment(a2, d, q, 4 - kappa)) > 4 * se(norms)
+    assert get_source(name).second_moment(a2, d, q) == spsa_second_moment(a2, d, q, kappa)
+
+
+def test_spsa_second_moment_closed_forms_and_errors():
+    assert spsa_second_moment(2.0, 10, 1, 3.0) == pytest.approx(2.0 * 12)  # (d + 1)/q + 1
+    assert spsa_second_moment(2.0, 10, 2, 1.0) == pytest.approx(2.0 * (9 / 2 + 1))
+    H = torch.diag(torch.tensor([2.0, 3.0], dtype=torch.float64))
+    a = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    # Rademacher, d = 2: ĝ = z₁(z₁a₁)… = a₁(1, z₁z₂) → ĝᵀHĝ = 2 + 3 = 5 exactly
+    assert spsa_curvature(a, H, 1, 1.0) == pytest.approx(5.0)
+    with pytest.raises(UsageError, match="d=0"):
+        spsa_second_moment(1.0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", SOURCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sources_on_cuda(name, dtype):
+    """On CUDA the table / generator lives on the device: the fused forms agree bit-exactly,
+    moments hold, and the counter-based source gives the same z as on CPU."""
+    p = torch.randn(1000, 333, device="cuda").to(dtype)
+    d = get_source(name).sampler(run_seed=2, max_numel=p.numel())(5)
+    z = d(1, p)
+    assert z.device.type == "cuda" and z.dtype == dtype
+    assert torch.equal(d.shift(1, p, 0.5), torch.add(p, z, alpha=0.5))
+    w = p.clone()
+    d.update_(1, w, -0.25)
+    assert torch.equal(w, torch.add(p, z, alpha=-0.25))
+    zf = z.double().reshape(-1)
+    se = 4 / math.sqrt(zf.numel())
+    assert abs(float(zf.mean())) < se and abs(float(zf.pow(2).mean()) - 1) < 4 * se * math.sqrt(
+        KURTOSIS[name]
+    )
+    if name == "hash":
+        assert torch.equal(z.cpu(), seeded("hash", 5)(1, p.cpu()))

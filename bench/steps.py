@@ -1,0 +1,286 @@
+"""Cost of one step of every kind, side by side in one process (issue 9).
+
+Same model and batch for every case; the cases run round-robin (``--repeats`` rounds, each
+case once per round) and each row reports the median. Cases:
+
+* ``forward``: one forward, no grad;  ``pass``: one in-place pass over the base weights;
+* ``randn draw``: ``torch.randn`` over the base weights (the old cost of one z);
+* ``perturb <src>``: W + μz of every base weight into scratch (what a perturbed forward
+  pays over a plain one) for each ``--sources`` source;
+* ``fo-lora``: a FO-LoRA step; ``zo-ft <src>``: a ZO step of the base weights;
+  ``hybrid-lora <src>`` (``+fap``: ``fo_at_perturbed``); ``mezo in-place``: the MeZO-style
+  reference (z regenerated 4×, +μz, −2μz, +μz, update, all in place);
+* ``base grad``, ``fd-hvp`` (one vector, reference gradient reused), ``exact hvp``
+  (one vector, its first-order graph included).
+
+Ratios: × forward, × two forwards, × FO-LoRA step, × pass. Peak memory per case on CUDA
+(``torch.cuda.max_memory_allocated``); on CPU the process's peak RSS at the end.
+
+Default: the bundled MiniLM + LoRA r16 on a batch of 16 SST-2 sentences (CPU). With
+``--model-config`` (``opt-1.3b``, ``opt-tiny`` or a config.json) a causal LM with random
+weights is built from the config (no hub), with a random batch of ``--batch × --seq`` tokens.
+
+    OMP_NUM_THREADS=2 python bench/steps.py
+    python bench/steps.py --model-config opt-tiny --batch 2 --seq 16 --repeats 2   # smoke test
+    python bench/steps.py --model-config opt-1.3b --dtype bfloat16 --device cuda --batch 8 --seq 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hybrid.engine import HybridEngine
+from smoothlab.hvp import Oracle
+from smoothlab.perturb import SOURCES, Scratch, get_source, seeded_gaussian
+
+PRESETS = {
+    "opt-1.3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        ffn_dim=8192,
+        num_attention_heads=32,
+        word_embed_proj_dim=2048,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+    ),
+    "opt-tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        ffn_dim=128,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        vocab_size=1000,
+        max_position_embeddings=256,
+    ),
+}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def build_minilm(args: argparse.Namespace):
+    from hybrid.data import load_task_data
+    from hybrid.models import attach_peft, load_model
+
+    task, splits = load_task_data("sst2", args.data, train=max(args.batch, 16), eval=1, dev=1)
+    bundle = attach_peft(
+        load_model(None, task, device=args.device, dtype=DTYPES[args.dtype]), "lora", r=16
+    )
+    batch = bundle.encode(splits.train[: args.batch], args.seq)
+    return bundle.model, lambda: bundle.loss(batch)
+
+
+def build_causal(args: argparse.Namespace):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, OPTConfig
+
+    if args.model_config in PRESETS:
+        config = OPTConfig(**PRESETS[args.model_config])
+    else:
+        config = AutoConfig.for_model(**json.loads(Path(args.model_config).read_text()))
+    dtype = DTYPES[args.dtype]
+    with torch.device(args.device):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # random init straight in the target dtype and device
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        finally:
+            torch.set_default_dtype(default)
+    model = get_peft_model(
+        model.to(args.device, dtype),
+        LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
+    )
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
+    return model, lambda: model(input_ids=ids, labels=ids).loss
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cases(model, loss_fn, args) -> dict[str, Callable[[], object]]:
+    """Every measured case as a zero-argument callable (learning rates 0: weights stay put)."""
+    from hybrid.train import split_parameters
+
+    base, peft = split_parameters(model, "hybrid-lora")
+    mu = 1e-3
+    scratch = Scratch()
+    out: dict[str, Callable[[], object]] = {}
+
+    def forward():
+        with torch.no_grad():
+            return loss_fn()
+
+    def one_pass():
+        with torch.no_grad():
+            for p in base:
+                p.add_(p, alpha=0.0)
+
+    def randn_draw():
+        d = seeded_gaussian(1)
+        return [d(i, p) for i, p in enumerate(base)]
+
+    out["forward"], out["pass"], out["randn draw"] = forward, one_pass, randn_draw
+    for src in args.sources:
+        sampler = get_source(src).sampler(0, max(p.numel() for p in base), scratch)
+
+        def perturb(sampler=sampler):
+            with torch.no_grad():
+                d = sampler(3)
+                for i, p in enumerate(base):
+                    buf = scratch.take(p.numel(), p.dtype, p.device)
+                    d.shift(i, p, mu, out=buf)
+                    scratch.give(buf)
+
+        out[f"perturb {src}"] = perturb
+    fo = HybridEngine(model, [], peft, lr_zo=0.0, lr_fo=0.0, mu=mu)
+    out["fo-lora"] = lambda: fo.step(loss_fn)
+    for src in args.sources:
+        zo = HybridEngine(model, base, [], lr_zo=0.0, lr_fo=0.0, mu=mu, z=src)
+        hy = HybridEngine(model, base, peft, lr_zo=0.0, lr_fo=0.0, mu=mu, z=src)
+        fap = HybridEngine(
+            model, base, peft, lr_zo=0.0, lr_fo=0.0, mu=mu, z=src, fo_at_perturbed=True
+        )
+        out[f"zo-ft {src}"] = lambda e=zo: e.step(loss_fn)
+        out[f"hybrid-lora {src}"] = lambda e=hy: e.step(loss_fn)
+        out[f"hybrid-lora+fap {src}"] = lambda e=fap: e.step(loss_fn)
+    out["mezo in-place"] = lambda: mezo_step(base, loss_fn, mu)
+    out.update(hvp_cases(model, base, loss_fn))
+    return out
+
+
+def mezo_step(base, loss_fn, mu: float, lr: float = 0.0) -> float:
+    """MeZO (Malladi et al. 2023): z regenerated from one seed for each of 4 in-place sweeps."""
+
+    def sweep(scale: float) -> None:
+        d = seeded_gaussian(7)
+        for i, p in enumerate(base):
+            p.add_(d(i, p), alpha=scale)
+
+    with torch.no_grad():
+        sweep(mu)
+        fp = float(loss_fn())
+        sweep(-2 * mu)
+        fm = float(loss_fn())
+        sweep(mu)
+        sweep(-lr * (fp - fm) / (2 * mu))
+    return fp
+
+
+def hvp_cases(model, base, loss_fn) -> dict[str, Callable[[], object]]:
+    dev = base[0].device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    v = torch.randn(sum(p.numel() for p in base), generator=gen, device=dev)  # on the device
+    state: dict[str, object] = {}
+
+    def grad():
+        with Oracle("fd", loss_fn, base, root=model) as o:
+            g = o.gradient()
+        state["g"] = (g, torch.float32)
+        return g
+
+    def fd_hvp():
+        if "g" not in state:
+            grad()
+        with Oracle("fd", loss_fn, base, root=model, gradient=state["g"]) as o:
+            return o.hvp(v.to(o.dtype))
+
+    def exact_hvp():
+        with Oracle("exact", loss_fn, base, root=model) as o:
+            return o.hvp(v.to(o.dtype))
+
+    return {"base grad": grad, "fd-hvp": fd_hvp, "exact hvp": exact_hvp}
+
+
+def measure(fns: dict[str, Callable[[], object]], repeats: int, device: str, skip: set[str]):
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, float] = {}
+    for r in range(repeats + 1):  # round 0 warms up (tables, kernels, allocator)
+        for name, fn in fns.items():
+            if name in skip:
+                continue
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+            if device.startswith("cuda"):
+                peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+    return {k: statistics.median(v) for k, v in times.items() if v}, peaks
+
+
+def report(med: dict[str, float], peaks: dict[str, float], args) -> str:
+    fwd, fo, pas = med["forward"], med.get("fo-lora", float("nan")), med["pass"]
+    lines = [
+        f"{'case':<24}{'ms':>9}{'x fwd':>8}{'x 2fwd':>8}{'x fo-lora':>10}{'x pass':>9}"
+        + (f"{'peak MiB':>10}" if peaks else "")
+    ]
+    for name, t in med.items():
+        row = f"{name:<24}{1e3 * t:9.1f}{t / fwd:8.2f}{t / (2 * fwd):8.2f}{t / fo:10.2f}{t / pas:9.1f}"
+        lines.append(row + (f"{peaks.get(name, float('nan')):10.0f}" if peaks else ""))
+    if not peaks:
+        lines.append(
+            f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+        )
+    else:
+        inf = peaks["forward"]
+        for name in (
+            "fo-lora",
+            *(f"zo-ft {s}" for s in args.sources),
+            *(f"hybrid-lora {s}" for s in args.sources),
+        ):
+            ref = peaks["fo-lora"] if name.startswith("hybrid") else inf
+            lines.append(
+                f"memory {name:<22} {peaks[name]:8.0f} MiB = {peaks[name] / ref:.3f} x "
+                f"{'FO-LoRA' if name.startswith('hybrid') else 'inference'}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model-config", default=None, help="opt-1.3b, opt-tiny or a config.json (default: MiniLM)"
+    )
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128, help="max length (MiniLM) or sequence length")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    ap.add_argument("--skip", nargs="*", default=[], help="case names to leave out")
+    ap.add_argument("--data", default="/work/shared/data/sst2/train.tsv")
+    args = ap.parse_args()
+    model, loss_fn = (build_causal if args.model_config else build_minilm)(args)
+    model.eval()
+    base_numel = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    print(
+        f"model: {args.model_config or 'MiniLM + LoRA r16'}, {args.dtype}, {args.device}, "
+        f"batch {args.batch} x {args.seq}, {base_numel / 1e6:.1f}M base weights, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin repeats",
+        flush=True,
+    )
+    med, peaks = measure(cases(model, loss_fn, args), args.repeats, args.device, set(args.skip))
+    print(report(med, peaks, args))
+
+
+if __name__ == "__main__":
+    main()
