@@ -156,9 +156,15 @@ def _rules() -> tuple[str, ...]:
 
 
 def _z_kinds() -> tuple[str, ...]:
-    from smoothlab.curvature import Z_KINDS
+    from smoothlab.perturb import SOURCES
 
-    return tuple(Z_KINDS)
+    return tuple(SOURCES)
+
+
+def _z_default() -> str:
+    from smoothlab.perturb import DEFAULT_SOURCE
+
+    return DEFAULT_SOURCE
 
 
 def _norms() -> tuple[str, ...]:
@@ -451,7 +457,10 @@ class TrainConfig(ModelConfig):
     q: int = shared("q")
     one_sided: bool = shared("one_sided")
     fo_at_perturbed: bool = opt(False, "take the PEFT gradient from the first perturbed forward")
-    z: str = opt("gaussian", "ZO perturbation source (the distribution of z)")
+    z: str = field(  # default read from the source registry on first use (keeps import torch-free)
+        default_factory=_z_default,
+        metadata={"help": "ZO perturbation source (the distribution of z)", "choices": _z_kinds},
+    )
     weight_decay: float = opt(
         0.0,
         "L2 weight decay lambda of both blocks (x <- (1 - eta lambda) x; y: grad + lambda y)",
@@ -548,7 +557,10 @@ class AdviseConfig(ModelConfig):
     )
     hvp: str = opt("exact", "Hessian-vector products of the probe", choices=_hvps)
     vectors: int = shared("vectors")
-    z: str = opt("gaussian", "ZO perturbation source (the distribution of z)", choices=_z_kinds)
+    z: str = field(
+        default_factory=_z_default,
+        metadata={"help": "ZO perturbation source the run will use", "choices": _z_kinds},
+    )
     second_moment_samples: int = opt(
         0,
         "sampled directions for the direct estimate of E[(g'z)^2 z'Hz]/|g|^2 (0: off)",

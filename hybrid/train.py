@@ -235,7 +235,6 @@ class Trainer:
             if cfg.record_blocks and cfg.record_every
             else None
         )
-        z = {} if cfg.z == "gaussian" else {"z": cfg.z}  # TODO(merge, issue 7): pass z=cfg.z always
         self.engine = HybridEngine(
             self.model,
             self.zo,
@@ -248,7 +247,7 @@ class Trainer:
             fo_at_perturbed=cfg.fo_at_perturbed,
             weight_decay=cfg.weight_decay,
             seed=cfg.seed,
-            **z,
+            z=cfg.z,
         )
         self.sampler = EpochSampler(len(self.splits.train), cfg.batch_size, seed=cfg.seed)
         self.start = self.t = 0

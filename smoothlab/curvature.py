@@ -42,6 +42,19 @@ from .perturb import shifted
 from .probe import eval_mode, probe
 
 Z_KINDS = {"gaussian": 3.0, "rademacher": 1.0}
+
+
+def _sampling_kind(z: str) -> str:
+    """The direction law measured for the training source ``z``: Gaussian-like sources
+    (kurtosis 3: ``gaussian``, ``table``) are sampled as Gaussian, the ±1 sources (kurtosis 1:
+    ``rademacher``, ``hash``) as Rademacher; only E z⁴ enters the advisor's formulas."""
+    if z in Z_KINDS:
+        return z
+    from .perturb import SOURCES, get_source
+
+    if z not in SOURCES:
+        raise UsageError(f"unknown z source {z!r}; accepted: {', '.join(SOURCES)}")
+    return "gaussian" if get_source(z).kurtosis == 3.0 else "rademacher"
 nan = math.nan
 
 
@@ -279,8 +292,7 @@ def measure(
 
     if hvp not in HVPS:
         raise UsageError(f"unknown hvp {hvp!r}; accepted: {', '.join(HVPS)}")
-    if z not in Z_KINDS:
-        raise UsageError(f"unknown z distribution {z!r}; accepted: {', '.join(Z_KINDS)}")
+    z = _sampling_kind(z)
     for name, v in (("trace_vectors", trace_vectors), ("spectral_iters", spectral_iters)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise UsageError(f"{name} must be a positive integer, got {v!r}")

@@ -90,7 +90,7 @@ def test_measure_errors() -> None:
     loss, x, y, *_ = _problem()
     with pytest.raises(ValueError, match="hvp"):
         measure(loss, [x], [y], hvp="nope")
-    with pytest.raises(ValueError, match="z distribution"):
+    with pytest.raises(ValueError, match="z source .uniform.; accepted: gaussian, table"):
         measure(loss, [x], [y], z="uniform")
     with pytest.raises(ValueError, match="empty"):
         measure(loss, [], [])
