@@ -160,3 +160,131 @@ def test_divergence_guard_non_finite_and_ratio():
         off.check(step, 1.0 * 10**step, {})
     with pytest.raises(UsageError, match="diverge_patience"):
         DivergenceGuard(patience=0)
+
+
+# ----------------------------------------------------------------------------- malformed input
+# Items of the issue fixed elsewhere (readers, runlog, CLI, blocks, probe): one check each.
+def _cli(argv, capsys) -> tuple[int, str]:
+    from smoothlab.cli import main
+
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def _one_line(rc: int, err: str, *needles: str) -> None:
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_reader_field_limit_bom_and_encoding(tmp_path):
+    from hybrid.readers import load_examples
+
+    long = tmp_path / "long.tsv"
+    long.write_text(f"sentence\tlabel\n{'x' * 140_000}\t1\nshort\t0\n")
+    assert [len(e.text) for e in load_examples(long, "sst2")] == [140_000, 5]  # over 131,072
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("sentence,label\nfine,1\n".encode("utf-8-sig"))
+    assert [(e.text, e.label) for e in load_examples(bom, "sst2")] == [("fine", 1)]
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
+    with pytest.raises(UsageError, match="latin.tsv"):
+        load_examples(latin, "sst2")
+
+
+def test_csvlog_header_torn_line_and_nan(tmp_path):
+    from smoothlab.runlog import METRICS, METRICS_FIELDS, CsvLog, RunLogWarning, read_log
+
+    path = tmp_path / "metrics.csv"
+    with CsvLog(path, METRICS_FIELDS) as log:
+        log.write({"step": 1, "loss": float("nan")})
+        log.write({"step": 2, "loss": 0.5})
+    with path.open("a") as fh:
+        fh.write("11")  # a crash mid-write of row 11
+    with pytest.warns(RunLogWarning, match="no newline"):
+        with CsvLog(path, METRICS_FIELDS, truncate_after=2) as log:
+            log.write({"step": 3, "loss": 0.25})
+    rows = read_log(path, METRICS).rows
+    assert [r["step"] for r in rows] == [1, 2, 3] and math.isnan(rows[0]["loss"])
+    assert path.read_text().splitlines()[1].split(",")[2] == "nan"
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UsageError, match="columns"):
+        CsvLog(tmp_path / "other.csv", METRICS_FIELDS)
+
+
+def test_report_reader_lists_bad_metrics(tmp_path):
+    from smoothlab.runlog import METRICS, read_log
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss,extra\n1,0.5,0\n2,oops,0\n3,0.2")
+    table = read_log(path, METRICS, warn=False)
+    text = " ".join(table.problems)
+    assert "no newline" in text and "header differs" in text and "'loss'" in text
+    assert [r["step"] for r in table.rows] == [1, 2] and table.rows[1]["loss"] is None
+
+
+def test_cli_inputs_of_the_issue_are_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["train", "--device", "mps"], "mps"),
+        (["train", "--out", a_file], "is a file"),
+        (["train", "--out", ""], "must not be empty"),
+        (["probe", "--out", a_file / "p.json"], "which is a file"),
+        (["advise", "--out", a_file / "d"], "which is a file"),
+        (["train", "--seed", str(2**70), "--out", tmp_path / "r"], "seed"),
+        (["probe", "--blocks", "a=*query*,a=*key*"], "twice"),
+        (["probe", "--blocks", "=x"], "empty block name"),
+        (["train", "--peft", "lora", "--out", tmp_path / "r"], "--method"),
+    ]
+    for argv, needle in cases:
+        _one_line(*_cli(argv, capsys), needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_bad_run_folders_and_models_are_one_line(tmp_path, capsys):
+    import json
+
+    fo = tmp_path / "fo"
+    fo.mkdir()
+    (fo / "config.json").write_text(json.dumps({"method": "fo-ft", "block_sizes": {"model": 9}}))
+    (fo / "smoothness.csv").write_text("step,block,estimate\n0,model,1.0\n")
+    _one_line(*_cli(["advise", "--run", fo], capsys), "'base' and 'peft'")
+    (fo / "config.json").write_text(json.dumps({"method": "hybrid-lora"}))
+    _one_line(*_cli(["advise", "--run", fo], capsys), "block_sizes")
+    from tests.tiny_models import tiny_encoder
+
+    model = tmp_path / "enc"
+    tiny_encoder(seed=0, save_dir=model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    _one_line(*_cli(["probe", "--model", model, "--batch-size", "2"], capsys), str(model))
+
+
+def test_probe_api_errors_name_the_problem():
+    import torch
+
+    from smoothlab import probe
+
+    w = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    with pytest.raises(UsageError, match="twice in block 'a'"):
+        probe(lambda: (w**2).sum(), {"a": [w, w]})
+    with pytest.raises(UsageError, match="nan"):
+        probe(lambda: (w**2).sum() * float("nan"), {"a": [w]}, hvp="fd", num_vectors=2)
+    with pytest.raises(UsageError, match="empty"):
+        probe(lambda: (w**2).sum(), {" ": [w]})
+
+
+def test_probe_out_leaves_no_tmp_file(tmp_path, capsys):
+    from tests.tiny_models import tiny_encoder
+
+    model = tmp_path / "enc"
+    tiny_encoder(seed=0, save_dir=model)
+    out = tmp_path / "p.json"
+    rc = _cli(
+        ["probe", "--model", model, "--batch-size", "2", "--vectors", "2", "--out", out], capsys
+    )[0]
+    assert rc == 0 and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc", "p.json"]
