@@ -30,6 +30,7 @@ from smoothlab.errors import UsageError
 from smoothlab.methods import get_method, method_names, peft_kinds
 
 __all__ = [
+    "AUTO",
     "AdviseConfig",
     "Figure1Config",
     "ModelConfig",
@@ -112,6 +113,54 @@ def parse_floats(text: str) -> tuple[float, ...]:
         raise UsageError(f"expected comma-separated positive numbers, got {text!r}") from None
 
 
+AUTO = "auto"
+
+
+def parse_rate(text: str) -> float | str:
+    """The CLI form of a learning rate: a number, or ``auto`` (the advisor's proposal)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def rate_or_auto(name: str, v: Any) -> None:
+    """``v`` is a finite number >= 0 or the string ``"auto"``."""
+    if v != AUTO and not (_number(v) and v >= 0):
+        raise UsageError(f"{name} must be a finite number >= 0 or 'auto', got {v!r}")
+
+
+RECORD_PRESETS = ("layers", "kinds")
+
+
+def record_blocks_spec(name: str, v: Any) -> None:
+    """``v`` is None, a preset of :data:`RECORD_PRESETS` or ``NAME=GLOB[,NAME=GLOB...]``
+    (``re:REGEX`` patterns allowed; see :func:`smoothlab.blocks.make_blocks`)."""
+    if v is None or v in RECORD_PRESETS:
+        return
+    items = str(v).split(",") if isinstance(v, str) and "=" in v else None
+    if not items or any(
+        "=" not in it or not it.split("=", 1)[0].strip() or not it.split("=", 1)[1].strip()
+        for it in items
+    ):
+        raise UsageError(
+            f"{name} {v!r} is not accepted; accepted: {', '.join(RECORD_PRESETS)} "
+            "or NAME=GLOB[,NAME=GLOB...] (a pattern may be re:REGEX)"
+        )
+
+
+def _rules() -> tuple[str, ...]:
+    return ("auto", "curvature", "safe", "paper")
+
+
+def _z_kinds() -> tuple[str, ...]:
+    from smoothlab.curvature import Z_KINDS
+
+    return tuple(Z_KINDS)
+
+
 def _norms() -> tuple[str, ...]:
     from smoothlab.estimators import NORMS
 
@@ -184,6 +233,13 @@ SHARED: dict[str, dict[str, Any]] = {
     ),
     "vectors": dict(
         default=20, help="Lanczos iterations or random vectors per block", check=positive_int
+    ),
+    "record_blocks": dict(
+        default=None,
+        help="also record per-module blocks, x and y split alike: a preset (layers, kinds) or "
+        "NAME=GLOB[,NAME=GLOB]; named base.<module> (x) and peft.<module> (y) "
+        "(default: only the whole blocks base/peft/head, or model)",
+        check=record_blocks_spec,
     ),
 }
 
@@ -262,6 +318,11 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     """Config-file values as the field expects them: YAML reads ``1e-6`` as a string and
     JSON has no tuples."""
     ftype = str(f.type)
+    if isinstance(value, str) and "parse" in f.metadata:
+        try:
+            return f.metadata["parse"](value)
+        except ValueError as e:
+            raise UsageError(f"{where}: {f.name}: {e}") from None
     if isinstance(value, str) and ftype.startswith("float"):
         try:
             return float(value)
@@ -366,8 +427,26 @@ class TrainConfig(ModelConfig):
         "hybrid-lora", "fine-tuning method (it fixes the PEFT module)", choices=method_names
     )
     steps: int = shared("steps")
-    lr_base: float = shared("lr_base")
-    lr_peft: float = shared("lr_peft")
+    lr_base: float | str = shared(
+        "lr_base",
+        help="eta_x: zeroth-order rate of the base weights, or 'auto' (the advisor's proposal "
+        "from a probe at step 0)",
+        parse=parse_rate,
+        check=rate_or_auto,
+    )
+    lr_peft: float | str = shared(
+        "lr_peft",
+        help="eta_y: first-order rate of the PEFT weights (all weights for fo-ft), or 'auto'",
+        parse=parse_rate,
+        check=rate_or_auto,
+    )
+    advise_rule: str = opt(
+        "auto", "advisor rule for rates given as 'auto' (see smoothlab advise)", choices=_rules
+    )
+    advise_hvp: str = opt("fd", "HVPs of the step-0 probe for rates given as 'auto'", choices=_hvps)
+    advise_vectors: int = opt(
+        10, "Hutchinson vectors / Lanczos iterations of the step-0 probe", check=positive_int
+    )
     mu: float = opt(1e-3, "SPSA perturbation scale", check=positive_float)
     q: int = shared("q")
     one_sided: bool = shared("one_sided")
@@ -400,6 +479,7 @@ class TrainConfig(ModelConfig):
         choices=lambda: ("fixed", "current"),
     )
     record_h: float | None = shared("h")
+    record_blocks: str | None = shared("record_blocks")
     out: str = opt("runs/run", "run folder (resumed if it holds a checkpoint)")
     name: str = opt("", "a label for reports")
     extra: dict = opt({}, "free-form notes saved with the config", cli=False)
@@ -409,6 +489,16 @@ class TrainConfig(ModelConfig):
         super().validate()
         get_method(self.method)
         check_out(self.out, "out", kind="dir")
+        if self.record_blocks is not None and not self.record_every:
+            raise UsageError(
+                f"record_blocks {self.record_blocks!r} needs record_every > 0 (the recorder is off)"
+            )
+
+    @property
+    def auto_rates(self) -> tuple[str, ...]:
+        """The rate fields given as ``"auto"`` (``lr_base``, ``lr_peft``), resolved by
+        :func:`hybrid.train.resolve_rates` before the engine is built."""
+        return tuple(k for k in ("lr_base", "lr_peft") if getattr(self, k) == AUTO)
 
 
 @dataclass
@@ -442,12 +532,29 @@ class ProbeConfig(ModelConfig):
 class AdviseConfig(ModelConfig):
     """``smoothlab advise``: (eta_x, eta_y) from a probe at initialisation or a recorded run."""
 
+    method: str = opt(
+        "hybrid-lora",
+        "the method to advise: x and y are the blocks it trains (with --run: the run's method)",
+        choices=method_names,
+    )
     run: str | None = opt(
         None, "a run folder with smoothness.csv (default: probe the model at initialisation)"
     )
+    rule: str = opt(
+        "auto",
+        "eta_x rule: curvature-aware (curvature, safe), the paper's c_x/(L_x d_x) (paper), "
+        "or auto (curvature when the probe gives its inputs, else paper)",
+        choices=_rules,
+    )
     hvp: str = opt("exact", "Hessian-vector products of the probe", choices=_hvps)
     vectors: int = shared("vectors")
-    h: float | None = shared("h")
+    z: str = opt("gaussian", "ZO perturbation source (the distribution of z)", choices=_z_kinds)
+    second_moment_samples: int = opt(
+        0,
+        "sampled directions for the direct estimate of E[(g'z)^2 z'Hz]/|g|^2 (0: off)",
+        check=nonneg_int,
+    )
+    print_command: bool = opt(False, "print the smoothlab train command using the proposal")
     q: int = shared("q")
     one_sided: bool = shared("one_sided")
     quantile: float = opt(0.9, "quantile of a recorded trajectory's L", check=unit_interval)
@@ -475,7 +582,7 @@ class AdviseConfig(ModelConfig):
             check_out(self.out, "out", kind="file" if str(self.out).endswith(".json") else "dir")
 
     def pilot_config(self) -> TrainConfig:
-        """The hybrid-LoRA run the calibration pilots start from."""
+        """The run of ``method`` that the probe builds and the calibration pilots start from."""
         names = {f.name for f in dataclasses.fields(ModelConfig)} | {
             "q",
             "one_sided",
@@ -484,8 +591,9 @@ class AdviseConfig(ModelConfig):
             "dev_size",
             "eval_data",
             "dev_data",
+            "z",
         }
-        return TrainConfig(method="hybrid-lora", **{k: getattr(self, k) for k in names})
+        return TrainConfig(method=self.method, **{k: getattr(self, k) for k in names})
 
 
 @dataclass
@@ -498,6 +606,7 @@ class Figure1Config(ModelConfig):
     vectors: int = shared("vectors", default=10, help="HVPs per probe")
     hvp: str = opt("fd", "Hessian-vector products of the probes", choices=_hvps)
     h: float | None = shared("h")
+    record_blocks: str | None = shared("record_blocks")
     lr_fo: float = opt(5e-2, "rate of the full fine-tuning run (Fig. 1a)", check=positive_float)
     lr_base: float = shared("lr_base", default=1e-5)
     lr_peft: float = shared("lr_peft", default=0.3)

@@ -70,6 +70,7 @@ def figure1_runs(cfg: Figure1Config) -> dict[str, TrainConfig]:
         record_hvp=cfg.hvp,
         record_norm="spectral",
         record_h=cfg.h,
+        record_blocks=cfg.record_blocks,
     )
     return {
         "fig1a": TrainConfig(

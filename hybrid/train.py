@@ -40,7 +40,16 @@ from .data import EpochSampler, Splits, Task, load_task_data
 from .engine import HybridEngine
 from .models import ModelBundle, attach_peft, load_model
 
-__all__ = ["TrainConfig", "Trainer", "build", "load_config", "split_parameters", "train"]
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "build",
+    "load_config",
+    "record_blocks",
+    "resolve_rates",
+    "split_parameters",
+    "train",
+]
 
 
 class Diverged(UsageError, FloatingPointError):
@@ -99,6 +108,92 @@ def build(cfg: TrainConfig) -> tuple[ModelBundle, Task, Splits]:
     return bundle, task, splits
 
 
+def _saved_rates(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The rates (and advice) a resumable run folder of ``cfg`` already resolved, else None."""
+    out = Path(cfg.out)
+    if not (out / "checkpoint.pt").is_file() or not (out / "config.json").is_file():
+        return None
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(saved, dict) or saved.get("method") != cfg.method:
+        return None  # Trainer.resume refuses another method with its own message
+    rates = {k: saved.get(k) for k in cfg.auto_rates}
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in rates.values()):
+        return None
+    return {"rates": rates, "advice": saved.get("advice")}
+
+
+def resolve_rates(
+    cfg: TrainConfig, *, resume: bool = True
+) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """``cfg`` with the rates given as ``"auto"`` replaced by numbers, and the advice record.
+
+    A resumable run folder (``resume``, a checkpoint and a config.json of the same method)
+    keeps the rates it resolved when it started: no new probe. Otherwise
+    :func:`hybrid.advise.advise_config` probes ``cfg``'s model at step 0 on the batch step 0
+    sees (``advise_hvp``, ``advise_vectors``, ``advise_rule``) and lr_base = η_x,
+    lr_peft = η_y; a rate of a block the method does not train resolves to 0. The record is
+    ``Advice.as_dict()`` plus ``auto`` (the fields resolved), ``curvature`` and ``reused``.
+    """
+    auto = cfg.auto_rates
+    if not auto:
+        return cfg, None
+    saved = _saved_rates(cfg) if resume else None
+    if saved is not None:
+        record = dict(saved["advice"] or {"auto": list(auto)}) | {"reused": True}
+        return dataclasses.replace(cfg, **saved["rates"]), record
+    from .advise import advise_config
+
+    advice, curv = advise_config(
+        cfg, hvp=cfg.advise_hvp, vectors=cfg.advise_vectors, z=cfg.z, rule=cfg.advise_rule
+    )
+    m = get_method(cfg.method)
+    proposal = {
+        "lr_base": advice.eta_x if m.has_zo else 0.0,
+        "lr_peft": advice.eta_y if m.has_fo else 0.0,
+    }
+    for k in auto:
+        v = proposal[k]
+        if not (math.isfinite(v) and v >= 0):
+            raise UsageError(
+                f"{k} auto: the advisor proposes no usable rate for {cfg.method!r} "
+                f"({v!r}, rule {advice.rule!r}); give --{k.replace('_', '-')} a number"
+            )
+    record = advice.as_dict() | {"auto": list(auto), "curvature": curv.as_dict(), "reused": False}
+    return dataclasses.replace(cfg, **{k: float(proposal[k]) for k in auto}), record
+
+
+def record_blocks(
+    model: nn.Module,
+    spec: str,
+    zo: list[nn.Parameter],
+    fo: list[nn.Parameter],
+) -> dict[str, list[nn.Parameter]]:
+    """Per-module blocks for the recorder: ``make_blocks(model, spec)`` split by side.
+
+    Block B of the spec (a preset such as ``layers``/``kinds`` or ``NAME=GLOB,...``) gives
+    ``base.B`` = B ∩ x (the ZO parameters ``zo``) and ``peft.B`` = B ∩ y (``fo``); empty
+    parts are left out, as are parameters in neither side (peft's inactive copies). These
+    are the names :mod:`analysis.modules` groups by.
+    """
+    from smoothlab.blocks import parse_blocks_arg
+
+    with user_input(f"record_blocks {spec!r}"):
+        blocks = make_blocks(model, parse_blocks_arg(spec))
+    out: dict[str, list[nn.Parameter]] = {}
+    for prefix, side in (("base", zo), ("peft", fo)):
+        ids = {id(p) for p in side}
+        for name, params in blocks.items():
+            part = [p for p in params if id(p) in ids]
+            if part:
+                out[f"{prefix}.{name}"] = part
+    if not out:
+        raise UsageError(f"record_blocks {spec!r}: no block holds a trained parameter")
+    return out
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -113,6 +208,10 @@ class Trainer:
     The constructor validates ``cfg`` and loads data and model (nothing is written yet);
     :meth:`run` resumes, opens the run folder, then repeats :meth:`step`, :meth:`evaluate`,
     :meth:`log` and :meth:`checkpoint` until ``cfg.steps``.
+
+    Rates given as ``"auto"`` are resolved first (:func:`resolve_rates`; ``advice``: the
+    record of an earlier resolution), and the advice is written to ``config.json``
+    (``advice``) and ``advice.json``.
     """
 
     def __init__(
@@ -121,12 +220,21 @@ class Trainer:
         *,
         progress: bool = True,
         on_step: Callable[[int, dict], None] | None = None,
+        advice: dict[str, Any] | None = None,
     ) -> None:
         cfg.validate()
+        if cfg.auto_rates:  # rates given as "auto": probe now (or reuse a resumable run's)
+            cfg, advice = resolve_rates(cfg, resume=True)
+        self.advice = advice
         self.cfg, self.out, self.progress, self.on_step = cfg, Path(cfg.out), progress, on_step
         self.bundle, self.task, self.splits = build(cfg)
         self.model = self.bundle.model
         self.zo, self.fo = split_parameters(self.model, cfg.method)
+        self.module_blocks = (
+            record_blocks(self.model, cfg.record_blocks, self.zo, self.fo)
+            if cfg.record_blocks and cfg.record_every
+            else None
+        )
         z = {} if cfg.z == "gaussian" else {"z": cfg.z}  # TODO(merge, issue 7): pass z=cfg.z always
         self.engine = HybridEngine(
             self.model,
@@ -151,6 +259,7 @@ class Trainer:
         )
         self.metrics: CsvLog | None = None
         self.recorder: TrajectoryRecorder | None = None
+        self.recorders: list[TrajectoryRecorder] = []
         self.bar: Any = None
 
     def resume(self) -> None:
@@ -177,38 +286,28 @@ class Trainer:
             blocks = make_blocks(self.model, "hybrid-split")
         else:
             blocks = {"model": list(self.model.parameters())}
+        sizes = block_sizes(blocks) | block_sizes(self.module_blocks or {})
         config = dataclasses.asdict(cfg) | {
             "model": cfg.model or bundle.name,
             "model_name": bundle.name,
             "kind": bundle.kind,
-            "block_sizes": block_sizes(blocks),
+            "block_sizes": sizes,
             "num_zo_params": sum(p.numel() for p in self.zo),
             "num_fo_params": sum(p.numel() for p in self.fo),
             "versions": versions(),
             "resumed_from": self.start or None,
         }
+        if self.advice is not None:
+            config["advice"] = self.advice
+            # the report's proposal section (the raw curvature stays in config.json only)
+            shown = {k: v for k, v in self.advice.items() if k != "curvature"}
+            write_json(self.out / "advice.json", shown)
         # rewritten on resume too: it must hold the configuration in effect (e.g. a raised
         # ``steps``) and ``resumed_from``, or ``load_config`` would resume the old target
         write_json(self.out / "config.json", config)
         self.metrics = CsvLog(self.out / "metrics.csv", METRICS_FIELDS, truncate_after=self.start)
         if cfg.record_every:
-            probe_fn = None
-            if cfg.record_batch == "fixed":
-                held = bundle.encode(self.splits.dev[: cfg.batch_size], cfg.max_length)
-                probe_fn = lambda: bundle.loss(held)  # noqa: E731
-            self.recorder = TrajectoryRecorder(
-                blocks,
-                every=cfg.record_every,
-                norm=cfg.record_norm,
-                hvp=cfg.record_hvp,
-                num_vectors=cfg.record_vectors,
-                h=cfg.record_h,
-                seed=cfg.seed,
-                out_dir=self.out,
-                model=self.model,
-                probe_loss_fn=probe_fn,
-                resume_step=self.start,
-            )
+            self._open_recorders(blocks)
         self.model.eval()  # dropout off: both forwards of a ZO pair must see the same function
         if self.progress:
             from tqdm.auto import tqdm
@@ -221,6 +320,32 @@ class Trainer:
                 dynamic_ncols=True,
             )
 
+    def _open_recorders(self, blocks: dict[str, list[nn.Parameter]]) -> None:
+        """The recorder of the whole blocks (it owns ``smoothness.csv``) and, with
+        ``record_blocks``, one of the per-module blocks writing to the same log (blocks of
+        one probe must not overlap; the two probe the same batch at the same steps)."""
+        cfg, bundle = self.cfg, self.bundle
+        probe_fn = None
+        if cfg.record_batch == "fixed":
+            held = bundle.encode(self.splits.dev[: cfg.batch_size], cfg.max_length)
+            probe_fn = lambda: bundle.loss(held)  # noqa: E731
+        kw = dict(
+            every=cfg.record_every,
+            norm=cfg.record_norm,
+            hvp=cfg.record_hvp,
+            num_vectors=cfg.record_vectors,
+            h=cfg.record_h,
+            seed=cfg.seed,
+            model=self.model,
+            probe_loss_fn=probe_fn,
+        )
+        self.recorder = TrajectoryRecorder(blocks, out_dir=self.out, resume_step=self.start, **kw)
+        self.recorders = [self.recorder]
+        if self.module_blocks:
+            modules = TrajectoryRecorder(self.module_blocks, out_dir=None, **kw)
+            modules.log = self.recorder.log  # one smoothness.csv, closed by its owner
+            self.recorders.append(modules)
+
     def _batch(self, step: int) -> Any:
         return self.bundle.encode(
             [self.splits.train[i] for i in self.sampler.batch(step)], self.cfg.max_length
@@ -229,14 +354,15 @@ class Trainer:
     def record_start(self) -> None:
         """The recorder's probe at step 0 (on the first minibatch)."""
         first = self._batch(0)
-        self.recorder.step(
-            0,
-            lambda: self.bundle.loss(first),
-            epoch=0.0,
-            lr_base=self.engine.lr("base"),
-            lr_peft=self.engine.lr("peft"),
-            train_seconds=0.0,
-        )
+        for rec in self.recorders:
+            rec.step(
+                0,
+                lambda: self.bundle.loss(first),
+                epoch=0.0,
+                lr_base=self.engine.lr("base"),
+                lr_peft=self.engine.lr("peft"),
+                train_seconds=0.0,
+            )
 
     def step(self) -> tuple[dict[str, Any], Callable[[], torch.Tensor]]:
         """One engine step on minibatch ``t``: its metrics row and the minibatch's loss."""
@@ -278,8 +404,8 @@ class Trainer:
         """Write ``row`` to ``metrics.csv`` and let the recorder probe (on ``loss_fn``'s batch:
         the logged loss is the probed batch's, like grad_norm)."""
         self.metrics.write(row)
-        if self.recorder is not None:
-            self.recorder.step(
+        for rec in self.recorders:
+            rec.step(
                 self.t,
                 loss_fn,
                 epoch=row["epoch"],
@@ -327,11 +453,13 @@ class Trainer:
         summary = {
             "method": self.cfg.method,
             "steps": self.t,
-            "final_loss": final_loss(r["loss"] for r in read_log(self.out / "metrics.csv", METRICS, warn=False).rows),
+            "final_loss": final_loss(
+                r["loss"] for r in read_log(self.out / "metrics.csv", METRICS, warn=False).rows
+            ),
             "best_dev_acc": self.best_dev,
             "train_seconds": self.elapsed,
             "seconds_per_step": self.elapsed / ran if ran > 0 else math.nan,
-            "probe_seconds": self.recorder.probe_seconds if self.recorder else 0.0,
+            "probe_seconds": sum(r.probe_seconds for r in self.recorders),
             "peak_memory_mb": _peak_memory_mb(self.bundle.device),
         }
         if ran > 0 or not (self.out / "summary.json").exists():
@@ -371,9 +499,15 @@ def train(
     progress: bool = True,
     resume: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    advice: dict[str, Any] | None = None,
 ) -> Path:
-    """Run ``cfg`` and return its run folder (see module docstring)."""
-    return Trainer(cfg, progress=progress, on_step=on_step).run(resume=resume)
+    """Run ``cfg`` and return its run folder (see module docstring). Rates given as
+    ``"auto"`` are resolved by :func:`resolve_rates` (reused from the run folder if
+    ``resume``); ``advice``: the record of a resolution already done by the caller."""
+    if cfg.auto_rates:
+        cfg.validate()
+        cfg, advice = resolve_rates(cfg, resume=resume)
+    return Trainer(cfg, progress=progress, on_step=on_step, advice=advice).run(resume=resume)
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:

@@ -7,9 +7,19 @@ so every option has one default and one help text, and its choices come from the
 file (figure1: ``--preset NAME`` from a named preset, :mod:`hybrid.presets`); the flags the
 user typed override it.
 
+``advise --method M`` advises the blocks method M trains (x: its SPSA block, y: its gradient
+block) from a probe at initialisation (:func:`hybrid.advise.advise_config`) or, with
+``--run``, from a recorded trajectory; ``--print-command`` prints the ``smoothlab train``
+line that uses the proposal. ``train --lr-base auto --lr-peft auto`` (either or both) takes
+the rates from the same probe at step 0 (:func:`hybrid.train.resolve_rates`); the advice is
+saved in the run's ``config.json`` and ``advice.json``. ``--record-blocks`` (train, figure1)
+also records per-module blocks ``base.<module>``/``peft.<module>``.
+
 Errors: bad input (:class:`~smoothlab.errors.UsageError`, argparse errors included) prints
-one line on stderr and exits with status 2. Anything else is a bug: its traceback is shown
-and the status is 1. The heavy packages (transformers, peft, the engine, analysis, figures)
+one line on stderr and exits with status 2; a failed distributed rank
+(``hybrid.distributed.RankFailure``) prints one line and exits with 1. A problem in a run's
+logs (:class:`~smoothlab.runlog.RunLogWarning`) is one ``smoothlab: warning:`` line. Anything
+else is a bug: its traceback is shown and the status is 1. The heavy packages (transformers, peft, the engine, analysis, figures)
 are imported only by the subcommand that needs them.
 """
 
@@ -275,12 +285,32 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- train
+def _print_rate_advice(cfg: Any, record: dict) -> None:
+    """What ``train --lr-base/--lr-peft auto`` resolved, from the advice record."""
+    from hybrid.advise import ratio_line
+    from smoothlab.advisor import Advice
+
+    auto = record.get("auto", [])
+    rates = ", ".join(f"{k} = {getattr(cfg, k):.4g}" for k in auto)
+    if record.get("reused"):
+        print(f"auto rates: {rates} (resolved when {cfg.out} started; not probed again)")
+        return
+    names = {f.name for f in dataclasses.fields(Advice)}
+    advice = Advice(**{k: v for k, v in record.items() if k in names})
+    print(advice.describe())
+    print(ratio_line(advice))
+    print(f"auto rates: {rates} (written to {Path(cfg.out) / 'config.json'} under 'advice')")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hybrid.config import TrainConfig
-    from hybrid.train import train
+    from hybrid.train import resolve_rates, train
 
     cfg = _config(args, TrainConfig, TrainConfig())
-    out = train(cfg, progress=True, resume=not args.restart)
+    cfg, advice = resolve_rates(cfg, resume=not args.restart)
+    if advice is not None:
+        _print_rate_advice(cfg, advice)
+    out = train(cfg, progress=True, resume=not args.restart, advice=advice)
     summary = json.loads((out / "summary.json").read_text())
     print(
         f"{cfg.method}: final loss {summary['final_loss']:.4f}, best dev acc {summary['best_dev_acc']:.3f}, "
@@ -372,14 +402,14 @@ def _read_run(run: str) -> tuple[dict, list[dict]]:
     return cfg, rows
 
 
-def _calibrate(cfg: Any, advice: Any, train_cfg: Any) -> None:
+def _calibrate(cfg: Any, advice: Any, train_cfg: Any) -> Any:
     from hybrid.calibrate import calibrate
 
     out = Path(cfg.out or "smoothlab-out/calibration")
 
     def show(r: dict) -> None:
         print(
-            f"  pilot x{r['scale_x']:<6g} y{r['scale_y']:<6g} lr_base {r['lr_base']:.3g}  lr_peft {r['lr_peft']:.3g}"
+            f"  pilot {r['method']:<12} x{r['scale_x']:<6g} y{r['scale_y']:<6g} lr_base {r['lr_base']:.3g}  lr_peft {r['lr_peft']:.3g}"
             f"  dev {r['dev_acc']:.3f}  eval {r['eval_acc']:.3f}  loss {r['final_loss']:.4f}",
             flush=True,
         )
@@ -395,54 +425,76 @@ def _calibrate(cfg: Any, advice: Any, train_cfg: Any) -> None:
     )
     print(f"\ncalibration table ({out / 'calibration.csv'}):")
     print(
-        f"{'scale_x':>8} {'scale_y':>8} {'lr_base':>10} {'lr_peft':>10} {'dev_acc':>8} {'eval_acc':>8} {'final_loss':>10}"
+        f"{'method':<12} {'scale_x':>8} {'scale_y':>8} {'lr_base':>10} {'lr_peft':>10} {'dev_acc':>8} {'eval_acc':>8} {'final_loss':>10}"
     )
     for r in rows:
         print(
-            f"{r['scale_x']:>8g} {r['scale_y']:>8g} {r['lr_base']:>10.3g} {r['lr_peft']:>10.3g} "
+            f"{r['method']:<12} {r['scale_x']:>8g} {r['scale_y']:>8g} {r['lr_base']:>10.3g} {r['lr_peft']:>10.3g} "
             f"{r['dev_acc']:>8.3f} {r['eval_acc']:>8.3f} {r['final_loss']:>10.4f}"
         )
     print("\ncalibrated proposal:")
     print(calibrated.describe())
+    return calibrated
+
+
+def _curvature_line(curv: Any) -> str:
+    """One line of what the probe measured (nan where the method has no such block)."""
+    est = lambda e: "-" if e is None else f"{e.value:.4g}"  # noqa: E731
+    return (
+        f"probe   : d_x = {curv.d_x:,}, d_y = {curv.d_y:,}, loss {curv.loss:.4g}, "
+        f"L_x = {est(curv.L_x)}, tr H_xx = {est(curv.trace_x)}, L_y = {est(curv.L_y)}, "
+        f"|g_x| = {curv.grad_norm_x:.3g}, |g_y| = {curv.grad_norm_y:.3g}  "
+        f"({curv.hvp}, {curv.seconds:.1f} s)"
+    )
+
+
+def _advise_run(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Advice from a recorded run's trajectory, and the run's own TrainConfig."""
+    from hybrid.train import load_config
+    from smoothlab.advisor import advise_from_rows
+
+    run_cfg, rows = _read_run(cfg.run)
+    if hasattr(args, "method") and run_cfg.get("method") not in (None, cfg.method):
+        raise UsageError(
+            f"--method {cfg.method}: advice from --run {cfg.run} is for the run's own method "
+            f"{run_cfg['method']!r}; drop --method"
+        )
+    advice = advise_from_rows(
+        rows,
+        int(run_cfg["block_sizes"]["base"]),
+        q=int(run_cfg.get("q", 1)),
+        one_sided=bool(run_cfg.get("one_sided", False)),
+        quantile=cfg.quantile,
+        rule=cfg.rule,
+    )
+    train_cfg = load_config(cfg.run) if (cfg.calibrate or cfg.print_command) else None
+    return advice, train_cfg
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
+    from hybrid.advise import advise_config, ratio_line, train_command
     from hybrid.config import AdviseConfig
-    from smoothlab.advisor import advise, advise_from_rows
 
     cfg = _config(args, AdviseConfig, AdviseConfig())
     if cfg.calibrate and cfg.out and cfg.out.endswith(".json"):
         raise UsageError(f"--calibrate writes pilot runs: --out must be a folder, got {cfg.out}")
     if cfg.run:
-        from hybrid.train import load_config
-
-        run_cfg, rows = _read_run(cfg.run)
-        advice = advise_from_rows(
-            rows,
-            int(run_cfg["block_sizes"]["base"]),
-            q=int(run_cfg.get("q", 1)),
-            one_sided=bool(run_cfg.get("one_sided", False)),
-            quantile=cfg.quantile,
-        )
-        train_cfg = load_config(cfg.run) if cfg.calibrate else None
+        advice, train_cfg = _advise_run(cfg, args)
     else:
-        bundle, splits = _load_bundle(cfg, "lora")
-        ests, sizes = _probe_bundle(
-            cfg, bundle, splits.train, "hybrid", norm="spectral", target_rel_stderr=None
-        )
-        print(_table(ests, sizes))
-        advice = advise(
-            ests["base"].value,
-            ests["peft"].value,
-            sizes["base"],
-            q=cfg.q,
-            one_sided=cfg.one_sided,
-            source=f"probe at initialisation ({cfg.hvp}, {cfg.vectors} vectors)",
-        )
         train_cfg = cfg.pilot_config()
+        advice, curv = advise_config(
+            train_cfg,
+            hvp=cfg.hvp,
+            vectors=cfg.vectors,
+            z=cfg.z,
+            rule=cfg.rule,
+            second_moment_samples=cfg.second_moment_samples,
+        )
+        print(_curvature_line(curv))
     print(advice.describe())
+    print(ratio_line(advice))
     if cfg.calibrate:
-        _calibrate(cfg, advice, train_cfg)
+        advice = _calibrate(cfg, advice, train_cfg)
     elif cfg.out:
         from smoothlab.runlog import write_json
 
@@ -450,6 +502,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
             Path(cfg.out) / "advice.json" if not cfg.out.endswith(".json") else cfg.out,
             advice.as_dict(),
         )
+    if cfg.print_command:
+        print("command : " + train_command(advice, train_cfg))
     return 0
 
 
@@ -545,29 +599,62 @@ def _one_line(e: BaseException) -> str:
     return f"smoothlab: error: {msg}".replace("smoothlab: error: smoothlab", "smoothlab")
 
 
+def _show_warning(message: Any, category: type, *rest: Any, **kw: Any) -> None:
+    """A :class:`~smoothlab.runlog.RunLogWarning` (a problem in a run's logs, about the
+    user's files) as one line on stderr; other warnings as Python shows them."""
+    from smoothlab.runlog import RunLogWarning
+
+    if issubclass(category, RunLogWarning):
+        print(f"smoothlab: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        warnings._showwarning_orig(message, category, *rest, **kw)  # type: ignore[attr-defined]
+
+
+def _rank_failure(e: BaseException) -> bool:
+    """Whether ``e`` is :class:`hybrid.distributed.RankFailure` (only raised once imported)."""
+    dist = sys.modules.get("hybrid.distributed")
+    return dist is not None and isinstance(e, dist.RankFailure)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``smoothlab`` console script: 0 on success, 2 (one line on stderr)
-    on a :class:`UsageError`; any other exception propagates with its traceback (status 1)."""
+    on a :class:`UsageError`, 1 (one line) when a distributed rank failed
+    (``hybrid.distributed.RankFailure``); any other exception propagates with its traceback
+    (status 1). Run-log problems (``RunLogWarning``) are one ``smoothlab: warning:`` line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # our own progress bars and one-line errors only: silence transformers' loading reports
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"load_task_data\(.*synthetic")
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command in ("probe", "train", "figure1", "advise"):
-            _quiet_transformers()
-        return int(args.func(args) or 0)
-    except UsageError as e:
-        print(_one_line(e), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            "smoothlab: interrupted; what was logged is kept (rerun the same command to resume)",
-            file=sys.stderr,
-        )
-        return 130
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"load_task_data\(.*synthetic")
+        warnings.filterwarnings("default", category=_runlog_warning())
+        warnings.showwarning = _show_warning
+        try:
+            args = build_parser().parse_args(argv)
+            if args.command in ("probe", "train", "figure1", "advise"):
+                _quiet_transformers()
+            return int(args.func(args) or 0)
+        except UsageError as e:
+            print(_one_line(e), file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(
+                "smoothlab: interrupted; what was logged is kept (rerun the same command to resume)",
+                file=sys.stderr,
+            )
+            return 130
+        except Exception as e:
+            if not _rank_failure(e):
+                raise
+            print(_one_line(e), file=sys.stderr)
+            return 1
+
+
+def _runlog_warning() -> type:
+    from smoothlab.runlog import RunLogWarning
+
+    return RunLogWarning
 
 
 if __name__ == "__main__":

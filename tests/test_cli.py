@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from smoothlab.cli import main
+from smoothlab.errors import UsageError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -155,8 +156,13 @@ def _one_line_exit_2(argv: list[str], capsys) -> str:
         (["probe", "--model", "MODEL", "--device", "cuda:7"], "cuda:7"),
         (["probe", "--device", "tpu"], "'tpu' is not a device"),
         (["train", "--method", "sgd"], "invalid choice: 'sgd'"),
-        (["train", "--lr-base", "-1"], "lr_base must be a finite number >= 0, got -1.0"),
-        (["train", "--lr-peft", "nan"], "lr_peft must be a finite number >= 0, got nan"),
+        (["train", "--lr-base", "-1"], "lr_base must be a finite number >= 0 or 'auto', got -1.0"),
+        (["train", "--lr-peft", "nan"], "lr_peft must be a finite number >= 0 or 'auto', got nan"),
+        (["train", "--lr-peft", "fast"], "expected a number or 'auto', got 'fast'"),
+        (["train", "--advise-rule", "exact"], "invalid choice: 'exact'"),
+        (["train", "--record-blocks", "heads"], "record_blocks 'heads' is not accepted"),
+        (["train", "--record-blocks", "layers"], "needs record_every > 0"),
+        (["advise", "--method", "sgd"], "invalid choice: 'sgd'"),
         (["train", "--seed", str(2**63)], f"seed must be an integer in [0, 2**63-1], got {2**63}"),
         (["train", "--seed", "-1"], "seed must be an integer in [0, 2**63-1], got -1"),
         (["probe", "--seed", str(10**30)], "seed must be an integer in [0, 2**63-1]"),
@@ -524,27 +530,44 @@ def test_advise_from_model_with_calibration(enc: Path, tmp_path: Path, capsys) -
     assert "calibration table" in out and "calibrated proposal" in out
     with (tmp_path / "calibration.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    # coordinate search over {0.5, 1, 2}: x-sweep (3 pilots), then y-sweep at the best x (2 new)
-    assert len(rows) == 5
-    assert [(float(r["scale_x"]), float(r["scale_y"])) for r in rows[:3]] == [
-        (0.5, 1.0),
-        (1.0, 1.0),
-        (2.0, 1.0),
-    ]
-    from hybrid.calibrate import select
-
-    num = [{k: (float(v) if k != "run" else v) for k, v in r.items()} for r in rows]
-    best_x = select(num[:3], scale="scale_x")["scale_x"]
-    assert {(float(r["scale_x"]), float(r["scale_y"])) for r in rows[3:]} == {
-        (best_x, 0.5),
-        (best_x, 2.0),
-    }
+    # eta_x: zo-ft pilots (the ZO block alone, eta_y = 0) at scales {0.5, 1, 2}, ranked by
+    # paired training loss; then eta_y: the method's own pilots at the best x, scales {0.5, 1, 2}
+    assert len(rows) == 6
     adv = json.loads((tmp_path / "advice.json").read_text())
     unc = adv["uncalibrated"]
-    y_sweep = [r for r in num if r["scale_x"] == best_x]
-    best = select(y_sweep, scale="scale_y")
-    assert adv["eta_x"] == pytest.approx(unc["eta_x"] * float(best["scale_x"]))
-    assert adv["eta_y"] == pytest.approx(unc["eta_y"] * float(best["scale_y"]))
+    x_rows, y_rows = rows[:3], rows[3:]
+    assert [(r["method"], float(r["scale_x"]), float(r["scale_y"])) for r in x_rows] == [
+        ("zo-ft", 0.5, 1.0),
+        ("zo-ft", 1.0, 1.0),
+        ("zo-ft", 2.0, 1.0),
+    ]
+    for r in x_rows:
+        assert float(r["lr_peft"]) == 0.0
+        assert float(r["lr_base"]) == pytest.approx(unc["eta_x"] * float(r["scale_x"]))
+    from hybrid.calibrate import select, select_paired
+
+    def pilot(r: dict) -> dict:
+        """A csv row as calibrate keeps it: numbers, and the loss curve of its pilot run."""
+        num = {k: (v if k in ("run", "method") else float(v)) for k, v in r.items()}
+        with (tmp_path / r["run"] / "metrics.csv").open() as fh:
+            num["losses"] = [float(m["loss"]) for m in csv.DictReader(fh)]
+        assert len(num["losses"]) == 2  # --pilot-steps 2
+        return num
+
+    best_x = select_paired([pilot(r) for r in x_rows])["scale_x"]
+    assert [r["method"] for r in y_rows] == ["hybrid-lora"] * 3
+    assert sorted((float(r["scale_x"]), float(r["scale_y"])) for r in y_rows) == [
+        (best_x, 0.5),
+        (best_x, 1.0),
+        (best_x, 2.0),
+    ]
+    for r in y_rows:
+        assert float(r["lr_peft"]) == pytest.approx(unc["eta_y"] * float(r["scale_y"]))
+        assert float(r["lr_base"]) == pytest.approx(unc["eta_x"] * best_x)
+    best_y = select([pilot(r) for r in y_rows], scale="scale_y")["scale_y"]
+    assert adv["eta_x"] == pytest.approx(unc["eta_x"] * best_x)
+    assert adv["eta_y"] == pytest.approx(unc["eta_y"] * best_y)
+    assert adv["c_x"] == pytest.approx(unc["c_x"] * best_x)
 
 
 def test_bad_multipliers_is_a_usage_error(capsys) -> None:
@@ -572,3 +595,315 @@ def test_calibration_selection_prefers_the_proposal_within_noise() -> None:
         select([row(1.0, 0.5, 0.7), row(8.0, math.nan, math.nan)], scale="scale_x")["scale_x"]
         == 1.0
     )
+
+
+# --------------------------------------------------------------------------- advise --method
+def _advise_argv(enc: Path, *extra: str) -> list[str]:
+    return [
+        "advise",
+        "--model",
+        str(enc),
+        "--lora-r",
+        "2",
+        "--batch-size",
+        "4",
+        "--vectors",
+        "3",
+        "--train-size",
+        "16",
+        "--eval-size",
+        "8",
+        "--dev-size",
+        "8",
+        *extra,
+    ]
+
+
+def _printed_command(out: str) -> list[str]:
+    import shlex
+
+    line = next(ln for ln in out.splitlines() if ln.startswith("command : "))
+    argv = shlex.split(line[len("command : ") :])
+    assert argv[:2] == ["smoothlab", "train"]
+    return argv[1:]
+
+
+@pytest.mark.parametrize("method", __import__("smoothlab.methods").methods.method_names())
+def test_advise_from_nothing_for_every_method(method: str, enc: Path, tmp_path: Path, capsys):
+    """x and y are the blocks the method trains: d_x is its ZO parameter count, a rate is
+    finite exactly for a block it trains, and the printed command trains with the advice."""
+    from hybrid.config import AdviseConfig, TrainConfig
+    from hybrid.train import build, split_parameters
+    from smoothlab.cli import _config, build_parser
+    from smoothlab.methods import get_method
+
+    argv = _advise_argv(enc, "--method", method, "--print-command", "--out", str(tmp_path))
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    adv = json.loads((tmp_path / "advice.json").read_text())
+    cfg = _config(build_parser().parse_args(argv), AdviseConfig, AdviseConfig())
+    x, y = split_parameters(build(cfg.pilot_config())[0].model, method)
+    m = get_method(method)
+    assert adv["d_x"] == sum(p.numel() for p in x) and (adv["d_x"] > 0) == m.has_zo
+    assert math.isfinite(adv["eta_x"]) == m.has_zo and math.isfinite(adv["eta_y"]) == m.has_fo
+    assert math.isfinite(adv["L_y"]) == m.has_fo == bool(y)
+    assert f"source: {method}:" in out and "eta_y / eta_x" in out
+    # the printed command is a valid `smoothlab train` line using the advised rates
+    targs = build_parser().parse_args(_printed_command(out))
+    tcfg = _config(targs, TrainConfig, TrainConfig())
+    assert tcfg.method == method and tcfg.model == str(enc) and tcfg.batch_size == 4
+    want_x = float(f"{adv['eta_x']:.3g}") if m.has_zo else 0.0
+    want_y = float(f"{adv['eta_y']:.3g}") if m.has_fo else 0.0
+    assert (tcfg.lr_base, tcfg.lr_peft) == (want_x, want_y)
+
+
+def test_advise_rule_paper_is_the_papers_formula(enc: Path, tmp_path: Path, capsys) -> None:
+    argv = _advise_argv(enc, "--method", "zo-ft", "--rule", "paper", "--out", str(tmp_path))
+    assert main(argv) == 0
+    adv = json.loads((tmp_path / "advice.json").read_text())
+    assert adv["rule"] == "paper"
+    # Gaussian z (kappa = 3): eta_x = q / (L_x (d_x + 1 + q)), nothing scaled by the joint model
+    want = adv["q"] / (adv["L_x"] * (adv["d_x"] + 1 + adv["q"]))
+    assert adv["eta_x"] == pytest.approx(want * adv["joint_scale"], rel=1e-12)
+    assert adv["eta_x_paper"] == pytest.approx(want, rel=1e-12)
+    assert "rule paper" in capsys.readouterr().out
+    err = _one_line_exit_2(_advise_argv(enc, "--rule", "exact"), capsys)
+    assert "invalid choice: 'exact'" in err
+
+
+def test_advise_run_prints_ratio_and_command(recorded_run: Path, capsys) -> None:
+    from hybrid.config import TrainConfig
+    from smoothlab.cli import _config, build_parser
+
+    assert main(["advise", "--run", str(recorded_run), "--print-command"]) == 0
+    out = capsys.readouterr().out
+    assert "eta_y / eta_x = " in out and "Table 2 range" in out
+    tcfg = _config(build_parser().parse_args(_printed_command(out)), TrainConfig, TrainConfig())
+    run = json.loads((recorded_run / "config.json").read_text())
+    assert (tcfg.method, tcfg.steps, tcfg.out) == (run["method"], run["steps"], run["out"])
+    # --method cannot re-label a recorded run
+    err = _one_line_exit_2(["advise", "--run", str(recorded_run), "--method", "zo-ft"], capsys)
+    assert "the run's own method 'hybrid-lora'" in err
+
+
+# --------------------------------------------------------------------------- train --lr-* auto
+def _train_argv(enc: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        str(enc),
+        "--batch-size",
+        "4",
+        "--train-size",
+        "16",
+        "--eval-size",
+        "8",
+        "--dev-size",
+        "8",
+        "--eval-every",
+        "2",
+        "--lora-r",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_train_auto_rates_probe_step_0_and_resume_reuses_them(
+    enc: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import hybrid.advise
+    from hybrid.config import TrainConfig
+    from smoothlab.cli import _config, build_parser
+
+    out = tmp_path / "auto"
+    argv = _train_argv(enc, out, "--lr-base", "auto", "--lr-peft", "auto", "--steps", "2")
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    adv = saved["advice"]
+    # ground truth: the advisor on the same config, probed independently (same seeds, batch 0)
+    cfg = _config(build_parser().parse_args(argv), TrainConfig, TrainConfig())
+    assert cfg.auto_rates == ("lr_base", "lr_peft")
+    want, _ = hybrid.advise.advise_config(cfg, hvp=cfg.advise_hvp, vectors=cfg.advise_vectors)
+    assert adv["eta_x"] == pytest.approx(want.eta_x, rel=1e-6)
+    assert adv["eta_y"] == pytest.approx(want.eta_y, rel=1e-6)
+    assert (saved["lr_base"], saved["lr_peft"]) == (adv["eta_x"], adv["eta_y"])
+    assert adv["auto"] == ["lr_base", "lr_peft"] and adv["reused"] is False
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {float(r["lr_base"]) for r in rows} == {adv["eta_x"]}  # the engine ran at the advice
+    assert {float(r["lr_peft"]) for r in rows} == {adv["eta_y"]}
+    assert "auto rates: lr_base = " in text and "eta_y / eta_x = " in text
+    # the report shows the proposal (advice.json in the run folder)
+    assert json.loads((out / "advice.json").read_text())["eta_x"] == adv["eta_x"]
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert "Learning-rate proposal" in (tmp_path / "rep" / "report.md").read_text()
+
+    # resuming the run reuses the resolved rates: no second probe
+    def no_probe(*a, **kw):
+        raise AssertionError("a resumed run must not probe again")
+
+    monkeypatch.setattr(hybrid.advise, "advise_config", no_probe)
+    argv4 = _train_argv(enc, out, "--lr-base", "auto", "--lr-peft", "auto", "--steps", "4")
+    assert main(argv4) == 0
+    assert "not probed again" in capsys.readouterr().out
+    again = json.loads((out / "config.json").read_text())
+    assert (again["lr_base"], again["lr_peft"], again["steps"]) == (adv["eta_x"], adv["eta_y"], 4)
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert {float(r["lr_base"]) for r in rows} == {adv["eta_x"]}
+
+
+def test_train_one_auto_rate_keeps_the_other(enc: Path, tmp_path: Path, capsys) -> None:
+    from hybrid.config import TrainConfig
+
+    out = tmp_path / "half"
+    argv = _train_argv(enc, out, "--lr-base", "2e-4", "--lr-peft", "auto", "--steps", "1")
+    assert main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["lr_base"] == 2e-4 and saved["advice"]["auto"] == ["lr_peft"]
+    assert saved["lr_peft"] == saved["advice"]["eta_y"] > 0
+    # a method without a ZO block: lr_base auto resolves to 0 (unused), lr_peft to eta_y
+    out2 = tmp_path / "fo"
+    argv = _train_argv(enc, out2, "--method", "fo-lora", "--lr-base", "auto", "--steps", "1")
+    assert main(argv) == 0
+    saved = json.loads((out2 / "config.json").read_text())
+    assert saved["lr_base"] == 0.0 and saved["lr_peft"] == TrainConfig().lr_peft
+    # --restart probes again instead of reusing
+    assert main([*argv, "--restart"]) == 0
+    assert "not probed again" not in capsys.readouterr().out
+
+
+def test_auto_rates_in_a_config_file(tmp_path: Path) -> None:
+    from hybrid.config import TrainConfig, load_config_file
+
+    f = tmp_path / "c.yaml"
+    f.write_text("lr_base: auto\nlr_peft: 1e-3\n")
+    cfg = load_config_file(f, TrainConfig)
+    assert (cfg.lr_base, cfg.lr_peft, cfg.auto_rates) == ("auto", 1e-3, ("lr_base",))
+    f.write_text("lr_base: quick\n")
+    with pytest.raises(UsageError, match="expected a number or 'auto', got 'quick'"):
+        load_config_file(f, TrainConfig)
+
+
+# --------------------------------------------------------------------------- --record-blocks
+def _smoothness_blocks(run: Path) -> dict[int, set[str]]:
+    with (run / "smoothness.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    by_step: dict[int, set[str]] = {}
+    for r in rows:
+        assert math.isfinite(float(r["estimate"])), r
+        by_step.setdefault(int(r["step"]), set()).add(r["block"])
+    return by_step
+
+
+def _expected_modules(cfg, spec) -> dict[str, int]:  # noqa: ANN001
+    """base.<m>/peft.<m> sizes: the spec's blocks of the whole model, cut by the x/y split."""
+    from hybrid.train import build, split_parameters
+    from smoothlab.blocks import make_blocks, parse_blocks_arg
+
+    model = build(cfg)[0].model
+    x, y = split_parameters(model, cfg.method)
+    out = {}
+    for prefix, side in (("base", x), ("peft", y)):
+        ids = {id(p) for p in side}
+        for name, params in make_blocks(model, parse_blocks_arg(spec)).items():
+            n = sum(p.numel() for p in params if id(p) in ids)
+            if n:
+                out[f"{prefix}.{name}"] = n
+    return out
+
+
+def test_train_record_blocks_layers_splits_x_and_y(enc: Path, tmp_path: Path) -> None:
+    from figures.report import write_report
+    from hybrid.train import load_config
+
+    out = tmp_path / "mod"
+    argv = _train_argv(
+        enc, out, "--steps", "2", "--record-every", "2", "--record-vectors", "2",
+        "--record-blocks", "layers",
+    )  # fmt: skip
+    assert main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    sizes = saved["block_sizes"]
+    want = _expected_modules(load_config(out), "layers")
+    # both sides split per layer: base.layer.0/1 and peft.layer.0/1 (the tiny encoder has 2)
+    assert {"base.layer.0", "base.layer.1", "peft.layer.0", "peft.layer.1"} <= set(want)
+    assert {k: v for k, v in sizes.items() if "." in k} == want
+    # the modules partition each side: x = base, y = peft + head (the trained classifier)
+    assert sum(v for k, v in want.items() if k.startswith("base.")) == sizes["base"]
+    assert sum(v for k, v in want.items() if k.startswith("peft.")) == sizes["peft"] + sizes["head"]
+    # every probe step logs the whole blocks and every module, once
+    assert _smoothness_blocks(out) == {s: {"base", "peft", "head", *want} for s in (0, 2)}
+    md, _ = write_report([out], tmp_path / "rep")
+    text = md.read_text()
+    assert "Per-module smoothness" in text
+    n_x = sum(k.startswith("base.") for k in want)
+    n_y = sum(k.startswith("peft.") for k in want)
+    assert f"{n_x} x modules" in text and f"{n_y} y modules" in text
+    assert list((tmp_path / "rep").rglob("*_modules.png"))
+    assert list((tmp_path / "rep").rglob("*_modules_heatmap.png"))
+
+
+def test_figure1_record_blocks_globs(enc: Path, tmp_path: Path, capsys) -> None:
+    spec = "attn=*attention*,ffn=*intermediate*"
+    rc = main(
+        [
+            "figure1", "--model", str(enc), "--steps", "2", "--record-every", "2",
+            "--vectors", "2", "--batch-size", "4", "--train-size", "16", "--eval-size", "8",
+            "--dev-size", "8", "--eval-examples", "8", "--record-blocks", spec,
+            "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    from hybrid.train import load_config
+
+    for run, whole in (("fig1a_fo-ft", {"model"}), ("fig1b_hybrid-lora", {"base", "peft", "head"})):
+        want = _expected_modules(load_config(tmp_path / run), spec)
+        assert _smoothness_blocks(tmp_path / run) == {s: whole | set(want) for s in (0, 2)}
+    # fo-ft trains every weight as y: its modules are peft.* only; hybrid splits both sides
+    assert set(_expected_modules(load_config(tmp_path / "fig1a_fo-ft"), spec)) == {
+        "peft.attn",
+        "peft.ffn",
+    }
+    assert "Per-module smoothness" in (tmp_path / "report" / "report.md").read_text()
+    capsys.readouterr()
+    bad = _one_line_exit_2(
+        ["train", "--model", str(enc), "--record-every", "1", "--record-blocks", "q=*nomatch*",
+         "--out", str(tmp_path / "bad")],
+        capsys,
+    )  # fmt: skip
+    assert "matches no parameter" in bad and not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------- warnings, ranks
+def test_run_log_warning_is_one_line_on_stderr(recorded_run: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    run = tmp_path / "torn"
+    shutil.copytree(recorded_run, run)
+    metrics = run / "metrics.csv"
+    text = metrics.read_text()
+    metrics.write_text(text[: text.rstrip("\n").rfind("\n") + 1] + "7,0.5,0.69")  # torn last row
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "the torn row must be reported"
+    assert all(ln.startswith("smoothlab: warning: ") for ln in err), err
+    assert any("metrics.csv" in ln and "no newline" in ln for ln in err), err
+    assert not any("RunLogWarning" in ln or "warnings.warn" in ln for ln in err), err
+
+
+def test_rank_failure_is_one_line_exit_1(enc: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import hybrid.train
+    from hybrid.distributed import RankFailure
+
+    def dies(*a, **kw):
+        raise RankFailure("all_reduce: rank 1 did not answer within\n 30 s")
+
+    monkeypatch.setattr(hybrid.train, "train", dies)
+    assert main(["train", "--model", str(enc), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err == "smoothlab: error: all_reduce: rank 1 did not answer within 30 s\n"

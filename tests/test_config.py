@@ -145,3 +145,28 @@ def test_figure1_presets_are_named_factories(tmp_path: Path) -> None:
     assert a.out == str(tmp_path / "fig1a_fo-ft")
     for cfg in runs.values():
         cfg.validate()
+
+
+def test_rates_accept_auto_and_record_blocks_are_checked() -> None:
+    from hybrid.config import parse_rate
+
+    assert parse_rate("auto") == "auto" and parse_rate(" AUTO ") == "auto"
+    assert parse_rate("1e-3") == 1e-3
+    with pytest.raises(UsageError, match="expected a number or 'auto', got 'fast'"):
+        parse_rate("fast")
+    cfg = TrainConfig(lr_base="auto", lr_peft=0.1)
+    cfg.validate()
+    assert cfg.auto_rates == ("lr_base",) and TrainConfig().auto_rates == ()
+    for bad in ("Auto", -1.0, float("inf"), None):
+        with pytest.raises(UsageError, match="lr_peft must be a finite number >= 0 or 'auto'"):
+            TrainConfig(lr_peft=bad).validate()
+    for ok in ("layers", "kinds", "a=*attention*,m=re:.*intermediate.*"):
+        TrainConfig(record_every=5, record_blocks=ok).validate()
+    for bad in ("hybrid", "a=", "=x", "a=*q*,b"):
+        with pytest.raises(UsageError, match="record_blocks .* is not accepted"):
+            TrainConfig(record_every=5, record_blocks=bad).validate()
+    with pytest.raises(UsageError, match="needs record_every > 0"):
+        TrainConfig(record_blocks="layers").validate()
+    # Figure1 passes record_blocks to both of its runs
+    runs = figure1_runs(dataclasses.replace(Figure1Config(), record_blocks="kinds"))
+    assert {r.record_blocks for r in runs.values()} == {"kinds"}
