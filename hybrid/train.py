@@ -470,11 +470,15 @@ class Trainer:
                 torch.save({"model": self.model.state_dict(), "step": self.t, "dev_acc": dev}, tmp)
                 tmp.replace(self.out / "best.pt")
                 self.best_dev = dev
+            if "eval" in self.pending:
+                self.pending.remove("eval")
 
     def log(self, row: dict[str, Any]) -> None:
         """Write ``row`` to ``metrics.csv`` (atomic with respect to signals)."""
         with self.guard.critical():
             self.metrics.write(row)
+            if "row" in self.pending:
+                self.pending.remove("row")
 
     def probe(self, loss_fn: Callable[[], torch.Tensor]) -> None:
         """Let the recorders probe step ``t`` (on ``loss_fn``'s batch: the logged loss is the
@@ -496,10 +500,8 @@ class Trainer:
         row, t = self.row, self.t
         if "eval" in self.pending:
             self.evaluate(row)
-            self.pending.remove("eval")
         if "row" in self.pending:
             self.log(row)
-            self.pending.remove("row")
         if "probe" in self.pending:
             if self.recorders:
                 loss_fn = self.loss_fn

@@ -3,6 +3,7 @@ config check on resume, divergence, and the malformed inputs of the issue."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 
@@ -288,3 +290,156 @@ def test_probe_out_leaves_no_tmp_file(tmp_path, capsys):
     )[0]
     assert rc == 0 and out.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["enc", "p.json"]
+
+
+# ----------------------------------------------------------------------------- training runs
+STEPS = 6
+SMALL = {
+    "train_size": 32,
+    "eval_size": 16,
+    "dev_size": 8,
+    "batch_size": 4,
+    "max_length": 32,
+    "lora_r": 4,
+    "lr_base": 1e-3,
+    "lr_peft": 1e-2,
+    "method": "hybrid-lora",
+    "eval_every": 2,
+    "record_every": 2,
+    "record_vectors": 2,
+}
+TIMING = {"seconds", "probe_seconds", "train_seconds"}
+
+
+@pytest.fixture(scope="module")
+def opt_model(tmp_path_factory):
+    from tests.tiny_models import tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("faults_model") / "opt"
+    tiny_causal_lm("opt", seed=0, save_dir=path)
+    return path
+
+
+def _cfg(model, out, **over):
+    from hybrid.train import TrainConfig
+
+    return TrainConfig(model=str(model), out=str(out), **(SMALL | {"steps": STEPS} | over))
+
+
+def _train(cfg, **kw):
+    from hybrid.train import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train(cfg, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def baseline(opt_model, tmp_path_factory):
+    """The uninterrupted run every interrupted one is compared with."""
+    return _train(_cfg(opt_model, tmp_path_factory.mktemp("faults_base") / "A"))
+
+
+def _rows(path):
+    import csv
+
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
+
+
+def assert_same_run(a, b):
+    """Bit for bit: every logged value except timings, the final weights and engine state,
+    and best.pt."""
+    import torch
+
+    for name in ("metrics.csv", "smoothness.csv"):
+        assert _rows(b / name) == _rows(a / name), name
+    for name in ("checkpoint.pt", "best.pt"):
+        ca = torch.load(a / name, weights_only=False)
+        cb = torch.load(b / name, weights_only=False)
+        assert ca["step"] == cb["step"] and ca.keys() == cb.keys(), name
+        assert ca["model"].keys() == cb["model"].keys()
+        for k in ca["model"]:
+            assert torch.equal(ca["model"][k], cb["model"][k]), (name, k)
+        if name == "checkpoint.pt":
+            assert ca["engine"] == cb["engine"] and ca["pending"] == cb["pending"] == []
+
+
+@contextlib.contextmanager
+def sigint_at(phase: str, step: int = 4):
+    """Send a real SIGINT to this process inside ``phase`` of update ``step`` (eval, row,
+    probe and checkpoint are all due at step 4 with the settings above)."""
+    import torch
+
+    import hybrid.engine
+    import smoothlab.recorder
+    import smoothlab.runlog
+    from hybrid.models import ModelBundle
+
+    calls = {"n": 0}
+
+    def kill_then(fn, when):
+        def wrapper(*args, **kwargs):
+            if when(*args, **kwargs):
+                os.kill(os.getpid(), signal.SIGINT)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def nth(n):
+        def when(*args, **kwargs):
+            calls["n"] += 1
+            return calls["n"] == n
+
+        return when
+
+    targets = {  # (object, attribute, predicate on the call)
+        "update": (hybrid.engine.TwoRateSGD, "step", nth(step)),
+        "eval": (ModelBundle, "accuracy", nth(3)),  # eval at 2 (eval + dev), then step 4
+        "probe": (smoothlab.recorder, "probe", nth(3)),  # probes at 0, 2, then 4
+        "row": (
+            smoothlab.runlog.CsvLog,
+            "write",
+            lambda log, row: log.path.name == "metrics.csv" and row.get("step") == step,
+        ),
+        "checkpoint": (
+            torch,
+            "save",
+            lambda obj, f, *a, **k: str(f).endswith("checkpoint.pt.tmp") and obj["step"] == step,
+        ),
+    }
+    owner, attr, when = targets[phase]
+    original = getattr(owner, attr)
+    setattr(owner, attr, kill_then(original, when))
+    try:
+        yield
+    finally:
+        setattr(owner, attr, original)
+
+
+# what the interrupt checkpoint holds: the phase the signal hit is done when it was deferred
+EXPECTED = {
+    "update": (4, ["eval", "row", "probe"]),
+    "eval": (4, ["eval", "row", "probe"]),
+    "row": (4, ["probe"]),
+    "probe": (4, ["probe"]),
+    "checkpoint": (4, []),
+}
+
+
+@pytest.mark.parametrize("phase", list(EXPECTED))
+def test_sigint_in_each_phase_then_resume_is_bit_identical(phase, opt_model, baseline, tmp_path):
+    import torch
+
+    cfg = _cfg(opt_model, tmp_path / "B")
+    with sigint_at(phase), pytest.raises(KeyboardInterrupt):
+        _train(cfg)
+    ckpt = torch.load(tmp_path / "B" / "checkpoint.pt", weights_only=False)
+    assert (ckpt["step"], ckpt["pending"]) == EXPECTED[phase]
+    metrics = [int(r["step"]) for r in _rows(tmp_path / "B" / "metrics.csv")]
+    assert metrics == ([1, 2, 3] if "row" in EXPECTED[phase][1] else [1, 2, 3, 4])
+    _train(cfg)
+    assert_same_run(baseline, tmp_path / "B")
+    assert not list((tmp_path / "B").glob("*.tmp"))
