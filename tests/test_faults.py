@@ -4,6 +4,7 @@ config check on resume, divergence, and the malformed inputs of the issue."""
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import signal
@@ -175,7 +176,8 @@ def _cli(argv, capsys) -> tuple[int, str]:
 
 
 def _one_line(rc: int, err: str, *needles: str) -> None:
-    lines = [x for x in err.splitlines() if x.strip()]
+    """Exit 2 and one line on stderr (besides a progress bar's ``\r`` updates)."""
+    lines = [x for x in err.split("\n") if x.strip() and "\r" not in x]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     for n in needles:
         assert n in lines[0], lines[0]
@@ -443,3 +445,200 @@ def test_sigint_in_each_phase_then_resume_is_bit_identical(phase, opt_model, bas
     _train(cfg)
     assert_same_run(baseline, tmp_path / "B")
     assert not list((tmp_path / "B").glob("*.tmp"))
+
+
+def _argv(model, out, **over):
+    """The ``smoothlab train`` command of ``_cfg(model, out, **over)``."""
+    args = ["train", "--model", str(model), "--out", str(out), "--steps", str(STEPS)]
+    for k, v in (SMALL | over).items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def _wait_rows(path, k, proc, limit=180.0):
+    end = time.monotonic() + limit
+    while time.monotonic() < end and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") > k:  # header + k rows
+            return
+        time.sleep(0.01)
+
+
+def test_kill_at_random_instants_then_rerun_is_bit_identical(opt_model, baseline, tmp_path):
+    """SIGKILL twice (the second time a resumed run), then SIGTERM in another folder, each at
+    a random instant after a random number of logged steps; then the same command again.
+    (SIGINT is the in-process test above.)"""
+    import random
+
+    rng = random.Random(10)
+    env = os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    codes = {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGINT: 130}
+    for trial, sigs in enumerate([(signal.SIGKILL, signal.SIGKILL), (signal.SIGTERM,)]):
+        out = tmp_path / f"T{trial}"
+        for sig in sigs:
+            cmd = [sys.executable, "-m", "smoothlab.cli", *_argv(opt_model, out)]
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            _wait_rows(out / "metrics.csv", rng.randint(0, STEPS - 2), proc)
+            time.sleep(rng.uniform(0, 0.3))
+            proc.send_signal(sig)
+            err = proc.communicate(timeout=180)[1]
+            assert proc.returncode in (codes[sig], 0), err  # 0: it had already finished
+            assert "Traceback" not in err, err
+        assert main_quiet(_argv(opt_model, out)) == 0
+        assert_same_run(baseline, out)
+
+
+def main_quiet(argv):
+    from smoothlab.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return main([str(a) for a in argv])
+
+
+def test_two_writers_second_exits_2_naming_the_first(opt_model, tmp_path, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONPATH": ROOT},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc, err = _cli(_argv(opt_model, run), capsys)
+        _one_line(rc, err, f"process {holder.pid}", str(run))
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+CHANGES = [
+    {"seed": 1},
+    {"data_seed": 1},
+    {"batch_size": 2},
+    {"train_size": 16},
+    {"eval_size": 8},
+    {"dev_size": 4},
+    {"lr_base": 2e-3},
+    {"lr_peft": 2e-2},
+    {"mu": 1e-2},
+    {"q": 2},
+    {"one_sided": True},
+    {"fo_at_perturbed": True},
+    {"weight_decay": 0.1},
+    {"lora_r": 2},
+    {"lora_alpha": 16.0},
+    {"max_length": 16},
+    {"data": "DATA"},
+]
+
+
+def test_resume_with_a_changed_trajectory_flag_is_refused(opt_model, baseline, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    data = tmp_path / "d.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"s {i}\t{i % 2}\n" for i in range(80)))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for change in CHANGES:
+        change = {k: (str(data) if v == "DATA" else v) for k, v in change.items()}
+        ((name, new),) = change.items()
+        with pytest.raises(UsageError) as info:
+            _train(_cfg(opt_model, run, steps=8, **change))
+        msg = str(info.value)
+        assert f"{name}: {SMALL.get(name, _default(name))!r} -> {new!r}" in msg, msg
+    with pytest.raises(UsageError, match="already run 6 steps"):
+        _train(_cfg(opt_model, run, steps=4))
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert after == before
+
+
+def _default(name):
+    from hybrid.train import TrainConfig
+
+    return getattr(TrainConfig(), name)
+
+
+def test_raising_steps_and_extend_steps_continue_the_run(opt_model, baseline, tmp_path):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    _train(_cfg(opt_model, run, steps=8))
+    rows = _rows(run / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert rows[:6] == _rows(baseline / "metrics.csv")
+
+    def crash(step, row):
+        if step == 11:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):  # extension by 4 to 12; crash after step 11
+        _train(_cfg(opt_model, run, steps=STEPS, extend_steps=4), on_step=crash)
+    _train(_cfg(opt_model, run, steps=STEPS, extend_steps=4))  # the same command again
+    assert [int(r["step"]) for r in _rows(run / "metrics.csv")] == list(range(1, 13))
+    config = json.loads((run / "config.json").read_text())
+    assert config["steps"] == 12 and config["extend_steps"] == 0
+
+
+def test_restart_clears_every_log_of_the_old_run(opt_model, baseline, tmp_path):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    _train(_cfg(opt_model, run, seed=1, steps=2), resume=False)
+    sm = _rows(run / "smoothness.csv")
+    assert sorted({int(r["step"]) for r in sm}) == [0, 2]
+    old0 = [r for r in _rows(baseline / "smoothness.csv") if r["step"] == "0"]
+    new0 = [r for r in sm if r["step"] == "0"]
+    assert len(new0) == len(old0) and not any(r in old0 for r in new0)
+    assert [int(r["step"]) for r in _rows(run / "metrics.csv")] == [1, 2]
+    assert json.loads((run / "config.json").read_text())["seed"] == 1
+
+
+def test_summary_timings_cover_the_whole_resumed_run(opt_model, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    _train(_cfg(opt_model, run, steps=3))
+    _train(_cfg(opt_model, run, steps=STEPS))
+    s = json.loads((run / "summary.json").read_text())
+    assert s["seconds_per_step"] == pytest.approx(s["train_seconds"] / STEPS, rel=1e-12)
+    import csv
+
+    with (run / "smoothness.csv").open() as fh:
+        per_step = {r["step"]: float(r["probe_seconds"]) for r in csv.DictReader(fh)}
+    assert sorted(per_step) == ["0", "2", "4", "6"]
+    assert s["probe_seconds"] == pytest.approx(sum(per_step.values()), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "lr_peft,needles,last",
+    [
+        (30.0, ["step 4", "exceeded 10x the initial loss", "lr_peft 30"], 4),
+        (5.0, ["loss became nan at step 7", "lr_peft 5"], 7),
+    ],
+)
+def test_divergence_stops_with_exit_2_and_keeps_the_logs(
+    lr_peft, needles, last, opt_model, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    over = {"method": "fo-ft", "lr_peft": lr_peft, "record_every": 0, "eval_every": 20}
+    rc, err = _cli([*_argv(opt_model, run, **over), "--steps", "20"], capsys)
+    _one_line(rc, err, *needles)
+    rows = _rows(run / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, last + 1))
+    losses = [float(r["loss"]) for r in rows]
+    assert all(math.isfinite(v) for v in losses[:-1])
+    if last == 7:
+        assert rows[-1]["loss"] == "nan"
+    else:
+        assert losses[-3:] == sorted(losses[-3:]) and losses[-3] > 10 * losses[0]
