@@ -432,7 +432,16 @@ class TrainConfig(ModelConfig):
     method: str = opt(
         "hybrid-lora", "fine-tuning method (it fixes the PEFT module)", choices=method_names
     )
-    steps: int = shared("steps")
+    steps: int = shared(
+        "steps",
+        help="training steps (raising it is the one change that continues a finished run)",
+    )
+    extend_steps: int = opt(
+        0,
+        "run N steps beyond the run folder's saved target (rerunning the same command after "
+        "an interruption finishes that extension instead of extending again)",
+        check=nonneg_int,
+    )
     lr_base: float | str = shared(
         "lr_base",
         help="eta_x: zeroth-order rate of the base weights, or 'auto' (the advisor's proposal "
@@ -489,7 +498,20 @@ class TrainConfig(ModelConfig):
     )
     record_h: float | None = shared("h")
     record_blocks: str | None = shared("record_blocks")
-    out: str = opt("runs/run", "run folder (resumed if it holds a checkpoint)")
+    diverge_factor: float = opt(
+        10.0,
+        "stop (exit 2) when the loss exceeds this multiple of the first step's loss for "
+        "--diverge-patience consecutive steps (0: off; a non-finite loss always stops)",
+        check=nonneg_float,
+    )
+    diverge_patience: int = opt(
+        3, "consecutive steps above --diverge-factor x the initial loss", check=positive_int
+    )
+    out: str = opt(
+        "runs/run",
+        "run folder (resumed if it holds a checkpoint, with the same configuration; "
+        "one process at a time)",
+    )
     name: str = opt("", "a label for reports")
     extra: dict = opt({}, "free-form notes saved with the config", cli=False)
 

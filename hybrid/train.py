@@ -6,6 +6,12 @@ end), ``best.pt`` (best dev accuracy), ``summary.json``, and with a recorder
 ``smoothness.csv``. Re-running with the same ``out`` resumes from ``checkpoint.pt`` and
 continues the same trajectory: step t always sees minibatch ``EpochSampler.batch(t)`` and
 perturbation seeds ``param_seed(seed, t·q + i)``.
+
+Faults (:mod:`hybrid.faults`): the folder is locked by one process; a resume refuses a
+configuration that would change the trajectory; SIGINT/SIGTERM wait for an update or a write
+to end, then a checkpoint at that step records its pending :data:`PHASES`, so any stop
+(SIGKILL included: rows after the checkpoint are dropped and redone) continues bit-identically
+with no row missing or twice; a diverging loss stops the run (:class:`Diverged`).
 """
 
 from __future__ import annotations
@@ -38,9 +44,12 @@ from smoothlab.runlog import (
 from .config import TrainConfig, user_input
 from .data import EpochSampler, Splits, Task, load_task_data
 from .engine import HybridEngine
+from .faults import Diverged, DivergenceGuard, RunLock, SignalGuard, check_resume, clear_run
 from .models import ModelBundle, attach_peft, load_model
 
 __all__ = [
+    "PHASES",
+    "Diverged",
     "TrainConfig",
     "Trainer",
     "build",
@@ -52,8 +61,9 @@ __all__ = [
 ]
 
 
-class Diverged(UsageError, FloatingPointError):
-    """The loss became inf/nan: the learning rates are too high for this run (bad input)."""
+# What step t does after its update, in order; a checkpoint taken in between lists those
+# still pending, and a resume does them first (all are recomputable from the weights at t).
+PHASES = ("eval", "row", "probe")
 
 
 def split_parameters(
@@ -256,28 +266,75 @@ class Trainer:
         self.eval_set = (
             self.splits.eval[: cfg.eval_examples] if cfg.eval_examples else self.splits.eval
         )
+        self.guard = SignalGuard()
+        self.divergence = DivergenceGuard(cfg.diverge_factor, cfg.diverge_patience)
+        self.pending: list[str] = []  # PHASES of step t still to do
+        self.row: dict[str, Any] | None = None  # step t's metrics row
+        self.loss_fn: Callable[[], torch.Tensor] | None = None  # step t's minibatch loss
+        self.probe_base, self.extended_by = 0.0, 0
         self.metrics: CsvLog | None = None
         self.recorder: TrajectoryRecorder | None = None
         self.recorders: list[TrajectoryRecorder] = []
         self.bar: Any = None
 
     def resume(self) -> None:
-        """Continue from ``checkpoint.pt`` if the run folder holds one (same method only)."""
+        """Continue from ``checkpoint.pt`` if the run folder holds one.
+
+        The saved configuration must match ``cfg`` in every field that alters the trajectory
+        (:func:`hybrid.faults.check_resume`); ``steps`` may rise (``extend_steps``: by N past
+        the saved target). A checkpoint taken inside a step (an interrupt after its update)
+        lists the phases still to do (``pending``) and the step's row.
+        """
         path = self.out / "checkpoint.pt"
         if not path.exists():
+            if self.cfg.extend_steps:
+                raise UsageError(
+                    f"extend_steps {self.cfg.extend_steps}: {self.out} holds no checkpoint to "
+                    "extend; give steps instead"
+                )
             return
         state = torch.load(path, map_location=self.bundle.device, weights_only=False)
-        if state["config"]["method"] != self.cfg.method:
+        saved = state["config"]
+        if saved["method"] != self.cfg.method:
             raise UsageError(
-                f"{self.out} holds a {state['config']['method']!r} run; cannot resume it as {self.cfg.method!r}"
+                f"{self.out} holds a {saved['method']!r} run; cannot resume it as {self.cfg.method!r}"
             )
+        self._extend(saved, state)
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(TrainConfig)
+            if f.default is not dataclasses.MISSING
+        }
+        check_resume(
+            self.out, saved, dataclasses.asdict(self.cfg), done=state["step"], defaults=defaults
+        )
         self.model.load_state_dict(state["model"])
         self.engine.load_state_dict(state["engine"])
         self.start, self.best_dev, self.elapsed = state["step"], state["best_dev"], state["seconds"]
         self.t = self.start
+        self.pending = list(state.get("pending", []))
+        self.row = state.get("row")
+        self.divergence.load_state_dict(state.get("divergence"))
+        self.probe_base = float(state.get("probe_seconds", 0.0))
+
+    def _extend(self, saved: dict[str, Any], state: dict[str, Any]) -> None:
+        """``extend_steps`` N: the target becomes the saved one + N, unless the checkpoint
+        is of an unfinished extension by the same N (a rerun after an interruption)."""
+        n = self.cfg.extend_steps
+        if not n:
+            return
+        target = int(saved["steps"])
+        if not (state.get("extended_by") == n and state["step"] < target):
+            target += n
+        self.extended_by = n
+        self.cfg = dataclasses.replace(self.cfg, steps=target, extend_steps=0)
 
     def open(self) -> None:
-        """Create the run folder; write ``config.json``; open the logs, recorder and bar."""
+        """Create the run folder; write ``config.json``; open the logs, recorder and bar.
+
+        Rows after the checkpoint's step are dropped (they are redone), and those of its
+        step too when its row or probe is pending; without a checkpoint every row goes.
+        """
         cfg, bundle = self.cfg, self.bundle
         self.out.mkdir(parents=True, exist_ok=True)
         # probed blocks: base / peft (the adapter) / head (a trained classifier, if any)
@@ -304,9 +361,14 @@ class Trainer:
         # rewritten on resume too: it must hold the configuration in effect (e.g. a raised
         # ``steps``) and ``resumed_from``, or ``load_config`` would resume the old target
         write_json(self.out / "config.json", config)
-        self.metrics = CsvLog(self.out / "metrics.csv", METRICS_FIELDS, truncate_after=self.start)
+        keep = self.start if self.start else -1
+        self.metrics = CsvLog(
+            self.out / "metrics.csv",
+            METRICS_FIELDS,
+            truncate_after=keep - 1 if "row" in self.pending else keep,
+        )
         if cfg.record_every:
-            self._open_recorders(blocks)
+            self._open_recorders(blocks, keep - 1 if "probe" in self.pending else keep)
         self.model.eval()  # dropout off: both forwards of a ZO pair must see the same function
         if self.progress:
             from tqdm.auto import tqdm
@@ -319,10 +381,11 @@ class Trainer:
                 dynamic_ncols=True,
             )
 
-    def _open_recorders(self, blocks: dict[str, list[nn.Parameter]]) -> None:
-        """The recorder of the whole blocks (it owns ``smoothness.csv``) and, with
-        ``record_blocks``, one of the per-module blocks writing to the same log (blocks of
-        one probe must not overlap; the two probe the same batch at the same steps)."""
+    def _open_recorders(self, blocks: dict[str, list[nn.Parameter]], keep: int) -> None:
+        """The recorder of the whole blocks (it owns ``smoothness.csv``, rows after step
+        ``keep`` dropped) and, with ``record_blocks``, one of the per-module blocks writing
+        to the same log (blocks of one probe must not overlap; the two probe the same batch
+        at the same steps)."""
         cfg, bundle = self.cfg, self.bundle
         probe_fn = None
         if cfg.record_batch == "fixed":
@@ -338,7 +401,7 @@ class Trainer:
             model=self.model,
             probe_loss_fn=probe_fn,
         )
-        self.recorder = TrajectoryRecorder(blocks, out_dir=self.out, resume_step=self.start, **kw)
+        self.recorder = TrajectoryRecorder(blocks, out_dir=self.out, resume_step=keep, **kw)
         self.recorders = [self.recorder]
         if self.module_blocks:
             modules = TrajectoryRecorder(self.module_blocks, out_dir=None, **kw)
@@ -363,71 +426,123 @@ class Trainer:
                 train_seconds=0.0,
             )
 
-    def step(self) -> tuple[dict[str, Any], Callable[[], torch.Tensor]]:
-        """One engine step on minibatch ``t``: its metrics row and the minibatch's loss."""
+    def step(self) -> None:
+        """The update of step ``t + 1`` on minibatch ``t``, atomic (signals wait): the
+        weights, ``t``, the step's row and its pending phases (:data:`PHASES`) change
+        together. A diverged loss (:class:`Diverged`) is logged, then raised."""
         epoch, _ = self.sampler.position(self.t)
         batch = self._batch(self.t)
         loss_fn = lambda b=batch: self.bundle.loss(b)  # noqa: E731
-        t0 = time.perf_counter()
-        res = self.engine.step(loss_fn)
-        self.elapsed += time.perf_counter() - t0
-        self.t += 1
-        self.last_loss = res.loss
-        row: dict[str, Any] = {
-            "step": self.t,
-            "epoch": epoch,
-            "loss": res.loss,
-            "proj_grad": res.proj_grad if self.engine.zo_params else None,  # n/a, not nan
-            "lr_base": self.engine.lr("base"),
-            "lr_peft": self.engine.lr("peft"),
-            "seconds": self.elapsed,
-        }
-        if not math.isfinite(res.loss):
-            self.metrics.write(row)
-            raise Diverged(f"loss became {res.loss} at step {self.t}; lower the learning rates")
-        return row, loss_fn
+        with self.guard.critical():
+            t0 = time.perf_counter()
+            res = self.engine.step(loss_fn)
+            self.elapsed += time.perf_counter() - t0
+            self.t += 1
+            self.last_loss, self.loss_fn = res.loss, loss_fn
+            self.row = {
+                "step": self.t,
+                "epoch": epoch,
+                "loss": res.loss,
+                "proj_grad": res.proj_grad if self.engine.zo_params else None,  # n/a, not nan
+                "lr_base": self.engine.lr("base"),
+                "lr_peft": self.engine.lr("peft"),
+                "seconds": self.elapsed,
+            }
+            due_eval = self.t % self.cfg.eval_every == 0 or self.t == self.cfg.steps
+            self.pending = (["eval"] if due_eval else []) + ["row", "probe"]
+            rates = {k: self.row[k] for k in ("lr_base", "lr_peft")}
+            try:
+                self.divergence.check(self.t, res.loss, rates)
+            except Diverged:
+                self.metrics.write(self.row)
+                raise
 
     def evaluate(self, row: dict[str, Any]) -> None:
         """Eval and dev accuracy into ``row``; ``best.pt`` on a new best dev accuracy."""
         n = self.cfg.max_length
-        row["eval_acc"] = self.bundle.accuracy(self.eval_set, max_length=n)
-        row["dev_acc"] = self.bundle.accuracy(self.splits.dev, max_length=n)
-        if row["dev_acc"] > self.best_dev:
-            self.best_dev = row["dev_acc"]
-            torch.save(
-                {"model": self.model.state_dict(), "step": self.t, "dev_acc": self.best_dev},
-                self.out / "best.pt",
-            )
+        acc = self.bundle.accuracy(self.eval_set, max_length=n)
+        dev = self.bundle.accuracy(self.splits.dev, max_length=n)
+        with self.guard.critical():
+            row["eval_acc"], row["dev_acc"] = acc, dev
+            if dev > self.best_dev:
+                tmp = self.out / "best.pt.tmp"
+                torch.save({"model": self.model.state_dict(), "step": self.t, "dev_acc": dev}, tmp)
+                tmp.replace(self.out / "best.pt")
+                self.best_dev = dev
+            if "eval" in self.pending:
+                self.pending.remove("eval")
 
-    def log(self, row: dict[str, Any], loss_fn: Callable[[], torch.Tensor]) -> None:
-        """Write ``row`` to ``metrics.csv`` and let the recorder probe (on ``loss_fn``'s batch:
-        the logged loss is the probed batch's, like grad_norm)."""
-        self.metrics.write(row)
+    def log(self, row: dict[str, Any]) -> None:
+        """Write ``row`` to ``metrics.csv`` (atomic with respect to signals)."""
+        with self.guard.critical():
+            self.metrics.write(row)
+            if "row" in self.pending:
+                self.pending.remove("row")
+
+    def probe(self, loss_fn: Callable[[], torch.Tensor]) -> None:
+        """Let the recorders probe step ``t`` (on ``loss_fn``'s batch: the logged loss is the
+        probed batch's, like grad_norm)."""
         for rec in self.recorders:
             rec.step(
                 self.t,
                 loss_fn,
-                epoch=row["epoch"],
+                epoch=self.row["epoch"],
                 lr_base=self.engine.lr("base"),
                 lr_peft=self.engine.lr("peft"),
                 train_seconds=self.elapsed,
             )
 
+    def finish_step(self) -> None:
+        """The phases of step ``t`` after its update, in order: evaluation, the row, the
+        probe, then the checkpoint (if due). Each one done leaves :attr:`pending`, so an
+        interrupt checkpoint knows what a resume must still do."""
+        row, t = self.row, self.t
+        if "eval" in self.pending:
+            self.evaluate(row)
+        if "row" in self.pending:
+            self.log(row)
+        if "probe" in self.pending:
+            if self.recorders:
+                loss_fn = self.loss_fn
+                if loss_fn is None:  # resumed inside the step: the minibatch it saw
+                    batch = self._batch(t - 1)
+                    loss_fn = lambda: self.bundle.loss(batch)  # noqa: E731
+                self.probe(loss_fn)
+            self.pending.remove("probe")
+        if t % self.save_every == 0 or t == self.cfg.steps:
+            with self.guard.critical():
+                self.checkpoint()
+        self.loss_fn = None
+        if self.on_step:
+            self.on_step(t, row)
+        self._show(row)
+
     def checkpoint(self) -> None:
-        """Save model, engine and counters atomically to ``checkpoint.pt``."""
+        """Save model, engine, counters and the step's pending phases atomically to
+        ``checkpoint.pt`` (call it inside ``guard.critical()``)."""
         tmp = self.out / "checkpoint.pt.tmp"
         torch.save(
             {
                 "model": self.model.state_dict(),
                 "engine": self.engine.state_dict(),
                 "step": self.t,
+                "pending": list(self.pending),
+                "row": self.row if self.pending else None,
                 "best_dev": self.best_dev,
                 "seconds": self.elapsed,
+                "probe_seconds": self.probe_seconds,
+                "divergence": self.divergence.state_dict(),
+                "extended_by": self.extended_by,
                 "config": dataclasses.asdict(self.cfg),
             },
             tmp,
         )
         tmp.replace(self.out / "checkpoint.pt")
+
+    @property
+    def probe_seconds(self) -> float:
+        """Seconds spent probing over the whole run (resumed parts included)."""
+        return self.probe_base + sum(r.probe_seconds for r in self.recorders)
 
     def _show(self, row: dict[str, Any]) -> None:
         if self.bar is not None:
@@ -447,8 +562,7 @@ class Trainer:
             self.recorder.close()
 
     def finish(self) -> None:
-        """Write ``summary.json`` (a no-op rerun keeps the real one)."""
-        ran = self.t - self.start
+        """Write ``summary.json`` over the whole run (a no-op rerun keeps the real one)."""
         summary = {
             "method": self.cfg.method,
             "steps": self.t,
@@ -457,38 +571,43 @@ class Trainer:
             ),
             "best_dev_acc": self.best_dev,
             "train_seconds": self.elapsed,
-            "seconds_per_step": self.elapsed / ran if ran > 0 else math.nan,
-            "probe_seconds": sum(r.probe_seconds for r in self.recorders),
+            "seconds_per_step": self.elapsed / self.t if self.t > 0 else math.nan,
+            "probe_seconds": self.probe_seconds,
             "peak_memory_mb": _peak_memory_mb(self.bundle.device),
         }
-        if ran > 0 or not (self.out / "summary.json").exists():
+        if self.t > self.start or not (self.out / "summary.json").exists():
             write_json(self.out / "summary.json", summary)
 
     def run(self, *, resume: bool = True) -> Path:
-        """Train to ``cfg.steps`` (from the checkpoint if ``resume``); the run folder."""
-        cfg = self.cfg
-        if resume:
-            self.resume()
-        self.open()
-        try:
-            if self.recorder is not None and self.start == 0:
-                self.record_start()
-            while self.t < cfg.steps:
-                row, loss_fn = self.step()
-                if self.t % cfg.eval_every == 0 or self.t == cfg.steps:
-                    self.evaluate(row)
-                self.log(row, loss_fn)
-                if self.t % self.save_every == 0 or self.t == cfg.steps:
-                    self.checkpoint()
-                if self.on_step:
-                    self.on_step(self.t, row)
-                self._show(row)
-        except KeyboardInterrupt:
-            self.checkpoint()
-            raise
-        finally:
-            self.close()
-        self.finish()
+        """Train to ``cfg.steps`` (from the checkpoint if ``resume``; otherwise every log of
+        an earlier run in the folder is removed first); the run folder.
+
+        The folder is locked for the run (:class:`~hybrid.faults.RunLock`). SIGINT and
+        SIGTERM stop it as a ``KeyboardInterrupt`` (:class:`~hybrid.faults.Interrupted`),
+        never inside an update or a write, after saving a checkpoint at the current step.
+        """
+        with self.guard, RunLock(self.out):
+            if resume:
+                self.resume()
+            else:
+                clear_run(self.out)
+            self.open()
+            try:
+                if self.recorders and self.start == 0:
+                    self.record_start()
+                if self.pending:
+                    self.finish_step()
+                while self.t < self.cfg.steps:
+                    self.step()
+                    self.finish_step()
+            except KeyboardInterrupt:
+                if self.t > 0:
+                    with self.guard.critical():
+                        self.checkpoint()
+                raise
+            finally:
+                self.close()
+            self.finish()
         return self.out
 
 
@@ -516,4 +635,5 @@ def load_config(run_dir: str | Path) -> TrainConfig:
         raise UsageError(f"{run_dir} is not a run folder: no config.json")
     data = json.loads(path.read_text())
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in data.items() if k in names})
+    # config.json holds the target in effect: an extension is already in ``steps``
+    return TrainConfig(**{k: v for k, v in data.items() if k in names} | {"extend_steps": 0})

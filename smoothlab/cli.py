@@ -551,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="fine-tune with a hybrid, zeroth-order or first-order method")
     _config_flag(tr)
     tr.add_argument(
-        "--restart", action="store_true", help="start over even if --out holds a checkpoint"
+        "--restart",
+        action="store_true",
+        help="start over: remove every log, checkpoint and summary of the run in --out first",
     )
     tr.add_argument("--peft", action=_RejectPeft, help=argparse.SUPPRESS)
     _add_config_args(tr, TrainConfig, TrainConfig())
@@ -638,12 +640,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as e:
             print(_one_line(e), file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            # SIGINT or SIGTERM (hybrid.faults.Interrupted): 128 + the signal, like a shell
+            signum = getattr(e, "signum", 2)
             print(
                 "smoothlab: interrupted; what was logged is kept (rerun the same command to resume)",
                 file=sys.stderr,
             )
-            return 130
+            return 128 + signum
         except Exception as e:
             if not _rank_failure(e):
                 raise
