@@ -69,13 +69,7 @@ class TwoRateSGD(torch.optim.Optimizer):
                 if not zo_terms:
                     continue
                 sampler = group.get("sampler") or _gaussian_sampler()
-                dirs = [(sampler(seed), coef) for seed, coef in zo_terms]
-                for p in group["params"]:  # one parameter at a time: it stays in cache
-                    i = group["index"][id(p)]
-                    if wd:
-                        p.mul_(1 - lr * wd)
-                    for d, coef in dirs:
-                        d.update_(i, p, -lr * coef)
+                zo_update(sampler, group["params"], zo_terms, lr, wd, index=group["index"])
             else:
                 for p in group["params"]:
                     if p.grad is None:
@@ -86,6 +80,46 @@ class TwoRateSGD(torch.optim.Optimizer):
 
 def _gaussian_sampler() -> Sampler:
     return get_source("gaussian").sampler()
+
+
+@torch.no_grad()
+def zo_update(
+    sampler: Sampler,
+    params: Sequence[torch.Tensor],
+    terms: Sequence[tuple[int, float]],
+    lr: float,
+    wd: float = 0.0,
+    *,
+    index: dict[int, int] | None = None,
+) -> None:
+    """x ← (1 − lr·wd)·x − lr·Σ_i c_i z_i, z_i regenerated from ``sampler(seed_i)``.
+
+    The one ZO update: training (:class:`TwoRateSGD`) and the replay of a seed checkpoint
+    (:func:`hybrid.seedlog.replay` with :func:`zo_updater`) both call it, so a replayed
+    trajectory is bit-identical by construction. One parameter at a time (it stays in cache).
+    """
+    dirs = [(sampler(seed), coef) for seed, coef in terms]
+    for k, p in enumerate(params):
+        i = k if index is None else index[id(p)]
+        if wd:
+            p.mul_(1 - lr * wd)
+        for d, coef in dirs:
+            d.update_(i, p, -lr * coef)
+
+
+def zo_updater(
+    params: Sequence[torch.Tensor], *, seed: int, z: str = DEFAULT_SOURCE
+) -> Callable[[Sequence[torch.Tensor], Sequence[tuple[int, float]], float, float], None]:
+    """``update(params, terms, lr, wd)`` for the run with ``seed`` and source ``z`` whose ZO
+    block is ``params`` (the sampler a :class:`HybridEngine` of that run builds)."""
+    sampler = get_source(z).sampler(seed, max((p.numel() for p in params), default=0))
+
+    def update(
+        ps: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]], lr: float, wd: float
+    ) -> None:
+        zo_update(sampler, ps, terms, lr, wd)
+
+    return update
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,10 @@ def test_two_ranks_of_8_equal_one_rank_of_16(two_ranks) -> None:
         dw = _max_abs(two["weights"], ref["weights"])
         print(f"{name}: max |Δloss| = {dl:.2e}, max |Δweight| = {dw:.2e}")
         f = max(ref["losses"])
-        assert dl <= 8 * eps * f
+        # the first loss differs by the reduction's rounding (a few eps·f); later ones are taken
+        # at weights that already differ by rounding (|Δf| <= |∇f|·|Δw|): 32 eps·f covers both
+        # (measured: 3.1e-15 = 12 eps·f in float64 with the table source)
+        assert dl <= 32 * eps * f
         # a weight moves by lr·Δg·|z| per step with |Δg| <= 4·eps·f/mu (mu = 1e-3), |z| <= 5
         bound = STEPS * kw["lr_zo"] * 4 * eps * f / 1e-3 * 5 + (
             STEPS * kw["lr_fo"] * 16 * eps if has_fo else 0

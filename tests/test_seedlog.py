@@ -15,21 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid.engine import HybridEngine, TwoRateSGD
+from hybrid.engine import HybridEngine, zo_updater
 from hybrid.seedlog import SeedHeader, SeedLog, replay, weights_hash
 from smoothlab.errors import UsageError
 
 
-def sgd_update(params, terms, lr, wd) -> None:
-    """The ZO update of hybrid/engine.py today: a TwoRateSGD zo group stepped with the terms."""
-    group = {
-        "name": "base",
-        "params": params,
-        "lr": lr,
-        "zo": True,
-        "index": {id(p): i for i, p in enumerate(params)},
-    }
-    TwoRateSGD([group], weight_decay=wd).step(zo_terms=terms)
+def updater(params, seed):
+    """The engine's own ZO update for the run (seed, default z source) over ``params``."""
+    return zo_updater(list(params), seed=seed)
 
 
 def record(engine: HybridEngine, log: SeedLog):
@@ -91,12 +84,13 @@ def test_zo_ft_replay_is_bit_identical_and_small(tmp_path) -> None:
     final = list(model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(init.parameters(), final))  # it trained
     partial = copy.deepcopy(init)
-    assert replay(list(partial.parameters()), tmp_path / "seeds.jsonl", sgd_update, upto=15) == 15
+    assert replay(list(partial.parameters()), tmp_path / "seeds.jsonl", updater(init.parameters(), 7), upto=15) == 15
     assert all(torch.equal(a, b) for a, b in zip(partial.parameters(), snap))
-    assert replay(list(init.parameters()), tmp_path / "seeds.jsonl", sgd_update, upto=0) == 0
+    update = updater(init.parameters(), 7)
+    assert replay(list(init.parameters()), tmp_path / "seeds.jsonl", update, upto=0) == 0
     with pytest.raises(UsageError, match="initial weights|hash"):  # x_0 moved: refused
-        replay(list(partial.parameters()), tmp_path / "seeds.jsonl", sgd_update)
-    assert replay(list(init.parameters()), tmp_path / "seeds.jsonl", sgd_update) == steps
+        replay(list(partial.parameters()), tmp_path / "seeds.jsonl", update)
+    assert replay(list(init.parameters()), tmp_path / "seeds.jsonl", update) == steps
     assert all(torch.equal(a, b) for a, b in zip(init.parameters(), final))
     size = (tmp_path / "seeds.jsonl").stat().st_size
     assert size < 120 * steps * q + 500  # ~100 bytes a perturbation: kilobytes, not the model
@@ -123,7 +117,7 @@ def test_tiny_bert_zo_ft_replay_is_bit_identical(tmp_path) -> None:
     )
     header, entries = SeedLog(tmp_path / "seeds.jsonl").read()
     assert header.num_params == sum(p.numel() for p in params) and len(entries) == 6
-    replay(list(init.parameters()), tmp_path / "seeds.jsonl", sgd_update)
+    replay(list(init.parameters()), tmp_path / "seeds.jsonl", updater(init.parameters(), 3))
     assert all(torch.equal(a, b) for a, b in zip(init.parameters(), params))
     assert not torch.equal(
         init.bert.embeddings.word_embeddings.weight,
@@ -151,7 +145,7 @@ def test_hybrid_base_replay_plus_saved_peft_gives_the_trained_model(tmp_path) ->
         seed=1,
     )
     init.adapter.load_state_dict(adapter.state_dict())  # the PEFT weights come from the checkpoint
-    replay(list(init.base.parameters()), tmp_path / "s.jsonl", sgd_update)
+    replay(list(init.base.parameters()), tmp_path / "s.jsonl", updater(init.base.parameters(), 1))
     assert all(torch.equal(a, b) for a, b in zip(init.parameters(), model.parameters()))
 
 
@@ -240,10 +234,10 @@ def test_refusals_name_both_hashes(tmp_path) -> None:
         SeedLog(path, other)
     assert _header().weights_hash in str(err.value) and other.weights_hash in str(err.value)
     with pytest.raises(UsageError) as err:
-        replay([torch.ones(2)], path, sgd_update)
+        replay([torch.ones(2)], path, updater([torch.ones(2)], 0))
     assert _header().weights_hash in str(err.value) and other.weights_hash in str(err.value)
     with pytest.raises(UsageError, match="cannot replay upto=3"):
-        replay([torch.zeros(2)], path, sgd_update, upto=3)
+        replay([torch.zeros(2)], path, updater([torch.zeros(2)], 0), upto=3)
     with pytest.raises(UsageError, match="no seed log"):
         SeedLog(tmp_path / "missing.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"format": "other"}\n')
