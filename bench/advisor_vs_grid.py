@@ -86,6 +86,7 @@ def run_cell(
     import shutil
 
     from hybrid.train import train
+    from smoothlab.runlog import final_loss
 
     path = cell_path(args.out, method, lr_base, lr_peft, seed, args.steps)
     if path.exists():
@@ -113,10 +114,9 @@ def run_cell(
     losses = [float(r["loss"]) for r in rows]
     res["losses"] = losses
     if not res["diverged"]:
-        tail = losses[-max(1, len(losses) // 10) :]
         evals = [r for r in rows if r.get("eval_acc")]
         res.update(
-            final_loss=sum(tail) / len(tail),
+            final_loss=final_loss(losses),
             eval_acc=float(evals[-1]["eval_acc"]),
             dev_acc=float(evals[-1]["dev_acc"]),
         )

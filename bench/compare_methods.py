@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from smoothlab.runlog import final_loss
+
 GRIDS = {  # plain SGD (no momentum): PEFT rates must be large; found by a first pass at 150 steps
     "fo-lora": {"lr_peft": [0.1, 0.3, 0.6]},
     "fo-prompt": {"lr_peft": [0.1, 0.3, 1.0]},
@@ -48,9 +50,8 @@ def run_one(args: argparse.Namespace, method: str, lr_base: float, lr_peft: floa
     with (out / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     last_eval = [r for r in rows if r["eval_acc"]][-1]
-    tail = [float(r["loss"]) for r in rows[-max(1, len(rows) // 10):]]
     res = {"method": method, "lr_base": lr_base, "lr_peft": lr_peft, "dev_acc": float(last_eval["dev_acc"]),
-           "eval_acc": float(last_eval["eval_acc"]), "final_loss": sum(tail) / len(tail),
+           "eval_acc": float(last_eval["eval_acc"]), "final_loss": final_loss(float(r["loss"]) for r in rows),
            "sec_per_step": s["seconds_per_step"], "peak_mem_mb": s["peak_memory_mb"], "run": str(out)}
     print(f"  {method:<14} lr_base={lr_base:<8g} lr_peft={lr_peft:<8g} dev={res['dev_acc']:.3f} "
           f"eval={res['eval_acc']:.3f} loss={res['final_loss']:.4f} {res['sec_per_step']:.3f} s/step "

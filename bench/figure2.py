@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 from pathlib import Path
 
 from analysis import load_run
 from figures.fig2 import fig2
 from hybrid.train import TrainConfig, train
+from smoothlab.runlog import final_loss
 
 
 def main() -> None:
@@ -47,10 +47,9 @@ def main() -> None:
         with (Path(cfg.out) / "metrics.csv").open() as fh:
             rows = list(csv.DictReader(fh))
         losses = [float(r["loss"]) for r in rows if r["loss"]]
-        tail = [v for v in losses[-max(1, len(losses) // 10):] if math.isfinite(v)]
         acc = [r["eval_acc"] for r in rows if r["eval_acc"]]
         print(f"{label:<40} steps {len(rows):>4}  first loss {losses[0]:.4f}  "
-              f"final loss {sum(tail) / max(len(tail), 1):.4f}  eval acc {acc[-1] if acc else 'n/a'}", flush=True)
+              f"final loss {final_loss(losses):.4f}  eval acc {acc[-1] if acc else 'n/a'}", flush=True)
     print("wrote", *fig2(frames, out / "fig2", smooth_window=10, logy=True))
 
 

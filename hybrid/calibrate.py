@@ -30,7 +30,7 @@ from pathlib import Path
 from smoothlab.advisor import Advice
 from smoothlab.errors import UsageError
 from smoothlab.methods import get_method
-from smoothlab.runlog import write_json
+from smoothlab.runlog import final_loss, write_json
 
 from .train import TrainConfig, train
 
@@ -85,18 +85,18 @@ def _pilot(
         "losses": [],
     }
     try:
-        run = train(cfg, progress=progress)
-    except FloatingPointError:
+        run = train(cfg, progress=progress, resume=False)  # a pilot folder is always fresh
+    except FloatingPointError:  # Diverged: the pilot's row keeps nan
         return row
     with (run / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     last = rows[-1]
-    tail = [float(r["loss"]) for r in rows[-max(1, len(rows) // 10) :]]
+    losses = [float(r["loss"]) for r in rows]
     row.update(
         dev_acc=float(last["dev_acc"]),
         eval_acc=float(last["eval_acc"]),
-        final_loss=sum(tail) / len(tail),
-        losses=[float(r["loss"]) for r in rows],
+        final_loss=final_loss(losses),
+        losses=losses,
     )
     return row
 
