@@ -1,6 +1,6 @@
 """Training runs: methods, the loop, the run folder, evaluation, checkpoints and resume.
 
-``train(TrainConfig(...))`` writes the run folder of DESIGN.md: ``config.json``,
+``train(TrainConfig(...))`` writes the run folder of docs/design.md: ``config.json``,
 ``metrics.csv`` (flushed row by row), ``checkpoint.pt`` (every ``save_every`` steps and at the
 end), ``best.pt`` (best dev accuracy), ``summary.json``, and with a recorder
 ``smoothness.csv``. Re-running with the same ``out`` resumes from ``checkpoint.pt`` and
