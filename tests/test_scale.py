@@ -276,7 +276,9 @@ def test_seed_checkpoint_refuses_other_initial_weights(enc, tmp_path) -> None:
     _train(cfg)
     tiny_encoder(seed=1, save_dir=model)  # the same name now holds other weights
     with pytest.raises(UsageError, match="cannot replay .* the log starts from sha256:"):
-        _train(_cfg(model, tmp_path / "r", method="zo-ft", checkpoint="seeds", steps=3))
+        _train(
+            _cfg(model, tmp_path / "r", method="zo-ft", checkpoint="seeds", steps=3, eval_every=1)
+        )
     with pytest.raises(UsageError, match="cannot replay"):
         load_trained(tmp_path / "r")
 
