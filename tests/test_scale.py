@@ -176,7 +176,9 @@ def test_two_ranks_of_8_match_one_process_of_16(parallel, method) -> None:
     print(f"{method}: max relative |Δloss| = {dl:.2e}, max |Δweight| = {dw:.2e}")
     assert dl <= 1e-5 and dw <= 1e-5
     # the accuracies are counts over the same examples: equal unless a score is a near-tie
-    assert [(a["eval_acc"], a["dev_acc"]) for a in r1] == [(b["eval_acc"], b["dev_acc"]) for b in r2]
+    assert [(a["eval_acc"], a["dev_acc"]) for a in r1] == [
+        (b["eval_acc"], b["dev_acc"]) for b in r2
+    ]
     config = json.loads((two / "config.json").read_text())
     assert config["world_size"] == 2 and config["batch_size"] == 16
     assert not list(two.parent.glob("rank*.err"))
@@ -245,9 +247,14 @@ def test_seed_checkpoint_replays_bit_identically_to_a_full_one(seed_runs, method
     lines = (seeds / "seeds.jsonl").read_text().splitlines()
     assert len(lines) == 7 and json.loads(lines[0])["weights_hash"].startswith("sha256:")
     if method == "zo-ft":  # kilobytes instead of the model
-        small, big = (seeds / "checkpoint.pt").stat().st_size, (full / "checkpoint.pt").stat().st_size
-        print(f"zo-ft checkpoint: seeds {small} B (+ seeds.jsonl "
-              f"{(seeds / 'seeds.jsonl').stat().st_size} B) vs full {big} B")
+        small, big = (
+            (seeds / "checkpoint.pt").stat().st_size,
+            (full / "checkpoint.pt").stat().st_size,
+        )
+        print(
+            f"zo-ft checkpoint: seeds {small} B (+ seeds.jsonl "
+            f"{(seeds / 'seeds.jsonl').stat().st_size} B) vs full {big} B"
+        )
         assert small < big / 100
 
 
@@ -290,7 +297,9 @@ def test_checkpoint_kind_cannot_change_on_resume(seed_runs, enc, tmp_path) -> No
     shutil.copytree(runs["zo-ft", "seeds"], tmp_path / "r")
     with pytest.raises(UsageError, match="checkpoint"):
         _train(_cfg(enc, tmp_path / "r", method="zo-ft", checkpoint="full", steps=8))
-    with pytest.raises(UsageError, match="checkpoint 'weights' is not accepted; accepted: seeds, full"):
+    with pytest.raises(
+        UsageError, match="checkpoint 'weights' is not accepted; accepted: seeds, full"
+    ):
         TrainConfig(checkpoint="weights").validate()
 
 
@@ -318,12 +327,16 @@ def test_cli_defaults_to_seeds_for_zo_ft_and_exports(seed_runs, enc, tmp_path) -
 def test_explicit_device_map_runs_the_accelerate_path_bit_identically(enc, tmp_path) -> None:
     dmap = json.dumps({"bert.embeddings": "cpu", "bert.encoder": "cpu", "": "cpu"})
     a = _train(_cfg(enc, tmp_path / "a", method="zo-ft", checkpoint="full", steps=2))
-    b = _train(_cfg(enc, tmp_path / "b", method="zo-ft", checkpoint="full", steps=2, device_map=dmap))
+    b = _train(
+        _cfg(enc, tmp_path / "b", method="zo-ft", checkpoint="full", steps=2, device_map=dmap)
+    )
     wa = torch.load(a / "checkpoint.pt", weights_only=False)["model"]
     wb = torch.load(b / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     with pytest.raises(UsageError, match="device_map"):
-        _train(_cfg(enc, tmp_path / "c", method="zo-ft", steps=1, device_map='{"bert.encoder": "cpu"}'))
+        _train(
+            _cfg(enc, tmp_path / "c", method="zo-ft", steps=1, device_map='{"bert.encoder": "cpu"}')
+        )
     with pytest.raises(UsageError, match="accepted: 'auto' or a JSON object"):
         TrainConfig(device_map="everywhere").validate()
 
@@ -379,7 +392,9 @@ def test_each_parameter_is_perturbed_and_updated_on_its_own_device() -> None:
     d(2, meta)
     d.update_(0, cpu[0], 0.0)  # a CPU parameter never reaches the other device's sampler
     assert calls == [("update", 2, "meta"), ("shift", 2, "meta"), ("z", 2, "meta")]
-    assert isinstance(make_sampler(get_source("table"), 0, cpu), type(get_source("table").sampler()))
+    assert isinstance(
+        make_sampler(get_source("table"), 0, cpu), type(get_source("table").sampler())
+    )
     with pytest.raises(UsageError, match="'meta' device"):
         make_sampler(get_source("table"), 0, [cpu[0], meta])
     model = torch.nn.Linear(3, 2, device="meta")
@@ -403,8 +418,14 @@ def test_model_split_over_two_gpus_trains_like_one(enc, tmp_path) -> None:
     }
     one = _train(_cfg(enc, tmp_path / "one", method="zo-ft", checkpoint="full", device="cuda:0"))
     two = _train(
-        _cfg(enc, tmp_path / "two", method="zo-ft", checkpoint="seeds", device="cuda:0",
-             device_map=json.dumps(dmap))
+        _cfg(
+            enc,
+            tmp_path / "two",
+            method="zo-ft",
+            checkpoint="seeds",
+            device="cuda:0",
+            device_map=json.dumps(dmap),
+        )
     )
     bundle = load_trained(two)
     devices = {p.device.index for p in bundle.model.parameters()}
