@@ -10,14 +10,19 @@ so one SUM all-reduce of the weighted per-rank values gives the single-process v
 the same global batch: 8 bytes per forward for the ZO losses f(x ± μz_i), plus the PEFT
 gradients once per step, plus (probes) the HVPs ``H v = Σ_r (n_r/N) H_r v``.
 
-Use (what ``train.py`` / ``engine.py`` call)::
+Use (what :class:`hybrid.train.Trainer` does)::
 
     w = init(timeout_s=600)                              # no torchrun env: 1-process no-op
     idx = shard(sampler.batch(t), w.rank, w.world_size)  # this rank's part of batch t
-    fn = sharded_loss_fn(lambda: bundle.loss(encode(idx)), len(idx), len(batch))
-    install_grad_allreduce(engine.optimizer, engine.fo_params)   # once
-    engine.step(fn)                                      # unchanged engine: same ĝ, same y-grad
+    install_grad_allreduce(engine.optimizer, engine.fo_params, weight=lambda: n / N)  # once
+    engine.step(lambda: bundle.loss(encode(idx)),        # the shard loss, and all 2q(+1)
+                reduce=lambda v: weighted_sum(v, n, N))  # losses of the step in ONE collective
+    with global_gradients(probed_params):                # probes: gradients summed over ranks
+        recorder.step(t, sharded_loss_fn(shard_loss, n, N))
     if is_writer(): write files
+
+(``sharded_loss_fn`` alone also works with an unchanged ``engine.step(fn)``, one collective
+per forward.)
 
 ``sharded_loss_fn`` all-reduces the value of every call (so the engine's float(loss) is the
 global loss) and returns ``w_r·f_r + (f − w_r·f_r).detach()``: the value is global, the

@@ -12,6 +12,13 @@ configuration that would change the trajectory; SIGINT/SIGTERM wait for an updat
 to end, then a checkpoint at that step records its pending :data:`PHASES`, so any stop
 (SIGKILL included: rows after the checkpoint are dropped and redone) continues bit-identically
 with no row missing or twice; a diverging loss stops the run (:class:`Diverged`).
+
+Scaling (docs/scaling.md): under ``torchrun`` every rank takes its shard of each global
+minibatch; the ZO losses of a step are summed over ranks in one collective, the PEFT
+gradients in one more, probes see global gradients, eval counts are summed, and only rank 0
+writes the folder. ``checkpoint="seeds"`` stores ``seeds.jsonl`` and the first-order weights
+instead of the model; resume and :func:`load_trained` replay the log bit-identically.
+``device_map`` spreads the model over devices with accelerate (:func:`place_model`).
 """
 
 from __future__ import annotations

@@ -627,7 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="run folder (with config.json and checkpoint.pt)")
     ex.add_argument("--out", required=True, help="output folder (must be new or empty)")
     ex.add_argument(
-        "--device", default=None, help="device to rebuild the model on (default: the run's)"
+        "--device",
+        default=None,
+        help="device to rebuild the model on; the run's own device when not given",
     )
     ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     ex.set_defaults(func=cmd_export)
