@@ -1,12 +1,13 @@
 """Step time and communication of data-parallel training: 1 rank versus 2 ranks on CPU (gloo).
 
 Each rank loads the same model, takes its shard of every global minibatch
-(:func:`hybrid.distributed.shard`), and runs :class:`hybrid.engine.HybridEngine` on
-:func:`hybrid.distributed.sharded_loss_fn` with the PEFT gradients summed by
-:func:`hybrid.distributed.install_grad_allreduce`. Printed per configuration: the median step
-time (after one warm-up step) and what rank 0 handed to all-reduce per step — 8 bytes per
-forward (one float64 loss) plus the PEFT gradients — and the ring all-reduce wire bytes
-2(W−1)/W times that.
+(:func:`hybrid.distributed.shard`), and runs :class:`hybrid.engine.HybridEngine` exactly as
+the Trainer does: ``engine.step(shard_loss, reduce=weighted_sum)`` (the step's 2q(+1) losses
+in ONE all-reduce) with the PEFT gradients summed by
+:func:`hybrid.distributed.install_grad_allreduce` (weight n_r/N). Printed per configuration:
+the median step time (after one warm-up step) and what rank 0 handed to all-reduce per step
+— 8 bytes per forward (one float64 loss) plus the PEFT gradients — in how many collectives,
+and the ring all-reduce wire bytes 2(W−1)/W times that.
 
     python bench/ranks.py --steps 5 --ranks 1,2              # bundled MiniLM, hybrid-lora
     python bench/ranks.py --model tiny --method zo-ft --steps 20
@@ -38,8 +39,9 @@ def _free_port() -> int:
 
 def _build(args: argparse.Namespace):
     from hybrid.data import EpochSampler, load_task_data
-    from hybrid.models import ModelBundle, attach_peft, load_model, tiny_encoder
+    from hybrid.models import ModelBundle, attach_peft, load_model
     from smoothlab.blocks import make_blocks
+    from tests.tiny_models import tiny_encoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -92,16 +94,23 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     bundle, splits, sampler, zo, fo = _build(args)
     engine = HybridEngine(bundle.model, zo, fo, lr_zo=1e-6, lr_fo=1e-3, q=args.q, seed=0)
     counter = D.CommStats()
-    D.install_grad_allreduce(engine.optimizer, engine.fo_params, counter=counter)
+    share = {"w": 1.0}
+    D.install_grad_allreduce(
+        engine.optimizer, engine.fo_params, weight=lambda: share["w"], counter=counter
+    )
     times, sent, calls = [], [], []
     for t in range(args.steps + 1):
         batch = sampler.batch(t)
         idx = D.shard(batch, w.rank, w.world_size)
         enc = bundle.encode([splits.train[i] for i in idx], args.max_length)
-        fn = D.sharded_loss_fn(lambda e=enc: bundle.loss(e), len(idx), len(batch), counter=counter)
+        n, total = len(idx), len(batch)
+        share["w"] = n / total
+        reduce = None
+        if w.distributed:
+            reduce = lambda v, n=n, total=total: D.weighted_sum(v, n, total, counter=counter)  # noqa: E731
         D.barrier()
         t0 = time.perf_counter()
-        engine.step(fn)
+        engine.step(lambda e=enc: bundle.loss(e), reduce=reduce)
         if t:  # the first step warms up
             times.append(time.perf_counter() - t0)
         b, c = counter.reset()

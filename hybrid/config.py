@@ -31,6 +31,7 @@ from smoothlab.methods import get_method, method_names, peft_kinds
 
 __all__ = [
     "AUTO",
+    "CHECKPOINTS",
     "AdviseConfig",
     "Figure1Config",
     "ModelConfig",
@@ -130,6 +131,36 @@ def rate_or_auto(name: str, v: Any) -> None:
     """``v`` is a finite number >= 0 or the string ``"auto"``."""
     if v != AUTO and not (_number(v) and v >= 0):
         raise UsageError(f"{name} must be a finite number >= 0 or 'auto', got {v!r}")
+
+
+CHECKPOINTS = ("seeds", "full")
+
+
+def checkpoint_kind(name: str, v: Any) -> None:
+    """``v`` is None (the method's default) or one of :data:`CHECKPOINTS`."""
+    if v is not None and v not in CHECKPOINTS:
+        raise UsageError(f"{name} {v!r} is not accepted; accepted: {', '.join(CHECKPOINTS)}")
+
+
+def device_map_spec(name: str, v: Any) -> None:
+    """``v`` is None, ``"auto"``, a mapping of module names to devices, or its JSON text."""
+    if v is None or v == AUTO:
+        return
+    mapping = v
+    if isinstance(v, str):
+        try:
+            mapping = json.loads(v)
+        except json.JSONDecodeError:
+            mapping = None
+    if not (
+        isinstance(mapping, dict)
+        and mapping
+        and all(isinstance(k, str) and isinstance(d, str | int) for k, d in mapping.items())
+    ):
+        raise UsageError(
+            f"{name} {v!r} is not accepted; accepted: 'auto' or a JSON object of module names "
+            'to devices, e.g. \'{"bert.embeddings": "cuda:0", "bert.encoder": "cuda:1", "": "cuda:1"}\''
+        )
 
 
 RECORD_PRESETS = ("layers", "kinds")
@@ -506,6 +537,26 @@ class TrainConfig(ModelConfig):
     )
     diverge_patience: int = opt(
         3, "consecutive steps above --diverge-factor x the initial loss", check=positive_int
+    )
+    checkpoint: str | None = opt(
+        None,
+        "what checkpoint.pt holds: 'seeds' (the ZO trajectory as seeds.jsonl, replayed from "
+        "the initial weights, plus the PEFT weights: kilobytes) or 'full' (every weight) "
+        "(default: seeds for zo-ft, full otherwise; from Python: full)",
+        check=checkpoint_kind,
+    )
+    device_map: str | None = opt(
+        None,
+        "spread the model over devices with accelerate (pip install accelerate): 'auto', or a "
+        "JSON object of module names to devices; each parameter is perturbed and updated on "
+        "its own device (default: the whole model on --device)",
+        check=device_map_spec,
+    )
+    dist_timeout: float = opt(
+        600.0,
+        "under torchrun: seconds a rank waits in a collective for the others before it stops "
+        "with a one-line rank-failure message",
+        check=positive_float,
     )
     out: str = opt(
         "runs/run",

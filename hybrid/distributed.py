@@ -10,14 +10,19 @@ so one SUM all-reduce of the weighted per-rank values gives the single-process v
 the same global batch: 8 bytes per forward for the ZO losses f(x ± μz_i), plus the PEFT
 gradients once per step, plus (probes) the HVPs ``H v = Σ_r (n_r/N) H_r v``.
 
-Use (what ``train.py`` / ``engine.py`` call)::
+Use (what :class:`hybrid.train.Trainer` does)::
 
     w = init(timeout_s=600)                              # no torchrun env: 1-process no-op
     idx = shard(sampler.batch(t), w.rank, w.world_size)  # this rank's part of batch t
-    fn = sharded_loss_fn(lambda: bundle.loss(encode(idx)), len(idx), len(batch))
-    install_grad_allreduce(engine.optimizer, engine.fo_params)   # once
-    engine.step(fn)                                      # unchanged engine: same ĝ, same y-grad
+    install_grad_allreduce(engine.optimizer, engine.fo_params, weight=lambda: n / N)  # once
+    engine.step(lambda: bundle.loss(encode(idx)),        # the shard loss, and all 2q(+1)
+                reduce=lambda v: weighted_sum(v, n, N))  # losses of the step in ONE collective
+    with global_gradients(probed_params):                # probes: gradients summed over ranks
+        recorder.step(t, sharded_loss_fn(shard_loss, n, N))
     if is_writer(): write files
+
+(``sharded_loss_fn`` alone also works with an unchanged ``engine.step(fn)``, one collective
+per forward.)
 
 ``sharded_loss_fn`` all-reduces the value of every call (so the engine's float(loss) is the
 global loss) and returns ``w_r·f_r + (f − w_r·f_r).detach()``: the value is global, the
@@ -66,6 +71,7 @@ __all__ = [
     "barrier",
     "check_same",
     "current",
+    "global_gradients",
     "init",
     "install_grad_allreduce",
     "is_writer",
@@ -280,7 +286,8 @@ def sharded_loss_fn(
 ) -> LossFn:
     """The global-batch loss from this rank's shard loss ``loss_fn`` (a mean over n_local).
 
-    Each call all-reduces the value (float64), so every rank sees f(θ; ξ) = Σ_r (n_r/N) f_r.
+    Each call all-reduces the value (in float64, returned in the shard loss's dtype), so
+    every rank sees f(θ; ξ) = Σ_r (n_r/N) f_r.
     With autograd on, the result is ``w·f_r + (f − w·f_r).detach()`` (w = n_r/N): its gradient
     is this rank's term w·∇f_r, which :func:`allreduce_grads_` then sums. Single-process (or
     N = n_local on one rank) it is ``loss_fn`` itself, so results are unchanged bit for bit.
@@ -295,10 +302,11 @@ def sharded_loss_fn(
         if local.numel() != 1:
             raise ValueError(f"the shard loss must be a scalar, got shape {tuple(local.shape)}")
         (total,) = weighted_sum([float(local.detach())], n_local, n_global, counter=counter)
-        value = torch.tensor(total, dtype=torch.float64, device=local.device)
+        # the shard loss's dtype: callers that size steps by it (probes) see the same dtype
+        value = torch.tensor(total, dtype=local.dtype, device=local.device)
         if not local.requires_grad:
             return value
-        mine = local.double().reshape(()) * w
+        mine = local.reshape(()) * w
         return mine + (value - mine).detach()
 
     return fn
@@ -352,17 +360,65 @@ def install_grad_allreduce(
     optimizer: torch.optim.Optimizer,
     params: Sequence[torch.Tensor],
     *,
+    weight: float | Callable[[], float] = 1.0,
     counter: CommStats | None = None,
 ) -> object:
-    """Before every ``optimizer.step`` sum the grads of ``params`` over ranks (for losses from
-    :func:`sharded_loss_fn`). Returns the hook handle (``.remove()``); no-op single-process."""
+    """Before every ``optimizer.step`` set the grads of ``params`` to Σ_r weight_r·grad_r.
+
+    ``weight``: 1 for losses from :func:`sharded_loss_fn` (already weighted); n_r/N (or a
+    callable giving this step's n_r/N) when the gradients are of the plain shard loss, as
+    in :meth:`hybrid.engine.HybridEngine.step` with ``reduce``. Returns the hook handle
+    (``.remove()``); a no-op single-process."""
     params = list(params)
 
     def hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if params and _active():
-            allreduce_grads_(params, counter=counter)
+            w = weight() if callable(weight) else weight
+            allreduce_grads_(params, weight=w, counter=counter)
 
     return optimizer.register_step_pre_hook(hook)
+
+
+@contextlib.contextmanager
+def global_gradients(
+    params: Sequence[torch.Tensor], *, counter: CommStats | None = None
+) -> Iterator[None]:
+    """Inside the context every gradient autograd computes for one of ``params`` is summed
+    over ranks as it is produced (a tensor hook per parameter), so with a loss from
+    :func:`sharded_loss_fn` (gradient w_r ∇f_r) any gradient-based computation sees the
+    global-batch gradient ∇f = Σ_r w_r ∇f_r, and a finite-difference HVP the global
+    H v = Σ_r w_r H_r v. The hook's result keeps the local term's autograd graph
+    (value global, derivative local), so a double backward (exact HVPs) is summed by the
+    same hook when its gradient reaches the parameter: again Σ_r w_r H_r v.
+
+    Parameters get ``requires_grad`` for the duration (a hook needs it). All ranks must run
+    the same autograd calls in the same order (they do: same code, same seeds); one
+    collective per parameter per gradient. No-op single-process.
+    """
+    params = [p for p in params]
+    if not _active() or not params:
+        yield
+        return
+
+    def hook(g: torch.Tensor) -> torch.Tensor:
+        total = g.detach().clone()
+        with _collective(f"all-reduce of a gradient of {total.numel()} values"):
+            dist.all_reduce(total)
+        (counter or stats).add(total.numel() * total.element_size())
+        return g + (total - g.detach()) if g.requires_grad else total
+
+    flags = [p.requires_grad for p in params]
+    handles = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+            handles.append(p.register_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 
 def barrier(what: str = "barrier", *, timeout_s: float | None = None) -> None:

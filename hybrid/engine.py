@@ -36,9 +36,19 @@ import torch
 from torch import nn
 
 from smoothlab.errors import UsageError
-from smoothlab.perturb import DEFAULT_SOURCE, Sampler, get_source, param_seed, shifted
+from smoothlab.perturb import (
+    DEFAULT_SOURCE,
+    Sampler,
+    Scratch,
+    SeededDirection,
+    Source,
+    get_source,
+    param_seed,
+    shifted,
+)
 
 LossFn = Callable[[], torch.Tensor]
+Reduce = Callable[[list[float]], list[float]]
 
 
 class TwoRateSGD(torch.optim.Optimizer):
@@ -107,12 +117,74 @@ def zo_update(
             d.update_(i, p, -lr * coef)
 
 
+class _DeviceDirection:
+    """z of one seed for parameters spread over devices: each parameter's z, shift and
+    update come from the sampler of that parameter's own device (nothing crosses devices)."""
+
+    def __init__(self, by_device: dict[torch.device, SeededDirection]) -> None:
+        self.by_device = by_device
+
+    def _on(self, p: torch.Tensor) -> SeededDirection:
+        return self.by_device[p.device]
+
+    def __call__(self, index: int, p: torch.Tensor) -> torch.Tensor:
+        return self._on(p)(index, p)
+
+    def shift(
+        self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._on(w).shift(index, w, scale, out)
+
+    def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
+        self._on(p).update_(index, p, alpha)
+
+
+class DeviceSampler:
+    """A source bound to a run whose ZO parameters live on several devices (a model placed
+    with a device map): one :class:`~smoothlab.perturb.Sampler` per device, all built from
+    the run's seed and the size of the largest parameter overall, sharing one scratch.
+
+    Parameter i's z therefore depends only on (run seed, seed, i, the device *type*): the
+    ``table`` source builds the same table on every device of one type (one generator
+    algorithm per type), so a model over cuda:0..cuda:7 perturbs exactly like one on
+    cuda:0; CPU and CUDA generators differ (``hash`` is the placement-independent source).
+    """
+
+    def __init__(self, source: Source, run_seed: int, params: Sequence[torch.Tensor]) -> None:
+        self.scratch = Scratch()
+        largest = max((p.numel() for p in params), default=0)
+        devices = dict.fromkeys(p.device for p in params)
+        self.samplers = {d: source.sampler(run_seed, largest, self.scratch) for d in devices}
+
+    def __call__(self, seed: int) -> _DeviceDirection:
+        return _DeviceDirection({d: s(seed) for d, s in self.samplers.items()})
+
+
+def make_sampler(
+    source: Source, run_seed: int, params: Sequence[torch.Tensor]
+) -> Sampler | DeviceSampler:
+    """The sampler of a run over ``params``: a plain one when they share a device, else a
+    :class:`DeviceSampler`. Parameters on the ``meta`` device (offloaded by a device map)
+    are refused: their weights are not in memory, so they cannot be perturbed in place."""
+    devices = {p.device for p in params}
+    if any(d.type == "meta" for d in devices):
+        raise UsageError(
+            "some zeroth-order parameters are on the 'meta' device (offloaded to disk or CPU by "
+            "the device map); ZO updates need every weight in memory: give the map more memory "
+            "per device (max_memory) or use fewer/larger devices"
+        )
+    if len(devices) <= 1:
+        return source.sampler(run_seed, max((p.numel() for p in params), default=0))
+    return DeviceSampler(source, run_seed, params)
+
+
 def zo_updater(
     params: Sequence[torch.Tensor], *, seed: int, z: str = DEFAULT_SOURCE
 ) -> Callable[[Sequence[torch.Tensor], Sequence[tuple[int, float]], float, float], None]:
     """``update(params, terms, lr, wd)`` for the run with ``seed`` and source ``z`` whose ZO
-    block is ``params`` (the sampler a :class:`HybridEngine` of that run builds)."""
-    sampler = get_source(z).sampler(seed, max((p.numel() for p in params), default=0))
+    block is ``params`` (the sampler a :class:`HybridEngine` of that run builds, per device
+    when ``params`` are spread over several)."""
+    sampler = make_sampler(get_source(z), seed, list(params))
 
     def update(
         ps: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]], lr: float, wd: float
@@ -130,6 +202,7 @@ class StepResult:
     loss: float
     proj_grad: float
     forwards: int
+    terms: tuple[tuple[int, float], ...] = ()
 
 
 class HybridEngine:
@@ -188,9 +261,7 @@ class HybridEngine:
         self.fo_at_perturbed = fo_at_perturbed and bool(zo_params) and bool(fo_params)
         self.seed = seed
         self.t = 0
-        self.sampler = self.source.sampler(
-            seed, max((p.numel() for p in self.zo_params), default=0)
-        )
+        self.sampler = make_sampler(self.source, seed, self.zo_params)
         for p in self.zo_params:
             p.requires_grad_(False)
         for p in self.fo_params:
@@ -252,32 +323,52 @@ class HybridEngine:
             with self._shifted(seed, scale):
                 return float(loss_fn())
 
-    def step(self, loss_fn: LossFn) -> StepResult:
-        """One update of x (SPSA) and y (gradient) on the batch behind ``loss_fn``."""
-        forwards = 0
-        loss_at_x = math.nan
-        terms: list[tuple[int, float]] = []
-        grads: list[float] = []
+    def _local_values(self, loss_fn: LossFn) -> tuple[list[float], int]:
+        """Every loss the step needs, in a fixed order, and the forwards taken: [f(x) if
+        the gradient forward is at x] + [f(x) if one-sided needs it] + per perturbation i
+        [f(x + μz_i), f(x − μz_i) unless one-sided]. The PEFT gradient is left in ``.grad``."""
+        vals: list[float] = []
         if self.fo_params and not self.fo_at_perturbed:
-            loss_at_x = float(self._fo_loss(loss_fn, None))
-            forwards += 1
+            vals.append(float(self._fo_loss(loss_fn, None)))
         if self.zo_params:
-            f0 = loss_at_x
-            if self.one_sided and not math.isfinite(f0):
-                f0 = self._value(loss_fn, None, 0.0)
-                forwards += 1
+            if self.one_sided and not vals:  # f(x) unless the gradient forward gave it
+                vals.append(self._value(loss_fn, None, 0.0))
             for i in range(self.q):
                 s = self.perturbation_seed(self.t, i)
                 if i == 0 and self.fo_at_perturbed:
-                    fp = float(self._fo_loss(loss_fn, (s, self.mu)))
+                    vals.append(float(self._fo_loss(loss_fn, (s, self.mu))))
                 else:
-                    fp = self._value(loss_fn, s, self.mu)
-                forwards += 1
+                    vals.append(self._value(loss_fn, s, self.mu))
+                if not self.one_sided:
+                    vals.append(self._value(loss_fn, s, -self.mu))
+        return vals, len(vals)
+
+    def step(self, loss_fn: LossFn, *, reduce: Reduce | None = None) -> StepResult:
+        """One update of x (SPSA) and y (gradient) on the batch behind ``loss_fn``.
+
+        ``reduce`` (data parallelism): maps this rank's list of the step's 2q(+1) losses to
+        the global-batch losses in ONE collective, e.g. ``hybrid.distributed.weighted_sum``;
+        every rank then computes the same g_i and applies the same update. Without it the
+        losses are used as computed (one process)."""
+        vals, forwards = self._local_values(loss_fn)
+        if reduce is not None:
+            vals = reduce(vals)
+        it = iter(vals)
+        at_x = bool(self.fo_params) and not self.fo_at_perturbed
+        loss_at_x = next(it) if at_x else math.nan
+        terms: list[tuple[int, float]] = []
+        grads: list[float] = []
+        if self.zo_params:
+            f0 = loss_at_x
+            if self.one_sided and not at_x:
+                f0 = next(it)
+            for i in range(self.q):
+                s = self.perturbation_seed(self.t, i)
+                fp = next(it)
                 if self.one_sided:
                     g = (fp - f0) / self.mu
                 else:
-                    fm = self._value(loss_fn, s, -self.mu)
-                    forwards += 1
+                    fm = next(it)
                     g = (fp - fm) / (2 * self.mu)
                     if not math.isfinite(loss_at_x):
                         loss_at_x = 0.5 * (fp + fm)  # f(x) + O(μ²): the logged loss
@@ -290,7 +381,7 @@ class HybridEngine:
             p.grad = None
         self.t += 1
         proj = sum(grads) / len(grads) if grads else math.nan
-        return StepResult(loss=loss_at_x, proj_grad=proj, forwards=forwards)
+        return StepResult(loss=loss_at_x, proj_grad=proj, forwards=forwards, terms=tuple(terms))
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -12,10 +12,18 @@ configuration that would change the trajectory; SIGINT/SIGTERM wait for an updat
 to end, then a checkpoint at that step records its pending :data:`PHASES`, so any stop
 (SIGKILL included: rows after the checkpoint are dropped and redone) continues bit-identically
 with no row missing or twice; a diverging loss stops the run (:class:`Diverged`).
+
+Scaling (docs/scaling.md): under ``torchrun`` every rank takes its shard of each global
+minibatch; the ZO losses of a step are summed over ranks in one collective, the PEFT
+gradients in one more, probes see global gradients, eval counts are summed, and only rank 0
+writes the folder. ``checkpoint="seeds"`` stores ``seeds.jsonl`` and the first-order weights
+instead of the model; resume and :func:`load_trained` replay the log bit-identically.
+``device_map`` spreads the model over devices with accelerate (:func:`place_model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,11 +49,13 @@ from smoothlab.runlog import (
     write_json,
 )
 
-from .config import TrainConfig, user_input
+from . import distributed as D
+from .config import AUTO, TrainConfig, user_input
 from .data import EpochSampler, Splits, Task, load_task_data
-from .engine import HybridEngine
+from .engine import HybridEngine, zo_updater
 from .faults import Diverged, DivergenceGuard, RunLock, SignalGuard, check_resume, clear_run
 from .models import ModelBundle, attach_peft, load_model
+from .seedlog import SeedHeader, SeedLog, replay
 
 __all__ = [
     "PHASES",
@@ -54,6 +64,8 @@ __all__ = [
     "Trainer",
     "build",
     "load_config",
+    "load_trained",
+    "place_model",
     "record_blocks",
     "resolve_rates",
     "split_parameters",
@@ -115,7 +127,55 @@ def build(cfg: TrainConfig) -> tuple[ModelBundle, Task, Splits]:
                 num_virtual_tokens=cfg.num_virtual_tokens,
                 seed=cfg.seed,
             )
+    if cfg.device_map is not None:
+        bundle = place_model(bundle, cfg.device_map)
     return bundle, task, splits
+
+
+def _device_map(model: nn.Module, spec: str | dict) -> dict[str, Any]:
+    """The module → device map of ``spec``: ``"auto"`` (accelerate's
+    ``infer_auto_device_map``: fill the GPUs in order, then the CPU) or an explicit map
+    (a dict or its JSON text)."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    if spec != AUTO:
+        return dict(json.loads(spec))
+    from accelerate import infer_auto_device_map
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return infer_auto_device_map(
+        model, no_split_module_classes=getattr(base, "_no_split_modules", None) or []
+    )
+
+
+def place_model(bundle: ModelBundle, spec: str | dict) -> ModelBundle:
+    """``bundle`` with its model spread over devices by accelerate's ``dispatch_model``
+    (``spec``: ``"auto"`` or a module → device map; see :func:`_device_map`). Weights stay
+    where the map puts them; accelerate's hooks move the activations between devices, and
+    the engine perturbs and updates each parameter on its own device
+    (:func:`hybrid.engine.make_sampler`). Inputs go to the device of the first parameter.
+
+    accelerate is optional: without it this is a :class:`UsageError` naming the install.
+    A map that offloads weights (``"disk"``, or ``"cpu"`` beside GPUs, which accelerate
+    treats as offload) is refused by the engine: ZO updates need the weights in memory.
+    """
+    try:
+        from accelerate import dispatch_model
+    except ImportError:
+        raise UsageError(
+            f"device_map {spec!r} needs the accelerate package, which is not installed: "
+            "pip install accelerate"
+        ) from None
+    with user_input(f"device_map {spec!r}"):
+        dmap = _device_map(bundle.model, spec)
+        if "disk" in dmap.values():
+            raise UsageError(
+                f"device_map {spec!r} offloads weights to disk; ZO updates need every weight in "
+                "memory: give the devices more memory or use more devices"
+            )
+        model = dispatch_model(bundle.model, device_map=dmap)
+    first = next(model.parameters()).device
+    return dataclasses.replace(bundle, model=model, device=first)
 
 
 def _saved_rates(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -204,6 +264,60 @@ def record_blocks(
     return out
 
 
+def restore_weights(
+    model: nn.Module,
+    zo: list[nn.Parameter],
+    cfg: TrainConfig,
+    state: dict[str, Any],
+    run_dir: Path,
+) -> None:
+    """Put the weights of checkpoint ``state`` into ``model``, freshly built from ``cfg``.
+
+    ``full``: its state dict. ``seeds``: x_0 (the model as built, which must hash to the
+    log's ``weights_hash``, else :class:`UsageError`) is replayed through the first
+    ``seed_steps`` entries of ``run_dir/seeds.jsonl`` with the engine's own update
+    (:func:`hybrid.engine.zo_updater`): bit-identical to the trained x. Then the saved
+    first-order weights (``trained``, by name) are copied in.
+    """
+    if state.get("checkpoint", "full") == "full":
+        model.load_state_dict(state["model"])
+        return
+    path = Path(run_dir) / "seeds.jsonl"
+    if not path.is_file():
+        raise UsageError(
+            f"{run_dir} holds a seeds checkpoint but no seeds.jsonl; the run cannot be rebuilt "
+            "(restart it with --restart)"
+        )
+    steps = int(state["seed_steps"])
+    if zo:
+        replay(zo, SeedLog(path), zo_updater(zo, seed=cfg.seed, z=cfg.z), upto=steps)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state["trained"]) - set(params))
+    if unknown:
+        raise UsageError(f"{run_dir}: the checkpoint has weights this model lacks: {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in state["trained"].items():
+            params[name].copy_(value)
+
+
+def load_trained(run_dir: str | Path, *, device: str | None = None) -> ModelBundle:
+    """The fine-tuned model of a run folder: built from its ``config.json`` as training
+    built it, then the weights of ``checkpoint.pt`` restored (:func:`restore_weights`;
+    a ``seeds`` checkpoint is replayed). ``device`` overrides the run's device."""
+    cfg = load_config(run_dir)
+    if device is not None:
+        cfg = dataclasses.replace(cfg, device=device)
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise UsageError(f"{run_dir} holds no checkpoint.pt to export (train it first)")
+    bundle, _, _ = build(cfg)
+    zo, _ = split_parameters(bundle.model, cfg.method)
+    state = torch.load(path, map_location=bundle.device, weights_only=False)
+    restore_weights(bundle.model, zo, cfg, state, Path(run_dir))
+    bundle.model.eval()
+    return bundle
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -233,10 +347,19 @@ class Trainer:
         advice: dict[str, Any] | None = None,
     ) -> None:
         cfg.validate()
+        self.world = D.init(timeout_s=cfg.dist_timeout)  # torchrun: join; else 1 process
+        self.writer = self.world.rank == 0  # the one rank that writes files and the bar
+        if self.world.distributed and cfg.device_map is not None:
+            raise UsageError(
+                "device_map with torchrun is not supported: each rank would spread its replica "
+                "over every device; use one of them (see docs/scaling.md)"
+            )
         if cfg.auto_rates:  # rates given as "auto": probe now (or reuse a resumable run's)
             cfg, advice = resolve_rates(cfg, resume=True)
         self.advice = advice
-        self.cfg, self.out, self.progress, self.on_step = cfg, Path(cfg.out), progress, on_step
+        self.cfg, self.out, self.on_step = cfg, Path(cfg.out), on_step
+        self.progress = progress and self.writer
+        self.ckpt_kind = cfg.checkpoint or "full"
         self.bundle, self.task, self.splits = build(cfg)
         self.model = self.bundle.model
         self.zo, self.fo = split_parameters(self.model, cfg.method)
@@ -259,6 +382,13 @@ class Trainer:
             seed=cfg.seed,
             z=cfg.z,
         )
+        self.weight = 1.0  # this rank's share n_r/N of the current minibatch
+        if self.world.distributed:  # y-gradients: Σ_r (n_r/N) ∇f_r before each update
+            D.install_grad_allreduce(
+                self.engine.optimizer, self.engine.fo_params, weight=lambda: self.weight
+            )
+        self.seedlog: SeedLog | None = None
+        self.probed: list[torch.Tensor] = []  # every parameter a recorder probes
         self.sampler = EpochSampler(len(self.splits.train), cfg.batch_size, seed=cfg.seed)
         self.start = self.t = 0
         self.best_dev, self.elapsed, self.last_loss = -1.0, 0.0, math.nan
@@ -308,7 +438,7 @@ class Trainer:
         check_resume(
             self.out, saved, dataclasses.asdict(self.cfg), done=state["step"], defaults=defaults
         )
-        self.model.load_state_dict(state["model"])
+        self._restore(state)
         self.engine.load_state_dict(state["engine"])
         self.start, self.best_dev, self.elapsed = state["step"], state["best_dev"], state["seconds"]
         self.t = self.start
@@ -316,6 +446,12 @@ class Trainer:
         self.row = state.get("row")
         self.divergence.load_state_dict(state.get("divergence"))
         self.probe_base = float(state.get("probe_seconds", 0.0))
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """The weights of a checkpoint: a full one's state dict, or (``seeds``) the initial
+        weights replayed through ``seeds.jsonl`` (refused onto other initial weights) and
+        the first-order weights saved beside it."""
+        restore_weights(self.model, self.zo, self.cfg, state, self.out)
 
     def _extend(self, saved: dict[str, Any], state: dict[str, Any]) -> None:
         """``extend_steps`` N: the target becomes the saved one + N, unless the checkpoint
@@ -336,7 +472,8 @@ class Trainer:
         step too when its row or probe is pending; without a checkpoint every row goes.
         """
         cfg, bundle = self.cfg, self.bundle
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.writer:
+            self.out.mkdir(parents=True, exist_ok=True)
         # probed blocks: base / peft (the adapter) / head (a trained classifier, if any)
         if get_method(cfg.method).peft:
             blocks = make_blocks(self.model, "hybrid-split")
@@ -353,20 +490,22 @@ class Trainer:
             "versions": versions(),
             "resumed_from": self.start or None,
         }
-        if self.advice is not None:
-            config["advice"] = self.advice
-            # the report's proposal section (the raw curvature stays in config.json only)
-            shown = {k: v for k, v in self.advice.items() if k != "curvature"}
-            write_json(self.out / "advice.json", shown)
-        # rewritten on resume too: it must hold the configuration in effect (e.g. a raised
-        # ``steps``) and ``resumed_from``, or ``load_config`` would resume the old target
-        write_json(self.out / "config.json", config)
         keep = self.start if self.start else -1
-        self.metrics = CsvLog(
-            self.out / "metrics.csv",
-            METRICS_FIELDS,
-            truncate_after=keep - 1 if "row" in self.pending else keep,
-        )
+        if self.writer:
+            if self.advice is not None:
+                config["advice"] = self.advice
+                # the report's proposal section (the raw curvature stays in config.json only)
+                shown = {k: v for k, v in self.advice.items() if k != "curvature"}
+                write_json(self.out / "advice.json", shown)
+            # rewritten on resume too: it must hold the configuration in effect (e.g. a raised
+            # ``steps``) and ``resumed_from``, or ``load_config`` would resume the old target
+            write_json(self.out / "config.json", config | {"world_size": self.world.world_size})
+            self.metrics = CsvLog(
+                self.out / "metrics.csv",
+                METRICS_FIELDS,
+                truncate_after=keep - 1 if "row" in self.pending else keep,
+            )
+            self._open_seedlog()
         if cfg.record_every:
             self._open_recorders(blocks, keep - 1 if "probe" in self.pending else keep)
         self.model.eval()  # dropout off: both forwards of a ZO pair must see the same function
@@ -381,6 +520,25 @@ class Trainer:
                 dynamic_ncols=True,
             )
 
+    def _open_seedlog(self) -> None:
+        """``seeds.jsonl`` of a ``seeds`` checkpoint: a fresh run starts it from the initial
+        weights (hashed now, before any update); a resumed one keeps the entries up to its
+        checkpoint (later ones are redone)."""
+        if self.ckpt_kind != "seeds":
+            return
+        path = self.out / "seeds.jsonl"
+        if self.start == 0:
+            path.unlink(missing_ok=True)  # a log without a checkpoint is redone from step 0
+            header = SeedHeader.of(
+                self.cfg.model or self.bundle.name,
+                self.zo,
+                extra={"method": self.cfg.method, "seed": self.cfg.seed, "z": self.cfg.z},
+            )
+            self.seedlog = SeedLog(path, header)
+        else:
+            self.seedlog = SeedLog(path)
+        self.seedlog.truncate_after(self.start)
+
     def _open_recorders(self, blocks: dict[str, list[nn.Parameter]], keep: int) -> None:
         """The recorder of the whole blocks (it owns ``smoothness.csv``, rows after step
         ``keep`` dropped) and, with ``record_blocks``, one of the per-module blocks writing
@@ -389,8 +547,10 @@ class Trainer:
         cfg, bundle = self.cfg, self.bundle
         probe_fn = None
         if cfg.record_batch == "fixed":
-            held = bundle.encode(self.splits.dev[: cfg.batch_size], cfg.max_length)
-            probe_fn = lambda: bundle.loss(held)  # noqa: E731
+            examples = self.splits.dev[: cfg.batch_size]
+            mine = self._shard(examples)
+            held = bundle.encode(mine, cfg.max_length)
+            probe_fn = D.sharded_loss_fn(lambda: bundle.loss(held), len(mine), len(examples))
         kw = dict(
             every=cfg.record_every,
             norm=cfg.record_norm,
@@ -401,44 +561,73 @@ class Trainer:
             model=self.model,
             probe_loss_fn=probe_fn,
         )
-        self.recorder = TrajectoryRecorder(blocks, out_dir=self.out, resume_step=keep, **kw)
+        out = self.out if self.writer else None  # every rank probes, rank 0 writes
+        self.recorder = TrajectoryRecorder(blocks, out_dir=out, resume_step=keep, **kw)
         self.recorders = [self.recorder]
         if self.module_blocks:
             modules = TrajectoryRecorder(self.module_blocks, out_dir=None, **kw)
             modules.log = self.recorder.log  # one smoothness.csv, closed by its owner
             self.recorders.append(modules)
+        seen = {id(p): p for r in self.recorders for ps in r.blocks.values() for p in ps}
+        self.probed = list(seen.values())
 
-    def _batch(self, step: int) -> Any:
-        return self.bundle.encode(
-            [self.splits.train[i] for i in self.sampler.batch(step)], self.cfg.max_length
-        )
+    def _shard(self, items: list) -> list:
+        """This rank's contiguous part of ``items`` (all of them in one process)."""
+        if not self.world.distributed:
+            return items
+        return D.shard(items, self.world.rank, self.world.world_size)
+
+    def _batch(self, step: int) -> tuple[Any, int, int]:
+        """Minibatch ``step``: this rank's shard encoded, its size n_r and the global N."""
+        idx = self.sampler.batch(step)
+        mine = self._shard(list(idx))
+        batch = self.bundle.encode([self.splits.train[i] for i in mine], self.cfg.max_length)
+        return batch, len(mine), len(idx)
+
+    def _probe_fn(self, step: int) -> Callable[[], torch.Tensor]:
+        """The global-batch loss of minibatch ``step`` for probes: each call all-reduces
+        the value; the gradient is this rank's term (summed by ``global_gradients``)."""
+        batch, n, total = self._batch(step)
+        return D.sharded_loss_fn(lambda: self.bundle.loss(batch), n, total)
+
+    def _probe(self, step: int, loss_fn: Callable[[], torch.Tensor], **info: Any) -> None:
+        """Every recorder at ``step``; under torchrun the HVPs are of the global batch."""
+        with D.global_gradients(self.probed):
+            for rec in self.recorders:
+                rec.step(
+                    step,
+                    loss_fn,
+                    lr_base=self.engine.lr("base"),
+                    lr_peft=self.engine.lr("peft"),
+                    **info,
+                )
 
     def record_start(self) -> None:
         """The recorder's probe at step 0 (on the first minibatch)."""
-        first = self._batch(0)
-        for rec in self.recorders:
-            rec.step(
-                0,
-                lambda: self.bundle.loss(first),
-                epoch=0.0,
-                lr_base=self.engine.lr("base"),
-                lr_peft=self.engine.lr("peft"),
-                train_seconds=0.0,
-            )
+        self._probe(0, self._probe_fn(0), epoch=0.0, train_seconds=0.0)
 
     def step(self) -> None:
         """The update of step ``t + 1`` on minibatch ``t``, atomic (signals wait): the
         weights, ``t``, the step's row and its pending phases (:data:`PHASES`) change
         together. A diverged loss (:class:`Diverged`) is logged, then raised."""
         epoch, _ = self.sampler.position(self.t)
-        batch = self._batch(self.t)
+        batch, n, total = self._batch(self.t)
         loss_fn = lambda b=batch: self.bundle.loss(b)  # noqa: E731
+        reduce = None
+        if self.world.distributed:  # the step's 2q(+1) shard losses -> global, one collective
+            reduce = lambda v: D.weighted_sum(v, n, total)  # noqa: E731
+        self.weight = n / total
         with self.guard.critical():
             t0 = time.perf_counter()
-            res = self.engine.step(loss_fn)
+            res = self.engine.step(loss_fn, reduce=reduce)
             self.elapsed += time.perf_counter() - t0
+            if self.seedlog is not None and res.terms:
+                self.seedlog.append(
+                    self.t, res.terms, self.engine.lr("base"), self.cfg.weight_decay
+                )
             self.t += 1
-            self.last_loss, self.loss_fn = res.loss, loss_fn
+            self.last_loss = res.loss
+            self.loss_fn = D.sharded_loss_fn(loss_fn, n, total)
             self.row = {
                 "step": self.t,
                 "epoch": epoch,
@@ -454,43 +643,58 @@ class Trainer:
             try:
                 self.divergence.check(self.t, res.loss, rates)
             except Diverged:
-                self.metrics.write(self.row)
+                if self.metrics is not None:
+                    self.metrics.write(self.row)
                 raise
 
     def evaluate(self, row: dict[str, Any]) -> None:
         """Eval and dev accuracy into ``row``; ``best.pt`` on a new best dev accuracy."""
-        n = self.cfg.max_length
-        acc = self.bundle.accuracy(self.eval_set, max_length=n)
-        dev = self.bundle.accuracy(self.splits.dev, max_length=n)
+        acc, dev = self._accuracies(self.eval_set, self.splits.dev)
         with self.guard.critical():
             row["eval_acc"], row["dev_acc"] = acc, dev
             if dev > self.best_dev:
-                tmp = self.out / "best.pt.tmp"
-                torch.save({"model": self.model.state_dict(), "step": self.t, "dev_acc": dev}, tmp)
-                tmp.replace(self.out / "best.pt")
+                if self.writer:
+                    tmp = self.out / "best.pt.tmp"
+                    torch.save({**self._weights(), "step": self.t, "dev_acc": dev}, tmp)
+                    tmp.replace(self.out / "best.pt")
                 self.best_dev = dev
             if "eval" in self.pending:
                 self.pending.remove("eval")
 
+    def _accuracies(self, *sets: list) -> list[float]:
+        """Accuracy on each example set; under torchrun each rank scores its shard and the
+        counts of correct answers are summed (one collective for all sets)."""
+        n = self.cfg.max_length
+        if not self.world.distributed:
+            return [self.bundle.accuracy(examples, max_length=n) for examples in sets]
+        counts = []
+        for examples in sets:
+            part = self._shard(list(examples))
+            counts.append(round(self.bundle.accuracy(part, max_length=n) * len(part)))
+        totals = D.allreduce_sum(counts)
+        return [c / len(examples) for c, examples in zip(totals, sets)]
+
+    def _weights(self) -> dict[str, Any]:
+        """What a checkpoint stores of the weights: the state dict (``full``) or, for
+        ``seeds``, the first-order weights by name and the number of logged ZO updates."""
+        if self.ckpt_kind == "full":
+            return {"model": self.model.state_dict()}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        trained = {names[id(p)]: p.detach().clone() for p in self.fo}
+        return {"trained": trained, "seed_steps": self.engine.t if self.zo else 0}
+
     def log(self, row: dict[str, Any]) -> None:
         """Write ``row`` to ``metrics.csv`` (atomic with respect to signals)."""
         with self.guard.critical():
-            self.metrics.write(row)
+            if self.metrics is not None:
+                self.metrics.write(row)
             if "row" in self.pending:
                 self.pending.remove("row")
 
     def probe(self, loss_fn: Callable[[], torch.Tensor]) -> None:
         """Let the recorders probe step ``t`` (on ``loss_fn``'s batch: the logged loss is the
         probed batch's, like grad_norm)."""
-        for rec in self.recorders:
-            rec.step(
-                self.t,
-                loss_fn,
-                epoch=self.row["epoch"],
-                lr_base=self.engine.lr("base"),
-                lr_peft=self.engine.lr("peft"),
-                train_seconds=self.elapsed,
-            )
+        self._probe(self.t, loss_fn, epoch=self.row["epoch"], train_seconds=self.elapsed)
 
     def finish_step(self) -> None:
         """The phases of step ``t`` after its update, in order: evaluation, the row, the
@@ -505,8 +709,7 @@ class Trainer:
             if self.recorders:
                 loss_fn = self.loss_fn
                 if loss_fn is None:  # resumed inside the step: the minibatch it saw
-                    batch = self._batch(t - 1)
-                    loss_fn = lambda: self.bundle.loss(batch)  # noqa: E731
+                    loss_fn = self._probe_fn(t - 1)
                 self.probe(loss_fn)
             self.pending.remove("probe")
         if t % self.save_every == 0 or t == self.cfg.steps:
@@ -519,11 +722,16 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """Save model, engine, counters and the step's pending phases atomically to
-        ``checkpoint.pt`` (call it inside ``guard.critical()``)."""
+        ``checkpoint.pt`` (call it inside ``guard.critical()``); rank 0 only. A ``seeds``
+        checkpoint holds the first-order weights and the count of ``seeds.jsonl`` entries
+        instead of the model (the log is flushed before: its entries >= that count)."""
+        if not self.writer:
+            return
         tmp = self.out / "checkpoint.pt.tmp"
         torch.save(
             {
-                "model": self.model.state_dict(),
+                **self._weights(),
+                "checkpoint": self.ckpt_kind,
                 "engine": self.engine.state_dict(),
                 "step": self.t,
                 "pending": list(self.pending),
@@ -560,9 +768,22 @@ class Trainer:
             self.metrics.close()
         if self.recorder is not None:
             self.recorder.close()
+        if self.seedlog is not None:
+            self.seedlog.close()
+
+    def _check_replicas(self) -> None:
+        """Every rank holds the same configuration, weights and step (else a
+        :class:`UsageError` naming each rank's value; a missing rank: :class:`RankFailure`)."""
+        from .seedlog import weights_hash
+
+        D.check_same("the configuration", json.dumps(dataclasses.asdict(self.cfg), default=str))
+        D.check_same("the resumed step", str(self.start))
+        D.check_same("the weights", weights_hash(self.model))
 
     def finish(self) -> None:
         """Write ``summary.json`` over the whole run (a no-op rerun keeps the real one)."""
+        if not self.writer:
+            return
         summary = {
             "method": self.cfg.method,
             "steps": self.t,
@@ -575,7 +796,7 @@ class Trainer:
             "probe_seconds": self.probe_seconds,
             "peak_memory_mb": _peak_memory_mb(self.bundle.device),
         }
-        if self.t > self.start or not (self.out / "summary.json").exists():
+        if self.writer and (self.t > self.start or not (self.out / "summary.json").exists()):
             write_json(self.out / "summary.json", summary)
 
     def run(self, *, resume: bool = True) -> Path:
@@ -586,11 +807,14 @@ class Trainer:
         SIGTERM stop it as a ``KeyboardInterrupt`` (:class:`~hybrid.faults.Interrupted`),
         never inside an update or a write, after saving a checkpoint at the current step.
         """
-        with self.guard, RunLock(self.out):
+        lock = RunLock(self.out) if self.writer else contextlib.nullcontext()
+        with self.guard, lock:
             if resume:
                 self.resume()
-            else:
+            elif self.writer:
                 clear_run(self.out)
+            if self.world.distributed:
+                self._check_replicas()
             self.open()
             try:
                 if self.recorders and self.start == 0:

@@ -1,4 +1,4 @@
-"""The ``smoothlab`` command: probe, train, figure1, advise, report.
+"""The ``smoothlab`` command: probe, train, figure1, advise, export, report.
 
 The options of each subcommand are generated from its config dataclass
 (:mod:`hybrid.config`: ``TrainConfig``, ``ProbeConfig``, ``AdviseConfig``, ``Figure1Config``),
@@ -14,6 +14,12 @@ line that uses the proposal. ``train --lr-base auto --lr-peft auto`` (either or 
 the rates from the same probe at step 0 (:func:`hybrid.train.resolve_rates`); the advice is
 saved in the run's ``config.json`` and ``advice.json``. ``--record-blocks`` (train, figure1)
 also records per-module blocks ``base.<module>``/``peft.<module>``.
+
+``torchrun --nproc-per-node N -m smoothlab train ...`` trains data-parallel (``--batch-size``
+is the global batch; rank 0 writes the run folder; docs/scaling.md). ``train --checkpoint
+seeds`` (the default for zo-ft) stores the ZO trajectory as ``seeds.jsonl``;
+``export RUN --out DIR`` rebuilds the fine-tuned model (replaying seeds) as a
+``from_pretrained`` folder.
 
 Errors: bad input (:class:`~smoothlab.errors.UsageError`, argparse errors included) prints
 one line on stderr and exits with status 2; a failed distributed rank
@@ -303,14 +309,23 @@ def _print_rate_advice(cfg: Any, record: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from hybrid import distributed
     from hybrid.config import TrainConfig
     from hybrid.train import resolve_rates, train
 
     cfg = _config(args, TrainConfig, TrainConfig())
-    cfg, advice = resolve_rates(cfg, resume=not args.restart)
-    if advice is not None:
-        _print_rate_advice(cfg, advice)
-    out = train(cfg, progress=True, resume=not args.restart, advice=advice)
+    if cfg.checkpoint is None:  # the command's default: a seed log where everything is ZO
+        cfg = dataclasses.replace(cfg, checkpoint="seeds" if cfg.method == "zo-ft" else "full")
+    world = distributed.init(timeout_s=cfg.dist_timeout)  # under torchrun: join the group
+    try:
+        cfg, advice = resolve_rates(cfg, resume=not args.restart)
+        if advice is not None and world.rank == 0:
+            _print_rate_advice(cfg, advice)
+        out = train(cfg, progress=True, resume=not args.restart, advice=advice)
+    finally:
+        distributed.shutdown()
+    if world.rank != 0:  # rank 0 reports for every rank
+        return 0
     summary = json.loads((out / "summary.json").read_text())
     print(
         f"{cfg.method}: final loss {summary['final_loss']:.4f}, best dev acc {summary['best_dev_acc']:.3f}, "
@@ -507,6 +522,26 @@ def cmd_advise(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from hybrid.config import check_out
+    from hybrid.export import export
+    from hybrid.train import load_trained
+
+    run = Path(args.run)
+    if not (run / "config.json").is_file():
+        raise UsageError(f"{run} is not a run folder (no config.json)")
+    check_out(args.out, "--out", kind="dir")
+    t0 = time.perf_counter()
+    bundle = load_trained(run, device=args.device)
+    result = export(bundle, args.out, overwrite=args.overwrite)
+    how = "LoRA merged into the weights" if result.merged else "weights as trained"
+    if result.adapter_dir is not None:
+        how = f"base model; the adapter in {result.adapter_dir} (PeftModel.from_pretrained)"
+    print(f"exported {run} ({how}) -> {result.path} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 # --------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
     from figures.report import write_report
@@ -585,6 +620,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ad, AdviseConfig, AdviseConfig())
     ad.set_defaults(func=cmd_advise)
 
+    ex = sub.add_parser(
+        "export",
+        help="write a run's fine-tuned model as a from_pretrained folder (seed logs replayed)",
+    )
+    ex.add_argument("run", help="run folder (with config.json and checkpoint.pt)")
+    ex.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    ex.add_argument(
+        "--device",
+        default=None,
+        help="device to rebuild the model on; the run's own device when not given",
+    )
+    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    ex.set_defaults(func=cmd_export)
+
     rp = sub.add_parser(
         "report", help="write report.md and a self-contained report.html for run folders"
     )
@@ -634,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             args = build_parser().parse_args(argv)
-            if args.command in ("probe", "train", "figure1", "advise"):
+            if args.command in ("probe", "train", "figure1", "advise", "export"):
                 _quiet_transformers()
             return int(args.func(args) or 0)
         except UsageError as e:

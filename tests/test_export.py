@@ -101,3 +101,49 @@ def test_plain_model_and_refusals(tiny_dir, tmp_path) -> None:
         export("model", tmp_path / "x")
     with pytest.raises(UsageError, match="not a transformers or peft model"):
         export(torch.nn.Linear(2, 2), tmp_path / "lin")
+
+
+def test_export_of_a_seeds_run_of_hybrid_lora_loads_with_from_pretrained(tiny_dir, tmp_path):
+    """The CLI path: a hybrid-lora run with a checkpoint of seeds (base weights replayed,
+    LoRA and head from the checkpoint, LoRA merged) gives the trained model's logits."""
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    from hybrid.train import TrainConfig, load_trained, train
+    from smoothlab.cli import main
+
+    cfg = TrainConfig(
+        model=tiny_dir,
+        method="hybrid-lora",
+        checkpoint="seeds",
+        steps=3,
+        eval_every=3,
+        train_size=32,
+        eval_size=8,
+        dev_size=8,
+        batch_size=8,
+        max_length=16,
+        lora_r=4,
+        lr_base=1e-3,
+        lr_peft=5e-2,
+        out=str(tmp_path / "run"),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg, progress=False)
+        assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    bundle = load_trained(tmp_path / "run")
+    ids = torch.tensor([[101, 2023, 3185, 2003, 2307, 102]])
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        want = bundle.model(input_ids=ids).logits
+        got = exported(input_ids=ids).logits
+        base = (
+            AutoModelForSequenceClassification.from_pretrained(tiny_dir)
+            .eval()(input_ids=ids)
+            .logits
+        )
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert (got - base).abs().max() > 100 * (got - want).abs().max()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2  # not empty
