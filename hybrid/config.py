@@ -542,7 +542,7 @@ class TrainConfig(ModelConfig):
         None,
         "what checkpoint.pt holds: 'seeds' (the ZO trajectory as seeds.jsonl, replayed from "
         "the initial weights, plus the PEFT weights: kilobytes) or 'full' (every weight) "
-        "(default: seeds for zo-ft, full otherwise; from Python: full)",
+        "(default: seeds for zo-ft, full otherwise)",
         check=checkpoint_kind,
     )
     device_map: str | None = opt(
@@ -575,6 +575,11 @@ class TrainConfig(ModelConfig):
             raise UsageError(
                 f"record_blocks {self.record_blocks!r} needs record_every > 0 (the recorder is off)"
             )
+
+    @property
+    def checkpoint_kind(self) -> str:
+        """``checkpoint`` resolved: a seed log where every weight is ZO (zo-ft), else full."""
+        return self.checkpoint or ("seeds" if self.method == "zo-ft" else "full")
 
     @property
     def auto_rates(self) -> tuple[str, ...]:

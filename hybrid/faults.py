@@ -76,6 +76,7 @@ INERT = frozenset(
         "advise_rule",
         "advise_hvp",
         "advise_vectors",
+        "dist_timeout",
     }
 )
 

@@ -359,7 +359,7 @@ class Trainer:
         self.advice = advice
         self.cfg, self.out, self.on_step = cfg, Path(cfg.out), on_step
         self.progress = progress and self.writer
-        self.ckpt_kind = cfg.checkpoint or "full"
+        self.ckpt_kind = cfg.checkpoint_kind
         self.bundle, self.task, self.splits = build(cfg)
         self.model = self.bundle.model
         self.zo, self.fo = split_parameters(self.model, cfg.method)

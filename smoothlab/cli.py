@@ -314,8 +314,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hybrid.train import resolve_rates, train
 
     cfg = _config(args, TrainConfig, TrainConfig())
-    if cfg.checkpoint is None:  # the command's default: a seed log where everything is ZO
-        cfg = dataclasses.replace(cfg, checkpoint="seeds" if cfg.method == "zo-ft" else "full")
     world = distributed.init(timeout_s=cfg.dist_timeout)  # under torchrun: join the group
     try:
         cfg, advice = resolve_rates(cfg, resume=not args.restart)
