@@ -86,11 +86,13 @@ def advise_method(
     c_x: float = 1.0,
     c_y: float = 1.0,
     second_moment_samples: int = 0,
+    steps: int | None = None,
 ) -> Advice:
     """(η_x, η_y) for ``method`` from a probe of ``batch_loss_fn`` at the current weights.
 
     Rates of a block the method does not train are nan. ``rule`` as in
-    :func:`smoothlab.advisor.advise` (default: curvature-aware; ``"paper"``: c_x/(L_x d_x))."""
+    :func:`smoothlab.advisor.advise` (default: curvature-aware, capped by the random walk of
+    ``steps`` steps when given; ``"paper"``: c_x/(L_x d_x))."""
     curv = measure_method(
         bundle,
         method,
@@ -110,6 +112,7 @@ def advise_method(
         c_x=c_x,
         c_y=c_y,
         source=f"probe of one batch ({hvp}, {vectors} vectors, seed {seed})",
+        steps=steps,
     )
 
 
@@ -123,8 +126,10 @@ def advice_from_curvature(
     c_x: float = 1.0,
     c_y: float = 1.0,
     source: str = "curvature",
+    steps: int | None = None,
 ) -> Advice:
-    """The advice for ``method`` from measured curvature (see :func:`advise_method`)."""
+    """The advice for ``method`` from measured curvature (see :func:`advise_method`);
+    ``steps``: the planned run length, for the random-walk cap on η_x."""
     m = get_method(method)
     kw = curv.advice_inputs()
     if m.has_zo and kw["L_x"] is None and kw.get("second_moment") is None and rule != "paper":
@@ -138,6 +143,7 @@ def advice_from_curvature(
         c_y=c_y,
         source=f"{method}: {source}",
         x_gradient="exact" if m.zo == "none" else "zo",
+        steps=steps,
     )
 
 
@@ -179,6 +185,7 @@ def advise_config(
         rule=rule,
         one_sided=cfg.one_sided,
         source=f"probe at initialisation, step-0 batch ({hvp}, {vectors} vectors)",
+        steps=cfg.steps,
     )
     return adv, curv
 

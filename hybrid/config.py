@@ -183,7 +183,7 @@ def record_blocks_spec(name: str, v: Any) -> None:
 
 
 def _rules() -> tuple[str, ...]:
-    return ("auto", "curvature", "safe", "paper")
+    return ("auto", "curvature", "walk", "safe", "paper")
 
 
 def _z_kinds() -> tuple[str, ...]:
@@ -629,9 +629,13 @@ class AdviseConfig(ModelConfig):
     )
     rule: str = opt(
         "auto",
-        "eta_x rule: curvature-aware (curvature, safe), the paper's c_x/(L_x d_x) (paper), "
-        "or auto (curvature when the probe gives its inputs, else paper)",
+        "eta_x rule: one-step curvature-aware (curvature, safe), the random-walk cap over "
+        "--steps (walk), the paper's c_x/(L_x d_x) (paper), or auto (the smaller of curvature "
+        "and walk when the probe gives their inputs, else paper)",
         choices=_rules,
+    )
+    steps: int = shared(
+        "steps", help="steps of the run being advised (the walk cap grows as 1/sqrt(steps))"
     )
     hvp: str = opt("exact", "Hessian-vector products of the probe", choices=_hvps)
     vectors: int = shared("vectors")
@@ -682,6 +686,7 @@ class AdviseConfig(ModelConfig):
             "eval_data",
             "dev_data",
             "z",
+            "steps",
         }
         return TrainConfig(method=self.method, **{k: getattr(self, k) for k in names})
 

@@ -55,6 +55,8 @@ def _sampling_kind(z: str) -> str:
     if z not in SOURCES:
         raise UsageError(f"unknown z source {z!r}; accepted: {', '.join(SOURCES)}")
     return "gaussian" if get_source(z).kurtosis == 3.0 else "rademacher"
+
+
 nan = math.nan
 
 
@@ -68,6 +70,7 @@ class Curvature:
     loss: float
     grad_norm_x: float = nan
     grad_norm_y: float = nan
+    weight_norm_x: float = nan  # ‖x‖ (the random-walk cap compares the SPSA noise with it)
     trace_x: Estimate | None = None
     L_x: Estimate | None = None
     L_y: Estimate | None = None
@@ -131,6 +134,7 @@ class Curvature:
             delta_x=fin(self.delta_x),
             rho_y=fin(self.rho_y),
             grad_norm_x=fin(self.grad_norm_x) if self.d_x else None,
+            weight_norm_x=fin(self.weight_norm_x) if self.d_x else None,
             grad_norm_y=fin(self.grad_norm_y) if self.d_y else None,
             cross=fin(self.cross),
         )
@@ -340,6 +344,10 @@ def measure(
                     delta_samples=trace_vectors if kappa != 3 else 0,
                 )
             )
+    if d_x:
+        out["weight_norm_x"] = math.sqrt(
+            sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in x)
+        )
     return Curvature(
         hvp=hvp,
         d_x=d_x,

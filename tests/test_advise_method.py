@@ -43,9 +43,14 @@ def _cfg(enc: Path, method: str, out: Path) -> TrainConfig:
 def test_zo_ft_advises_every_weight_as_x(enc: Path, tmp_path: Path) -> None:
     adv, curv = advise_config(_cfg(enc, "zo-ft", tmp_path / "r"), hvp="exact", vectors=6)
     assert curv.d_y == 0 and math.isnan(adv.eta_y)
-    assert adv.rule == "curvature" and adv.d_x == curv.d_x
+    assert adv.d_x == curv.d_x
     den = max(curv.trace_x.value, curv.L_x.value) + 3 * max(curv.rho_x, 0.0)
-    assert adv.eta_x == pytest.approx(adv.joint_scale * 2 / den)
+    assert adv.eta_x_curvature == pytest.approx(2 / den)
+    # the random-walk cap over cfg.steps = 2 steps, q = 2, Gaussian-like z (kappa 3)
+    walk = 0.5 * curv.weight_norm_x / (curv.grad_norm_x * math.sqrt(2 * ((curv.d_x + 1) / 2 + 1)))
+    assert adv.eta_x_walk == pytest.approx(walk, rel=1e-12)
+    assert adv.rule == ("walk" if walk < 2 / den else "curvature")
+    assert adv.eta_x == pytest.approx(adv.joint_scale * min(walk, 2 / den))
     assert adv.eta_x_paper == pytest.approx(2 / (curv.L_x.value * (curv.d_x + 3)))
     assert "n/a" in ratio_line(adv)
 

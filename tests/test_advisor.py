@@ -194,3 +194,21 @@ def test_joint_model_scales_the_pair_down_when_it_predicts_an_increase() -> None
     assert bad.joint_scale == pytest.approx(a / b) and bad.predicted_change == pytest.approx(
         -a * a / (2 * b)
     )
+
+
+def test_walk_cap_closed_form_and_auto_takes_the_smaller_rate() -> None:
+    from smoothlab.advisor import WALK_C, advise, walk_cap
+
+    d, q, T, xn, g = 1_000_000, 2, 400, 300.0, 1.5
+    cap = walk_cap(xn, g, T, d, q, 3.0)
+    assert cap == pytest.approx(WALK_C * xn / (g * math.sqrt(T * ((d + 1) / q + 1))), rel=1e-15)
+    # Rademacher z (kappa 1): E|g_hat|^2 = ((d - 1)/q + 1)|g|^2, a slightly larger cap
+    assert walk_cap(xn, g, T, d, q, 1.0) > cap
+    common = dict(q=q, trace=10.0, rho_x=1.0, grad_norm_x=g, weight_norm_x=xn)
+    short = advise(5.0, None, d, steps=1, **common)  # one step: the curvature rate is smaller
+    assert short.rule == "curvature" and short.eta_x == pytest.approx(short.eta_x_curvature)
+    long = advise(5.0, None, d, steps=T, **common)  # T steps: the walk cap binds
+    assert long.rule == "walk" and long.eta_x == pytest.approx(cap)
+    assert math.isnan(advise(5.0, None, d, trace=10.0, q=q).eta_x_walk)  # inputs missing
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        advise(5.0, None, d, steps=0, **common)
