@@ -204,7 +204,7 @@ def test_walk_cap_closed_form_and_auto_takes_the_smaller_rate() -> None:
     assert cap == pytest.approx(WALK_C * xn / (g * math.sqrt(T * ((d + 1) / q + 1))), rel=1e-15)
     # Rademacher z (kappa 1): E|g_hat|^2 = ((d - 1)/q + 1)|g|^2, a slightly larger cap
     assert walk_cap(xn, g, T, d, q, 1.0) > cap
-    common = dict(q=q, trace=10.0, rho_x=1.0, grad_norm_x=g, weight_norm_x=xn)
+    common = dict(q=q, trace=100.0, rho_x=1.0, grad_norm_x=g, weight_norm_x=xn)
     short = advise(5.0, None, d, steps=1, **common)  # one step: the curvature rate is smaller
     assert short.rule == "curvature" and short.eta_x == pytest.approx(short.eta_x_curvature)
     long = advise(5.0, None, d, steps=T, **common)  # T steps: the walk cap binds
