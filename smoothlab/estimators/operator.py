@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..perturb import get_source
 
 Callback = Callable[[int, int], None]
 DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -71,7 +72,7 @@ class LinearOperator:
         if self._quad is not None:
             self.num_calls += 1
             return float(self._quad(v))
-        return float(torch.dot(v.to(torch.float64), self.matvec(v).to(torch.float64)))
+        return dot64(v, self.matvec(v))
 
 
 def as_operator(
@@ -104,25 +105,30 @@ def has_matvec(op: Any) -> bool:
     return bool(getattr(op, "has_matvec", True)) and hasattr(op, "matvec")
 
 
+def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """aᵀb accumulated in float64 in chunks (a float32 dot over 10⁷ entries loses digits, and
+    those errors put Ritz values outside the spectrum), without a full float64 copy."""
+    if a.dtype == torch.float64 and b.dtype == torch.float64:
+        return float(torch.dot(a, b))
+    step = 1 << 18
+    return float(
+        sum(
+            torch.dot(a[i : i + step].double(), b[i : i + step].double())
+            for i in range(0, a.numel(), step)
+        )
+    )
+
+
 def quad_form(op: Any, v: torch.Tensor) -> float:
     """vᵀHv: ``op.quad`` when it has one, else v · (H v) accumulated in float64."""
     quad = getattr(op, "quad", None)
     if quad is not None:
         return float(quad(v))
-    return float(torch.dot(v.to(torch.float64), op.matvec(v).to(torch.float64)))
+    return dot64(v, op.matvec(v))
 
 
 # --- random vectors ---------------------------------------------------------------------------
-_SIGNS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(256, 8): row b holds bit j of byte b as ±1."""
-    key = (dtype, device)
-    if key not in _SIGNS:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        _SIGNS[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
-    return _SIGNS[key]
+_RADEMACHER = get_source("rademacher").sampler()  # reuses its sign table across calls
 
 
 def random_vector(
@@ -130,14 +136,13 @@ def random_vector(
 ) -> torch.Tensor:
     """A random vector: ``gaussian`` N(0, I), ``rademacher`` ±1, ``unit`` uniform on the sphere.
 
-    Rademacher signs come from packed random bits (one random byte per 8 entries, expanded
-    by a 256×8 table lookup): about one pass over the output instead of ``randn``'s cost.
+    Rademacher signs are :mod:`smoothlab.perturb`'s ``rademacher`` source (64 signs per random
+    word, expanded by a table lookup: about one pass over the output, against ``randn``'s
+    several), seeded by one 63-bit draw from ``gen``.
     """
     if kind == "rademacher":
-        nbytes = (dim + 7) // 8
-        bytes_ = torch.randint(0, 256, (nbytes,), generator=gen, device=device, dtype=torch.uint8)
-        table = _sign_table(dtype, torch.device(device))
-        return torch.index_select(table, 0, bytes_.to(torch.int32)).view(-1)[:dim]
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=gen, device=gen.device))
+        return _RADEMACHER(seed)(0, torch.empty(dim, dtype=dtype, device=device))
     v = torch.randn(dim, generator=gen, device=device, dtype=dtype)
     if kind == "unit":
         v /= v.norm()
