@@ -7,7 +7,12 @@ An *operator* is anything with (curvlinops style)
 * optionally ``quad(v) -> vᵀ H v`` (a float) when it is cheaper than ``v · matvec(v)``;
 * optionally ``has_matvec = False`` when only ``quad`` is available (the ``zo`` oracle:
   second differences of function values);
-* optionally ``kind`` (a name recorded in :attr:`Estimate.hvp`).
+* optionally ``kind`` (a name recorded in :attr:`Estimate.hvp`);
+* optionally ``matvec_out = True`` when ``matvec(v, out=buf)`` writes H v into ``buf``
+  (Lanczos passes its freed vector; the Monte-Carlo estimators a reused buffer).
+
+The estimators pass random vectors in reused buffers: ``v`` is valid during the call only
+(a callable that keeps it must copy it).
 
 :class:`smoothlab.hvp.Oracle` is one; :func:`as_operator` turns a dense square tensor or a
 plain callable ``v ↦ H v`` into one, so every estimator can be tested on ``lambda v: H @ v``.
@@ -132,21 +137,43 @@ _RADEMACHER = get_source("rademacher").sampler()  # reuses its sign table across
 
 
 def random_vector(
-    kind: str, dim: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device
+    kind: str,
+    dim: int,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A random vector: ``gaussian`` N(0, I), ``rademacher`` ±1, ``unit`` uniform on the sphere.
 
     Rademacher signs are :mod:`smoothlab.perturb`'s ``rademacher`` source (64 signs per random
     word, expanded by a table lookup: about one pass over the output, against ``randn``'s
-    several), seeded by one 63-bit draw from ``gen``.
+    several), seeded by one 63-bit draw from ``gen``. ``out``: a buffer from
+    :func:`vector_buffer` to write into (a fresh tensor costs page faults on CPU); the
+    result is then a view of it.
     """
     if kind == "rademacher":
         seed = int(torch.randint(0, 2**63 - 1, (), generator=gen, device=gen.device))
-        return _RADEMACHER(seed)(0, torch.empty(dim, dtype=dtype, device=device))
-    v = torch.randn(dim, generator=gen, device=device, dtype=dtype)
+        direction = _RADEMACHER(seed)
+        if out is None:
+            return direction(0, torch.empty(dim, dtype=dtype, device=device))
+        return direction._fill(0, out[:dim], out)[:dim]
+    v = torch.randn(dim, generator=gen, device=device, dtype=dtype, out=None if out is None else out[:dim])
     if kind == "unit":
         v /= v.norm()
     return v
+
+
+def vector_buffer(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable buffer for :func:`random_vector` ``out=`` (padded for packed sign words)."""
+    return torch.empty(_RADEMACHER(0).padded(dim), dtype=dtype, device=device)
+
+
+def matvec_into(op: Any, v: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """H v, written into ``out`` when the operator takes ``out=`` (``op.matvec_out``)."""
+    if out is not None and getattr(op, "matvec_out", False):
+        return op.matvec(v, out=out)
+    return op.matvec(v)
 
 
 def check_distribution(distribution: str, accepted: tuple[str, ...] = DISTRIBUTIONS) -> None:
