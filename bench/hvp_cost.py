@@ -15,7 +15,7 @@ Round-robin repeats, median per case. Cases:
 * ``exact (double backward)`` one exact HVP, first-order graph built once and reused
 * ``exact (fwd-over-rev)`` one exact HVP by torch.func.jvp over the gradient
 
-    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 PYTHONPATH=. python bench/hvp_cost.py [repeats]
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=. python bench/hvp_cost.py [repeats]
 """
 
 from __future__ import annotations
