@@ -13,7 +13,6 @@ Round-robin repeats, median per case. Cases:
   2 axpys, 1 scale): what one Lanczos vector of the recorder costs
 * ``hutchinson sample`` one trace sample vᵀHv with a Rademacher v (draw + HVP + dot)
 * ``exact (double backward)`` one exact HVP, first-order graph built once and reused
-* ``exact (fwd-over-rev)`` one exact HVP by torch.func.jvp over the gradient
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=. python bench/hvp_cost.py [repeats]
 """
