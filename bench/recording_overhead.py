@@ -3,7 +3,7 @@
 Runs the same hybrid-lora training twice — without recording, then probing every ``--every``
 steps with ``--vectors`` HVPs per block (base, LoRA, head) — and prints the ratio of their
 wall-clock times (training seconds plus probing seconds, gradient norms included, against the plain run's
-training seconds; model loading excluded). The issue's bound: recording every 50 steps with 10 vectors costs <= 20%.
+training seconds; model loading excluded). Issue 9 bound: recording every 50 steps with 10 vectors costs <= 10%.
 
     python bench/recording_overhead.py --steps 200 --every 50 --vectors 10
 """

@@ -30,17 +30,22 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .estimators.operator import random_vector
-from .perturb import shifted
+from .estimators.operator import dot64, random_vector
+from .perturb import _owners, shifted
 
 HVPS = ("fd", "fd-central", "exact", "zo")
 _ORDER = {"fd": 1 / 2, "fd-central": 1 / 3, "zo": 1 / 4}
 _FLASH = ("flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention")
 
 
-def flatten(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Concatenate tensors into one flat vector."""
-    return torch.cat([t.reshape(-1).to(dtype or t.dtype) for t in tensors])
+def flatten(
+    tensors: Sequence[torch.Tensor],
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Concatenate tensors into one flat vector (into ``out`` when given)."""
+    pieces = [t.reshape(-1).to(dtype or t.dtype) for t in tensors]
+    return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
 
 def unflatten(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -219,6 +224,9 @@ class Oracle:
         self._ulps: list[float] = []  # |f(x+sv) + f(x−sv) − 2f̂₀| in units of the loss's ulp
         self._ulp = 0.0
         self._graph: tuple[torch.Tensor, ...] | None = None
+        self._shift_buf: torch.Tensor | None = None  # x + s·v for the fast fd path
+        self._owner_map: dict = {}
+        self._quad_buf: torch.Tensor | None = None
         self._step: float | None = None  # set once the loss's dtype is known
         self._loss_dtype: torch.dtype | None = None
         if gradient is not None:
@@ -244,6 +252,7 @@ class Oracle:
     def __exit__(self, *exc: object) -> None:
         self._graph = None
         self._g0 = None
+        self._shift_buf = self._quad_buf = None
         assert self._stack is not None
         self._stack.close()
 
@@ -302,14 +311,74 @@ class Oracle:
             return math.sqrt(sum(float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64)) ** 2 for g in self._graph))
         return math.nan
 
+    # -- fast finite differences ---------------------------------------------------------
+    def _fast(self) -> bool:
+        """Whether the leaf-shadow path applies: a module tree is known and every parameter
+        has the compute dtype (gradients accumulate in place into the result)."""
+        return self.root is not None and all(p.dtype == self.dtype for p in self.params)
+
+    def _accumulate_grad_at(self, v: torch.Tensor, s: float, out: torch.Tensor, sign: float) -> None:
+        """out += sign · ∇_b f(x + s·v), with no block-sized temporary.
+
+        x + s·v is written, one pass, into a flat buffer reused across calls; its
+        per-parameter views are fresh autograd leaves that the owning modules see in place of
+        their parameters (instance ``__dict__`` shadowing, as in :mod:`smoothlab.perturb`,
+        for the whole forward); each leaf's ``.grad`` is preset to the matching view of
+        ``out``, so the backward accumulates ∇_b f there in place (no flatten, no copy).
+        Stored parameters are never written."""
+        if self._shift_buf is None:
+            self._shift_buf = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+            self._owner_map = _owners(self.root, self.params)
+        shadows = unflatten(self._shift_buf, self.params)
+        leaves, grads = [], unflatten(out, self.params)
+        for p, w, d, g in zip(self.params, shadows, unflatten(v, self.params), grads):
+            leaf = torch.add(p.detach(), d, alpha=s, out=w).detach().requires_grad_()
+            leaf.grad = g
+            leaves.append(leaf)
+        try:
+            for module, names in self._owner_map.items():
+                for name, i in names:
+                    module.__dict__[name] = leaves[i]
+            with torch.enable_grad():
+                loss = require_grad(self._loss(f"at the shifted point x + {s:.3g}·v"))
+                seed = None if sign == 1.0 else torch.full_like(loss, sign)
+                torch.autograd.backward(loss, grad_tensors=seed, inputs=leaves)
+        finally:
+            for module, names in self._owner_map.items():
+                for name, _ in names:
+                    module.__dict__.pop(name, None)
+        for leaf, g in zip(leaves, grads):
+            if leaf.grad is not None and leaf.grad.data_ptr() != g.data_ptr():
+                g.copy_(leaf.grad)  # the engine replaced instead of accumulating
+
+    def _fd_fast(self, v: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """``fd`` / ``fd-central`` on the leaf-shadow path (into ``out`` when given)."""
+        if self.kind == "fd":
+            g0 = self.gradient()  # also tells step_for the loss's dtype
+            s = self.step_for(v)
+            res = torch.neg(g0) if out is None else torch.neg(g0, out=out)
+            self._accumulate_grad_at(v, s, res, 1.0)
+            return res.div_(s)
+        self.reference_value()
+        s = self.step_for(v)
+        res = torch.zeros_like(v) if out is None else out.zero_()
+        self._accumulate_grad_at(v, s, res, 1.0)
+        self._accumulate_grad_at(v, -s, res, -1.0)
+        return res.div_(2 * s)
+
     # -- oracle calls ----------------------------------------------------------------
-    def hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """H_bb v for a flat vector v (not available for ``zo``)."""
+    matvec_out = True  # hvp/matvec accept out= (a buffer the caller no longer needs)
+
+    def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """H_bb v for a flat vector v (not available for ``zo``); written into ``out`` (a
+        flat buffer of the compute dtype, not aliasing v) when given."""
         if self.kind == "zo":
             raise UsageError("hvp='zo' gives quadratic forms vᵀHv only; use norm='trace' or 'frobenius'")
         self.num_hvp += 1
         if self.kind == "exact":
-            return self._exact_hvp(v)
+            return self._exact_hvp(v, out)
+        if self._fast():
+            return self._fd_fast(v, out)
         if self.kind == "fd":
             g0 = self.gradient()  # also tells step_for the loss's dtype
             s = self.step_for(v)
@@ -320,7 +389,7 @@ class Oracle:
 
     matvec = hvp
 
-    def _exact_hvp(self, v: torch.Tensor) -> torch.Tensor:
+    def _exact_hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self._graph is None:
             with torch.enable_grad():
                 loss = require_grad(self._loss(REFERENCE))
@@ -330,7 +399,7 @@ class Oracle:
         with torch.enable_grad():
             needs = [g.requires_grad for g in self._graph]
             if not any(needs):
-                return torch.zeros_like(v)
+                return torch.zeros_like(v) if out is None else out.zero_()
             hv = torch.autograd.grad(
                 [g for g, n in zip(self._graph, needs) if n],
                 self.params,
@@ -338,12 +407,16 @@ class Oracle:
                 retain_graph=True,
                 allow_unused=True,
             )
-        return flatten([torch.zeros_like(p) if x is None else x for x, p in zip(hv, self.params)], self.dtype)
+        return flatten(
+            [torch.zeros_like(p) if x is None else x for x, p in zip(hv, self.params)], self.dtype, out
+        )
 
     def quad(self, v: torch.Tensor) -> float:
         """vᵀ H_bb v: from an HVP, or (``zo``) from a second difference of f."""
         if self.kind != "zo":
-            return float(torch.dot(v.to(torch.float64), self.hvp(v).to(torch.float64)))
+            if self._quad_buf is None:  # H v is consumed here: reuse one buffer
+                self._quad_buf = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+            return dot64(v, self.hvp(v, out=self._quad_buf))
         self.num_hvp += 1
         s = self.step_for(v)  # also evaluates f(x) once
         if self._f0 is None:

@@ -50,6 +50,10 @@ class TrajectoryRecorder:
         norm, hvp, num_vectors, h, tol: passed to :func:`smoothlab.probe`.
         seed: base seed; the probe at step t uses ``seed + t``.
         out_dir: run folder for ``smoothness.csv`` (None: keep rows in memory only).
+        log: an open ``smoothness.csv`` to write to instead of ``out_dir``'s, shared by
+            several recorders (e.g. whole blocks and per-module blocks probed at the same
+            steps); its owner closes it (:meth:`close` leaves it open). Steps it already
+            holds count as recorded.
         model: module owning the parameters (on-the-fly perturbation, dropout off).
         probe_loss_fn: a fixed held-aside batch's loss; None probes the current batch.
         resume_step: drop logged rows with step > resume_step, then append.
@@ -70,8 +74,13 @@ class TrajectoryRecorder:
         model: nn.Module | None = None,
         probe_loss_fn: LossFn | None = None,
         resume_step: int | None = None,
+        log: CsvLog | None = None,
     ) -> None:
         check_blocks(blocks)
+        if log is not None and out_dir is not None:
+            raise UsageError(f"give out_dir or log, not both (got out_dir={str(out_dir)!r} and a log)")
+        if log is not None and not isinstance(log, CsvLog):
+            raise TypeError(f"log must be a smoothlab.runlog.CsvLog, got {type(log).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise UsageError(f"every must be a positive integer, got {every!r}")
         self.blocks = dict(blocks)
@@ -82,10 +91,13 @@ class TrajectoryRecorder:
         self.probe_loss_fn = probe_loss_fn
         self.rows: list[dict] = []
         self.probe_seconds = 0.0
+        self._owns_log = out_dir is not None
         self.log = (
             CsvLog(Path(out_dir) / "smoothness.csv", SMOOTHNESS_FIELDS, truncate_after=resume_step)
-            if out_dir is not None else None
+            if out_dir is not None else log
         )
+        if log is not None and tuple(log.fields) != tuple(SMOOTHNESS_FIELDS):
+            raise UsageError(f"log {log.path} has columns {list(log.fields)}, expected {list(SMOOTHNESS_FIELDS)}")
         self._done = self.log.steps() if self.log else set()
 
     def due(self, step: int) -> bool:
@@ -140,5 +152,6 @@ class TrajectoryRecorder:
         return ests
 
     def close(self) -> None:
-        if self.log:
+        """Close ``smoothness.csv`` if this recorder opened it (a shared ``log=`` stays open)."""
+        if self.log and self._owns_log:
             self.log.close()

@@ -142,3 +142,64 @@ def test_zo_probe_has_no_gradient_norm_and_recorder_computes_it(tmp_path) -> Non
     rec.step(0, loss_fn)
     (g,) = torch.autograd.grad(loss_fn(), lin.weight)
     assert rec.rows[0]["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
+
+
+def test_two_recorders_share_one_smoothness_csv(tmp_path) -> None:
+    """log=: a second block set writes to the first recorder's smoothness.csv; only the owner
+    closes it; on resume the shared log's steps count as recorded for both."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+    xs, ys = torch.randn(20, 4, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+    loss_fn = smoothlab.ModelLoss(model, (xs, ys), criterion=torch.nn.functional.mse_loss)
+    whole = {"all": list(model.parameters())}
+    parts = {"first": list(model[0].parameters()), "last": list(model[2].parameters())}
+
+    def run(resume: int | None, steps: range) -> None:
+        kw = dict(every=2, hvp="exact", num_vectors=20, tol=1e-12)
+        a = TrajectoryRecorder(whole, out_dir=tmp_path, resume_step=resume, **kw)
+        b = TrajectoryRecorder(parts, log=a.log, **kw)
+        for s in steps:
+            a.step(s, loss_fn)
+            b.step(s, loss_fn)
+        b.close()
+        assert not a.log._fh.closed  # b does not own it
+        a.close()
+        assert a.log._fh.closed
+
+    run(None, range(0, 3))
+    run(2, range(2, 5))  # step 2 is already in the shared log: neither records it again
+    with (tmp_path / "smoothness.csv").open() as fh:
+        rows = [(int(r["step"]), r["block"], float(r["estimate"])) for r in csv.DictReader(fh)]
+    assert [(s, b) for s, b, _ in rows] == [
+        (s, b) for s in (0, 2, 4) for b in ("all", "first", "last")
+    ]
+    # each row is its own block's ‖H_bb‖₂ (20 Lanczos steps >= every block's dimension)
+    params = list(model.parameters())
+    sizes = [p.numel() for p in params]
+
+    def flat_loss(flat: torch.Tensor) -> torch.Tensor:
+        pieces = [t.view(p.shape) for t, p in zip(torch.split(flat, sizes), params)]
+        named = dict(zip((n for n, _ in model.named_parameters()), pieces))
+        return torch.nn.functional.mse_loss(torch.func.functional_call(model, named, (xs,)), ys)
+
+    H = torch.autograd.functional.hessian(flat_loss, torch.cat([p.detach().reshape(-1) for p in params]))
+    span = {"all": slice(0, 19), "first": slice(0, 15), "last": slice(15, 19)}
+    truth = {b: float(torch.linalg.eigvalsh(H[sl, sl]).abs().max()) for b, sl in span.items()}
+    for _, b, est in rows:
+        assert est == pytest.approx(truth[b], rel=1e-6)
+
+
+def test_recorder_log_argument_errors(tmp_path) -> None:
+    lin, _, _ = _quadratic_model()
+    owner = TrajectoryRecorder({"w": [lin.weight]}, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="out_dir or log"):
+        TrajectoryRecorder({"w": [lin.weight]}, out_dir=tmp_path / "x", log=owner.log)
+    with pytest.raises(TypeError, match="CsvLog"):
+        TrajectoryRecorder({"w": [lin.weight]}, log=str(tmp_path / "smoothness.csv"))
+    from smoothlab.runlog import CsvLog
+
+    other = CsvLog(tmp_path / "other.csv", ["step", "x"])
+    with pytest.raises(ValueError, match="columns"):
+        TrajectoryRecorder({"w": [lin.weight]}, log=other)
+    other.close()
+    owner.close()

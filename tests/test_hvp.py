@@ -20,7 +20,7 @@ from fixtures import coupled_quadratic, dense_hessian, norms_of
 from torch import nn
 
 from smoothlab import Oracle, probe
-from smoothlab.hvp import default_step, flatten, unflatten
+from smoothlab.hvp import default_step, flatten, grad_enabled_for, unflatten
 
 ORACLES = ("exact", "fd", "fd-central")
 
@@ -296,3 +296,47 @@ def test_mlp_probe_norms_match_dense_hessian(hvp):
         est = probe(loss_fn, blocks, norm=norm, hvp=hvp, num_vectors=40, seed=2, model=model)
         for b, e in est.items():
             assert abs(e.value - truths[b][norm]) <= 4 * e.stderr, (b, norm, e.value, truths[b][norm], e.stderr)
+
+
+# --- the leaf-shadow fd path (a module tree is known) ---------------------------------------
+class TiedMLP(nn.Module):
+    """One weight read by two layers (as tied embeddings are): its Hessian has cross terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4).double()
+        self.b = nn.Linear(4, 2).double()
+        self.c = nn.Linear(4, 4).double()
+        self.c.weight = self.a.weight  # tied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.c(torch.tanh(self.a(x)))))
+
+
+def test_fd_fast_path_matches_dense_hessian_with_tied_weights_and_out_buffer():
+    torch.manual_seed(3)
+    model, x, y = TiedMLP(), torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 2, (12,))
+    model.b.weight.requires_grad_(False)  # a frozen parameter in the block
+
+    def loss_fn():
+        return nn.functional.cross_entropy(model(x), y)
+
+    params = [model.a.weight, model.b.weight]
+    with grad_enabled_for(params):
+        H = dense_hessian(loss_fn, params)
+    before = [p.detach().clone() for p in model.parameters()]
+    model.a.weight.grad = sentinel = torch.full_like(model.a.weight, 7.0)
+    vs = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for kind, tol in (("fd", 1e-4), ("fd-central", 1e-6)):
+        with Oracle(kind, loss_fn, params, root=model) as fast, Oracle(kind, loss_fn, params) as swap:
+            out = torch.empty(H.shape[0], dtype=torch.float64)
+            for v in vs:
+                hv = fast.hvp(v, out=out)
+                assert hv.data_ptr() == out.data_ptr()
+                assert rel(hv, H @ v) < tol, kind
+                assert rel(fast.hvp(v), swap.hvp(v)) < 1e-6  # the .data-swap path agrees
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    assert model.a.weight.grad is sentinel and torch.all(sentinel == 7.0)
+    assert model.b.weight.requires_grad is False and model.b.weight.grad is None
+    assert all("weight" not in vars(m) for m in model.modules())  # no shadow left behind

@@ -32,17 +32,29 @@ from .operator import (
     Callback,
     as_operator,
     check_distribution,
+    dot64,
+    matvec_into,
     mean_se,
     random_vector,
     sample,
     sqrt_of_mean,
+    vector_buffer,
 )
 
 
-def squared_norms(op: Any, kind: str, gen: torch.Generator) -> float:
-    """One sample ‖H v‖² (float64 accumulation) for a fresh random vector of ``kind``."""
-    hv = op.matvec(random_vector(kind, op.dim, gen, op.dtype, op.device))
-    return float(hv.pow(2).sum(dtype=torch.float64))
+def squared_norms(
+    op: Any, kind: str, gen: torch.Generator, bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> float:
+    """One sample ‖H v‖² (float64 accumulation) for a fresh random vector of ``kind``;
+    ``bufs``: reusable (v, H v) buffers (from :func:`sample_buffers`)."""
+    vbuf, hbuf = bufs if bufs is not None else (None, None)
+    hv = matvec_into(op, random_vector(kind, op.dim, gen, op.dtype, op.device, vbuf), hbuf)
+    return dot64(hv, hv)
+
+
+def sample_buffers(op: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v, H v) buffers reused by every sample: both are consumed within one sample."""
+    return vector_buffer(op.dim, op.dtype, op.device), torch.empty(op.dim, dtype=op.dtype, device=op.device)
 
 
 def hutchinson_frobenius(
@@ -59,12 +71,13 @@ def hutchinson_frobenius(
     """‖H‖_F = √(E‖Hv‖²) (see the module docstring)."""
     check_distribution(distribution)
     op = as_operator(op, dim=dim)
+    bufs = sample_buffers(op)
 
     def finish(x: np.ndarray) -> tuple[float, float]:
         return sqrt_of_mean(*mean_se(x))
 
     xs, value, se, reached = sample(
-        lambda: squared_norms(op, distribution, gen),
+        lambda: squared_norms(op, distribution, gen, bufs),
         finish,
         num_vectors=num_vectors,
         target_rel_stderr=target_rel_stderr,

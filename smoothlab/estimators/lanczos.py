@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ..estimate import Estimate
-from .operator import Callback, as_operator, random_vector
+from .operator import Callback, as_operator, dot64, random_vector
 
 REORTH_LIMIT = 50_000_000
 
@@ -57,20 +57,6 @@ REORTH_LIMIT = 50_000_000
 def uses_reorth(dim: int, max_iter: int, reorth: bool | None = None) -> bool:
     """Whether a run of ``max_iter`` steps on a ``dim``-vector stores and reorthogonalises."""
     return (dim * min(max_iter, dim) <= REORTH_LIMIT) if reorth is None else bool(reorth)
-
-
-def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """aᵀb accumulated in float64 in chunks (a float32 dot over 10⁷ entries loses digits, and
-    those errors put Ritz values outside the spectrum), without a full float64 copy."""
-    if a.dtype == torch.float64:
-        return float(torch.dot(a, b))
-    step = 1 << 20
-    return float(
-        sum(
-            torch.dot(a[i : i + step].double(), b[i : i + step].double())
-            for i in range(0, a.numel(), step)
-        )
-    )
 
 
 def _top_ritz(alphas: list[float], betas: list[float], beta: float) -> tuple[float, float]:
@@ -107,9 +93,11 @@ def lanczos(
     betas: list[float] = []
     history: list[float] = []
     beta, theta, residual, converged = 0.0, 0.0, math.inf, False
+    reuse = bool(getattr(op, "matvec_out", False)) and not store  # H v into a freed buffer
+    spare: torch.Tensor | None = None
     for j in range(k_max):
-        w = op.matvec(v)
-        alpha = _dot64(w, v)
+        w = op.matvec(v, out=spare) if reuse else op.matvec(v)
+        alpha = dot64(w, v)
         w = w.sub_(v, alpha=alpha) if w is not v else w - alpha * v  # a fresh result: in place
         if beta:
             w.sub_(v_prev, alpha=beta)
@@ -117,7 +105,7 @@ def lanczos(
             q = torch.stack(basis)
             for _ in range(2):
                 w = w - q.T @ (q @ w)
-        beta = math.sqrt(_dot64(w, w))
+        beta = math.sqrt(dot64(w, w))
         alphas.append(alpha)
         theta, residual = _top_ritz(alphas, betas, beta)
         history.append(abs(theta))
@@ -127,6 +115,7 @@ def lanczos(
             converged = True
             break
         betas.append(beta)
+        spare = v_prev  # no longer needed: the next H v goes there
         v_prev, v = v, w.div_(beta)
         if store:
             basis.append(v)

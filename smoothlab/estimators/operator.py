@@ -7,7 +7,12 @@ An *operator* is anything with (curvlinops style)
 * optionally ``quad(v) -> vᵀ H v`` (a float) when it is cheaper than ``v · matvec(v)``;
 * optionally ``has_matvec = False`` when only ``quad`` is available (the ``zo`` oracle:
   second differences of function values);
-* optionally ``kind`` (a name recorded in :attr:`Estimate.hvp`).
+* optionally ``kind`` (a name recorded in :attr:`Estimate.hvp`);
+* optionally ``matvec_out = True`` when ``matvec(v, out=buf)`` writes H v into ``buf``
+  (Lanczos passes its freed vector; the Monte-Carlo estimators a reused buffer).
+
+The estimators pass random vectors in reused buffers: ``v`` is valid during the call only
+(a callable that keeps it must copy it).
 
 :class:`smoothlab.hvp.Oracle` is one; :func:`as_operator` turns a dense square tensor or a
 plain callable ``v ↦ H v`` into one, so every estimator can be tested on ``lambda v: H @ v``.
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..perturb import get_source
 
 Callback = Callable[[int, int], None]
 DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -71,7 +77,7 @@ class LinearOperator:
         if self._quad is not None:
             self.num_calls += 1
             return float(self._quad(v))
-        return float(torch.dot(v.to(torch.float64), self.matvec(v).to(torch.float64)))
+        return dot64(v, self.matvec(v))
 
 
 def as_operator(
@@ -104,44 +110,70 @@ def has_matvec(op: Any) -> bool:
     return bool(getattr(op, "has_matvec", True)) and hasattr(op, "matvec")
 
 
+def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """aᵀb accumulated in float64 in chunks (a float32 dot over 10⁷ entries loses digits, and
+    those errors put Ritz values outside the spectrum), without a full float64 copy."""
+    if a.dtype == torch.float64 and b.dtype == torch.float64:
+        return float(torch.dot(a, b))
+    step = 1 << 18
+    return float(
+        sum(
+            torch.dot(a[i : i + step].double(), b[i : i + step].double())
+            for i in range(0, a.numel(), step)
+        )
+    )
+
+
 def quad_form(op: Any, v: torch.Tensor) -> float:
     """vᵀHv: ``op.quad`` when it has one, else v · (H v) accumulated in float64."""
     quad = getattr(op, "quad", None)
     if quad is not None:
         return float(quad(v))
-    return float(torch.dot(v.to(torch.float64), op.matvec(v).to(torch.float64)))
+    return dot64(v, op.matvec(v))
 
 
 # --- random vectors ---------------------------------------------------------------------------
-_SIGNS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(256, 8): row b holds bit j of byte b as ±1."""
-    key = (dtype, device)
-    if key not in _SIGNS:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        _SIGNS[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
-    return _SIGNS[key]
+_RADEMACHER = get_source("rademacher").sampler()  # reuses its sign table across calls
 
 
 def random_vector(
-    kind: str, dim: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device
+    kind: str,
+    dim: int,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A random vector: ``gaussian`` N(0, I), ``rademacher`` ±1, ``unit`` uniform on the sphere.
 
-    Rademacher signs come from packed random bits (one random byte per 8 entries, expanded
-    by a 256×8 table lookup): about one pass over the output instead of ``randn``'s cost.
+    Rademacher signs are :mod:`smoothlab.perturb`'s ``rademacher`` source (64 signs per random
+    word, expanded by a table lookup: about one pass over the output, against ``randn``'s
+    several), seeded by one 63-bit draw from ``gen``. ``out``: a buffer from
+    :func:`vector_buffer` to write into (a fresh tensor costs page faults on CPU); the
+    result is then a view of it.
     """
     if kind == "rademacher":
-        nbytes = (dim + 7) // 8
-        bytes_ = torch.randint(0, 256, (nbytes,), generator=gen, device=device, dtype=torch.uint8)
-        table = _sign_table(dtype, torch.device(device))
-        return torch.index_select(table, 0, bytes_.to(torch.int32)).view(-1)[:dim]
-    v = torch.randn(dim, generator=gen, device=device, dtype=dtype)
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=gen, device=gen.device))
+        direction = _RADEMACHER(seed)
+        if out is None:
+            return direction(0, torch.empty(dim, dtype=dtype, device=device))
+        return direction._fill(0, out[:dim], out)[:dim]
+    v = torch.randn(dim, generator=gen, device=device, dtype=dtype, out=None if out is None else out[:dim])
     if kind == "unit":
         v /= v.norm()
     return v
+
+
+def vector_buffer(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable buffer for :func:`random_vector` ``out=`` (padded for packed sign words)."""
+    return torch.empty(_RADEMACHER(0).padded(dim), dtype=dtype, device=device)
+
+
+def matvec_into(op: Any, v: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """H v, written into ``out`` when the operator takes ``out=`` (``op.matvec_out``)."""
+    if out is not None and getattr(op, "matvec_out", False):
+        return op.matvec(v, out=out)
+    return op.matvec(v)
 
 
 def check_distribution(distribution: str, accepted: tuple[str, ...] = DISTRIBUTIONS) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..estimate import Estimate
-from .frobenius import squared_norms
+from .frobenius import sample_buffers, squared_norms
 from .operator import Callback, as_operator, mean_se, sample, sqrt_of_mean
 
 
@@ -42,12 +42,13 @@ def rms(
 ) -> Estimate:
     """‖H‖_F/√d = √(E‖Hu‖²) over unit u (see the module docstring)."""
     op = as_operator(op, dim=dim)
+    bufs = sample_buffers(op)
 
     def finish(x: np.ndarray) -> tuple[float, float]:
         return sqrt_of_mean(*mean_se(x))
 
     xs, value, se, reached = sample(
-        lambda: squared_norms(op, "unit", gen),
+        lambda: squared_norms(op, "unit", gen, bufs),
         finish,
         num_vectors=num_vectors,
         target_rel_stderr=target_rel_stderr,

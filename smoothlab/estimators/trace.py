@@ -34,6 +34,7 @@ from .operator import (
     quad_form,
     random_vector,
     sample,
+    vector_buffer,
 )
 
 
@@ -52,8 +53,10 @@ def hutchinson_trace(
     check_distribution(distribution)
     op = as_operator(op, dim=dim)
 
+    buf = vector_buffer(op.dim, op.dtype, op.device)  # v is consumed by each sample
+
     def draw() -> float:
-        return quad_form(op, random_vector(distribution, op.dim, gen, op.dtype, op.device))
+        return quad_form(op, random_vector(distribution, op.dim, gen, op.dtype, op.device, buf))
 
     xs, value, se, reached = sample(
         draw,

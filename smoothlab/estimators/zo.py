@@ -51,7 +51,15 @@ import torch
 
 from ..errors import UsageError
 from ..estimate import Estimate
-from .operator import Callback, as_operator, check_distribution, mean_se, random_vector, sample
+from .operator import (
+    Callback,
+    as_operator,
+    check_distribution,
+    mean_se,
+    random_vector,
+    sample,
+    vector_buffer,
+)
 
 
 def _var_se(x: np.ndarray) -> tuple[float, float]:
@@ -103,8 +111,9 @@ def _zo(
         se = s2_se / 2.0 / (2 * value) if value > 0 else math.nan
         return value / scale, se / scale
 
+    buf = vector_buffer(op.dim, op.dtype, op.device)  # v is consumed by each sample
     xs, value, se, reached = sample(
-        lambda: float(op.quad(random_vector(distribution, op.dim, gen, op.dtype, op.device))),
+        lambda: float(op.quad(random_vector(distribution, op.dim, gen, op.dtype, op.device, buf))),
         finish,
         num_vectors=num_vectors,
         target_rel_stderr=target_rel_stderr,
