@@ -565,8 +565,7 @@ class Trainer:
         self.recorder = TrajectoryRecorder(blocks, out_dir=out, resume_step=keep, **kw)
         self.recorders = [self.recorder]
         if self.module_blocks:
-            modules = TrajectoryRecorder(self.module_blocks, out_dir=None, **kw)
-            modules.log = self.recorder.log  # one smoothness.csv, closed by its owner
+            modules = TrajectoryRecorder(self.module_blocks, log=self.recorder.log, **kw)
             self.recorders.append(modules)
         seen = {id(p): p for r in self.recorders for ps in r.blocks.values() for p in ps}
         self.probed = list(seen.values())

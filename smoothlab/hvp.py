@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import UsageError
 from .estimators.operator import dot64, random_vector
-from .perturb import _owners, shifted
+from .perturb import owners, shifted
 
 HVPS = ("fd", "fd-central", "exact", "zo")
 _ORDER = {"fd": 1 / 2, "fd-central": 1 / 3, "zo": 1 / 4}
@@ -328,7 +328,7 @@ class Oracle:
         Stored parameters are never written."""
         if self._shift_buf is None:
             self._shift_buf = torch.empty(self.dim, dtype=self.dtype, device=self.device)
-            self._owner_map = _owners(self.root, self.params)
+            self._owner_map = owners(self.root, self.params)
         shadows = unflatten(self._shift_buf, self.params)
         leaves, grads = [], unflatten(out, self.params)
         for p, w, d, g in zip(self.params, shadows, unflatten(v, self.params), grads):

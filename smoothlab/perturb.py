@@ -110,7 +110,7 @@ class SeededDirection:
     def __init__(self, sampler: Sampler, seed: int) -> None:
         self.sampler, self.seed = sampler, seed
 
-    def _fill(self, index: int, p: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    def fill(self, index: int, p: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         """z for ``p`` as a flat tensor of ``p.dtype`` written into ``buf`` (len >= padded(n))."""
         raise NotImplementedError
 
@@ -120,7 +120,7 @@ class SeededDirection:
     def __call__(self, index: int, p: torch.Tensor) -> torch.Tensor:
         n = p.numel()
         buf = torch.empty(self.padded(n), dtype=p.dtype, device=p.device)
-        return self._fill(index, p, buf)[:n].view(p.shape)
+        return self.fill(index, p, buf)[:n].view(p.shape)
 
     def shift(
         self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
@@ -128,7 +128,7 @@ class SeededDirection:
         n = w.numel()
         buf = self.sampler.scratch.take(self.padded(n), w.dtype, w.device)
         try:
-            z = self._fill(index, w, buf)[:n].view(w.shape)
+            z = self.fill(index, w, buf)[:n].view(w.shape)
             if out is None:
                 return torch.add(w, z, alpha=scale)
             return torch.add(w, z, alpha=scale, out=out[:n].view(w.shape))
@@ -139,7 +139,7 @@ class SeededDirection:
         n = p.numel()
         buf = self.sampler.scratch.take(self.padded(n), p.dtype, p.device)
         try:
-            p.add_(self._fill(index, p, buf)[:n].view(p.shape), alpha=alpha)
+            p.add_(self.fill(index, p, buf)[:n].view(p.shape), alpha=alpha)
         finally:
             self.sampler.scratch.give(buf)
 
@@ -148,7 +148,7 @@ class _Gaussian(SeededDirection):
     """``torch.randn`` (float32, then rounded to p's dtype) from a generator on p's device
     seeded with ``param_seed(seed, i)``, written into scratch memory (no allocation)."""
 
-    def _fill(self, index: int, p: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    def fill(self, index: int, p: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator(device=p.device)
         gen.manual_seed(param_seed(self.seed, index))
         n = p.numel()
@@ -168,7 +168,7 @@ class _Signs(SeededDirection):
     def _words(self, index: int, k: int, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
 
-    def _fill(self, index: int, p: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    def fill(self, index: int, p: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         k = -(-p.numel() // 64)
         idx = self._words(index, k, p.device).view(torch.uint8).int()
         lut = self.sampler.sign_table(p.device, buf.dtype)
@@ -407,7 +407,7 @@ def explicit(directions: Sequence[torch.Tensor]) -> Direction:
     return direction
 
 
-def _owners(
+def owners(
     root: nn.Module, params: Sequence[torch.Tensor]
 ) -> dict[nn.Module, list[tuple[str, int]]]:
     index = {id(p): i for i, p in enumerate(params)}
@@ -480,16 +480,16 @@ def shifted(
                 p.data = data
         return
 
-    owners = _owners(root, params)
+    owned = owners(root, params)
     # A container without a forward of its own (ParameterDict/ParameterList, e.g. peft's
     # lora_embedding_A) never fires hooks: its parameters are read by the parent. Shadow those
     # for the whole context (their size only), built with grad on so ∂f/∂W still flows.
-    static = [m for m in owners if type(m).forward is nn.Module.forward]
+    static = [m for m in owned if type(m).forward is nn.Module.forward]
     handles = []
     lent: dict[tuple[int, str], torch.Tensor] = {}
 
     def pre_hook(module: nn.Module, args: object) -> None:
-        for name, i in owners[module]:
+        for name, i in owned[module]:
             module.__dict__[name], buf = _shadow(
                 direction, i, module._parameters[name], scale, scratch
             )
@@ -497,7 +497,7 @@ def shifted(
                 lent[id(module), name] = buf
 
     def post_hook(module: nn.Module, args: object, output: object) -> None:
-        for name, _ in owners[module]:
+        for name, _ in owned[module]:
             module.__dict__.pop(name, None)
             buf = lent.pop((id(module), name), None)
             if buf is not None:
@@ -506,11 +506,11 @@ def shifted(
     try:
         with torch.enable_grad():
             for module in static:
-                for name, i in owners[module]:
+                for name, i in owned[module]:
                     module.__dict__[name] = _shadow(
                         direction, i, module._parameters[name], scale, None
                     )[0]
-        for module in owners:
+        for module in owned:
             if module in static:
                 continue
             handles.append(module.register_forward_pre_hook(pre_hook))
@@ -519,7 +519,7 @@ def shifted(
     finally:
         for h in handles:
             h.remove()
-        for module, names in owners.items():
+        for module, names in owned.items():
             for name, _ in names:
                 module.__dict__.pop(name, None)
         for buf in lent.values():

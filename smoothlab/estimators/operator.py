@@ -157,7 +157,7 @@ def random_vector(
         direction = _RADEMACHER(seed)
         if out is None:
             return direction(0, torch.empty(dim, dtype=dtype, device=device))
-        return direction._fill(0, out[:dim], out)[:dim]
+        return direction.fill(0, out[:dim], out)[:dim]
     v = torch.randn(dim, generator=gen, device=device, dtype=dtype, out=None if out is None else out[:dim])
     if kind == "unit":
         v /= v.norm()
