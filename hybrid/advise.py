@@ -154,6 +154,53 @@ def first_batch_loss(bundle: ModelBundle, cfg: TrainConfig, splits) -> Callable[
     return lambda: bundle.loss(batch)
 
 
+def gradient_rms(
+    bundle: ModelBundle,
+    cfg: TrainConfig,
+    splits,  # noqa: ANN001
+    params: list[torch.Tensor],
+    *,
+    batches: int = 8,
+    zo: bool = False,
+    mu: float = 1e-3,
+) -> float:
+    """√(mean_t ‖∇_x f(x; ξ_t)‖²) over the first ``batches`` minibatches the run will see.
+
+    This, not one batch's ‖g‖, is what the SPSA noise of a run scales with (E_ξ E_z (g_ξᵀz)²
+    = E_ξ‖g_ξ‖²); one batch's norm varied ×3 between batches of MiniLM at initialisation.
+    ``zo``: from function values only, (g_ξᵀz)² by central differences along one Gaussian z
+    per batch (an unbiased estimate of ‖g_ξ‖² up to O(μ²))."""
+    from smoothlab.perturb import seeded_gaussian, shifted
+
+    sampler = EpochSampler(len(splits.train), cfg.batch_size, seed=cfg.seed)
+    model, total = bundle.model, 0.0
+    was = model.training
+    model.eval()
+    try:
+        for t in range(batches):
+            batch = bundle.encode([splits.train[i] for i in sampler.batch(t)], cfg.max_length)
+            if zo:
+                with torch.no_grad():
+                    f = []
+                    for s in (mu, -mu):
+                        with shifted(params, seeded_gaussian(10_000 + t), s, model):
+                            f.append(float(bundle.loss(batch)))
+                total += ((f[0] - f[1]) / (2 * mu)) ** 2
+                continue
+            flags = [p.requires_grad for p in params]
+            for p in params:
+                p.requires_grad_(True)
+            try:
+                grads = torch.autograd.grad(bundle.loss(batch), params, allow_unused=True)
+            finally:
+                for p, f in zip(params, flags):
+                    p.requires_grad_(f)
+            total += sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+    finally:
+        model.train(was)
+    return math.sqrt(total / batches)
+
+
 def advise_config(
     cfg: TrainConfig,
     *,
@@ -178,6 +225,11 @@ def advise_config(
         z=z,
         second_moment_samples=second_moment_samples,
     )
+    if curv.d_x:  # the walk cap's noise scale: the gradient norm over the first minibatches
+        x, _ = split_parameters(bundle.model, cfg.method)
+        curv = dataclasses.replace(
+            curv, grad_rms_x=gradient_rms(bundle, cfg, splits, x, zo=hvp == "zo", mu=cfg.mu)
+        )
     adv = advice_from_curvature(
         curv,
         cfg.method,

@@ -71,6 +71,7 @@ class Curvature:
     grad_norm_x: float = nan
     grad_norm_y: float = nan
     weight_norm_x: float = nan  # ‖x‖ (the random-walk cap compares the SPSA noise with it)
+    grad_rms_x: float = nan  # √E_ξ‖g_ξ‖² over minibatches, when measured (else ‖g_x‖ is used)
     trace_x: Estimate | None = None
     L_x: Estimate | None = None
     L_y: Estimate | None = None
@@ -135,6 +136,7 @@ class Curvature:
             rho_y=fin(self.rho_y),
             grad_norm_x=fin(self.grad_norm_x) if self.d_x else None,
             weight_norm_x=fin(self.weight_norm_x) if self.d_x else None,
+            grad_rms_x=fin(self.grad_rms_x) if self.d_x else None,
             grad_norm_y=fin(self.grad_norm_y) if self.d_y else None,
             cross=fin(self.cross),
         )

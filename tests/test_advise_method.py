@@ -10,6 +10,7 @@ import pytest
 
 from hybrid.advise import advise_config, ratio_line, train_command
 from hybrid.train import TrainConfig
+from smoothlab.advisor import WALK_C
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -47,7 +48,8 @@ def test_zo_ft_advises_every_weight_as_x(enc: Path, tmp_path: Path) -> None:
     den = max(curv.trace_x.value, curv.L_x.value) + 3 * max(curv.rho_x, 0.0)
     assert adv.eta_x_curvature == pytest.approx(2 / den)
     # the random-walk cap over cfg.steps = 2 steps, q = 2, Gaussian-like z (kappa 3)
-    walk = 0.5 * curv.weight_norm_x / (curv.grad_norm_x * math.sqrt(2 * ((curv.d_x + 1) / 2 + 1)))
+    assert math.isfinite(curv.grad_rms_x) and curv.grad_rms_x > 0  # over the first 8 batches
+    walk = WALK_C * curv.weight_norm_x / (curv.grad_rms_x * math.sqrt(2 * ((curv.d_x + 1) / 2 + 1)))
     assert adv.eta_x_walk == pytest.approx(walk, rel=1e-12)
     assert adv.rule == ("walk" if walk < 2 / den else "curvature")
     assert adv.eta_x == pytest.approx(adv.joint_scale * min(walk, 2 / den))
