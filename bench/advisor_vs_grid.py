@@ -176,6 +176,26 @@ def phase_advise(args: argparse.Namespace) -> None:
             )
 
 
+def phase_advised(args: argparse.Namespace) -> None:
+    """Train each method at its own advised rates (seed by seed): the advised cell is then
+    ranked among the grid cells by the same measure, instead of by its nearest neighbour."""
+    for method in args.methods:
+        for seed in args.seeds:
+            path = args.out / "advise" / f"{method}_s{seed}.json"
+            if not path.exists():
+                print(f"[{method} seed {seed}] no advice yet (run --phase advise)")
+                continue
+            adv = json.loads(path.read_text())["advice"]
+            b = adv["eta_x"] if math.isfinite(adv["eta_x"]) else 0.0
+            p = adv["eta_y"] if math.isfinite(adv["eta_y"]) else 0.0
+            r = run_cell(args, method, float(f"{b:.3g}"), float(f"{p:.3g}"), seed)
+            print(
+                f"{method:<12} advised b={b:.3g} p={p:.3g} s={seed} loss={r['final_loss']:.4f} "
+                f"eval={r['eval_acc']:.3f} {'DIVERGED' if r['diverged'] else ''}",
+                flush=True,
+            )
+
+
 def _load(out: Path, sub: str) -> list[dict]:
     return (
         [json.loads(p.read_text()) for p in sorted((out / sub).glob("*.json"))]
@@ -339,7 +359,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--phase", choices=("grid", "advise", "report"), required=True)
+    ap.add_argument("--phase", choices=("grid", "advise", "advised", "report"), required=True)
     ap.add_argument("--methods", default=",".join(GRIDS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=300)
@@ -377,7 +397,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    {"grid": phase_grid, "advise": phase_advise, "report": phase_report}[args.phase](args)
+    {"grid": phase_grid, "advise": phase_advise, "advised": phase_advised, "report": phase_report}[
+        args.phase
+    ](args)
 
 
 if __name__ == "__main__":
