@@ -34,33 +34,74 @@ PEFT_OF_HYBRID = {"hybrid-lora": "fo-lora", "hybrid-prompt": "fo-prompt"}
 
 def run_one(args: argparse.Namespace, method: str, lr_base: float, lr_peft: float) -> dict:
     out = Path(args.out) / f"{method}_b{lr_base:g}_p{lr_peft:g}"
-    cmd = [sys.executable, "-m", "smoothlab.cli", "train", "--method", method, "--lr-base", str(lr_base),
-           "--lr-peft", str(lr_peft), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--eval-every", str(args.eval_every), "--seed", str(args.seed), "--out", str(out),
-           "--device", args.device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "smoothlab.cli",
+        "train",
+        "--method",
+        method,
+        "--lr-base",
+        str(lr_base),
+        "--lr-peft",
+        str(lr_peft),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--eval-every",
+        str(args.eval_every),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(out),
+        "--device",
+        args.device,
+    ]
     if args.data:
         cmd += ["--data", args.data]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     if not (out / "summary.json").exists():
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            print(f"  {method} lr_base={lr_base:g} lr_peft={lr_peft:g}: failed: {proc.stderr.strip().splitlines()[-1:]}")
-            return {"method": method, "lr_base": lr_base, "lr_peft": lr_peft, "dev_acc": -1.0, "run": str(out)}
+            print(
+                f"  {method} lr_base={lr_base:g} lr_peft={lr_peft:g}: failed: {proc.stderr.strip().splitlines()[-1:]}"
+            )
+            return {
+                "method": method,
+                "lr_base": lr_base,
+                "lr_peft": lr_peft,
+                "dev_acc": -1.0,
+                "run": str(out),
+            }
     s = json.loads((out / "summary.json").read_text())
     with (out / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     last_eval = [r for r in rows if r["eval_acc"]][-1]
-    res = {"method": method, "lr_base": lr_base, "lr_peft": lr_peft, "dev_acc": float(last_eval["dev_acc"]),
-           "eval_acc": float(last_eval["eval_acc"]), "final_loss": final_loss(float(r["loss"]) for r in rows),
-           "sec_per_step": s["seconds_per_step"], "peak_mem_mb": s["peak_memory_mb"], "run": str(out)}
-    print(f"  {method:<14} lr_base={lr_base:<8g} lr_peft={lr_peft:<8g} dev={res['dev_acc']:.3f} "
-          f"eval={res['eval_acc']:.3f} loss={res['final_loss']:.4f} {res['sec_per_step']:.3f} s/step "
-          f"{res['peak_mem_mb']:.0f} MiB", flush=True)
+    res = {
+        "method": method,
+        "lr_base": lr_base,
+        "lr_peft": lr_peft,
+        "dev_acc": float(last_eval["dev_acc"]),
+        "eval_acc": float(last_eval["eval_acc"]),
+        "final_loss": final_loss(float(r["loss"]) for r in rows),
+        "sec_per_step": s["seconds_per_step"],
+        "peak_mem_mb": s["peak_memory_mb"],
+        "run": str(out),
+    }
+    print(
+        f"  {method:<14} lr_base={lr_base:<8g} lr_peft={lr_peft:<8g} dev={res['dev_acc']:.3f} "
+        f"eval={res['eval_acc']:.3f} loss={res['final_loss']:.4f} {res['sec_per_step']:.3f} s/step "
+        f"{res['peak_mem_mb']:.0f} MiB",
+        flush=True,
+    )
     return res
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", default=None)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -93,13 +134,19 @@ def main() -> None:
         w.writeheader()
         w.writerows([r for r in allrows if "eval_acc" in r])
     base = best.get("fo-lora") or next(iter(best.values()))
-    print(f"\nbest learning rates per method (chosen on dev), {args.steps} steps, batch {args.batch_size}:")
-    print(f"{'method':<14} {'lr_base':>8} {'lr_peft':>8} {'eval_acc':>8} {'final_loss':>10} {'s/step':>8} "
-          f"{'x fo-lora':>9} {'peak MiB':>9} {'x fo-lora':>9}")
+    print(
+        f"\nbest learning rates per method (chosen on dev), {args.steps} steps, batch {args.batch_size}:"
+    )
+    print(
+        f"{'method':<14} {'lr_base':>8} {'lr_peft':>8} {'eval_acc':>8} {'final_loss':>10} {'s/step':>8} "
+        f"{'x fo-lora':>9} {'peak MiB':>9} {'x fo-lora':>9}"
+    )
     for m, r in best.items():
-        print(f"{m:<14} {r['lr_base']:>8g} {r['lr_peft']:>8g} {r['eval_acc']:>8.3f} {r['final_loss']:>10.4f} "
-              f"{r['sec_per_step']:>8.3f} {r['sec_per_step'] / base['sec_per_step']:>9.2f} {r['peak_mem_mb']:>9.0f} "
-              f"{r['peak_mem_mb'] / base['peak_mem_mb']:>9.2f}")
+        print(
+            f"{m:<14} {r['lr_base']:>8g} {r['lr_peft']:>8g} {r['eval_acc']:>8.3f} {r['final_loss']:>10.4f} "
+            f"{r['sec_per_step']:>8.3f} {r['sec_per_step'] / base['sec_per_step']:>9.2f} {r['peak_mem_mb']:>9.0f} "
+            f"{r['peak_mem_mb'] / base['peak_mem_mb']:>9.2f}"
+        )
     try:
         from analysis import load_run
         from figures.fig3 import fig3

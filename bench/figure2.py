@@ -19,7 +19,9 @@ from smoothlab.runlog import final_loss
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", default=None)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--small", type=float, default=1e-5, help="the single small rate (base scale)")
@@ -35,9 +37,17 @@ def main() -> None:
     }
     frames = {}
     for label, (lr_base, lr_peft) in settings.items():
-        cfg = TrainConfig(method="hybrid-lora", data=args.data, steps=args.steps, lr_base=lr_base, lr_peft=lr_peft,
-                          eval_every=args.steps, eval_examples=200, device=args.device,
-                          out=str(out / f"b{lr_base:g}_p{lr_peft:g}"))
+        cfg = TrainConfig(
+            method="hybrid-lora",
+            data=args.data,
+            steps=args.steps,
+            lr_base=lr_base,
+            lr_peft=lr_peft,
+            eval_every=args.steps,
+            eval_examples=200,
+            device=args.device,
+            out=str(out / f"b{lr_base:g}_p{lr_peft:g}"),
+        )
         try:
             train(cfg, progress=True)
         except FloatingPointError as e:
@@ -48,8 +58,11 @@ def main() -> None:
             rows = list(csv.DictReader(fh))
         losses = [float(r["loss"]) for r in rows if r["loss"]]
         acc = [r["eval_acc"] for r in rows if r["eval_acc"]]
-        print(f"{label:<40} steps {len(rows):>4}  first loss {losses[0]:.4f}  "
-              f"final loss {final_loss(losses):.4f}  eval acc {acc[-1] if acc else 'n/a'}", flush=True)
+        print(
+            f"{label:<40} steps {len(rows):>4}  first loss {losses[0]:.4f}  "
+            f"final loss {final_loss(losses):.4f}  eval acc {acc[-1] if acc else 'n/a'}",
+            flush=True,
+        )
     print("wrote", *fig2(frames, out / "fig2", smooth_window=10, logy=True))
 
 

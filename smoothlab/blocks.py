@@ -171,7 +171,9 @@ def make_blocks(
     owner: dict[str, str] = {}
     for block, patterns in spec.items():
         if not isinstance(block, str) or not block.strip():
-            raise UsageError(f"block names must be non-empty strings, got {block!r} (patterns {patterns!r})")
+            raise UsageError(
+                f"block names must be non-empty strings, got {block!r} (patterns {patterns!r})"
+            )
         pats = [patterns] if isinstance(patterns, str) else list(patterns)
         chosen = []
         for pat in pats:
@@ -220,18 +222,28 @@ def parse_blocks_arg(text: str) -> str | dict[str, str]:
 def check_blocks(blocks: Mapping[str, list[torch.Tensor]]) -> None:
     """Validate the ``blocks`` contract: non-empty lists of tensors, no parameter twice."""
     if not isinstance(blocks, Mapping) or not blocks:
-        raise TypeError(f"blocks must be a non-empty dict[str, list[Parameter]], got {type(blocks).__name__}")
+        raise TypeError(
+            f"blocks must be a non-empty dict[str, list[Parameter]], got {type(blocks).__name__}"
+        )
     owner: dict[int, str] = {}
     for name, params in blocks.items():
         if not isinstance(name, str) or not name.strip():
             raise UsageError(f"block names must be non-empty strings, got {name!r}")
         if isinstance(params, torch.Tensor) or not isinstance(params, list | tuple) or not params:
-            raise TypeError(f"block {name!r} must be a non-empty list of parameters, got {type(params).__name__}")
+            raise TypeError(
+                f"block {name!r} must be a non-empty list of parameters, got {type(params).__name__}"
+            )
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"block {name!r} holds a {type(p).__name__}, expected torch parameters")
+                raise TypeError(
+                    f"block {name!r} holds a {type(p).__name__}, expected torch parameters"
+                )
             if id(p) in owner:
-                where = f"twice in block {name!r}" if owner[id(p)] == name else f"in both {owner[id(p)]!r} and {name!r}"
+                where = (
+                    f"twice in block {name!r}"
+                    if owner[id(p)] == name
+                    else f"in both {owner[id(p)]!r} and {name!r}"
+                )
                 raise UsageError(
                     f"blocks overlap: a parameter of shape {tuple(p.shape)} (entry {i} of {name!r}) is "
                     f"{where}; each parameter may appear once (it would be counted twice)"

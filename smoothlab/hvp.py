@@ -73,7 +73,9 @@ def default_step(
     eps = torch.finfo(params[0].dtype).eps
     if loss_dtype is not None and loss_dtype.is_floating_point:
         eps = max(eps, torch.finfo(loss_dtype).eps)
-    xnorm = math.sqrt(sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in params))
+    xnorm = math.sqrt(
+        sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in params)
+    )
     return eps ** _ORDER[kind] * max(xnorm, 1.0)
 
 
@@ -169,7 +171,9 @@ def block_gradients(
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     out, i = {}, 0
     for name, ps in blocks.items():
-        pieces = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[i : i + len(ps)], ps)]
+        pieces = [
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads[i : i + len(ps)], ps)
+        ]
         out[name] = flatten(pieces, compute_dtype(ps))
         i += len(ps)
     return out, loss.dtype
@@ -279,7 +283,8 @@ class Oracle:
             loss = require_grad(self._loss(where))
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return flatten(
-            [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)], self.dtype
+            [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)],
+            self.dtype,
         )
 
     def _grad_at(self, v: torch.Tensor, s: float) -> torch.Tensor:
@@ -308,7 +313,12 @@ class Oracle:
         if self._g0 is not None:
             return float(torch.linalg.vector_norm(self._g0, dtype=torch.float64))
         if self._graph is not None:
-            return math.sqrt(sum(float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64)) ** 2 for g in self._graph))
+            return math.sqrt(
+                sum(
+                    float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64)) ** 2
+                    for g in self._graph
+                )
+            )
         return math.nan
 
     # -- fast finite differences ---------------------------------------------------------
@@ -317,7 +327,9 @@ class Oracle:
         has the compute dtype (gradients accumulate in place into the result)."""
         return self.root is not None and all(p.dtype == self.dtype for p in self.params)
 
-    def _accumulate_grad_at(self, v: torch.Tensor, s: float, out: torch.Tensor, sign: float) -> None:
+    def _accumulate_grad_at(
+        self, v: torch.Tensor, s: float, out: torch.Tensor, sign: float
+    ) -> None:
         """out += sign · ∇_b f(x + s·v), with no block-sized temporary.
 
         x + s·v is written, one pass, into a flat buffer reused across calls; its
@@ -373,7 +385,9 @@ class Oracle:
         """H_bb v for a flat vector v (not available for ``zo``); written into ``out`` (a
         flat buffer of the compute dtype, not aliasing v) when given."""
         if self.kind == "zo":
-            raise UsageError("hvp='zo' gives quadratic forms vᵀHv only; use norm='trace' or 'frobenius'")
+            raise UsageError(
+                "hvp='zo' gives quadratic forms vᵀHv only; use norm='trace' or 'frobenius'"
+            )
         self.num_hvp += 1
         if self.kind == "exact":
             return self._exact_hvp(v, out)
@@ -382,7 +396,9 @@ class Oracle:
         if self.kind == "fd":
             g0 = self.gradient()  # also tells step_for the loss's dtype
             s = self.step_for(v)
-            return self._grad_at(v, s).sub_(g0).div_(s)  # in place: block-sized temporaries are costly
+            return (
+                self._grad_at(v, s).sub_(g0).div_(s)
+            )  # in place: block-sized temporaries are costly
         self.reference_value()
         s = self.step_for(v)
         return self._grad_at(v, s).sub_(self._grad_at(v, -s)).div_(2 * s)
@@ -394,7 +410,9 @@ class Oracle:
             with torch.enable_grad():
                 loss = require_grad(self._loss(REFERENCE))
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            self._graph = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params))
+            self._graph = tuple(
+                torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)
+            )
         pieces = unflatten(v, self.params)
         with torch.enable_grad():
             needs = [g.requires_grad for g in self._graph]
@@ -408,7 +426,9 @@ class Oracle:
                 allow_unused=True,
             )
         return flatten(
-            [torch.zeros_like(p) if x is None else x for x, p in zip(hv, self.params)], self.dtype, out
+            [torch.zeros_like(p) if x is None else x for x, p in zip(hv, self.params)],
+            self.dtype,
+            out,
         )
 
     def quad(self, v: torch.Tensor) -> float:
@@ -434,7 +454,9 @@ class Oracle:
         One forward with autograd on tells them apart (only in this rare case)."""
         with grad_enabled_for(self.params), torch.enable_grad():
             if not self._loss(REFERENCE).requires_grad:
-                raise no_grad_error(f"f(x) = f(x ± h·v) = {value!r} bit for bit and requires_grad=False")
+                raise no_grad_error(
+                    f"f(x) = f(x ± h·v) = {value!r} bit for bit and requires_grad=False"
+                )
         self._grad_confirmed = True
 
     def _estimate_center(self, displacement: float) -> None:
@@ -442,7 +464,11 @@ class Oracle:
         pairs (f(x + t w_k) + f(x − t w_k))/2 with t‖w_k‖ = 10⁻²·displacement, whose rounding
         errors are independent; their spread gives the rounding noise of one evaluation."""
         f_ref = self.reference_value()
-        eps = torch.finfo(self._loss_dtype).eps if self._loss_dtype and self._loss_dtype.is_floating_point else 0.0
+        eps = (
+            torch.finfo(self._loss_dtype).eps
+            if self._loss_dtype and self._loss_dtype.is_floating_point
+            else 0.0
+        )
         self._ulp = max(eps * 2.0 ** math.floor(math.log2(max(abs(f_ref), 1e-30))), 1e-300)
         if eps < 1e-10 or self.ZO_CENTER_PAIRS < 2:
             self._f0 = f_ref

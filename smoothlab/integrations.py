@@ -11,7 +11,10 @@ import torch
 from .recorder import TrajectoryRecorder
 
 
-def hf_callback(recorder: TrajectoryRecorder, loss_fn_for: Callable[[torch.nn.Module], Callable[[], torch.Tensor]]) -> Any:
+def hf_callback(
+    recorder: TrajectoryRecorder,
+    loss_fn_for: Callable[[torch.nn.Module], Callable[[], torch.Tensor]],
+) -> Any:
     """A ``transformers.TrainerCallback`` that calls ``recorder.step`` after each optimizer step.
 
     ``loss_fn_for(model)`` returns the zero-argument loss closure to probe (e.g. a fixed
@@ -21,11 +24,21 @@ def hf_callback(recorder: TrajectoryRecorder, loss_fn_for: Callable[[torch.nn.Mo
     from transformers import TrainerCallback
 
     class SmoothnessCallback(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kw: Any) -> Any:
+        def on_step_end(
+            self,
+            args: Any,
+            state: Any,
+            control: Any,
+            model: Any = None,
+            optimizer: Any = None,
+            **kw: Any,
+        ) -> Any:
             if model is None or not recorder.due(state.global_step):
                 return control
             lr = optimizer.param_groups[0]["lr"] if optimizer is not None else math.nan
-            recorder.step(state.global_step, loss_fn_for(model), epoch=float(state.epoch or 0), lr_peft=lr)
+            recorder.step(
+                state.global_step, loss_fn_for(model), epoch=float(state.epoch or 0), lr_peft=lr
+            )
             return control
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:

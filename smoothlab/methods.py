@@ -42,9 +42,13 @@ class Method:
 
     def __post_init__(self) -> None:
         if self.zo not in ("all", "base", "none") or self.fo not in ("all", "peft", "none"):
-            raise ValueError(f"method {self.name!r}: zo must be all/base/none and fo all/peft/none, got {self.zo!r}/{self.fo!r}")
+            raise ValueError(
+                f"method {self.name!r}: zo must be all/base/none and fo all/peft/none, got {self.zo!r}/{self.fo!r}"
+            )
         if (self.zo == "base" or self.fo == "peft") and not self.peft:
-            raise ValueError(f"method {self.name!r} splits base/peft weights but attaches no PEFT module")
+            raise ValueError(
+                f"method {self.name!r} splits base/peft weights but attaches no PEFT module"
+            )
         if self.zo == "none" and self.fo == "none":
             raise ValueError(f"method {self.name!r} trains nothing")
 
@@ -94,17 +98,49 @@ _BASE_LR = (1e-6, 1e-5, 1e-4, 1e-3)
 # rates of 1e2-1e3 (measured on MiniLM + SST-2, tests/test_encoder_prefix.py)
 _PREFIX_LR = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
-register(Method("zo-ft", zo="all", fo="none", color=_BLUE, label="ZO full fine-tuning (MeZO)",
-                grid={"lr_base": _BASE_LR}))
-register(Method("fo-ft", zo="none", fo="all", color=_BLACK, label="first-order full fine-tuning",
-                grid={"lr_peft": (1e-3, 1e-2, 5e-2, 0.1)}))
+register(
+    Method(
+        "zo-ft",
+        zo="all",
+        fo="none",
+        color=_BLUE,
+        label="ZO full fine-tuning (MeZO)",
+        grid={"lr_base": _BASE_LR},
+    )
+)
+register(
+    Method(
+        "fo-ft",
+        zo="none",
+        fo="all",
+        color=_BLACK,
+        label="first-order full fine-tuning",
+        grid={"lr_peft": (1e-3, 1e-2, 5e-2, 0.1)},
+    )
+)
 _KINDS = (("lora", _GREEN, _VERMILLION), ("prompt", _SKYBLUE, _ORANGE), ("prefix", _WINE, _PURPLE))
 for _kind, _color, _ in _KINDS:
     _lr = _PREFIX_LR if _kind == "prefix" else _PEFT_LR
-    register(Method(f"fo-{_kind}", zo="none", fo="peft", peft=_kind, color=_color,
-                    label=f"first-order {_kind}", grid={"lr_peft": _lr}))
+    register(
+        Method(
+            f"fo-{_kind}",
+            zo="none",
+            fo="peft",
+            peft=_kind,
+            color=_color,
+            label=f"first-order {_kind}",
+            grid={"lr_peft": _lr},
+        )
+    )
 for _kind, _, _color in _KINDS:
-    register(Method(f"hybrid-{_kind}", zo="base", fo="peft", peft=_kind, color=_color,
-                    label=f"hybrid ZO base + first-order {_kind}",
-                    grid={"lr_base": _BASE_LR,
-                          "lr_peft": _PREFIX_LR if _kind == "prefix" else _PEFT_LR}))
+    register(
+        Method(
+            f"hybrid-{_kind}",
+            zo="base",
+            fo="peft",
+            peft=_kind,
+            color=_color,
+            label=f"hybrid ZO base + first-order {_kind}",
+            grid={"lr_base": _BASE_LR, "lr_peft": _PREFIX_LR if _kind == "prefix" else _PEFT_LR},
+        )
+    )

@@ -147,7 +147,9 @@ def probe(
             cb = (lambda d, t, _n=name: progress(_n, d, t)) if progress else None
             start = time.perf_counter()
             options = Options(num_vectors, tol, distribution, target_rel_stderr, min_vectors, cb)
-            with Oracle(hvp, loss_fn, params, h=h, root=root, gradient=shared.pop(name, None)) as oracle:
+            with Oracle(
+                hvp, loss_fn, params, h=h, root=root, gradient=shared.pop(name, None)
+            ) as oracle:
                 est = estimate(norm, oracle, gen, options)
                 grad_norm = oracle.cached_grad_norm()
             results[name] = replace(est, seconds=time.perf_counter() - start, grad_norm=grad_norm)
@@ -155,7 +157,12 @@ def probe(
 
 
 def _check_arguments(
-    loss_fn: object, norm: str, hvp: str, num_vectors: object, distribution: str, tol: object,
+    loss_fn: object,
+    norm: str,
+    hvp: str,
+    num_vectors: object,
+    distribution: str,
+    tol: object,
     target_rel_stderr: object,
 ) -> None:
     """probe()'s argument checks; norm/hvp/distribution pairs through the estimator registry."""
@@ -171,7 +178,9 @@ def _check_arguments(
     if target_rel_stderr is not None and not (
         isinstance(target_rel_stderr, int | float) and target_rel_stderr > 0
     ):
-        raise UsageError(f"target_rel_stderr must be a positive float or None, got {target_rel_stderr!r}")
+        raise UsageError(
+            f"target_rel_stderr must be a positive float or None, got {target_rel_stderr!r}"
+        )
 
 
 def probe_model(

@@ -78,7 +78,9 @@ class TrajectoryRecorder:
     ) -> None:
         check_blocks(blocks)
         if log is not None and out_dir is not None:
-            raise UsageError(f"give out_dir or log, not both (got out_dir={str(out_dir)!r} and a log)")
+            raise UsageError(
+                f"give out_dir or log, not both (got out_dir={str(out_dir)!r} and a log)"
+            )
         if log is not None and not isinstance(log, CsvLog):
             raise TypeError(f"log must be a smoothlab.runlog.CsvLog, got {type(log).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
@@ -94,17 +96,22 @@ class TrajectoryRecorder:
         self._owns_log = out_dir is not None
         self.log = (
             CsvLog(Path(out_dir) / "smoothness.csv", SMOOTHNESS_FIELDS, truncate_after=resume_step)
-            if out_dir is not None else log
+            if out_dir is not None
+            else log
         )
         if log is not None and tuple(log.fields) != tuple(SMOOTHNESS_FIELDS):
-            raise UsageError(f"log {log.path} has columns {list(log.fields)}, expected {list(SMOOTHNESS_FIELDS)}")
+            raise UsageError(
+                f"log {log.path} has columns {list(log.fields)}, expected {list(SMOOTHNESS_FIELDS)}"
+            )
         self._done = self.log.steps() if self.log else set()
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is a recording step not yet recorded."""
         return step % self.every == 0 and step not in self._done
 
-    def step(self, step: int, loss_fn: LossFn | None = None, **info: float) -> dict[str, Estimate] | None:
+    def step(
+        self, step: int, loss_fn: LossFn | None = None, **info: float
+    ) -> dict[str, Estimate] | None:
         """Record at ``step`` if due (see :meth:`record`); otherwise do nothing."""
         if not self.due(step):
             return None
@@ -124,7 +131,9 @@ class TrajectoryRecorder:
         """Probe every block now and log one row per block."""
         fn = self.probe_loss_fn or loss_fn
         if fn is None:
-            raise UsageError("no loss to probe: pass loss_fn or construct the recorder with probe_loss_fn")
+            raise UsageError(
+                "no loss to probe: pass loss_fn or construct the recorder with probe_loss_fn"
+            )
         model = self.model if self.model is not None else getattr(fn, "model", None)
         start = time.perf_counter()
         ests = probe(fn, self.blocks, seed=self.seed + step, model=model, **self.kwargs)
@@ -140,10 +149,20 @@ class TrajectoryRecorder:
         self.probe_seconds += seconds
         for name, est in ests.items():
             row = {
-                "step": step, "epoch": epoch, "block": name, "norm": est.norm, "hvp": est.hvp,
-                "estimate": est.value, "stderr": est.stderr, "num_hvp": est.num_hvp,
-                "grad_norm": norms[name], "loss": loss, "lr_base": lr_base, "lr_peft": lr_peft,
-                "probe_seconds": seconds, "train_seconds": train_seconds,
+                "step": step,
+                "epoch": epoch,
+                "block": name,
+                "norm": est.norm,
+                "hvp": est.hvp,
+                "estimate": est.value,
+                "stderr": est.stderr,
+                "num_hvp": est.num_hvp,
+                "grad_norm": norms[name],
+                "loss": loss,
+                "lr_base": lr_base,
+                "lr_peft": lr_peft,
+                "probe_seconds": seconds,
+                "train_seconds": train_seconds,
             }
             self.rows.append(row)
             if self.log:

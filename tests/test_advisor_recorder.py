@@ -148,7 +148,9 @@ def test_two_recorders_share_one_smoothness_csv(tmp_path) -> None:
     """log=: a second block set writes to the first recorder's smoothness.csv; only the owner
     closes it; on resume the shared log's steps count as recorded for both."""
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
+    ).double()
     xs, ys = torch.randn(20, 4, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
     loss_fn = smoothlab.ModelLoss(model, (xs, ys), criterion=torch.nn.functional.mse_loss)
     whole = {"all": list(model.parameters())}
@@ -182,7 +184,9 @@ def test_two_recorders_share_one_smoothness_csv(tmp_path) -> None:
         named = dict(zip((n for n, _ in model.named_parameters()), pieces))
         return torch.nn.functional.mse_loss(torch.func.functional_call(model, named, (xs,)), ys)
 
-    H = torch.autograd.functional.hessian(flat_loss, torch.cat([p.detach().reshape(-1) for p in params]))
+    H = torch.autograd.functional.hessian(
+        flat_loss, torch.cat([p.detach().reshape(-1) for p in params])
+    )
     span = {"all": slice(0, 19), "first": slice(0, 15), "last": slice(15, 19)}
     truth = {b: float(torch.linalg.eigvalsh(H[sl, sl]).abs().max()) for b, sl in span.items()}
     for _, b, est in rows:

@@ -23,8 +23,13 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_bert(num_labels=2):
     cfg = transformers.BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=num_labels,
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=num_labels,
     )
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(cfg)
@@ -32,8 +37,14 @@ def tiny_bert(num_labels=2):
 
 def tiny_opt():
     cfg = transformers.OPTConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
-        max_position_embeddings=32, word_embed_proj_dim=16, init_std=0.3,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        ffn_dim=32,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        word_embed_proj_dim=16,
+        init_std=0.3,
     )
     torch.manual_seed(0)
     return transformers.OPTForCausalLM(cfg)
@@ -79,7 +90,9 @@ def test_hybrid_lora_with_modules_to_save(lora_seq_cls):
     base_names = names_of(m, blocks["base"])
     assert not any(".original_module." in n for n in base_names)
     assert "base_model.model.classifier.original_module.weight" in dict(m.named_parameters())
-    assert "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight" in base_names
+    assert (
+        "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight" in base_names
+    )
     # by default the trainable set is exactly the peft block
     assert peft_names == {n for n, p in m.named_parameters() if p.requires_grad}
     assert make_blocks(m, "base-peft").keys() == blocks.keys()
@@ -97,7 +110,9 @@ def test_hybrid_lora_with_modules_to_save(lora_seq_cls):
 
 
 def test_hybrid_prompt_tuning_causal_lm():
-    m = get_peft(tiny_opt(), peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=3))
+    m = get_peft(
+        tiny_opt(), peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=3)
+    )
     blocks = make_blocks(m, "hybrid")
     assert_partition(m, blocks)
     assert names_of(m, blocks["peft"]) == {"prompt_encoder.default.embedding.weight"}
@@ -121,11 +136,14 @@ def test_hybrid_plain_module_with_lora_and_no_adapter_error():
     blocks = make_blocks(m, "hybrid")
     assert_partition(m, blocks)
     assert names_of(m, blocks["peft"]) == {
-        "base_model.model.lin.lora_A.default.weight", "base_model.model.lin.lora_B.default.weight",
+        "base_model.model.lin.lora_A.default.weight",
+        "base_model.model.lin.lora_B.default.weight",
     }
     assert names_of(m, blocks["base"]) == {
-        "base_model.model.lin.base_layer.weight", "base_model.model.lin.base_layer.bias",
-        "base_model.model.out.weight", "base_model.model.out.bias",
+        "base_model.model.lin.base_layer.weight",
+        "base_model.model.lin.base_layer.bias",
+        "base_model.model.out.weight",
+        "base_model.model.out.bias",
     }
 
 
@@ -138,8 +156,10 @@ def test_layers_preset_bert():
     assert "bert.encoder.layer.1.output.dense.weight" in names_of(m, blocks["layer.1"])
     assert all(".layer.0." in n for n in names_of(m, blocks["layer.0"]))
     assert names_of(m, blocks["other"]) == {
-        "bert.pooler.dense.weight", "bert.pooler.dense.bias",
-        "classifier.weight", "classifier.bias",
+        "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias",
+        "classifier.weight",
+        "classifier.bias",
     }
     assert all(n.startswith("bert.embeddings.") for n in names_of(m, blocks["embeddings"]))
 
@@ -157,15 +177,25 @@ def test_kinds_preset_bert():
     assert set(blocks) == {"embeddings", "attention", "mlp", "norm", "other"}
     assert_partition(m, blocks, skip="<none>")
     p = "bert.encoder.layer.0."
-    assert {p + "attention.self.query.weight", p + "attention.self.key.bias",
-            p + "attention.output.dense.weight"} <= names_of(m, blocks["attention"])
+    assert {
+        p + "attention.self.query.weight",
+        p + "attention.self.key.bias",
+        p + "attention.output.dense.weight",
+    } <= names_of(m, blocks["attention"])
     assert names_of(m, blocks["mlp"]) == {
-        f"bert.encoder.layer.{i}.{s}.dense.{w}" for i in (0, 1)
-        for s in ("intermediate", "output") for w in ("weight", "bias")
+        f"bert.encoder.layer.{i}.{s}.dense.{w}"
+        for i in (0, 1)
+        for s in ("intermediate", "output")
+        for w in ("weight", "bias")
     }
-    assert {p + "attention.output.LayerNorm.weight", p + "output.LayerNorm.bias"} <= names_of(m, blocks["norm"])
+    assert {p + "attention.output.LayerNorm.weight", p + "output.LayerNorm.bias"} <= names_of(
+        m, blocks["norm"]
+    )
     assert names_of(m, blocks["other"]) == {
-        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias",
+        "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias",
+        "classifier.weight",
+        "classifier.bias",
     }
 
 
@@ -179,15 +209,25 @@ def test_all_preset():
 # --- custom patterns ---------------------------------------------------------------------------
 def test_glob_and_regex_patterns():
     m = tiny_bert()
-    blocks = make_blocks(m, {
-        "q": "*.query.weight",  # * spans dots
-        "ln0": ["bert.encoder.layer.0.*LayerNorm.weight", "bert.encoder.layer.0.*LayerNorm.bias"],
-        "cls": r"re:classifier\.(weight|bias)",
-    })
-    assert names_of(m, blocks["q"]) == {f"bert.encoder.layer.{i}.attention.self.query.weight" for i in (0, 1)}
+    blocks = make_blocks(
+        m,
+        {
+            "q": "*.query.weight",  # * spans dots
+            "ln0": [
+                "bert.encoder.layer.0.*LayerNorm.weight",
+                "bert.encoder.layer.0.*LayerNorm.bias",
+            ],
+            "cls": r"re:classifier\.(weight|bias)",
+        },
+    )
+    assert names_of(m, blocks["q"]) == {
+        f"bert.encoder.layer.{i}.attention.self.query.weight" for i in (0, 1)
+    }
     assert names_of(m, blocks["ln0"]) == {
-        "bert.encoder.layer.0.attention.output.LayerNorm.weight", "bert.encoder.layer.0.attention.output.LayerNorm.bias",
-        "bert.encoder.layer.0.output.LayerNorm.weight", "bert.encoder.layer.0.output.LayerNorm.bias",
+        "bert.encoder.layer.0.attention.output.LayerNorm.weight",
+        "bert.encoder.layer.0.attention.output.LayerNorm.bias",
+        "bert.encoder.layer.0.output.LayerNorm.weight",
+        "bert.encoder.layer.0.output.LayerNorm.bias",
     }
     assert names_of(m, blocks["cls"]) == {"classifier.weight", "classifier.bias"}
     # regexes match the full name, not a substring
@@ -200,8 +240,11 @@ def test_glob_and_regex_patterns():
 
 def test_pattern_errors():
     m = tiny_bert()
-    with pytest.raises(ValueError, match=r"block 'x': pattern '\*\.nothing' matches no parameter.*"
-                                         r"examined \(41\): bert\.embeddings\.word_embeddings\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"block 'x': pattern '\*\.nothing' matches no parameter.*"
+        r"examined \(41\): bert\.embeddings\.word_embeddings\.weight",
+    ):
         make_blocks(m, {"x": "*.nothing"})
     with pytest.raises(ValueError, match=r"overlap.*'classifier\.weight'.*'a'.*'b'"):
         make_blocks(m, {"a": "classifier.*", "b": "*.weight"})
@@ -249,7 +292,9 @@ def _agree(model, batch, params):
     def compute():
         ids = batch["input_ids"]
         logits = model(input_ids=ids).logits[:, -ids.shape[1] : -1]  # drop virtual tokens
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
 
     loss_fn = ModelLoss(model, compute=compute)
     model.eval()
@@ -274,11 +319,16 @@ def test_probe_lora_on_embedding_and_prompt_tuning():
     prompt tuning reads its prompt embedding in the peft wrapper. Finite differences and
     second differences on the fly must see both (they agree with the exact oracle)."""
     batch = {"input_ids": torch.tensor([[3, 7, 0, 9, 4], [2, 2, 8, 5, 6]])}
-    m = get_peft(tiny_opt().double(), peft.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False))
+    m = get_peft(
+        tiny_opt().double(),
+        peft.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False),
+    )
     blocks = make_blocks(m, {"emb_lora": "*lora_embedding_*"})
     assert len(blocks["emb_lora"]) == 2
     _agree(m, batch, blocks["emb_lora"])
-    m = get_peft(tiny_opt(), peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=3))
+    m = get_peft(
+        tiny_opt(), peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=3)
+    )
     m = m.double()
     blocks = make_blocks(m, "hybrid")
     _agree(m, batch, blocks["peft"])

@@ -34,14 +34,20 @@ def test_probe_on_cuda_matches_dense_spectrum(hvp: str) -> None:
 
 def test_mlp_probe_on_cuda_equals_cpu() -> None:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    ).double()
     xs = torch.randn(32, 8, dtype=torch.float64)
     ys = torch.randn(32, 1, dtype=torch.float64)
     results = {}
     for dev in ("cpu", "cuda"):
         m = net.to(dev)
-        loss = smoothlab.ModelLoss(m, (xs.to(dev), ys.to(dev)), criterion=torch.nn.functional.mse_loss)
-        results[dev] = smoothlab.probe_model(m, compute=loss, blocks="all", norm="spectral", hvp="exact", num_vectors=40)["all"].value
+        loss = smoothlab.ModelLoss(
+            m, (xs.to(dev), ys.to(dev)), criterion=torch.nn.functional.mse_loss
+        )
+        results[dev] = smoothlab.probe_model(
+            m, compute=loss, blocks="all", norm="spectral", hvp="exact", num_vectors=40
+        )["all"].value
     assert results["cuda"] == pytest.approx(results["cpu"], rel=1e-8)
 
 

@@ -135,8 +135,8 @@ def test_flatten_unflatten_roundtrip_and_default_steps():
     assert default_step("fd", [torch.zeros(3)]) == pytest.approx(math.sqrt(eps))  # max(‖x‖, 1)
     p64 = [p.double() for p in p32]
     assert default_step("zo", p64) == pytest.approx(torch.finfo(torch.float64).eps ** 0.25 * 100)
-    assert default_step("zo", p64, torch.float32) == pytest.approx(eps ** 0.25 * 100)
-    assert default_step("zo", p32, torch.float64) == pytest.approx(eps ** 0.25 * 100)
+    assert default_step("zo", p64, torch.float32) == pytest.approx(eps**0.25 * 100)
+    assert default_step("zo", p32, torch.float64) == pytest.approx(eps**0.25 * 100)
 
 
 def test_user_step_is_used_and_validated():
@@ -201,8 +201,13 @@ def tiny_bert(attn: str):
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, attn_implementation=attn,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        attn_implementation=attn,
         initializer_range=0.3,
     )
     torch.manual_seed(0)
@@ -227,9 +232,7 @@ def bert_pair():
             "bert.encoder.layer.0.attention.output.LayerNorm.bias",
         ],  # 32 parameters
     }
-    hessians = {
-        b: dense_block_hessian(ref, names, batch) for b, names in blocks.items()
-    }
+    hessians = {b: dense_block_hessian(ref, names, batch) for b, names in blocks.items()}
     return ref, sdpa, batch, blocks, hessians
 
 
@@ -291,11 +294,19 @@ def test_mlp_probe_norms_match_dense_hessian(hvp):
     truths = {b: norms_of(dense_hessian(loss_fn, ps)) for b, ps in blocks.items()}
     spec = probe(loss_fn, blocks, norm="spectral", hvp=hvp, num_vectors=48, tol=1e-6, model=model)
     for b, e in spec.items():
-        assert abs(e.value - truths[b]["spectral"]) <= 1.01 * e.residual + 1e-6 * truths[b]["spectral"]
+        assert (
+            abs(e.value - truths[b]["spectral"]) <= 1.01 * e.residual + 1e-6 * truths[b]["spectral"]
+        )
     for norm in ("frobenius", "rms", "trace"):
         est = probe(loss_fn, blocks, norm=norm, hvp=hvp, num_vectors=40, seed=2, model=model)
         for b, e in est.items():
-            assert abs(e.value - truths[b][norm]) <= 4 * e.stderr, (b, norm, e.value, truths[b][norm], e.stderr)
+            assert abs(e.value - truths[b][norm]) <= 4 * e.stderr, (
+                b,
+                norm,
+                e.value,
+                truths[b][norm],
+                e.stderr,
+            )
 
 
 # --- the leaf-shadow fd path (a module tree is known) ---------------------------------------
@@ -328,7 +339,10 @@ def test_fd_fast_path_matches_dense_hessian_with_tied_weights_and_out_buffer():
     model.a.weight.grad = sentinel = torch.full_like(model.a.weight, 7.0)
     vs = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for kind, tol in (("fd", 1e-4), ("fd-central", 1e-6)):
-        with Oracle(kind, loss_fn, params, root=model) as fast, Oracle(kind, loss_fn, params) as swap:
+        with (
+            Oracle(kind, loss_fn, params, root=model) as fast,
+            Oracle(kind, loss_fn, params) as swap,
+        ):
             out = torch.empty(H.shape[0], dtype=torch.float64)
             for v in vs:
                 hv = fast.hvp(v, out=out)

@@ -51,8 +51,15 @@ def test_frobenius_two_stderr_interval_coverage():
     for distribution in ("gaussian", "rademacher"):
         hits = {"x": 0, "y": 0}
         for seed in range(100):
-            est = probe(q, q.blocks, norm="frobenius", hvp="exact", num_vectors=30, seed=seed,
-                        distribution=distribution)
+            est = probe(
+                q,
+                q.blocks,
+                norm="frobenius",
+                hvp="exact",
+                num_vectors=30,
+                seed=seed,
+                distribution=distribution,
+            )
             for name in hits:
                 hits[name] += abs(est[name].value - truth[name]) <= 2 * est[name].stderr
         assert hits["x"] >= 90 and hits["y"] >= 90, (distribution, hits)
@@ -71,9 +78,12 @@ def test_zo_trace_and_squared_frobenius_unbiased():
         traces, fro2 = [], []
         for seed in range(150):
             blocks = {name: q.blocks[name]}
-            traces.append(probe(q, blocks, norm="trace", hvp="zo", num_vectors=8, seed=seed)[name].value)
+            traces.append(
+                probe(q, blocks, norm="trace", hvp="zo", num_vectors=8, seed=seed)[name].value
+            )
             fro2.append(
-                probe(q, blocks, norm="frobenius", hvp="zo", num_vectors=8, seed=seed)[name].value ** 2
+                probe(q, blocks, norm="frobenius", hvp="zo", num_vectors=8, seed=seed)[name].value
+                ** 2
             )
         m, se = _grand_mean(traces)
         assert abs(m - tr_truth[name]) <= 4 * se, (name, m, tr_truth[name], se)
@@ -143,8 +153,10 @@ def test_rademacher_trace_beats_gaussian_variance():
     f = lambda: 0.5 * q @ (H @ q)  # noqa: E731
     fro2, diag2 = float(H.pow(2).sum()), float(torch.diagonal(H).pow(2).sum())
     assert diag2 > 0.5 * fro2
-    est = {dist: probe(f, {"q": [q]}, norm="trace", num_vectors=2000, distribution=dist, seed=1)["q"]
-           for dist in ("gaussian", "rademacher")}
+    est = {
+        dist: probe(f, {"q": [q]}, norm="trace", num_vectors=2000, distribution=dist, seed=1)["q"]
+        for dist in ("gaussian", "rademacher")
+    }
     var_g, se_g = _var_and_se(est["gaussian"].samples)
     var_r, se_r = _var_and_se(est["rademacher"].samples)
     assert abs(var_g - 2 * fro2) <= 4 * se_g, (var_g, 2 * fro2, se_g)
@@ -185,7 +197,9 @@ def test_target_rel_stderr_stops_early(norm):
     q = Quadratic(80, 30, dtype=torch.float64, seed=8)
     if norm == "trace":  # make the trace clearly non-zero: A + 40 I
         q.shift_x_spectrum(40.0)
-    est = probe(q, {"x": [q.x]}, norm=norm, num_vectors=500, target_rel_stderr=0.05, min_vectors=5)["x"]
+    est = probe(q, {"x": [q.x]}, norm=norm, num_vectors=500, target_rel_stderr=0.05, min_vectors=5)[
+        "x"
+    ]
     assert est.converged
     assert 5 <= est.num_hvp < 500 and len(est.samples) == est.num_hvp
     assert est.rel_stderr <= 0.05
@@ -219,7 +233,9 @@ def test_seed_reproducible_and_global_rng_untouched():
 def test_progress_callback():
     q = Quadratic(30, 10, dtype=torch.float64, seed=11)
     calls = []
-    probe(q, q.blocks, norm="trace", num_vectors=4, progress=lambda b, d, t: calls.append((b, d, t)))
+    probe(
+        q, q.blocks, norm="trace", num_vectors=4, progress=lambda b, d, t: calls.append((b, d, t))
+    )
     assert calls == [("x", i, 4) for i in range(1, 5)] + [("y", i, 4) for i in range(1, 5)]
 
 
@@ -308,7 +324,13 @@ def test_probe_restores_after_loss_fn_raises():
         calls[:] = [0, 1 if hvp == "exact" else 3]  # exact evaluates the loss once per block
         norm = "trace" if hvp == "zo" else "spectral"
         with pytest.raises(RuntimeError, match="boom"):
-            probe(ModelLoss(model, compute=compute), {"w": [model.fc2.weight]}, norm=norm, hvp=hvp, num_vectors=5)
+            probe(
+                ModelLoss(model, compute=compute),
+                {"w": [model.fc2.weight]},
+                norm=norm,
+                hvp=hvp,
+                num_vectors=5,
+            )
         assert model.training and model.drop.training
         assert model.fc2.weight.requires_grad is False
         for n, p in model.named_parameters():
@@ -333,9 +355,21 @@ def _tiny():
         ({"h": 0.0, "hvp": "fd"}, ValueError, r"h must be.*0\.0"),
         ({"h": -1e-3, "hvp": "fd"}, ValueError, r"h must be.*-0\.001"),
         ({"norm": "spectral", "hvp": "zo"}, ValueError, r"spectral.*zo"),
-        ({"norm": "frobenius", "hvp": "zo", "distribution": "rademacher"}, ValueError, r"rademacher.*gaussian"),
-        ({"norm": "rms", "hvp": "zo", "distribution": "rademacher"}, ValueError, r"rademacher.*gaussian"),
-        ({"distribution": "uniform", "norm": "trace"}, ValueError, r"'uniform'.*gaussian, rademacher"),
+        (
+            {"norm": "frobenius", "hvp": "zo", "distribution": "rademacher"},
+            ValueError,
+            r"rademacher.*gaussian",
+        ),
+        (
+            {"norm": "rms", "hvp": "zo", "distribution": "rademacher"},
+            ValueError,
+            r"rademacher.*gaussian",
+        ),
+        (
+            {"distribution": "uniform", "norm": "trace"},
+            ValueError,
+            r"'uniform'.*gaussian, rademacher",
+        ),
         ({"tol": 0}, ValueError, r"tol"),
         ({"target_rel_stderr": -0.1, "norm": "trace"}, ValueError, r"target_rel_stderr.*-0\.1"),
     ],
@@ -373,13 +407,21 @@ def test_probe_model_tiny_bert_with_labels():
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, initializer_range=0.3,
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        initializer_range=0.3,
     )
     torch.manual_seed(0)
     model = BertForSequenceClassification(cfg).double().train()
     g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(0, 40, (4, 6), generator=g), "labels": torch.tensor([1, 0, 0, 1])}
+    batch = {
+        "input_ids": torch.randint(0, 40, (4, 6), generator=g),
+        "labels": torch.tensor([1, 0, 0, 1]),
+    }
     names = ["bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias"]
     ps = [dict(model.named_parameters())[n] for n in names]
     with torch.no_grad():
@@ -393,8 +435,15 @@ def test_probe_model_tiny_bert_with_labels():
     true = float(torch.linalg.eigvalsh(H).abs().max())
     model.train()
 
-    est = probe_model(model, batch, {"ln": "bert.embeddings.LayerNorm.*", "cls": "classifier.*"},
-                      norm="spectral", hvp="exact", num_vectors=32, tol=1e-6)
+    est = probe_model(
+        model,
+        batch,
+        {"ln": "bert.embeddings.LayerNorm.*", "cls": "classifier.*"},
+        norm="spectral",
+        hvp="exact",
+        num_vectors=32,
+        tol=1e-6,
+    )
     assert set(est) == {"ln", "cls"} and est["ln"].dim == 32 and est["cls"].dim == 16 * 2 + 2
     assert abs(est["ln"].value - true) <= 1.01 * est["ln"].residual + 1e-8 * true
     assert model.training and all(m.training for m in model.modules())
@@ -425,7 +474,9 @@ def test_registry_is_the_one_source_of_norms_and_oracles():
     import smoothlab
     from smoothlab.estimators import ESTIMATORS, NORMS, validate
 
-    assert NORMS == tuple(ESTIMATORS) == smoothlab.NORMS == ("spectral", "frobenius", "rms", "trace")
+    assert (
+        NORMS == tuple(ESTIMATORS) == smoothlab.NORMS == ("spectral", "frobenius", "rms", "trace")
+    )
     assert ESTIMATORS["spectral"].hvps == ("fd", "fd-central", "exact")
     assert all("zo" in ESTIMATORS[n].hvps for n in ("trace", "frobenius", "rms"))
     for norm, entry in ESTIMATORS.items():
@@ -440,7 +491,9 @@ def test_registry_is_the_one_source_of_norms_and_oracles():
 def _spectrum(d: int, gen: torch.Generator, top: float = 159.0) -> torch.Tensor:
     """A Hessian-like spectrum: a few outliers of both signs over a bulk in ±1."""
     bulk = torch.empty(d - 4, dtype=torch.float64).uniform_(-1, 1, generator=gen)
-    return torch.cat([torch.tensor([top, 0.8 * top, -0.5 * top, 0.3 * top], dtype=torch.float64), bulk])
+    return torch.cat(
+        [torch.tensor([top, 0.8 * top, -0.5 * top, 0.3 * top], dtype=torch.float64), bulk]
+    )
 
 
 @pytest.mark.parametrize("reorth", [True, False])
@@ -456,8 +509,14 @@ def test_lanczos_on_dense_operator(reorth, dtype):
     H = planted(eigs, gen).to(dtype)
     op = LinearOperator(lambda v: H @ v, 2000, dtype=dtype) if dtype == torch.float32 else None
     for k in (20, 50):
-        e = lanczos(op or (lambda v: H @ v), torch.Generator().manual_seed(k), dim=2000,
-                    max_iter=k, tol=1e-6, reorth=reorth)
+        e = lanczos(
+            op or (lambda v: H @ v),
+            torch.Generator().manual_seed(k),
+            dim=2000,
+            max_iter=k,
+            tol=1e-6,
+            reorth=reorth,
+        )
         eps = 1e-5 if dtype == torch.float32 else 1e-10
         assert e.value <= 159.0 * (1 + eps)  # Ritz values lie inside the spectrum
         assert float((eigs - e.value).abs().min()) <= 1.01 * e.residual + eps * 159
@@ -552,7 +611,9 @@ def test_zo_float32_trace_unbiased_with_a_large_loss():
     for top, flagged in ((1e-3, False), (1e-4, True)):  # numerators of ~300 and ~3 ulps of f
         tiny = Quadratic(200, 10, top_x=top, coupling=0.0, dtype=torch.float32, seed=13)
         tiny.shift_x_spectrum(0.5 * top)
-        e = probe(lambda t=tiny: t() + 10.0, {"x": [tiny.x]}, norm="trace", hvp="zo", num_vectors=10)["x"]
+        e = probe(
+            lambda t=tiny: t() + 10.0, {"x": [tiny.x]}, norm="trace", hvp="zo", num_vectors=10
+        )["x"]
         assert e.rounding_dominated is flagged, top
 
 
@@ -571,6 +632,8 @@ def test_zo_trace_agrees_with_exact_on_minilm_base():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     r = bench.compare(num_vectors=8)
-    assert abs(r["zo"] - r["exact"]) <= 2 * math.hypot(r["zo_stderr"], r["exact_stderr"]) + 0.03 * abs(r["exact"])
+    assert abs(r["zo"] - r["exact"]) <= 2 * math.hypot(
+        r["zo_stderr"], r["exact_stderr"]
+    ) + 0.03 * abs(r["exact"])
     assert abs(r["paired_diff"]) <= 3 * r["paired_diff_stderr"], r
     assert not r["rounding_dominated"], r

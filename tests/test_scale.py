@@ -312,7 +312,9 @@ def test_cli_defaults_to_seeds_for_zo_ft_and_exports(seed_runs, enc, tmp_path) -
     args = ["--model", str(enc), "--train-size", "64", "--eval-size", "16", "--dev-size", "8"]
     args += ["--batch-size", "16", "--max-length", "24", "--steps", "2", "--eval-every", "2"]
     assert main(["train", "--method", "zo-ft", "--out", str(tmp_path / "z"), *args]) == 0
-    assert json.loads((tmp_path / "z" / "config.json").read_text())["checkpoint"] is None  # = seeds for zo-ft
+    assert (
+        json.loads((tmp_path / "z" / "config.json").read_text())["checkpoint"] is None
+    )  # = seeds for zo-ft
     assert torch.load(tmp_path / "z" / "checkpoint.pt", weights_only=False)["checkpoint"] == "seeds"
     assert (tmp_path / "z" / "seeds.jsonl").is_file()
     assert main(["export", str(tmp_path / "z"), "--out", str(tmp_path / "hf")]) == 0

@@ -84,7 +84,15 @@ def test_zo_ft_replay_is_bit_identical_and_small(tmp_path) -> None:
     final = list(model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(init.parameters(), final))  # it trained
     partial = copy.deepcopy(init)
-    assert replay(list(partial.parameters()), tmp_path / "seeds.jsonl", updater(init.parameters(), 7), upto=15) == 15
+    assert (
+        replay(
+            list(partial.parameters()),
+            tmp_path / "seeds.jsonl",
+            updater(init.parameters(), 7),
+            upto=15,
+        )
+        == 15
+    )
     assert all(torch.equal(a, b) for a, b in zip(partial.parameters(), snap))
     update = updater(init.parameters(), 7)
     assert replay(list(init.parameters()), tmp_path / "seeds.jsonl", update, upto=0) == 0

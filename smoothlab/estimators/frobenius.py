@@ -54,7 +54,9 @@ def squared_norms(
 
 def sample_buffers(op: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(v, H v) buffers reused by every sample: both are consumed within one sample."""
-    return vector_buffer(op.dim, op.dtype, op.device), torch.empty(op.dim, dtype=op.dtype, device=op.device)
+    return vector_buffer(op.dim, op.dtype, op.device), torch.empty(
+        op.dim, dtype=op.dtype, device=op.device
+    )
 
 
 def hutchinson_frobenius(

@@ -158,7 +158,9 @@ def random_vector(
         if out is None:
             return direction(0, torch.empty(dim, dtype=dtype, device=device))
         return direction.fill(0, out[:dim], out)[:dim]
-    v = torch.randn(dim, generator=gen, device=device, dtype=dtype, out=None if out is None else out[:dim])
+    v = torch.randn(
+        dim, generator=gen, device=device, dtype=dtype, out=None if out is None else out[:dim]
+    )
     if kind == "unit":
         v /= v.norm()
     return v
