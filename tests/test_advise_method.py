@@ -77,7 +77,9 @@ def test_train_command_runs_with_the_advised_rates(enc: Path, tmp_path: Path, ca
     cmd = train_command(adv, cfg)
     argv = shlex.split(cmd)
     assert argv[:2] == ["smoothlab", "train"]
-    assert float(argv[argv.index("--lr-base") + 1]) == pytest.approx(adv.eta_x, rel=2e-3)
+    assert float(argv[argv.index("--lr-base") + 1]) == pytest.approx(
+        adv.eta_x, rel=5e-3
+    )  # printed with 3 significant digits
     assert main(argv[1:]) == 0
     import json
 
