@@ -272,23 +272,3 @@ def load_model(
     return ModelBundle(
         model=model, tokenizer=tokenizer, task=task, kind=kind, device=dev, name=shown
     )
-
-
-_MOVED_TO_TESTS = ("tiny_causal_lm", "tiny_encoder")
-
-
-def __getattr__(name: str) -> Any:
-    """Transitional: the tiny test models moved to ``tests/tiny_models.py``; callers that
-    still import them from here get them from there (with a ``DeprecationWarning``)."""
-    if name in _MOVED_TO_TESTS:
-        import importlib
-        import warnings
-
-        warnings.warn(
-            f"hybrid.models.{name} moved to tests/tiny_models.py; "
-            f"use `from tests.tiny_models import {name}`",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module("tests.tiny_models"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory) -> Path:
-    from hybrid.models import tiny_encoder
+    from tests.tiny_models import tiny_encoder
 
     root = tmp_path_factory.mktemp("adv_enc")
     tiny_encoder(seed=0, save_dir=root)

@@ -86,8 +86,8 @@ def test_hf_trainer_callback_records(tmp_path) -> None:
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
-    from hybrid.models import tiny_encoder
     from smoothlab.integrations import hf_callback
+    from tests.tiny_models import tiny_encoder
 
     model, tok = tiny_encoder(seed=0)
     enc = tok(["good film", "bad film", "great", "awful"] * 4, padding=True, return_tensors="pt")

@@ -21,7 +21,7 @@ from hybrid.seeding import seeded_rng
 from smoothlab.blocks import make_blocks
 from smoothlab.errors import UsageError
 from smoothlab.perturb import shifted
-from tests.tiny_models import tiny_encoder
+from tests.tiny_models import tiny_causal_lm, tiny_encoder
 
 SST2 = D.get_task("sst2")
 SST2_TSV = "/work/shared/data/sst2/train.tsv"
@@ -200,7 +200,7 @@ def test_seeded_init_and_bad_arguments() -> None:
         attach_encoder_prefix(_tiny_bundle(), 0)
     with pytest.raises(UsageError, match="already has a PEFT module"):
         attach_encoder_prefix(M.ModelBundle(**{**_tiny_bundle().__dict__, "model": a}), P)
-    lm, tok = M.tiny_causal_lm("opt")
+    lm, tok = tiny_causal_lm("opt")
     causal = M.ModelBundle(lm, tok, SST2, "causal", torch.device("cpu"), "tiny-opt")
     with pytest.raises(UsageError, match="needs an encoder model"):
         attach_encoder_prefix(causal, P)

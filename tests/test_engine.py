@@ -450,8 +450,8 @@ def test_step_on_real_tiny_models_matches_reference(tiny_bundles):
 
 @pytest.fixture(scope="module")
 def tiny_bundles(tmp_path_factory):
-    from hybrid.models import tiny_causal_lm, tiny_encoder
     from hybrid.train import TrainConfig, build
+    from tests.tiny_models import tiny_causal_lm, tiny_encoder
 
     root = tmp_path_factory.mktemp("engine_models")
     tiny_causal_lm("opt", seed=0, save_dir=root / "opt")
