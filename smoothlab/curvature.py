@@ -385,11 +385,8 @@ def measure(
     if d_x:
         out["trace_x"] = _trace_x(loss_fn, x, trace_vectors, common)
     if hvp == "zo":
-        out.update(
-            _zo_terms(
-                loss_fn, x, gen, kind=z, samples=second_moment_samples if d_x else 0, root=root, h=h
-            )
-        )
+        samples = second_moment_samples if d_x else 0
+        out.update(_zo_terms(loss_fn, x, gen, kind=z, samples=samples, root=root, h=h))
     else:
         delta_samples = trace_vectors if kappa != 3 else 0
         args = (z, spectral_iters, delta_samples, second_moment_samples, common)
