@@ -79,6 +79,55 @@ def run_gd(
     return GDTrajectory(x=xs, y=ys, f=fs, eta_x=float(eta_x), eta_y=float(eta_y))
 
 
+def _plot_values(
+    ax_f, trajs: list, a: float, b: float, steps: int, f0: float, floor: float
+) -> None:
+    """Panel (a): f(x_k, y_k) per schedule on a log scale, clipped at ``floor``."""
+    k = np.arange(steps + 1)
+    for lab, t, c, ls in trajs:
+        f = np.maximum(t.f, floor)
+        ax_f.plot(k, f, color=c, ls=ls, label=lab, marker="o" if steps <= 12 else None)
+    ax_f.set_yscale("log")
+    ax_f.set_ylim(floor / 3, f0 * 5)
+    ax_f.set_xlabel("iteration $k$")
+    ax_f.set_ylabel(r"$f(x_k, y_k)$")
+    coef = {c: ("" if v == 1 else f"{v:g}") for c, v in (("a", a), ("b", b))}
+    ax_f.set_title(f"(a) $f = {coef['a']}x^2 + {coef['b']}y^2$", loc="left")
+    ax_f.annotate(
+        "exact minimum\nafter one step",
+        xy=(1, floor),
+        xytext=(0.3 * steps, floor * 1e2),
+        fontsize=7,
+        color=PALETTE["vermillion"],
+        arrowprops={"arrowstyle": "->", "color": PALETTE["vermillion"], "lw": 0.6},
+    )
+    ax_f.legend(loc="center right", fontsize=6.5)
+
+
+def _plot_plane(
+    ax_xy, trajs: list, a: float, b: float, x0: float, y0: float, f0: float, shown: int
+) -> None:
+    """Panel (b): the first ``shown`` iterates over the level sets of f."""
+    ext = 1.15 * max(abs(x0), abs(y0))
+    gx, gy = np.meshgrid(np.linspace(-ext, ext, 400), np.linspace(-ext, ext, 400))
+    levels = np.geomspace(f0 * 1e-4, f0 * 2, 9)
+    ax_xy.contour(gx, gy, quadratic(gx, gy, a, b), levels=levels, colors="0.75", linewidths=0.4)
+    for lab, t, c, _ls in trajs:
+        x, y = t.x[: shown + 1], t.y[: shown + 1]
+        ok = np.isfinite(x) & np.isfinite(y) & (np.abs(x) <= ext) & (np.abs(y) <= ext)
+        ax_xy.plot(x[ok], y[ok], color=c, marker="o", markersize=2.2, lw=0.7, label=lab)
+    ax_xy.plot([0], [0], marker="*", color="black", markersize=6, ls="none")
+    ax_xy.plot([x0], [y0], marker="s", color="black", markersize=3, ls="none")
+    ax_xy.set_xlim(-ext, ext)
+    # iterates stay on y0's side of the x axis (0 <= 1 - 2bη < 1): show that half
+    ax_xy.set_ylim((-0.15 * ext, ext) if y0 >= 0 else (-ext, 0.15 * ext))
+    ax_xy.set_aspect("equal")
+    ax_xy.set_xlabel("$x$ (stiff, $L_x = 2a$)")
+    ax_xy.set_ylabel("$y$ (flat, $L_y = 2b$)")
+    ax_xy.set_title(f"(b) first {shown} iterates", loc="left")
+    ax_xy.grid(False)
+
+
 def example23(
     out_stem: str | Path,
     a: float = 100.0,
@@ -119,47 +168,9 @@ def example23(
             1, 2, figsize=(TEXT_WIDTH, 2.3), gridspec_kw={"width_ratios": [1.1, 1]}
         )
         try:
-            k = np.arange(steps + 1)
-            for lab, t, c, ls in trajs:
-                f = np.maximum(t.f, floor)
-                ax_f.plot(k, f, color=c, ls=ls, label=lab, marker="o" if steps <= 12 else None)
-            ax_f.set_yscale("log")
-            ax_f.set_ylim(floor / 3, f0 * 5)
-            ax_f.set_xlabel("iteration $k$")
-            ax_f.set_ylabel(r"$f(x_k, y_k)$")
-            coef = {c: ("" if v == 1 else f"{v:g}") for c, v in (("a", a), ("b", b))}
-            ax_f.set_title(f"(a) $f = {coef['a']}x^2 + {coef['b']}y^2$", loc="left")
-            ax_f.annotate(
-                "exact minimum\nafter one step",
-                xy=(1, floor),
-                xytext=(0.3 * steps, floor * 1e2),
-                fontsize=7,
-                color=PALETTE["vermillion"],
-                arrowprops={"arrowstyle": "->", "color": PALETTE["vermillion"], "lw": 0.6},
-            )
-            ax_f.legend(loc="center right", fontsize=6.5)
-
-            ext = 1.15 * max(abs(x0), abs(y0))
-            gx, gy = np.meshgrid(np.linspace(-ext, ext, 400), np.linspace(-ext, ext, 400))
-            levels = np.geomspace(f0 * 1e-4, f0 * 2, 9)
-            ax_xy.contour(
-                gx, gy, quadratic(gx, gy, a, b), levels=levels, colors="0.75", linewidths=0.4
-            )
+            _plot_values(ax_f, trajs, a, b, steps, f0, floor)
             shown = min(steps, plane_steps)
-            for lab, t, c, _ls in trajs:
-                x, y = t.x[: shown + 1], t.y[: shown + 1]
-                ok = np.isfinite(x) & np.isfinite(y) & (np.abs(x) <= ext) & (np.abs(y) <= ext)
-                ax_xy.plot(x[ok], y[ok], color=c, marker="o", markersize=2.2, lw=0.7, label=lab)
-            ax_xy.plot([0], [0], marker="*", color="black", markersize=6, ls="none")
-            ax_xy.plot([x0], [y0], marker="s", color="black", markersize=3, ls="none")
-            ax_xy.set_xlim(-ext, ext)
-            # iterates stay on y0's side of the x axis (0 <= 1 - 2bη < 1): show that half
-            ax_xy.set_ylim((-0.15 * ext, ext) if y0 >= 0 else (-ext, 0.15 * ext))
-            ax_xy.set_aspect("equal")
-            ax_xy.set_xlabel("$x$ (stiff, $L_x = 2a$)")
-            ax_xy.set_ylabel("$y$ (flat, $L_y = 2b$)")
-            ax_xy.set_title(f"(b) first {shown} iterates", loc="left")
-            ax_xy.grid(False)
+            _plot_plane(ax_xy, trajs, a, b, x0, y0, f0, shown)
             fig.tight_layout()
             return savefig(fig, out_stem)
         finally:

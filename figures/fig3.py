@@ -18,6 +18,35 @@ from figures.style import TEXT_WIDTH, method_color, paper_style, savefig
 __all__ = ["fig3"]
 
 
+def _plot_loss(ax_loss, d: pd.DataFrame, color, label: str, smooth_window, logy: bool) -> None:
+    """Smoothed training loss of one run over its faint raw curve (finite, > 0 on a log axis)."""
+    loss = d[["step", "loss"]].dropna()
+    loss = loss[np.isfinite(loss["loss"])]
+    if logy:
+        loss = loss[loss["loss"] > 0]
+    w = max(1, len(loss) // 50) if smooth_window == "auto" else smooth_window
+    if w and w > 1:
+        ax_loss.plot(loss["step"], loss["loss"], color=color, alpha=0.18, lw=0.5)
+    ax_loss.plot(loss["step"], smooth(loss["loss"], w), color=color, label=label)
+
+
+def _plot_acc(ax_acc, d: pd.DataFrame, acc: str, color, label: str) -> bool:
+    """One run's ``acc`` curve; whether it had any recorded value."""
+    plotted = False
+    if acc in d.columns:
+        a = d[["step", acc]].dropna()
+        if len(a):
+            plotted = True
+            ax_acc.plot(
+                a["step"],
+                a[acc],
+                color=color,
+                label=label,
+                marker="o" if len(a) <= 40 else None,
+            )
+    return plotted
+
+
 def fig3(
     runs: Mapping[str, pd.DataFrame] | Sequence[Run],
     out_stem: str | Path,
@@ -45,25 +74,9 @@ def fig3(
             for label, df in frames.items():
                 color = method_color(keys[label])
                 d = df.sort_values("step")
-                loss = d[["step", "loss"]].dropna()
-                loss = loss[np.isfinite(loss["loss"])]
-                if logy:
-                    loss = loss[loss["loss"] > 0]
-                w = max(1, len(loss) // 50) if smooth_window == "auto" else smooth_window
-                if w and w > 1:
-                    ax_loss.plot(loss["step"], loss["loss"], color=color, alpha=0.18, lw=0.5)
-                ax_loss.plot(loss["step"], smooth(loss["loss"], w), color=color, label=label)
-                if acc in d.columns:
-                    a = d[["step", acc]].dropna()
-                    if len(a):
-                        any_acc = True
-                        ax_acc.plot(
-                            a["step"],
-                            a[acc],
-                            color=color,
-                            label=label,
-                            marker="o" if len(a) <= 40 else None,
-                        )
+                _plot_loss(ax_loss, d, color, label, smooth_window, logy)
+                if _plot_acc(ax_acc, d, acc, color, label):
+                    any_acc = True
             if logy:
                 ax_loss.set_yscale("log")
             ax_loss.set_xlabel("training step")

@@ -28,6 +28,60 @@ def _short_reason(exc: ValueError, n: int) -> str:
     return "no fit"
 
 
+def _scatter_by_step(ax, g: pd.DataFrame, color) -> None:
+    """Estimate against gradient norm, fill shade = step, edge = the block's color."""
+    if not len(g):
+        return
+    # fill shade = step; start the grey ramp below the first step so that
+    # early points are light grey, not invisible white
+    span = max(1.0, float(np.ptp(g["step"])))
+    ax.scatter(
+        g["grad_norm"],
+        g["estimate"],
+        c=g["step"],
+        cmap="Greys",
+        vmin=float(g["step"].min()) - 0.3 * span,
+        vmax=float(g["step"].max()),
+        s=9,
+        edgecolors=color,
+        linewidths=0.5,
+    )
+
+
+def _draw_fit(ax, g: pd.DataFrame, fit, kind: FitKind, color) -> None:
+    """The fitted curve with its slope and r² (or, for a failed fit, the short reason)."""
+    if isinstance(fit, ValueError):
+        ax.text(
+            0.5,
+            0.9,
+            _short_reason(fit, len(g)),
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            fontsize=6.5,
+            color="0.35",
+        )
+        return
+    xs = g["grad_norm"].to_numpy(dtype="float64")
+    lo, hi = float(np.nanmin(xs)), float(np.nanmax(xs))
+    grid = np.geomspace(lo, hi, 100) if kind == "power" else np.linspace(lo, hi, 100)
+    ax.plot(grid, fit.predict(grid), color=color, lw=1.0)
+    extra = (
+        f"$L_1$ = {fit.L1:.3g} ± {fit.L1_se:.2g}"
+        if isinstance(fit, AffineFit)
+        else f"$b$ = {fit.b:.3g} ± {fit.b_se:.2g}"
+    )
+    ax.text(
+        0.03,
+        0.97,
+        f"{extra}\n$r^2$ = {fit.r2:.2f}, n = {fit.n}",
+        transform=ax.transAxes,
+        ha="left",
+        va="top",
+        fontsize=6.5,
+    )
+
+
 def fig_fit(
     smoothness_df: pd.DataFrame,
     out_stem: str | Path,
@@ -63,57 +117,11 @@ def fig_fit(
             for i, (ax, b) in enumerate(zip(axes.flat, blocks, strict=False)):
                 g = df[df["block"] == b][["step", "grad_norm", "estimate"]].dropna()
                 color = block_color(b)
-                if len(g):
-                    # fill shade = step; start the grey ramp below the first step so that
-                    # early points are light grey, not invisible white
-                    span = max(1.0, float(np.ptp(g["step"])))
-                    ax.scatter(
-                        g["grad_norm"],
-                        g["estimate"],
-                        c=g["step"],
-                        cmap="Greys",
-                        vmin=float(g["step"].min()) - 0.3 * span,
-                        vmax=float(g["step"].max()),
-                        s=9,
-                        edgecolors=color,
-                        linewidths=0.5,
-                    )
-                fit = fits[b]
+                _scatter_by_step(ax, g, color)
                 if kind == "power":
                     ax.set_xscale("log")
                     ax.set_yscale("log")
-                if isinstance(fit, ValueError):
-                    ax.text(
-                        0.5,
-                        0.9,
-                        _short_reason(fit, len(g)),
-                        transform=ax.transAxes,
-                        ha="center",
-                        va="top",
-                        fontsize=6.5,
-                        color="0.35",
-                    )
-                else:
-                    xs = g["grad_norm"].to_numpy(dtype="float64")
-                    lo, hi = float(np.nanmin(xs)), float(np.nanmax(xs))
-                    grid = (
-                        np.geomspace(lo, hi, 100) if kind == "power" else np.linspace(lo, hi, 100)
-                    )
-                    ax.plot(grid, fit.predict(grid), color=color, lw=1.0)
-                    extra = (
-                        f"$L_1$ = {fit.L1:.3g} ± {fit.L1_se:.2g}"
-                        if isinstance(fit, AffineFit)
-                        else f"$b$ = {fit.b:.3g} ± {fit.b_se:.2g}"
-                    )
-                    ax.text(
-                        0.03,
-                        0.97,
-                        f"{extra}\n$r^2$ = {fit.r2:.2f}, n = {fit.n}",
-                        transform=ax.transAxes,
-                        ha="left",
-                        va="top",
-                        fontsize=6.5,
-                    )
+                _draw_fit(ax, g, fits[b], kind, color)
                 ax.set_title(b, loc="left")
                 ax.set_xlabel(r"$\|\nabla_b f\|$")
                 ax.set_ylabel(r"$L_b$" if i % ncols == 0 else "")

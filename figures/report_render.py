@@ -215,6 +215,49 @@ def _png_width(png: Path) -> int | None:
     return int(struct.unpack(">I", head[16:20])[0])
 
 
+def _table_html(el: _Table, tab_no: int) -> str:
+    """One data table (numbers right-aligned, optional highlighted row) with its caption."""
+    df = el.df
+    numeric = [bool(len(df)) and all(is_number(v) or v is None for v in df[c]) for c in df.columns]
+    kv = " kv" if el.row_header else ""
+    parts = [f'<div class="tablewrap"><table class="data{kv}">']
+    parts.append("<thead><tr>")
+    for c, num in zip(df.columns, numeric, strict=True):
+        cls = ' class="num"' if num else ""
+        parts.append(f"<th{cls}>{_inline_html(str(c))}</th>")
+    parts.append("</tr></thead><tbody>")
+    for i, row in enumerate(df.itertuples(index=False)):
+        cls = ' class="best"' if el.highlight_row == i else ""
+        parts.append(f"<tr{cls}>")
+        for j, v in enumerate(row):
+            if is_number(v) or v is None:
+                parts.append(f'<td class="num">{_number_html(v)}</td>')
+            elif el.row_header and j == 0:
+                parts.append(f"<th>{html.escape(str(v))}</th>")
+            else:
+                long = len(str(v)) > 40
+                cls = ' class="text"' if long else ""
+                parts.append(f"<td{cls}>{_inline_html(str(v))}</td>")
+        parts.append("</tr>")
+    parts.append("</tbody></table></div>")
+    if el.caption:
+        parts.append(f'<p class="caption"><b>Table {tab_no}.</b> {_inline_html(el.caption)}</p>')
+    return "".join(parts)
+
+
+def _figure_html(el: _Figure, fig_no: int) -> str:
+    """One figure, its PNG embedded as base64, with its caption."""
+    data = base64.b64encode(el.png.read_bytes()).decode("ascii")
+    w = _png_width(el.png)
+    width = f' width="{round(w / 200 * 160)}"' if w else ""  # 200 dpi -> 160 css px/in
+    return (
+        f'<figure><img{width} alt="{html.escape(el.caption)}" '
+        f'src="data:image/png;base64,{data}">'
+        f"<figcaption><b>Figure {fig_no}.</b> {_inline_html(el.caption)}</figcaption>"
+        "</figure>"
+    )
+
+
 def render_html(rep: Report) -> str:
     out: list[str] = []
     fig_no = 0
@@ -229,47 +272,10 @@ def render_html(rep: Report) -> str:
             out.append(f"<p{cls}>{_inline_html(el.text)}</p>")
         elif isinstance(el, _Table):
             tab_no += 1
-            df = el.df
-            numeric = [
-                bool(len(df)) and all(is_number(v) or v is None for v in df[c]) for c in df.columns
-            ]
-            kv = " kv" if el.row_header else ""
-            parts = [f'<div class="tablewrap"><table class="data{kv}">']
-            parts.append("<thead><tr>")
-            for c, num in zip(df.columns, numeric, strict=True):
-                cls = ' class="num"' if num else ""
-                parts.append(f"<th{cls}>{_inline_html(str(c))}</th>")
-            parts.append("</tr></thead><tbody>")
-            for i, row in enumerate(df.itertuples(index=False)):
-                cls = ' class="best"' if el.highlight_row == i else ""
-                parts.append(f"<tr{cls}>")
-                for j, v in enumerate(row):
-                    if is_number(v) or v is None:
-                        parts.append(f'<td class="num">{_number_html(v)}</td>')
-                    elif el.row_header and j == 0:
-                        parts.append(f"<th>{html.escape(str(v))}</th>")
-                    else:
-                        long = len(str(v)) > 40
-                        cls = ' class="text"' if long else ""
-                        parts.append(f"<td{cls}>{_inline_html(str(v))}</td>")
-                parts.append("</tr>")
-            parts.append("</tbody></table></div>")
-            if el.caption:
-                parts.append(
-                    f'<p class="caption"><b>Table {tab_no}.</b> {_inline_html(el.caption)}</p>'
-                )
-            out.append("".join(parts))
+            out.append(_table_html(el, tab_no))
         elif isinstance(el, _Figure):
             fig_no += 1
-            data = base64.b64encode(el.png.read_bytes()).decode("ascii")
-            w = _png_width(el.png)
-            width = f' width="{round(w / 200 * 160)}"' if w else ""  # 200 dpi -> 160 css px/in
-            out.append(
-                f'<figure><img{width} alt="{html.escape(el.caption)}" '
-                f'src="data:image/png;base64,{data}">'
-                f"<figcaption><b>Figure {fig_no}.</b> {_inline_html(el.caption)}</figcaption>"
-                "</figure>"
-            )
+            out.append(_figure_html(el, fig_no))
     meta = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in rep.meta)
     nav = ""
     if len(toc) > 2:

@@ -141,6 +141,33 @@ def select(rows: Sequence[dict], *, scale: str, loss_rtol: float = 0.01) -> dict
     return min(near, key=lambda r: (abs(math.log(r[scale])), r["final_loss"]))
 
 
+def _check_calibrate_args(x_pilots: str, multipliers: Sequence[float], pilot_steps: int) -> None:
+    """Validate :func:`calibrate`'s options."""
+    if x_pilots not in ("zo", "method"):
+        raise UsageError(f"x_pilots must be 'zo' or 'method', got {x_pilots!r}")
+    if not multipliers or any(not (m > 0) for m in multipliers):
+        raise UsageError(f"multipliers must be positive numbers, got {list(multipliers)!r}")
+    if pilot_steps < 1:
+        raise UsageError(f"pilot_steps must be >= 1, got {pilot_steps!r}")
+
+
+def _scaled_advice(
+    advice: Advice, best: dict, n_pilots: int, pilot_steps: int, x_pilots: str
+) -> Advice:
+    """``advice`` with η, c and their stderrs times the winning scales, its source noted."""
+    return dataclasses.replace(
+        advice,
+        eta_x=advice.eta_x * best["scale_x"],
+        eta_y=advice.eta_y * best["scale_y"],
+        c_x=advice.c_x * best["scale_x"],
+        c_y=advice.c_y * best["scale_y"],
+        eta_x_stderr=advice.eta_x_stderr * best["scale_x"],
+        eta_y_stderr=advice.eta_y_stderr * best["scale_y"],
+        source=advice.source
+        + f"; calibrated over {n_pilots} pilots of {pilot_steps} steps (eta_x: {x_pilots} pilots)",
+    )
+
+
 def calibrate(
     base: TrainConfig,
     advice: Advice,
@@ -158,12 +185,7 @@ def calibrate(
     ``x_pilots``: ``"zo"`` (η_x pilots train the ZO block alone as ``zo-ft``, ranked by paired
     training loss) or ``"method"`` (the method itself, ranked on dev). Methods without a ZO
     block skip the η_x sweep; methods without a first-order block skip the η_y sweep."""
-    if x_pilots not in ("zo", "method"):
-        raise UsageError(f"x_pilots must be 'zo' or 'method', got {x_pilots!r}")
-    if not multipliers or any(not (m > 0) for m in multipliers):
-        raise UsageError(f"multipliers must be positive numbers, got {list(multipliers)!r}")
-    if pilot_steps < 1:
-        raise UsageError(f"pilot_steps must be >= 1, got {pilot_steps!r}")
+    _check_calibrate_args(x_pilots, multipliers, pilot_steps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -198,16 +220,6 @@ def calibrate(
             best = select([run(best_x, s) for s in scales], scale="scale_y")
     finally:
         log.close()
-    calibrated = dataclasses.replace(
-        advice,
-        eta_x=advice.eta_x * best["scale_x"],
-        eta_y=advice.eta_y * best["scale_y"],
-        c_x=advice.c_x * best["scale_x"],
-        c_y=advice.c_y * best["scale_y"],
-        eta_x_stderr=advice.eta_x_stderr * best["scale_x"],
-        eta_y_stderr=advice.eta_y_stderr * best["scale_y"],
-        source=advice.source
-        + f"; calibrated over {len(rows)} pilots of {pilot_steps} steps (eta_x: {x_pilots} pilots)",
-    )
+    calibrated = _scaled_advice(advice, best, len(rows), pilot_steps, x_pilots)
     write_json(out / "advice.json", calibrated.as_dict() | {"uncalibrated": advice.as_dict()})
     return calibrated, [{k: r[k] for k in FIELDS} for r in rows]

@@ -205,6 +205,39 @@ class StepResult:
     terms: tuple[tuple[int, float], ...] = ()
 
 
+def _check_engine_args(
+    zo_params: Sequence[nn.Parameter],
+    fo_params: Sequence[nn.Parameter],
+    mu: float,
+    q: int,
+    lr_zo: float,
+    lr_fo: float,
+) -> None:
+    """Validate :class:`HybridEngine`'s arguments (UsageError naming the bad value)."""
+    if not zo_params and not fo_params:
+        raise UsageError(
+            "nothing to train: both the zeroth-order and first-order parameter lists are empty"
+        )
+    if not (isinstance(mu, int | float) and mu > 0 and math.isfinite(mu)):
+        raise UsageError(f"mu must be a positive float, got {mu!r}")
+    if not isinstance(q, int) or isinstance(q, bool) or q < 1:
+        raise UsageError(f"q must be an integer >= 1, got {q!r}")
+    for name, group, lr in (("lr_zo", "base", lr_zo), ("lr_fo", "peft", lr_fo)):
+        # checked even when the group is absent: a bad rate is a caller error either way
+        if not (
+            isinstance(lr, int | float)
+            and not isinstance(lr, bool)
+            and lr >= 0
+            and math.isfinite(lr)
+        ):
+            raise UsageError(
+                f"{name} (learning rate of group {group!r}) must be a finite float >= 0, got {lr!r}"
+            )
+    ids = {id(p) for p in zo_params}
+    if any(id(p) in ids for p in fo_params):
+        raise UsageError("a parameter is in both the zeroth-order and the first-order set")
+
+
 class HybridEngine:
     """Algorithm 1 on a model: ``engine.step(loss_fn)`` once per minibatch.
 
@@ -232,28 +265,7 @@ class HybridEngine:
         z: str = DEFAULT_SOURCE,
     ) -> None:
         self.source = get_source(z)  # UsageError naming the accepted sources
-        if not zo_params and not fo_params:
-            raise UsageError(
-                "nothing to train: both the zeroth-order and first-order parameter lists are empty"
-            )
-        if not (isinstance(mu, int | float) and mu > 0 and math.isfinite(mu)):
-            raise UsageError(f"mu must be a positive float, got {mu!r}")
-        if not isinstance(q, int) or isinstance(q, bool) or q < 1:
-            raise UsageError(f"q must be an integer >= 1, got {q!r}")
-        for name, group, lr in (("lr_zo", "base", lr_zo), ("lr_fo", "peft", lr_fo)):
-            # checked even when the group is absent: a bad rate is a caller error either way
-            if not (
-                isinstance(lr, int | float)
-                and not isinstance(lr, bool)
-                and lr >= 0
-                and math.isfinite(lr)
-            ):
-                raise UsageError(
-                    f"{name} (learning rate of group {group!r}) must be a finite float >= 0, got {lr!r}"
-                )
-        ids = {id(p) for p in zo_params}
-        if any(id(p) in ids for p in fo_params):
-            raise UsageError("a parameter is in both the zeroth-order and the first-order set")
+        _check_engine_args(zo_params, fo_params, mu, q, lr_zo, lr_fo)
         self.model = model
         self.zo_params = list(zo_params)
         self.fo_params = list(fo_params)
@@ -266,6 +278,10 @@ class HybridEngine:
             p.requires_grad_(False)
         for p in self.fo_params:
             p.requires_grad_(True)
+        self.optimizer = TwoRateSGD(self._param_groups(lr_zo, lr_fo), weight_decay=weight_decay)
+
+    def _param_groups(self, lr_zo: float, lr_fo: float) -> list[dict]:
+        """TwoRateSGD groups: ``base`` (ZO, with its sampler and parameter index), ``peft``."""
         groups = []
         if self.zo_params:
             groups.append(
@@ -280,7 +296,7 @@ class HybridEngine:
             )
         if self.fo_params:
             groups.append({"name": "peft", "params": self.fo_params, "lr": lr_fo, "zo": False})
-        self.optimizer = TwoRateSGD(groups, weight_decay=weight_decay)
+        return groups
 
     # -- learning rates ------------------------------------------------------------------
     def lr(self, name: str) -> float:

@@ -347,13 +347,7 @@ class Trainer:
         advice: dict[str, Any] | None = None,
     ) -> None:
         cfg.validate()
-        self.world = D.init(timeout_s=cfg.dist_timeout)  # torchrun: join; else 1 process
-        self.writer = self.world.rank == 0  # the one rank that writes files and the bar
-        if self.world.distributed and cfg.device_map is not None:
-            raise UsageError(
-                "device_map with torchrun is not supported: each rank would spread its replica "
-                "over every device; use one of them (see docs/scaling.md)"
-            )
+        self._join_world(cfg)
         if cfg.auto_rates:  # rates given as "auto": probe now (or reuse a resumable run's)
             cfg, advice = resolve_rates(cfg, resume=True)
         self.advice = advice
@@ -368,7 +362,23 @@ class Trainer:
             if cfg.record_blocks and cfg.record_every
             else None
         )
-        self.engine = HybridEngine(
+        self.engine = self._build_engine(cfg)
+        self._share_fo_gradients()
+        self._init_loop_state(cfg)
+
+    def _join_world(self, cfg: TrainConfig) -> None:
+        """Join torchrun's process group (else one process); rank 0 alone writes."""
+        self.world = D.init(timeout_s=cfg.dist_timeout)  # torchrun: join; else 1 process
+        self.writer = self.world.rank == 0  # the one rank that writes files and the bar
+        if self.world.distributed and cfg.device_map is not None:
+            raise UsageError(
+                "device_map with torchrun is not supported: each rank would spread its replica "
+                "over every device; use one of them (see docs/scaling.md)"
+            )
+
+    def _build_engine(self, cfg: TrainConfig) -> HybridEngine:
+        """The hybrid ZO/FO engine over this model's split, with the run's rates."""
+        return HybridEngine(
             self.model,
             self.zo,
             self.fo,
@@ -382,11 +392,17 @@ class Trainer:
             seed=cfg.seed,
             z=cfg.z,
         )
+
+    def _share_fo_gradients(self) -> None:
+        """Under torchrun, all-reduce the y-gradients weighted by each rank's batch share."""
         self.weight = 1.0  # this rank's share n_r/N of the current minibatch
         if self.world.distributed:  # y-gradients: Σ_r (n_r/N) ∇f_r before each update
             D.install_grad_allreduce(
                 self.engine.optimizer, self.engine.fo_params, weight=lambda: self.weight
             )
+
+    def _init_loop_state(self, cfg: TrainConfig) -> None:
+        """Step counters, sampler, guards and the per-step slots filled while training."""
         self.seedlog: SeedLog | None = None
         self.probed: list[torch.Tensor] = []  # every parameter a recorder probes
         self.sampler = EpochSampler(len(self.splits.train), cfg.batch_size, seed=cfg.seed)

@@ -79,6 +79,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -289,6 +290,216 @@ def joint_change(
     return delta, scale
 
 
+def _check_advise_args(
+    rule: str,
+    x_gradient: str,
+    L_x: float | None,
+    L_y: float | None,
+    c_x: float,
+    c_y: float,
+    d_x: int,
+    q: int,
+    kurtosis: float,
+) -> tuple[float, float, float, float]:
+    """Validate :func:`advise`'s scalar arguments; (L_x, L_y, c_x, c_y) as floats (nan if None)."""
+    if rule not in RULES:
+        raise UsageError(f"unknown rule {rule!r}; accepted: {', '.join(RULES)}")
+    if x_gradient not in ("zo", "exact"):
+        raise UsageError(f"x_gradient must be 'zo' or 'exact', got {x_gradient!r}")
+    Lx = nan if L_x is None else _positive("L_x", L_x)
+    Ly = nan if L_y is None else _positive("L_y", L_y)
+    c_x, c_y = _positive("c_x", c_x), _positive("c_y", c_y)
+    if not isinstance(d_x, int | np.integer) or isinstance(d_x, bool) or d_x < 0:
+        raise UsageError(
+            f"d_x must be a non-negative integer (parameters in the base block), got {d_x!r}"
+        )
+    if not isinstance(q, int) or isinstance(q, bool) or q < 1:
+        raise UsageError(f"q must be an integer >= 1, got {q!r}")
+    if not (isinstance(kurtosis, int | float) and kurtosis >= 1):
+        raise UsageError(
+            f"kurtosis must be a number >= 1 (E z^4 of a unit-variance z), got {kurtosis!r}"
+        )
+    return Lx, Ly, c_x, c_y
+
+
+_MEASURED = (
+    ("trace", "trace_x"),
+    ("second_moment", "second_moment_x"),
+    ("rho_x", "rho_x"),
+    ("delta_x", "delta_x"),
+    ("rho_y", "rho_y"),
+    ("grad_norm_x", "grad_norm_x"),
+    ("grad_norm_y", "grad_norm_y"),
+    ("cross", "cross"),
+)
+
+
+def _measured(*values: float | None) -> dict[str, float]:
+    """The optional measurements (in :data:`_MEASURED`'s order) as floats, nan when None, keyed
+    by their :class:`Advice` field; validated in that order."""
+    return {field: _optional(arg, v) for (arg, field), v in zip(_MEASURED, values, strict=True)}
+
+
+def _stderrs(
+    L_x_stderr: float,
+    L_y_stderr: float,
+    trace_stderr: float,
+    second_moment_stderr: float,
+    rho_x_stderr: float,
+) -> dict[str, float]:
+    """The standard errors keyed by their :class:`Advice` field."""
+    return dict(
+        L_x_stderr=L_x_stderr,
+        L_y_stderr=L_y_stderr,
+        trace_x_stderr=trace_stderr,
+        second_moment_x_stderr=second_moment_stderr,
+        rho_x_stderr=rho_x_stderr,
+    )
+
+
+class _XRates(NamedTuple):
+    """Each base-block rule's rate (× c_x) and the denominators behind them."""
+
+    paper: float
+    curvature: float
+    curvature_stderr: float
+    denominator: float
+    floored: bool
+    safe: float
+    safe_den: float
+    walk: float
+
+    def fields(self) -> dict[str, float]:
+        return dict(
+            eta_x_paper=self.paper,
+            eta_x_curvature=self.curvature,
+            eta_x_curvature_stderr=self.curvature_stderr,
+            eta_x_safe=self.safe,
+            eta_x_walk=self.walk,
+            denominator_x=self.denominator,
+            trace_floored=self.floored,
+        )
+
+
+def _x_rates(
+    Lx: float,
+    d_x: int,
+    q: int,
+    kurtosis: float,
+    c_x: float,
+    m: Mapping[str, float],
+    se: Mapping[str, float],
+    weight_norm_x: float | None,
+    grad_rms_x: float | None,
+    steps: int | None,
+) -> _XRates:
+    """paper = c_x q / (L_x (d_x + κ − 2 + q)), curvature (see :func:`curvature_rate`),
+    safe = c_x q / (tr⁺H + (q+1+|κ−3|) L_x) and the random-walk cap of :func:`walk_cap`."""
+    paper = c_x * q / (Lx * (int(d_x) + kurtosis - 2 + q)) if d_x else nan
+    eta_c, se_c, den, floored = curvature_rate(
+        Lx,
+        q,
+        trace=m["trace_x"],
+        trace_stderr=se["trace_x_stderr"],
+        second_moment=m["second_moment_x"],
+        second_moment_stderr=se["second_moment_x_stderr"],
+        rho=m["rho_x"],
+        rho_stderr=se["rho_x_stderr"],
+        delta=m["delta_x"],
+        kurtosis=kurtosis,
+        L_x_stderr=se["L_x_stderr"],
+    )
+    eta_c, se_c = c_x * eta_c, c_x * se_c
+    safe_den = max(m["trace_x"], 0.0) + (q + 1 + abs(kurtosis - 3.0)) * Lx
+    safe = c_x * q / safe_den if math.isfinite(safe_den) and safe_den > 0 else nan
+    g_noise = _optional("grad_rms_x", grad_rms_x)
+    # the noise scale: E_ξ‖g_ξ‖² if measured
+    g_noise = g_noise if math.isfinite(g_noise) else m["grad_norm_x"]
+    walk = walk_cap(_optional("weight_norm_x", weight_norm_x), g_noise, steps, d_x, q, kurtosis)
+    return _XRates(paper, eta_c, se_c, den, floored, safe, safe_den, walk)
+
+
+def _resolve_rule(rule: str, x_gradient: str, r: _XRates) -> str:
+    """``auto`` → exact / curvature / paper, then capped by ``walk`` when that is smaller."""
+    if rule == "auto":
+        rule = (
+            "exact"
+            if x_gradient == "exact"
+            else ("curvature" if math.isfinite(r.curvature) else "paper")
+        )
+        if rule != "exact" and r.walk < (r.curvature if rule == "curvature" else r.paper):
+            rule = "walk"  # the one-step rate would random-walk the weights away over T steps
+    return rule
+
+
+def _x_rate(
+    rule: str, r: _XRates, Lx: float, c_x: float, q: int, kurtosis: float, se: Mapping[str, float]
+) -> tuple[float, float]:
+    """(η_x, se(η_x)) of the resolved rule, before the joint scaling."""
+    L_x_stderr = se["L_x_stderr"]
+    if rule == "walk":
+        if not math.isfinite(r.walk):
+            raise UsageError("rule='walk' needs weight_norm_x=, grad_norm_x= and steps=")
+        # exact on the probed batch; batch-to-batch spread not modelled
+        return c_x * r.walk, nan
+    if rule == "exact":
+        return c_x / Lx, c_x / Lx * _rel(L_x_stderr, Lx)
+    if rule == "curvature":
+        if not math.isfinite(r.curvature):
+            raise UsageError(
+                "rule='curvature' needs trace= (with L_x) or second_moment=, and a positive denominator"
+            )
+        return r.curvature, r.curvature_stderr
+    if rule == "safe":
+        se_x = r.safe * math.hypot(
+            _rel(se["trace_x_stderr"], r.safe_den),
+            (q + 1 + abs(kurtosis - 3.0)) * Lx * _rel(L_x_stderr, Lx) / r.safe_den,
+        )
+        return r.safe, se_x
+    return r.paper, r.paper * _rel(L_x_stderr, Lx)
+
+
+def _scaled_rates(
+    rule: str,
+    r: _XRates,
+    m: Mapping[str, float],
+    se: Mapping[str, float],
+    *,
+    Lx: float,
+    Ly: float,
+    c_x: float,
+    c_y: float,
+    d_x: int,
+    q: int,
+    kurtosis: float,
+) -> dict[str, float]:
+    """η_x, η_y and their stderrs times the joint model's scale s, with Δ before and after."""
+    eta_x, se_x = _x_rate(rule, r, Lx, c_x, q, kurtosis, se)
+    eta_y = c_y / Ly
+    se_y = eta_y * _rel(se["L_y_stderr"], Ly)
+    if d_x == 0:
+        eta_x = se_x = nan
+    rx = m["rho_x"]
+    hx_per_g2 = {
+        "curvature": r.denominator / q,
+        "walk": r.denominator / q if math.isfinite(r.denominator) else r.safe_den / q,
+        "safe": r.safe_den / q,
+        "paper": Lx * (d_x + kurtosis - 2 + q) / q,
+        "exact": rx if math.isfinite(rx) else Lx,
+    }[rule]
+    gx, gy = m["grad_norm_x"], m["grad_norm_y"]
+    change, delta, scale = _joint(eta_x, eta_y, gx, gy, hx_per_g2, m["cross"], m["rho_y"])
+    return dict(
+        eta_x=eta_x * scale,
+        eta_y=eta_y * scale,
+        eta_x_stderr=se_x * scale,
+        eta_y_stderr=se_y * scale,
+        predicted_change=change,
+        predicted_change_unscaled=delta,
+        joint_scale=scale,
+    )
+
+
 def advise(
     L_x: float | None,
     L_y: float | None,
@@ -329,137 +540,46 @@ def advise(
     block) give nan for what needs them. With the gradient norms, ``rho_y`` and ``cross``
     the joint model's Δ is computed and the pair scaled down if Δ > 0.
     """
-    if rule not in RULES:
-        raise UsageError(f"unknown rule {rule!r}; accepted: {', '.join(RULES)}")
-    if x_gradient not in ("zo", "exact"):
-        raise UsageError(f"x_gradient must be 'zo' or 'exact', got {x_gradient!r}")
-    Lx = nan if L_x is None else _positive("L_x", L_x)
-    Ly = nan if L_y is None else _positive("L_y", L_y)
-    c_x, c_y = _positive("c_x", c_x), _positive("c_y", c_y)
-    if not isinstance(d_x, int | np.integer) or isinstance(d_x, bool) or d_x < 0:
-        raise UsageError(
-            f"d_x must be a non-negative integer (parameters in the base block), got {d_x!r}"
-        )
-    if not isinstance(q, int) or isinstance(q, bool) or q < 1:
-        raise UsageError(f"q must be an integer >= 1, got {q!r}")
-    if not (isinstance(kurtosis, int | float) and kurtosis >= 1):
-        raise UsageError(
-            f"kurtosis must be a number >= 1 (E z^4 of a unit-variance z), got {kurtosis!r}"
-        )
-    tr, m1 = _optional("trace", trace), _optional("second_moment", second_moment)
-    rx, dx = _optional("rho_x", rho_x), _optional("delta_x", delta_x)
-    ry, gx, gy, cr = (
-        _optional(n, v)
-        for n, v in (
-            ("rho_y", rho_y),
-            ("grad_norm_x", grad_norm_x),
-            ("grad_norm_y", grad_norm_y),
-            ("cross", cross),
-        )
-    )
-    paper = c_x * q / (Lx * (int(d_x) + kurtosis - 2 + q)) if d_x else nan
-    eta_c, se_c, den, floored = curvature_rate(
-        Lx,
-        q,
-        trace=tr,
-        trace_stderr=trace_stderr,
-        second_moment=m1,
-        second_moment_stderr=second_moment_stderr,
-        rho=rx,
-        rho_stderr=rho_x_stderr,
-        delta=dx,
-        kurtosis=kurtosis,
-        L_x_stderr=L_x_stderr,
-    )
-    eta_c, se_c = c_x * eta_c, c_x * se_c
-    safe_den = max(tr, 0.0) + (q + 1 + abs(kurtosis - 3.0)) * Lx
-    safe = c_x * q / safe_den if math.isfinite(safe_den) and safe_den > 0 else nan
-    g_noise = _optional("grad_rms_x", grad_rms_x)
-    g_noise = g_noise if math.isfinite(g_noise) else gx  # the noise scale: E_ξ‖g_ξ‖² if measured
-    walk = walk_cap(_optional("weight_norm_x", weight_norm_x), g_noise, steps, d_x, q, kurtosis)
-    if rule == "auto":
-        rule = (
-            "exact" if x_gradient == "exact" else ("curvature" if math.isfinite(eta_c) else "paper")
-        )
-        if rule != "exact" and walk < (eta_c if rule == "curvature" else paper):
-            rule = "walk"  # the one-step rate would random-walk the weights away over T steps
-    if rule == "walk":
-        if not math.isfinite(walk):
-            raise UsageError("rule='walk' needs weight_norm_x=, grad_norm_x= and steps=")
-        eta_x, se_x = (
-            c_x * walk,
-            nan,
-        )  # exact on the probed batch; batch-to-batch spread not modelled
-    elif rule == "exact":
-        eta_x, se_x = c_x / Lx, c_x / Lx * _rel(L_x_stderr, Lx)
-    elif rule == "curvature":
-        if not math.isfinite(eta_c):
-            raise UsageError(
-                "rule='curvature' needs trace= (with L_x) or second_moment=, and a positive denominator"
-            )
-        eta_x, se_x = eta_c, se_c
-    elif rule == "safe":
-        eta_x = safe
-        se_x = safe * math.hypot(
-            _rel(trace_stderr, safe_den),
-            (q + 1 + abs(kurtosis - 3.0)) * Lx * _rel(L_x_stderr, Lx) / safe_den,
-        )
-    else:
-        eta_x, se_x = paper, paper * _rel(L_x_stderr, Lx)
-    eta_y = c_y / Ly
-    se_y = eta_y * _rel(L_y_stderr, Ly)
-    if d_x == 0:
-        eta_x = se_x = nan
-    hx_per_g2 = {
-        "curvature": den / q,
-        "walk": den / q if math.isfinite(den) else safe_den / q,
-        "safe": safe_den / q,
-        "paper": Lx * (d_x + kurtosis - 2 + q) / q,
-        "exact": rx if math.isfinite(rx) else Lx,
-    }[rule]
-    change, delta, scale = _joint(eta_x, eta_y, gx, gy, hx_per_g2, cr, ry)
+    Lx, Ly, c_x, c_y = _check_advise_args(rule, x_gradient, L_x, L_y, c_x, c_y, d_x, q, kurtosis)
+    m = _measured(trace, second_moment, rho_x, delta_x, rho_y, grad_norm_x, grad_norm_y, cross)
+    se = _stderrs(L_x_stderr, L_y_stderr, trace_stderr, second_moment_stderr, rho_x_stderr)
+    r = _x_rates(Lx, d_x, q, kurtosis, c_x, m, se, weight_norm_x, grad_rms_x, steps)
+    rule = _resolve_rule(rule, x_gradient, r)
+    block = dict(Lx=Lx, Ly=Ly, c_x=c_x, c_y=c_y, d_x=d_x, q=q, kurtosis=kurtosis)
+    echo = dict(one_sided=one_sided, x_gradient=x_gradient, source=source, steps=steps)
+    return _advice(rule, r, m, se, block, echo, weight_norm_x, grad_rms_x)
+
+
+def _advice(
+    rule: str,
+    r: _XRates,
+    m: dict[str, float],
+    se: dict[str, float],
+    block: dict,
+    echo: dict,
+    weight_norm_x: float | None,
+    grad_rms_x: float | None,
+) -> Advice:
+    """Assemble :func:`advise`'s :class:`Advice` from the pieces computed there."""
     return Advice(
-        eta_x=eta_x * scale,
-        eta_y=eta_y * scale,
-        eta_x_stderr=se_x * scale,
-        eta_y_stderr=se_y * scale,
-        L_x=Lx,
-        L_y=Ly,
-        L_x_stderr=L_x_stderr,
-        L_y_stderr=L_y_stderr,
-        d_x=int(d_x),
-        q=q,
-        one_sided=one_sided,
-        x_gradient=x_gradient,
-        c_x=c_x,
-        c_y=c_y,
-        source=source,
+        **_scaled_rates(rule, r, m, se, **block),
+        **r.fields(),
+        **m,
+        **se,
+        L_x=block["Lx"],
+        L_y=block["Ly"],
+        d_x=int(block["d_x"]),
+        q=block["q"],
+        one_sided=echo["one_sided"],
+        x_gradient=echo["x_gradient"],
+        c_x=block["c_x"],
+        c_y=block["c_y"],
+        source=echo["source"],
         rule=rule,
-        kurtosis=float(kurtosis),
-        eta_x_paper=paper,
-        eta_x_curvature=eta_c,
-        eta_x_curvature_stderr=se_c,
-        eta_x_safe=safe,
-        eta_x_walk=walk,
+        kurtosis=float(block["kurtosis"]),
         weight_norm_x=_optional("weight_norm_x", weight_norm_x),
         grad_rms_x=_optional("grad_rms_x", grad_rms_x),
-        steps=int(steps or 0),
-        trace_x=tr,
-        trace_x_stderr=trace_stderr,
-        second_moment_x=m1,
-        second_moment_x_stderr=second_moment_stderr,
-        rho_x=rx,
-        rho_x_stderr=rho_x_stderr,
-        delta_x=dx,
-        denominator_x=den,
-        trace_floored=floored,
-        rho_y=ry,
-        grad_norm_x=gx,
-        grad_norm_y=gy,
-        cross=cr,
-        predicted_change=change,
-        predicted_change_unscaled=delta,
-        joint_scale=scale,
+        steps=int(echo["steps"] or 0),
     )
 
 

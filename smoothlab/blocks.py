@@ -111,60 +111,60 @@ def _ordered(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> Blocks:
     return {k: [p for _, p in groups[k]] for k in sorted(groups, key=key) if groups[k]}
 
 
-def make_blocks(
-    model: nn.Module,
-    spec: str | Mapping[str, str | Iterable[str]] = "hybrid",
-    *,
-    trainable_only: bool = False,
+def _peft_blocks(
+    model: nn.Module, spec: str, named: list[tuple[str, nn.Parameter]], all_names: list[str]
 ) -> Blocks:
-    """Build blocks from ``model`` by a preset name or by name patterns.
-
-    ``spec``: one of :data:`PRESETS`, or a mapping block name -> pattern(s) (glob, or regex
-    with a ``re:`` prefix). ``trainable_only`` keeps only ``requires_grad`` parameters.
-    Raises ``UsageError`` (a ValueError) when a pattern matches nothing or when blocks overlap, listing the
-    parameter names examined.
-    """
-    named = _named(model, trainable_only)
-    if not named:
-        raise UsageError(f"model {type(model).__name__} has no parameters to put in blocks")
-    all_names = [n for n, _ in named]
-
-    if isinstance(spec, str):
-        groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
-        if spec in ("hybrid", "base-peft", "hybrid-split"):
-            peft_names = peft_parameter_names(model)
-            if not peft_names & set(all_names):
-                raise UsageError(
-                    "preset 'hybrid' (base/peft) found no peft adapter parameters in "
-                    f"{type(model).__name__}; attach a PEFT module first (e.g. --peft lora). "
-                    f"Parameters examined: {_preview(all_names)}"
-                )
-            for n, p in named:
-                if ".original_module." in n:
-                    continue
-                if n not in peft_names:
-                    key = "base"
-                elif spec == "hybrid-split" and ".modules_to_save." in f".{n}":
-                    key = "head"
-                else:
-                    key = "peft"
-                groups.setdefault(key, []).append((n, p))
-            return {k: [p for _, p in groups[k]] for k in ("base", "peft", "head") if k in groups}
-        if spec == "layers":
-            for n, p in named:
-                groups.setdefault(_layer_block(n), []).append((n, p))
-            return _ordered(groups)
-        if spec == "kinds":
-            for n, p in named:
-                groups.setdefault(_kind(n), []).append((n, p))
-            return {k: [p for _, p in v] for k, v in groups.items()}
-        if spec == "all":
-            return {"all": [p for _, p in named]}
+    """Presets ``hybrid``/``base-peft``/``hybrid-split``: base vs peft adapter (vs saved head)."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    peft_names = peft_parameter_names(model)
+    if not peft_names & set(all_names):
         raise UsageError(
-            f"unknown block preset {spec!r}; accepted: {', '.join(PRESETS)}, "
-            "or a mapping of block name to glob/regex patterns"
+            "preset 'hybrid' (base/peft) found no peft adapter parameters in "
+            f"{type(model).__name__}; attach a PEFT module first (e.g. --peft lora). "
+            f"Parameters examined: {_preview(all_names)}"
         )
+    for n, p in named:
+        if ".original_module." in n:
+            continue
+        if n not in peft_names:
+            key = "base"
+        elif spec == "hybrid-split" and ".modules_to_save." in f".{n}":
+            key = "head"
+        else:
+            key = "peft"
+        groups.setdefault(key, []).append((n, p))
+    return {k: [p for _, p in groups[k]] for k in ("base", "peft", "head") if k in groups}
 
+
+def _preset_blocks(
+    model: nn.Module, spec: str, named: list[tuple[str, nn.Parameter]], all_names: list[str]
+) -> Blocks:
+    """Blocks of a preset name (see :data:`PRESETS`)."""
+    if spec in ("hybrid", "base-peft", "hybrid-split"):
+        return _peft_blocks(model, spec, named, all_names)
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    if spec == "layers":
+        for n, p in named:
+            groups.setdefault(_layer_block(n), []).append((n, p))
+        return _ordered(groups)
+    if spec == "kinds":
+        for n, p in named:
+            groups.setdefault(_kind(n), []).append((n, p))
+        return {k: [p for _, p in v] for k, v in groups.items()}
+    if spec == "all":
+        return {"all": [p for _, p in named]}
+    raise UsageError(
+        f"unknown block preset {spec!r}; accepted: {', '.join(PRESETS)}, "
+        "or a mapping of block name to glob/regex patterns"
+    )
+
+
+def _pattern_blocks(
+    spec: Mapping[str, str | Iterable[str]],
+    named: list[tuple[str, nn.Parameter]],
+    all_names: list[str],
+) -> Blocks:
+    """Blocks of a mapping block name -> glob/regex pattern(s); no overlaps, no empty pattern."""
     if not isinstance(spec, Mapping) or not spec:
         raise TypeError(f"blocks spec must be a preset name or a non-empty mapping, got {spec!r}")
     blocks: Blocks = {}
@@ -194,6 +194,29 @@ def make_blocks(
         seen: set[int] = set()
         blocks[block] = [p for _, p in chosen if not (id(p) in seen or seen.add(id(p)))]
     return blocks
+
+
+def make_blocks(
+    model: nn.Module,
+    spec: str | Mapping[str, str | Iterable[str]] = "hybrid",
+    *,
+    trainable_only: bool = False,
+) -> Blocks:
+    """Build blocks from ``model`` by a preset name or by name patterns.
+
+    ``spec``: one of :data:`PRESETS`, or a mapping block name -> pattern(s) (glob, or regex
+    with a ``re:`` prefix). ``trainable_only`` keeps only ``requires_grad`` parameters.
+    Raises ``UsageError`` (a ValueError) when a pattern matches nothing or when blocks overlap, listing the
+    parameter names examined.
+    """
+    named = _named(model, trainable_only)
+    if not named:
+        raise UsageError(f"model {type(model).__name__} has no parameters to put in blocks")
+    all_names = [n for n, _ in named]
+
+    if isinstance(spec, str):
+        return _preset_blocks(model, spec, named, all_names)
+    return _pattern_blocks(spec, named, all_names)
 
 
 def parse_blocks_arg(text: str) -> str | dict[str, str]:

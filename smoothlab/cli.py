@@ -40,7 +40,7 @@ import sys
 import time
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -565,6 +565,69 @@ def _config_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_train_parser(sub, train_config: type) -> None:
+    """The ``train`` subcommand."""
+    tr = sub.add_parser("train", help="fine-tune with a hybrid, zeroth-order or first-order method")
+    _config_flag(tr)
+    tr.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over: remove every log, checkpoint and summary of the run in --out first",
+    )
+    tr.add_argument("--peft", action=_RejectPeft, help=argparse.SUPPRESS)
+    _add_config_args(tr, train_config, train_config())
+    tr.set_defaults(func=cmd_train)
+
+
+def _add_figure1_parser(sub, figure1_config: type, presets: Mapping) -> None:
+    """The ``figure1`` subcommand (``--preset`` lists each preset's first doc line)."""
+    fg = sub.add_parser("figure1", help="regenerate the paper's Figure 1 (a and b), with a report")
+    fg.add_argument(
+        "--preset",
+        choices=tuple(presets),
+        default="default",
+        help="named settings the flags override: "
+        + "; ".join(f"{k}: {(f.__doc__ or '').splitlines()[0]}" for k, f in presets.items()),
+    )
+    _config_flag(fg)
+    fg.add_argument(
+        "--restart", action="store_true", help="start over even if the runs hold checkpoints"
+    )
+    _add_config_args(
+        fg, figure1_config, figure1_config(), title="options (defaults: --preset default)"
+    )
+    fg.set_defaults(func=cmd_figure1)
+
+
+def _add_export_parser(sub) -> None:
+    """The ``export`` subcommand."""
+    ex = sub.add_parser(
+        "export",
+        help="write a run's fine-tuned model as a from_pretrained folder (seed logs replayed)",
+    )
+    ex.add_argument("run", help="run folder (with config.json and checkpoint.pt)")
+    ex.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    ex.add_argument(
+        "--device",
+        default=None,
+        help="device to rebuild the model on; the run's own device when not given",
+    )
+    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    ex.set_defaults(func=cmd_export)
+
+
+def _add_report_parser(sub) -> None:
+    """The ``report`` subcommand."""
+    rp = sub.add_parser(
+        "report", help="write report.md and a self-contained report.html for run folders"
+    )
+    rp.add_argument("runs", nargs="+", help="run folders")
+    rp.add_argument(
+        "--out", default=None, help="output folder (default: the run folder, or RUNS_PARENT/report)"
+    )
+    rp.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (options generated from the config classes)."""
     from hybrid.config import AdviseConfig, Figure1Config, ProbeConfig, TrainConfig
@@ -581,35 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(pr, ProbeConfig, ProbeConfig())
     pr.set_defaults(func=cmd_probe)
 
-    tr = sub.add_parser("train", help="fine-tune with a hybrid, zeroth-order or first-order method")
-    _config_flag(tr)
-    tr.add_argument(
-        "--restart",
-        action="store_true",
-        help="start over: remove every log, checkpoint and summary of the run in --out first",
-    )
-    tr.add_argument("--peft", action=_RejectPeft, help=argparse.SUPPRESS)
-    _add_config_args(tr, TrainConfig, TrainConfig())
-    tr.set_defaults(func=cmd_train)
-
-    fg = sub.add_parser("figure1", help="regenerate the paper's Figure 1 (a and b), with a report")
-    fg.add_argument(
-        "--preset",
-        choices=tuple(FIGURE1_PRESETS),
-        default="default",
-        help="named settings the flags override: "
-        + "; ".join(
-            f"{k}: {(f.__doc__ or '').splitlines()[0]}" for k, f in FIGURE1_PRESETS.items()
-        ),
-    )
-    _config_flag(fg)
-    fg.add_argument(
-        "--restart", action="store_true", help="start over even if the runs hold checkpoints"
-    )
-    _add_config_args(
-        fg, Figure1Config, Figure1Config(), title="options (defaults: --preset default)"
-    )
-    fg.set_defaults(func=cmd_figure1)
+    _add_train_parser(sub, TrainConfig)
+    _add_figure1_parser(sub, Figure1Config, FIGURE1_PRESETS)
 
     ad = sub.add_parser(
         "advise", help="propose (eta_x, eta_y) from a probe or a recorded run; optionally calibrate"
@@ -618,28 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ad, AdviseConfig, AdviseConfig())
     ad.set_defaults(func=cmd_advise)
 
-    ex = sub.add_parser(
-        "export",
-        help="write a run's fine-tuned model as a from_pretrained folder (seed logs replayed)",
-    )
-    ex.add_argument("run", help="run folder (with config.json and checkpoint.pt)")
-    ex.add_argument("--out", required=True, help="output folder (must be new or empty)")
-    ex.add_argument(
-        "--device",
-        default=None,
-        help="device to rebuild the model on; the run's own device when not given",
-    )
-    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
-    ex.set_defaults(func=cmd_export)
-
-    rp = sub.add_parser(
-        "report", help="write report.md and a self-contained report.html for run folders"
-    )
-    rp.add_argument("runs", nargs="+", help="run folders")
-    rp.add_argument(
-        "--out", default=None, help="output folder (default: the run folder, or RUNS_PARENT/report)"
-    )
-    rp.set_defaults(func=cmd_report)
+    _add_export_parser(sub)
+    _add_report_parser(sub)
     return p
 
 

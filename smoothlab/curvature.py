@@ -270,6 +270,79 @@ def _params(name: str, ps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return ps
 
 
+def _check_measure_args(
+    hvp: str, z: str, trace_vectors: int, spectral_iters: int, second_moment_samples: int
+) -> str:
+    """Validate :func:`measure`'s options; the normalised SPSA direction kind."""
+    if hvp not in HVPS:
+        raise UsageError(f"unknown hvp {hvp!r}; accepted: {', '.join(HVPS)}")
+    z = _sampling_kind(z)
+    for name, v in (("trace_vectors", trace_vectors), ("spectral_iters", spectral_iters)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(second_moment_samples, int) or second_moment_samples < 0:
+        raise UsageError(
+            f"second_moment_samples must be an integer >= 0, got {second_moment_samples!r}"
+        )
+    return z
+
+
+def _hessian_terms(
+    loss_fn: Callable[[], torch.Tensor],
+    x: list[torch.Tensor],
+    y: list[torch.Tensor],
+    gen: torch.Generator,
+    z: str,
+    spectral_iters: int,
+    delta_samples: int,
+    second_moment_samples: int,
+    common: dict,
+) -> dict:
+    """L_x, L_y (Lanczos) and the gradient-direction terms, from Hessian-vector products."""
+    hvp, root, h = common["hvp"], common["model"], common["h"]
+    d_x, d_y = sum(p.numel() for p in x), sum(p.numel() for p in y)
+    out: dict = {}
+    blocks = {k: v for k, v in (("x", x), ("y", y)) if v}
+    L = probe(loss_fn, blocks, norm="spectral", num_vectors=spectral_iters, **common)
+    out.update(L_x=L.get("x"), L_y=L.get("y"))
+    with eval_mode(root), Oracle(hvp, loss_fn, x + y, root=root, h=h) as oracle:
+        out.update(
+            _gradient_terms(
+                oracle,
+                d_x,
+                d_y,
+                gen,
+                kind=z,
+                second_moment_samples=second_moment_samples,
+                delta_samples=delta_samples,
+            )
+        )
+    return out
+
+
+def _trace_x(
+    loss_fn: Callable[[], torch.Tensor], x: list[torch.Tensor], trace_vectors: int, common: dict
+):
+    """Hutchinson tr H_xx: Gaussian vectors for ``zo``, else Rademacher (lower variance)."""
+    dist = "gaussian" if common["hvp"] == "zo" else "rademacher"
+    return probe(
+        loss_fn, {"x": x}, norm="trace", num_vectors=trace_vectors, distribution=dist, **common
+    )["x"]
+
+
+def _root_module(model: nn.Module | None, loss_fn: Callable[[], torch.Tensor]) -> nn.Module | None:
+    """``model``, else ``loss_fn.model``, when it is an ``nn.Module`` (for eval mode)."""
+    root = model if model is not None else getattr(loss_fn, "model", None)
+    return root if isinstance(root, nn.Module) else None
+
+
+def _weight_norm(x: Sequence[torch.Tensor]) -> float:
+    """‖x‖₂ over all base-block tensors, accumulated in float64."""
+    return math.sqrt(
+        sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in x)
+    )
+
+
 def measure(
     loss_fn: Callable[[], torch.Tensor],
     x_params: Sequence[torch.Tensor],
@@ -296,21 +369,11 @@ def measure(
     """
     import time
 
-    if hvp not in HVPS:
-        raise UsageError(f"unknown hvp {hvp!r}; accepted: {', '.join(HVPS)}")
-    z = _sampling_kind(z)
-    for name, v in (("trace_vectors", trace_vectors), ("spectral_iters", spectral_iters)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UsageError(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(second_moment_samples, int) or second_moment_samples < 0:
-        raise UsageError(
-            f"second_moment_samples must be an integer >= 0, got {second_moment_samples!r}"
-        )
+    z = _check_measure_args(hvp, z, trace_vectors, spectral_iters, second_moment_samples)
     x, y = _params("x_params", x_params), _params("y_params", y_params)
     if not x and not y:
         raise UsageError("both x_params and y_params are empty: nothing to measure")
-    root = model if model is not None else getattr(loss_fn, "model", None)
-    root = root if isinstance(root, nn.Module) else None
+    root = _root_module(model, loss_fn)
     d_x, d_y = sum(p.numel() for p in x), sum(p.numel() for p in y)
     kappa = Z_KINDS[z]
     start = time.perf_counter()
@@ -320,36 +383,16 @@ def measure(
     common = dict(hvp=hvp, seed=seed, h=h, model=root)
     out: dict = {}
     if d_x:
-        dist = "gaussian" if hvp == "zo" else "rademacher"
-        out["trace_x"] = probe(
-            loss_fn, {"x": x}, norm="trace", num_vectors=trace_vectors, distribution=dist, **common
-        )["x"]
+        out["trace_x"] = _trace_x(loss_fn, x, trace_vectors, common)
     if hvp == "zo":
-        out.update(
-            _zo_terms(
-                loss_fn, x, gen, kind=z, samples=second_moment_samples if d_x else 0, root=root, h=h
-            )
-        )
+        samples = second_moment_samples if d_x else 0
+        out.update(_zo_terms(loss_fn, x, gen, kind=z, samples=samples, root=root, h=h))
     else:
-        blocks = {k: v for k, v in (("x", x), ("y", y)) if v}
-        L = probe(loss_fn, blocks, norm="spectral", num_vectors=spectral_iters, **common)
-        out.update(L_x=L.get("x"), L_y=L.get("y"))
-        with eval_mode(root), Oracle(hvp, loss_fn, x + y, root=root, h=h) as oracle:
-            out.update(
-                _gradient_terms(
-                    oracle,
-                    d_x,
-                    d_y,
-                    gen,
-                    kind=z,
-                    second_moment_samples=second_moment_samples,
-                    delta_samples=trace_vectors if kappa != 3 else 0,
-                )
-            )
+        delta_samples = trace_vectors if kappa != 3 else 0
+        args = (z, spectral_iters, delta_samples, second_moment_samples, common)
+        out.update(_hessian_terms(loss_fn, x, y, gen, *args))
     if d_x:
-        out["weight_norm_x"] = math.sqrt(
-            sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in x)
-        )
+        out["weight_norm_x"] = _weight_norm(x)
     return Curvature(
         hvp=hvp,
         d_x=d_x,

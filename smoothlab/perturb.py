@@ -441,45 +441,28 @@ def _shadow(direction: Direction, i: int, w: torch.Tensor, scale: float, scratch
 
 
 @contextlib.contextmanager
-def shifted(
-    params: Sequence[torch.Tensor],
-    direction: Direction | Sequence[torch.Tensor],
-    scale: float,
-    root: nn.Module | None = None,
-    *,
-    scratch: Scratch | None = None,
-) -> Iterator[None]:
-    """Inside the context, forwards see ``p_i + scale · direction(i, p_i)`` for every i.
-
-    With ``root`` the shift is applied on the fly by forward hooks (stored weights are never
-    written); without it by an exact ``.data`` swap. Either way every parameter is
-    bit-identical after the context, also when the body raises. A :class:`SeededDirection`
-    is applied fused (one pass per layer); ``scratch`` lends the shadows reusable memory in
-    forwards without autograd.
-
-    On the fly, a parameter is seen shifted when it is read inside its owning module's
-    forward, or when its owner is a container without a forward (``ParameterDict``,
-    ``ParameterList``). A parameter another module reads directly from a submodule whose
-    forward does not run (e.g. peft prompt tuning with ``inference_mode=True`` reading
-    ``prompt_encoder.embedding.weight``) is not shifted; use ``root=None`` for such models.
-    """
-    if not callable(direction):
-        direction = explicit(direction)
-    if scale == 0.0:
+def _swapped(params: Sequence[torch.Tensor], direction: Direction, scale: float) -> Iterator[None]:
+    """:func:`shifted` without ``root``: exact ``.data`` swap, restored on exit."""
+    originals = [p.data for p in params]
+    try:
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.data = _shadow(direction, i, p.data, scale, None)[0]
         yield
-        return
-    if root is None:
-        originals = [p.data for p in params]
-        try:
-            with torch.no_grad():
-                for i, p in enumerate(params):
-                    p.data = _shadow(direction, i, p.data, scale, None)[0]
-            yield
-        finally:
-            for p, data in zip(params, originals):
-                p.data = data
-        return
+    finally:
+        for p, data in zip(params, originals):
+            p.data = data
 
+
+@contextlib.contextmanager
+def _hooked(
+    root: nn.Module,
+    params: Sequence[torch.Tensor],
+    direction: Direction,
+    scale: float,
+    scratch: Scratch | None,
+) -> Iterator[None]:
+    """:func:`shifted` with ``root``: shadows installed by forward hooks, removed on exit."""
     owned = owners(root, params)
     # A container without a forward of its own (ParameterDict/ParameterList, e.g. peft's
     # lora_embedding_A) never fires hooks: its parameters are read by the parent. Shadow those
@@ -524,3 +507,39 @@ def shifted(
                 module.__dict__.pop(name, None)
         for buf in lent.values():
             scratch.give(buf)
+
+
+@contextlib.contextmanager
+def shifted(
+    params: Sequence[torch.Tensor],
+    direction: Direction | Sequence[torch.Tensor],
+    scale: float,
+    root: nn.Module | None = None,
+    *,
+    scratch: Scratch | None = None,
+) -> Iterator[None]:
+    """Inside the context, forwards see ``p_i + scale · direction(i, p_i)`` for every i.
+
+    With ``root`` the shift is applied on the fly by forward hooks (stored weights are never
+    written); without it by an exact ``.data`` swap. Either way every parameter is
+    bit-identical after the context, also when the body raises. A :class:`SeededDirection`
+    is applied fused (one pass per layer); ``scratch`` lends the shadows reusable memory in
+    forwards without autograd.
+
+    On the fly, a parameter is seen shifted when it is read inside its owning module's
+    forward, or when its owner is a container without a forward (``ParameterDict``,
+    ``ParameterList``). A parameter another module reads directly from a submodule whose
+    forward does not run (e.g. peft prompt tuning with ``inference_mode=True`` reading
+    ``prompt_encoder.embedding.weight``) is not shifted; use ``root=None`` for such models.
+    """
+    if not callable(direction):
+        direction = explicit(direction)
+    if scale == 0.0:
+        yield
+        return
+    if root is None:
+        ctx = _swapped(params, direction, scale)
+    else:
+        ctx = _hooked(root, params, direction, scale, scratch)
+    with ctx:
+        yield

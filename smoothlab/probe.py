@@ -129,9 +129,7 @@ def probe(
     """
     _check_arguments(loss_fn, norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
     check_blocks(blocks)
-    root = model if model is not None else getattr(loss_fn, "model", None)
-    if root is not None and not isinstance(root, nn.Module):
-        root = None
+    root = _owning_module(model, loss_fn)
 
     results: dict[str, Estimate] = {}
     with eval_mode(root):
@@ -154,6 +152,16 @@ def probe(
                 grad_norm = oracle.cached_grad_norm()
             results[name] = replace(est, seconds=time.perf_counter() - start, grad_norm=grad_norm)
     return results
+
+
+def _owning_module(
+    model: nn.Module | None, loss_fn: Callable[[], torch.Tensor]
+) -> nn.Module | None:
+    """``model``, else ``loss_fn.model``; None unless it is an ``nn.Module``."""
+    root = model if model is not None else getattr(loss_fn, "model", None)
+    if root is not None and not isinstance(root, nn.Module):
+        root = None
+    return root
 
 
 def _check_arguments(
