@@ -197,11 +197,12 @@ def phase_advised(args: argparse.Namespace) -> None:
 
 
 def _load(out: Path, sub: str) -> list[dict]:
-    return (
-        [json.loads(p.read_text()) for p in sorted((out / sub).glob("*.json"))]
-        if (out / sub).exists()
-        else []
-    )
+    """Every JSON under ``out/sub``, each with its file's stem as ``_name``."""
+    if not (out / sub).exists():
+        return []
+    return [
+        json.loads(p.read_text()) | {"_name": p.stem} for p in sorted((out / sub).glob("*.json"))
+    ]
 
 
 def _aggregate(cells: list[dict], method: str) -> dict[tuple[float, float], dict]:
@@ -260,7 +261,7 @@ def _summary_lines(method: str, agg: dict, adv: dict) -> list[str]:
         return lines + ["  (no grid cells yet)"]
     best = ranked[0][0][key]
     for rule, k in (
-        ("default (curvature)", name),
+        ("default (auto: min of curvature and walk cap)", name),
         ("paper c/(L d)", "eta_x_paper" if not key else name),
     ):
         eta = adv.get(k, math.nan)
@@ -304,13 +305,54 @@ def phase_report(args: argparse.Namespace) -> None:
             f"±{c['second_moment_x_stderr']:.2g} scale={d['joint_scale']:.3g}"
         )
     methods = [m for m in GRIDS if m in args.methods]
+    advised_cells = _advised_cells(cells, advice)
+    grid_cells = [c for c in cells if id(c) not in {id(a) for a, _ in advised_cells}]
     for m in methods:
-        lines += _summary_lines(m, _aggregate(cells, m), _advised(advice, m))
+        lines += _summary_lines(m, _aggregate(grid_cells, m), _advised(advice, m))
+        lines += _per_seed_lines(
+            m, grid_cells, [(a, r) for a, r in advised_cells if a["method"] == m]
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text)
     _figure(cells, advice, methods, args.report.with_suffix(".png"))
+
+
+def _advised_cells(cells: list[dict], advice: list[dict]) -> list[tuple[dict, dict]]:
+    """(cell, advice) for the cells trained at a seed's own advised rates (--phase advised)."""
+    out = []
+    for a in advice:
+        d = a["advice"]
+        method, seed = d["source"].split(":")[0], int(a["_name"].rsplit("_s", 1)[1])
+        b = float(f"{d['eta_x']:.3g}") if math.isfinite(d["eta_x"]) else 0.0
+        p = float(f"{d['eta_y']:.3g}") if math.isfinite(d["eta_y"]) else 0.0
+        for c in cells:
+            if (c["method"], c["seed"], c["lr_base"], c["lr_peft"]) == (method, seed, b, p):
+                out.append((c, d))
+    return out
+
+
+def _per_seed_lines(method: str, grid: list[dict], advised: list[tuple[dict, dict]]) -> list[str]:
+    """Each seed's advised run ranked among that seed's grid cells by final train loss."""
+    lines = []
+    for cell, d in sorted(advised, key=lambda t: t[0]["seed"]):
+        same = [c for c in grid if c["method"] == method and c["seed"] == cell["seed"]]
+        loss = lambda c: math.inf if c["diverged"] else c["final_loss"]  # noqa: E731
+        ranked = sorted(same + [cell], key=loss)
+        best = min(same, key=loss) if same else None
+        lines.append(
+            f"  seed {cell['seed']}: advised lr_base={cell['lr_base']:.3g} lr_peft={cell['lr_peft']:.3g} "
+            f"[rule {d['rule']}] final loss {loss(cell):.4f} eval {cell['eval_acc']:.3f} -> rank "
+            f"{ranked.index(cell) + 1}/{len(ranked)} among this seed's {len(same)} grid cells"
+            + (
+                f"; grid-best lr_base={best['lr_base']:.3g} lr_peft={best['lr_peft']:.3g} "
+                f"loss {loss(best):.4f}"
+                if best
+                else ""
+            )
+        )
+    return lines
 
 
 def _figure(cells: list[dict], advice: list[dict], methods: list[str], path: Path) -> None:
@@ -338,7 +380,7 @@ def _figure(cells: list[dict], advice: list[dict], methods: list[str], path: Pat
             )
         name = "eta_y" if key else "eta_x"
         for k, style, lab in (
-            (name, "-", "advised (curvature)"),
+            (name, "-", "advised (auto)"),
             ("eta_x_paper", ":", "paper c/(L d)"),
         ):
             if key and k == "eta_x_paper":
