@@ -316,7 +316,7 @@ def phase_report(args: argparse.Namespace) -> None:
     print(text)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text)
-    _figure(cells, advice, methods, args.report.with_suffix(".png"))
+    _figure(grid_cells, advice, methods, args.report.with_suffix(".png"))
 
 
 def _advised_cells(cells: list[dict], advice: list[dict]) -> list[tuple[dict, dict]]:
@@ -388,6 +388,7 @@ def _figure(cells: list[dict], advice: list[dict], methods: list[str], path: Pat
             if math.isfinite(adv.get(k, math.nan)):
                 ax.axvline(adv[k], color="k", ls=style, label=f"{lab} {adv[k]:.2g}")
         ax.set_xscale("log")
+        ax.set_yscale("log")  # exploded cells reach 1e3 while the rest differ in the 3rd digit
         ax.set_xlabel("lr_peft (eta_y)" if key else "lr_base (eta_x)")
         ax.set_ylabel("final train loss (mean over seeds)")
         ax.set_title(m)
