@@ -15,6 +15,7 @@ import time
 import warnings
 
 import pytest
+import torch
 
 from hybrid.faults import (
     INERT,
@@ -470,7 +471,10 @@ def test_kill_at_random_instants_then_rerun_is_bit_identical(opt_model, baseline
     import random
 
     rng = random.Random(10)
-    env = os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # the killed runs must use this process's thread count: float sums (and so the trajectory)
+    # differ between 1 and 2 intra-op threads, and the baseline and the final rerun run here
+    threads = str(torch.get_num_threads())
+    env = os.environ | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
     codes = {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGINT: 130}
     for trial, sigs in enumerate([(signal.SIGKILL, signal.SIGKILL), (signal.SIGTERM,)]):
         out = tmp_path / f"T{trial}"
