@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..estimate import Estimate
@@ -34,10 +33,9 @@ from .operator import (
     check_distribution,
     dot64,
     matvec_into,
-    mean_se,
+    mean_sqrt,
+    monte_carlo,
     random_vector,
-    sample,
-    sqrt_of_mean,
     vector_buffer,
 )
 
@@ -74,25 +72,13 @@ def hutchinson_frobenius(
     check_distribution(distribution)
     op = as_operator(op, dim=dim)
     bufs = sample_buffers(op)
-
-    def finish(x: np.ndarray) -> tuple[float, float]:
-        return sqrt_of_mean(*mean_se(x))
-
-    xs, value, se, reached = sample(
+    return monte_carlo(
+        op,
+        "frobenius",
         lambda: squared_norms(op, distribution, gen, bufs),
-        finish,
+        mean_sqrt,
         num_vectors=num_vectors,
         target_rel_stderr=target_rel_stderr,
         min_vectors=min_vectors,
         callback=callback,
-    )
-    return Estimate(
-        value=value,
-        stderr=se,
-        num_hvp=len(xs),
-        norm="frobenius",
-        hvp=getattr(op, "kind", "operator"),
-        dim=op.dim,
-        samples=tuple(float(x) for x in xs),
-        converged=reached,
     )

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..estimate import Estimate
 from ..perturb import get_source
 
 Callback = Callable[[int, int], None]
@@ -196,7 +197,9 @@ def sqrt_of_mean(sq: float, sq_se: float) -> tuple[float, float]:
     return value, (sq_se / (2 * value) if value > 0 else math.nan)
 
 
-def sample(
+def monte_carlo(
+    op: Any,
+    norm: str,
     draw: Callable[[], float],
     finish: Callable[[np.ndarray], tuple[float, float]],
     *,
@@ -204,9 +207,12 @@ def sample(
     target_rel_stderr: float | None = None,
     min_vectors: int = 5,
     callback: Callback | None = None,
-) -> tuple[np.ndarray, float, float, bool]:
-    """Draw up to ``num_vectors`` samples; stop once stderr/|value| ≤ ``target_rel_stderr``
-    (after ``min_vectors``). Returns (samples, value, stderr, target reached)."""
+    extra: Callable[[np.ndarray], dict[str, Any]] | None = None,
+) -> Estimate:
+    """The Monte-Carlo loop every sampling estimator shares: draw up to ``num_vectors``
+    samples, stop once stderr/|value| ≤ ``target_rel_stderr`` (after ``min_vectors``), and
+    return the :class:`Estimate` of ``norm``. ``finish`` maps the samples to (value, stderr);
+    ``extra`` maps them to further Estimate fields (the ``zo`` rounding diagnostics)."""
     xs: list[float] = []
     reached = target_rel_stderr is None
     for i in range(num_vectors):
@@ -220,4 +226,19 @@ def sample(
                 break
     arr = np.array(xs)
     value, se = finish(arr)
-    return arr, value, se, reached
+    return Estimate(
+        value=value,
+        stderr=se,
+        num_hvp=len(xs),
+        norm=norm,
+        hvp=getattr(op, "kind", "operator"),
+        dim=op.dim,
+        samples=tuple(xs),
+        converged=reached,
+        **(extra(arr) if extra is not None else {}),
+    )
+
+
+def mean_sqrt(x: np.ndarray) -> tuple[float, float]:
+    """√(mean x) and its delta-method stderr (the ``frobenius``/``rms`` finish)."""
+    return sqrt_of_mean(*mean_se(x))

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..estimate import Estimate
 from .frobenius import sample_buffers, squared_norms
-from .operator import Callback, as_operator, mean_se, sample, sqrt_of_mean
+from .operator import Callback, as_operator, mean_sqrt, monte_carlo
 
 
 def rms(
@@ -43,25 +42,13 @@ def rms(
     """‖H‖_F/√d = √(E‖Hu‖²) over unit u (see the module docstring)."""
     op = as_operator(op, dim=dim)
     bufs = sample_buffers(op)
-
-    def finish(x: np.ndarray) -> tuple[float, float]:
-        return sqrt_of_mean(*mean_se(x))
-
-    xs, value, se, reached = sample(
+    return monte_carlo(
+        op,
+        "rms",
         lambda: squared_norms(op, "unit", gen, bufs),
-        finish,
+        mean_sqrt,
         num_vectors=num_vectors,
         target_rel_stderr=target_rel_stderr,
         min_vectors=min_vectors,
         callback=callback,
-    )
-    return Estimate(
-        value=value,
-        stderr=se,
-        num_hvp=len(xs),
-        norm="rms",
-        hvp=getattr(op, "kind", "operator"),
-        dim=op.dim,
-        samples=tuple(float(x) for x in xs),
-        converged=reached,
     )

@@ -31,9 +31,9 @@ from .operator import (
     as_operator,
     check_distribution,
     mean_se,
+    monte_carlo,
     quad_form,
     random_vector,
-    sample,
     vector_buffer,
 )
 
@@ -52,27 +52,14 @@ def hutchinson_trace(
     """tr H = E vᵀHv (see the module docstring). Uses ``op.quad`` when the operator has one."""
     check_distribution(distribution)
     op = as_operator(op, dim=dim)
-
     buf = vector_buffer(op.dim, op.dtype, op.device)  # v is consumed by each sample
-
-    def draw() -> float:
-        return quad_form(op, random_vector(distribution, op.dim, gen, op.dtype, op.device, buf))
-
-    xs, value, se, reached = sample(
-        draw,
+    return monte_carlo(
+        op,
+        "trace",
+        lambda: quad_form(op, random_vector(distribution, op.dim, gen, op.dtype, op.device, buf)),
         mean_se,
         num_vectors=num_vectors,
         target_rel_stderr=target_rel_stderr,
         min_vectors=min_vectors,
         callback=callback,
-    )
-    return Estimate(
-        value=value,
-        stderr=se,
-        num_hvp=len(xs),
-        norm="trace",
-        hvp=getattr(op, "kind", "operator"),
-        dim=op.dim,
-        samples=tuple(float(x) for x in xs),
-        converged=reached,
     )

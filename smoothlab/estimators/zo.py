@@ -52,12 +52,11 @@ import torch
 from ..errors import UsageError
 from ..estimate import Estimate
 from .operator import (
-    Callback,
     as_operator,
     check_distribution,
     mean_se,
+    monte_carlo,
     random_vector,
-    sample,
     vector_buffer,
 )
 
@@ -82,19 +81,10 @@ def _rounding(op: Any) -> tuple[float, float, float]:
     return fn() if fn is not None else (0.0, 0.0, math.inf)
 
 
-def _zo(
-    norm: str,
-    op: Any,
-    gen: torch.Generator,
-    *,
-    num_vectors: int,
-    distribution: str,
-    target_rel_stderr: float | None,
-    min_vectors: int,
-    callback: Callback | None,
-    dim: int | None,
-) -> Estimate:
-    op = as_operator(op, dim=dim)
+def _zo(norm: str, op: Any, gen: torch.Generator, options: dict[str, Any]) -> Estimate:
+    o = {**ZO_DEFAULTS, **options}
+    op = as_operator(op, dim=o["dim"])
+    distribution, num_vectors = o["distribution"], o["num_vectors"]
     check_distribution(
         distribution, ("gaussian", "rademacher") if norm == "trace" else ("gaussian",)
     )
@@ -111,105 +101,61 @@ def _zo(
         se = s2_se / 2.0 / (2 * value) if value > 0 else math.nan
         return value / scale, se / scale
 
+    def diagnostics(xs: np.ndarray) -> dict[str, Any]:
+        sigma_c, sigma_shared, ulps = _rounding(op)
+        var = float(xs.var(ddof=1)) if len(xs) > 1 else math.inf
+        mc_se = math.sqrt(var / len(xs)) if len(xs) > 1 else math.inf
+        dominated = (
+            sigma_c**2 > 0.5 * var or (norm == "trace" and sigma_shared > mc_se) or ulps < MIN_ULPS
+        )
+        return {"rounding_noise": sigma_c, "rounding_dominated": bool(dominated)}
+
     buf = vector_buffer(op.dim, op.dtype, op.device)  # v is consumed by each sample
-    xs, value, se, reached = sample(
+    return monte_carlo(
+        op,
+        norm,
         lambda: float(op.quad(random_vector(distribution, op.dim, gen, op.dtype, op.device, buf))),
         finish,
         num_vectors=num_vectors,
-        target_rel_stderr=target_rel_stderr,
-        min_vectors=min_vectors,
-        callback=callback,
-    )
-    sigma_c, sigma_shared, ulps = _rounding(op)
-    var = float(xs.var(ddof=1)) if len(xs) > 1 else math.inf
-    mc_se = math.sqrt(var / len(xs)) if len(xs) > 1 else math.inf
-    dominated = (
-        sigma_c**2 > 0.5 * var or (norm == "trace" and sigma_shared > mc_se) or ulps < MIN_ULPS
-    )
-    return Estimate(
-        value=value,
-        stderr=se,
-        num_hvp=len(xs),
-        norm=norm,
-        hvp=getattr(op, "kind", "zo"),
-        dim=op.dim,
-        samples=tuple(float(x) for x in xs),
-        converged=reached,
-        rounding_noise=sigma_c,
-        rounding_dominated=bool(dominated),
+        target_rel_stderr=o["target_rel_stderr"],
+        min_vectors=o["min_vectors"],
+        callback=o["callback"],
+        extra=diagnostics,
     )
 
 
-def zo_trace(
-    op: Any,
-    gen: torch.Generator,
-    *,
-    num_vectors: int = 20,
-    distribution: str = "gaussian",
-    target_rel_stderr: float | None = None,
-    min_vectors: int = 5,
-    callback: Callback | None = None,
-    dim: int | None = None,
-) -> Estimate:
+ZO_DEFAULTS: dict[str, Any] = {
+    "num_vectors": 20,
+    "distribution": "gaussian",
+    "target_rel_stderr": None,
+    "min_vectors": 5,
+    "callback": None,
+    "dim": None,
+}
+
+
+def _check_options(norm: str, options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(ZO_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"zo_{norm}() got unexpected keyword(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(ZO_DEFAULTS)}"
+        )
+    return options
+
+
+# The three public estimators take the same keywords (ZO_DEFAULTS: num_vectors=20,
+# distribution="gaussian", target_rel_stderr=None, min_vectors=5, callback=None, dim=None).
+def zo_trace(op: Any, gen: torch.Generator, **options: Any) -> Estimate:
     """tr H ≈ mean vᵀHv from quadratic forms (see the module docstring)."""
-    return _zo(
-        "trace",
-        op,
-        gen,
-        num_vectors=num_vectors,
-        distribution=distribution,
-        target_rel_stderr=target_rel_stderr,
-        min_vectors=min_vectors,
-        callback=callback,
-        dim=dim,
-    )
+    return _zo("trace", op, gen, _check_options("trace", options))
 
 
-def zo_frobenius(
-    op: Any,
-    gen: torch.Generator,
-    *,
-    num_vectors: int = 20,
-    distribution: str = "gaussian",
-    target_rel_stderr: float | None = None,
-    min_vectors: int = 5,
-    callback: Callback | None = None,
-    dim: int | None = None,
-) -> Estimate:
+def zo_frobenius(op: Any, gen: torch.Generator, **options: Any) -> Estimate:
     """‖H‖_F ≈ √(s²/2) from Gaussian quadratic forms (see the module docstring)."""
-    return _zo(
-        "frobenius",
-        op,
-        gen,
-        num_vectors=num_vectors,
-        distribution=distribution,
-        target_rel_stderr=target_rel_stderr,
-        min_vectors=min_vectors,
-        callback=callback,
-        dim=dim,
-    )
+    return _zo("frobenius", op, gen, _check_options("frobenius", options))
 
 
-def zo_rms(
-    op: Any,
-    gen: torch.Generator,
-    *,
-    num_vectors: int = 20,
-    distribution: str = "gaussian",
-    target_rel_stderr: float | None = None,
-    min_vectors: int = 5,
-    callback: Callback | None = None,
-    dim: int | None = None,
-) -> Estimate:
+def zo_rms(op: Any, gen: torch.Generator, **options: Any) -> Estimate:
     """‖H‖_F/√d ≈ √(s²/(2d)) from Gaussian quadratic forms (see the module docstring)."""
-    return _zo(
-        "rms",
-        op,
-        gen,
-        num_vectors=num_vectors,
-        distribution=distribution,
-        target_rel_stderr=target_rel_stderr,
-        min_vectors=min_vectors,
-        callback=callback,
-        dim=dim,
-    )
+    return _zo("rms", op, gen, _check_options("rms", options))
