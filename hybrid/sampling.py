@@ -82,10 +82,18 @@ def _load_hub(task: Task) -> list[Example]:
     return task.parse(Records(source, columns, rows, "record"))
 
 
+MAX_BUILTIN = 1_000_000  # generated in memory: a typo'd size must not exhaust RAM
+
+
 def _default_examples(task: Task, n: int, seed: int) -> list[Example]:
     """Examples of ``task`` without a file: its built-in set (``n`` of them), else its hub
     dataset."""
     if task.builtin is not None:
+        if n > MAX_BUILTIN:
+            raise UsageError(
+                f"task {task.name!r} generates at most {MAX_BUILTIN:,} built-in examples, but "
+                f"train + eval + dev sizes ask for {n:,}; use smaller sizes or pass a data file"
+            )
         if task.builtin_note:
             warnings.warn(task.builtin_note, UserWarning, stacklevel=3)
         return task.builtin(n, seed)

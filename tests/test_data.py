@@ -482,6 +482,14 @@ def test_sample_splits_too_few() -> None:
         sample_splits(ex, train=-1)
 
 
+def test_load_task_data_absurd_builtin_size_is_a_usage_error() -> None:
+    # fuzz-found: --eval-size 4863416990212470 generated examples until the OOM killer came
+    with pytest.raises(
+        UsageError, match=r"at most 1,000,000 built-in examples.*4,863,416,990,212,480"
+    ):
+        load_task_data("synthetic", train=10, eval=4_863_416_990_212_470, dev=0)
+
+
 def test_load_task_data_synthetic_and_file(tmp_path: Path) -> None:
     task, s = load_task_data("synthetic", train=30, eval=20, dev=10, seed=2)
     assert task is get_task("synthetic")
