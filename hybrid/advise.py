@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from smoothlab.advisor import PAPER_TABLE2_RATIO, Advice, advise
-from smoothlab.curvature import Curvature, measure
+from smoothlab.curvature import Curvature, measure, weight_norm
 from smoothlab.errors import UsageError
 from smoothlab.methods import get_method
 
@@ -33,7 +33,14 @@ from .data import EpochSampler
 from .models import ModelBundle
 from .train import TrainConfig, build, split_parameters
 
-__all__ = ["advise_config", "advise_method", "measure_method", "ratio_line", "train_command"]
+__all__ = [
+    "advise_config",
+    "advise_method",
+    "measure_method",
+    "ratio_line",
+    "train_command",
+    "walk_inputs",
+]
 
 
 def measure_method(
@@ -147,10 +154,15 @@ def advice_from_curvature(
     )
 
 
+def run_batch(bundle: ModelBundle, cfg: TrainConfig, splits, step: int):  # noqa: ANN001, ANN201
+    """The encoded minibatch that training step ``step`` of ``cfg`` sees."""
+    sampler = EpochSampler(len(splits.train), cfg.batch_size, seed=cfg.seed)
+    return bundle.encode([splits.train[i] for i in sampler.batch(step)], cfg.max_length)
+
+
 def first_batch_loss(bundle: ModelBundle, cfg: TrainConfig, splits) -> Callable[[], torch.Tensor]:  # noqa: ANN001
     """The loss of the batch that training step 0 of ``cfg`` sees."""
-    sampler = EpochSampler(len(splits.train), cfg.batch_size, seed=cfg.seed)
-    batch = bundle.encode([splits.train[i] for i in sampler.batch(0)], cfg.max_length)
+    batch = run_batch(bundle, cfg, splits, 0)
     return lambda: bundle.loss(batch)
 
 
@@ -172,13 +184,12 @@ def gradient_rms(
     per batch (an unbiased estimate of ‖g_ξ‖² up to O(μ²))."""
     from smoothlab.perturb import seeded_gaussian, shifted
 
-    sampler = EpochSampler(len(splits.train), cfg.batch_size, seed=cfg.seed)
     model, total = bundle.model, 0.0
     was = model.training
     model.eval()
     try:
         for t in range(batches):
-            batch = bundle.encode([splits.train[i] for i in sampler.batch(t)], cfg.max_length)
+            batch = run_batch(bundle, cfg, splits, t)
             if zo:
                 with torch.no_grad():
                     f = []
@@ -199,6 +210,22 @@ def gradient_rms(
     finally:
         model.train(was)
     return math.sqrt(total / batches)
+
+
+def walk_inputs(cfg: TrainConfig, *, zo: bool = False) -> dict[str, float | int]:
+    """The random-walk cap's inputs for ``cfg`` at step 0: ‖x‖, the gradient RMS over the
+    first minibatches (:func:`gradient_rms`) and the planned steps — what advice from a
+    recorded trajectory (which holds L only) needs for a usable η_x. Empty for a method
+    without a ZO block."""
+    if not get_method(cfg.method).has_zo:
+        return {}
+    bundle, _, splits = build(cfg)
+    x, _ = split_parameters(bundle.model, cfg.method)
+    return {
+        "weight_norm_x": weight_norm(x),
+        "grad_rms_x": gradient_rms(bundle, cfg, splits, x, zo=zo, mu=cfg.mu),
+        "steps": cfg.steps,
+    }
 
 
 def advise_config(

@@ -36,7 +36,9 @@ Guards (see :func:`advise`): the trace is floored at L_x (tr H ≥ λ_max for H 
 estimate below L_x, or negative, is rounding/sampling noise or a saddle, and a step sized
 by a near-zero trace would be unbounded), ρ at 0. Effective dimension r_x = tr H / L_x.
 
-**Many steps: the random-walk cap** (``rule="walk"``; ``auto`` takes min(curvature, walk)).
+**Many steps: the random-walk cap** (``rule="walk"``; ``auto`` takes min(curvature, walk), or
+whichever of the two has its inputs: advice from a recorded trajectory, which holds L only,
+is the cap; ``auto`` falls back to ``paper`` only when neither can be computed).
 η_x* is the best rate for *one* step, and on MiniLM at initialisation the measured one-step
 change agrees with it (bench/out/advisor_vs_grid.txt). Over a run it is far too large: the
 noise of ĝ, E‖η(ĝ − g)‖² ≈ η²‖g‖²(d_x + κ − 2)/q per step, is isotropic, and along the
@@ -420,16 +422,17 @@ def _x_rates(
 
 
 def _resolve_rule(rule: str, x_gradient: str, r: _XRates) -> str:
-    """``auto`` → exact / curvature / paper, then capped by ``walk`` when that is smaller."""
-    if rule == "auto":
-        rule = (
-            "exact"
-            if x_gradient == "exact"
-            else ("curvature" if math.isfinite(r.curvature) else "paper")
-        )
-        if rule != "exact" and r.walk < (r.curvature if rule == "curvature" else r.paper):
-            rule = "walk"  # the one-step rate would random-walk the weights away over T steps
-    return rule
+    """``auto`` → ``exact`` for a first-order x; else the smaller of ``curvature`` and ``walk``
+    (whichever have their inputs: a recorded trajectory holds L only, so there the cap alone
+    decides); ``paper`` only when neither can be computed."""
+    if rule != "auto":
+        return rule
+    if x_gradient == "exact":
+        return "exact"
+    candidates = [
+        (v, k) for k, v in (("curvature", r.curvature), ("walk", r.walk)) if math.isfinite(v)
+    ]
+    return min(candidates)[1] if candidates else "paper"
 
 
 def _x_rate(

@@ -336,7 +336,7 @@ def _root_module(model: nn.Module | None, loss_fn: Callable[[], torch.Tensor]) -
     return root if isinstance(root, nn.Module) else None
 
 
-def _weight_norm(x: Sequence[torch.Tensor]) -> float:
+def weight_norm(x: Sequence[torch.Tensor]) -> float:
     """‖x‖₂ over all base-block tensors, accumulated in float64."""
     return math.sqrt(
         sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in x)
@@ -392,7 +392,7 @@ def measure(
         args = (z, spectral_iters, delta_samples, second_moment_samples, common)
         out.update(_hessian_terms(loss_fn, x, y, gen, *args))
     if d_x:
-        out["weight_norm_x"] = _weight_norm(x)
+        out["weight_norm_x"] = weight_norm(x)
     return Curvature(
         hvp=hvp,
         d_x=d_x,

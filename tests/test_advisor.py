@@ -210,5 +210,9 @@ def test_walk_cap_closed_form_and_auto_takes_the_smaller_rate() -> None:
     long = advise(5.0, None, d, steps=T, **common)  # T steps: the walk cap binds
     assert long.rule == "walk" and long.eta_x == pytest.approx(cap)
     assert math.isnan(advise(5.0, None, d, trace=10.0, q=q).eta_x_walk)  # inputs missing
+    # L only (a recorded trajectory): the cap alone decides, never the paper's far smaller rate
+    only_L = advise(5.0, None, d, q=q, steps=T, grad_norm_x=g, weight_norm_x=xn)
+    assert only_L.rule == "walk" and only_L.eta_x == pytest.approx(cap)
+    assert only_L.eta_x_paper < cap / 100 and "paper" in only_L.describe()
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         advise(5.0, None, d, steps=0, **common)

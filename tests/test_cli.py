@@ -443,11 +443,20 @@ def test_advise_from_run(recorded_run: Path, tmp_path: Path, capsys) -> None:
     advice = json.loads((tmp_path / "advice.json").read_text())
     cfg = json.loads((recorded_run / "config.json").read_text())
     assert advice["d_x"] == cfg["block_sizes"]["base"]
-    assert advice["eta_x"] == pytest.approx(
+    # the trajectory holds L only: the default is the random-walk cap, from the run's own
+    # weights, first minibatches and planned steps; the paper's rate is kept beside it
+    assert advice["rule"] == "walk" and advice["steps"] == cfg["steps"]
+    assert advice["eta_x"] == pytest.approx(advice["eta_x_walk"]) and advice["weight_norm_x"] > 0
+    assert advice["eta_x_paper"] == pytest.approx(
         advice["q"] / (advice["L_x"] * (advice["d_x"] + 1 + advice["q"]))
     )
     assert advice["eta_y"] == pytest.approx(1 / advice["L_y"])
     assert "eta_y / eta_x" in out
+    assert (
+        main(["advise", "--run", str(recorded_run), "--rule", "paper", "--out", str(tmp_path)]) == 0
+    )
+    paper = json.loads((tmp_path / "advice.json").read_text())
+    assert paper["rule"] == "paper" and paper["eta_x"] == pytest.approx(advice["eta_x_paper"])
 
 
 def test_report_from_run(recorded_run: Path, tmp_path: Path, capsys) -> None:
