@@ -39,7 +39,7 @@ __all__ = [
     "measure_method",
     "ratio_line",
     "train_command",
-    "walk_inputs",
+    "minibatch_inputs",
 ]
 
 
@@ -166,6 +166,25 @@ def first_batch_loss(bundle: ModelBundle, cfg: TrainConfig, splits) -> Callable[
     return lambda: bundle.loss(batch)
 
 
+def _batch_grads(bundle: ModelBundle, cfg: TrainConfig, splits, params, batches: int):  # noqa: ANN001, ANN202
+    """Yield ∇_params f(·; ξ_t) (a tuple, None for unused tensors) for the first ``batches``
+    minibatches of ``cfg``'s run, in eval mode, leaving ``requires_grad`` flags as found."""
+    model = bundle.model
+    was = model.training
+    model.eval()
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for t in range(batches):
+            loss = bundle.loss(run_batch(bundle, cfg, splits, t))
+            yield torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was)
+
+
 def gradient_rms(
     bundle: ModelBundle,
     cfg: TrainConfig,
@@ -184,48 +203,112 @@ def gradient_rms(
     per batch (an unbiased estimate of ‖g_ξ‖² up to O(μ²))."""
     from smoothlab.perturb import seeded_gaussian, shifted
 
+    if not zo:
+        total = sum(
+            sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+            for grads in _batch_grads(bundle, cfg, splits, params, batches)
+        )
+        return math.sqrt(total / batches)
     model, total = bundle.model, 0.0
     was = model.training
     model.eval()
     try:
         for t in range(batches):
             batch = run_batch(bundle, cfg, splits, t)
-            if zo:
-                with torch.no_grad():
-                    f = []
-                    for s in (mu, -mu):
-                        with shifted(params, seeded_gaussian(10_000 + t), s, model):
-                            f.append(float(bundle.loss(batch)))
-                total += ((f[0] - f[1]) / (2 * mu)) ** 2
-                continue
-            flags = [p.requires_grad for p in params]
-            for p in params:
-                p.requires_grad_(True)
-            try:
-                grads = torch.autograd.grad(bundle.loss(batch), params, allow_unused=True)
-            finally:
-                for p, f in zip(params, flags):
-                    p.requires_grad_(f)
-            total += sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+            with torch.no_grad():
+                f = []
+                for s in (mu, -mu):
+                    with shifted(params, seeded_gaussian(10_000 + t), s, model):
+                        f.append(float(bundle.loss(batch)))
+            total += ((f[0] - f[1]) / (2 * mu)) ** 2
     finally:
         model.train(was)
     return math.sqrt(total / batches)
 
 
-def walk_inputs(cfg: TrainConfig, *, zo: bool = False) -> dict[str, float | int]:
-    """The random-walk cap's inputs for ``cfg`` at step 0: ‖x‖, the gradient RMS over the
-    first minibatches (:func:`gradient_rms`) and the planned steps — what advice from a
-    recorded trajectory (which holds L only) needs for a usable η_x. Empty for a method
-    without a ZO block."""
-    if not get_method(cfg.method).has_zo:
-        return {}
+def signal_fraction(total: float, diag: float, n: int) -> float:
+    """φ = ‖G‖²/E‖g‖² from n i.i.d. minibatch gradients g_t, given ``total`` = ‖Σ g_t‖² and
+    ``diag`` = Σ ‖g_t‖²: the mean cross product g_s·g_t (s ≠ t, unbiased for ‖G‖²) over the
+    mean squared norm, clipped to [1/n, 1] (below 1/n the n batches cannot tell signal from
+    noise)."""
+    off = (total - diag) / (n * (n - 1))
+    return min(max(off / (diag / n), 1.0 / n), 1.0)
+
+
+GRAM_LIMIT = 1 << 28  # stored gradient entries (1 GiB of float32) up to which φ gets a stderr
+
+
+def _jackknife(gram: torch.Tensor) -> float:
+    """Leave-one-batch-out stderr of :func:`signal_fraction` from the Gram matrix."""
+    n = gram.shape[0]
+    total, diag, rows = float(gram.sum()), gram.diagonal(), gram.sum(1)
+    loo = [
+        signal_fraction(
+            total - 2 * float(rows[t]) + float(diag[t]), float(diag.sum() - diag[t]), n - 1
+        )
+        for t in range(n)
+    ]
+    mean = sum(loo) / n
+    return math.sqrt((n - 1) / n * sum((v - mean) ** 2 for v in loo))
+
+
+def gradient_signal(
+    bundle: ModelBundle,
+    cfg: TrainConfig,
+    splits,  # noqa: ANN001
+    params: list[torch.Tensor],
+    *,
+    batches: int = 16,
+) -> tuple[float, float]:
+    """(φ_y, stderr): the signal fraction ‖E g_ξ‖²/E‖g_ξ‖² of the first-order block's
+    minibatch gradients over the first ``batches`` minibatches the run will see (the η_y
+    rule's noise factor, see :mod:`smoothlab.advisor`). The stderr is the leave-one-batch-out
+    jackknife, from the gradients' Gram matrix when they fit in :data:`GRAM_LIMIT` entries
+    (LoRA, prompt and prefix blocks do; a full fo-ft block gets φ from running sums, stderr nan)."""
+    if batches < 3:
+        raise UsageError(f"gradient_signal needs batches >= 3, got {batches}")
+    keep = sum(p.numel() for p in params) * batches <= GRAM_LIMIT
+    running = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    diag, flat = 0.0, []
+    for grads in _batch_grads(bundle, cfg, splits, params, batches):
+        grads = [
+            g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)
+        ]
+        for acc, g in zip(running, grads):
+            acc += g.double().cpu()
+        diag += sum(float(g.double().pow(2).sum()) for g in grads)
+        if keep:
+            flat.append(torch.cat([g.float().flatten().cpu() for g in grads]))
+    total = sum(float(a.pow(2).sum()) for a in running)
+    phi = signal_fraction(total, diag, batches)
+    if not keep:
+        return phi, math.nan
+    G = torch.stack(flat)
+    return phi, _jackknife((G @ G.T).double())
+
+
+def minibatch_inputs(cfg: TrainConfig, *, zo: bool = False) -> dict[str, float | int]:
+    """The advisor's minibatch inputs for ``cfg`` at step 0 — for x the random-walk cap's ‖x‖,
+    gradient RMS (:func:`gradient_rms`) and planned steps, for y the signal fraction φ_y
+    (:func:`gradient_signal`) — what advice from a recorded trajectory (which holds L only)
+    needs. Empty for a block the method does not train."""
     bundle, _, splits = build(cfg)
-    x, _ = split_parameters(bundle.model, cfg.method)
-    return {
-        "weight_norm_x": weight_norm(x),
-        "grad_rms_x": gradient_rms(bundle, cfg, splits, x, zo=zo, mu=cfg.mu),
-        "steps": cfg.steps,
-    }
+    return _minibatch_inputs(bundle, cfg, splits, zo=zo)
+
+
+def _minibatch_inputs(bundle: ModelBundle, cfg: TrainConfig, splits, *, zo: bool) -> dict:  # noqa: ANN001
+    m = get_method(cfg.method)
+    x, y = split_parameters(bundle.model, cfg.method)
+    out: dict[str, float | int] = {}
+    if m.has_zo:
+        out.update(
+            weight_norm_x=weight_norm(x),
+            grad_rms_x=gradient_rms(bundle, cfg, splits, x, zo=zo, mu=cfg.mu),
+            steps=cfg.steps,
+        )
+    if m.has_fo:
+        out["signal_y"], out["signal_y_stderr"] = gradient_signal(bundle, cfg, splits, y)
+    return out
 
 
 def advise_config(
@@ -252,11 +335,11 @@ def advise_config(
         z=z,
         second_moment_samples=second_moment_samples,
     )
-    if curv.d_x:  # the walk cap's noise scale: the gradient norm over the first minibatches
-        x, _ = split_parameters(bundle.model, cfg.method)
-        curv = dataclasses.replace(
-            curv, grad_rms_x=gradient_rms(bundle, cfg, splits, x, zo=hvp == "zo", mu=cfg.mu)
-        )
+    # the walk cap's noise scale and η_y's noise factor, over the run's first minibatches
+    extra = _minibatch_inputs(bundle, cfg, splits, zo=hvp == "zo")
+    extra.pop("steps", None)
+    extra.pop("weight_norm_x", None)  # measure() has it
+    curv = dataclasses.replace(curv, **extra)
     adv = advice_from_curvature(
         curv,
         cfg.method,

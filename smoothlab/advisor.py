@@ -1,8 +1,18 @@
 r"""Learning-rate advisor: step sizes from block curvature (the paper's Section 3, insight 1).
 
-**First-order block y** (exact gradients): the descent lemma gives η_y = c_y / L_y. Reported
-beside it: the gradient-direction curvature ρ_y = g_yᵀH_yy g_y/‖g_y‖² and the exact line
-minimiser of the quadratic model along −g_y, 1/ρ_y.
+**First-order block y** (exact minibatch gradients g_ξ, E_ξ g_ξ = G = ∇F): the descent lemma
+E F(y − η g_ξ) ≤ F − η‖G‖² + (L_y η²/2) E_ξ‖g_ξ‖² is minimised at
+
+    η_y = c_y φ_y / L_y,     φ_y = ‖G‖² / E_ξ‖g_ξ‖²  (the gradient's signal fraction, ≤ 1)
+
+(the SGD form of the rule; φ_y = ‖G‖²/(‖G‖² + tr Σ/B) is McCandlish et al. 2018's noise
+scale at batch B). Without a measured φ_y it is the paper's c_y/L_y (``eta_y_lemma``, printed
+beside). φ_y is estimated from the gradients of the first minibatches the run will see
+(``signal_y``; :func:`hybrid.advise.gradient_signal`). Why it matters, measured
+(bench/out/advisor_vs_grid.txt): on MiniLM fo-lora at initialisation L_y ≈ 1.1 gives
+c_y/L_y ≈ 0.93, on the far side of the loss cliff (1.0 does not train; best 0.316), while
+φ_y ≈ 0.13–0.37 over three seeds. Reported beside it: the gradient-direction curvature
+ρ_y = g_yᵀH_yy g_y/‖g_y‖² and the quadratic model's line minimiser 1/ρ_y.
 
 **Zeroth-order block x, rule ``"curvature"`` (the default when curvature inputs are given).**
 One SPSA step x⁺ = x − η ĝ with ĝ = (1/q) Σ_i (gᵀz_i) z_i (the μ → 0 limit of both the one-
@@ -73,7 +83,7 @@ by s = a/b, the model's minimiser along the ray (a = the linear, b = twice the q
 coefficient), which makes Δ = −a²/(2b) < 0.
 
 Uncertainty, to first order: se(η)/η = se(denominator)/denominator with the stderrs of the
-inputs combined in quadrature; se(η_y)/η_y = se(L_y)/L_y.
+inputs combined in quadrature; se(η_y)/η_y = se(L_y)/L_y ⊕ se(φ_y)/φ_y.
 """
 
 from __future__ import annotations
@@ -138,6 +148,9 @@ class Advice:
     denominator_x: float = nan  # what η_x* = c_x q / denominator used (after the guards)
     trace_floored: bool = False
     rho_y: float = nan  # g_yᵀH_yy g_y / ‖g_y‖²
+    signal_y_stderr: float = nan
+    signal_y: float = nan  # φ_y = ‖E g_ξ‖² / E‖g_ξ‖² over the first minibatches (nan: not measured)
+    eta_y_lemma: float = nan  # c_y / L_y, the paper's rule (φ_y = 1)
     grad_norm_x: float = nan
     grad_norm_y: float = nan
     cross: float = nan  # g_xᵀ H_xy g_y
@@ -170,7 +183,8 @@ class Advice:
             "walk": f"eta_x = c_x * {WALK_C:g} |x| / (|g_x| sqrt(T ((d_x+kappa-2)/q + 1)))"
             "  (random-walk cap; below the one-step curvature rate)",
         }[self.rule]
-        return f"{fx};  eta_y = c_y / L_y"
+        fy = "c_y * phi_y / L_y" if math.isfinite(self.signal_y) else "c_y / L_y"
+        return f"{fx};  eta_y = {fy}"
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -200,7 +214,8 @@ class Advice:
             f"          curvature (one step) {self.eta_x_curvature:.4g}, random-walk cap over "
             f"{self.steps} steps {self.eta_x_walk:.4g}, safe {self.eta_x_safe:.4g}, "
             f"paper c_x/(L_x d_x) {self.eta_x_paper:.4g}",
-            f"eta_y   : {pm(self.eta_y, self.eta_y_stderr)}  (1/rho_y along g_y: {self.eta_y_gradient:.4g})",
+            f"eta_y   : {pm(self.eta_y, self.eta_y_stderr)}  (phi_y = {self.signal_y:.3g}; "
+            f"paper c_y/L_y {self.eta_y_lemma:.4g}; 1/rho_y along g_y {self.eta_y_gradient:.4g})",
             f"ratio   : eta_y / eta_x = {self.ratio:.4g}  (paper's Table 2: "
             f"{PAPER_TABLE2_RATIO[0]:.0e}..{PAPER_TABLE2_RATIO[1]:.0e})",
         ]
@@ -330,6 +345,7 @@ _MEASURED = (
     ("rho_x", "rho_x"),
     ("delta_x", "delta_x"),
     ("rho_y", "rho_y"),
+    ("signal_y", "signal_y"),
     ("grad_norm_x", "grad_norm_x"),
     ("grad_norm_y", "grad_norm_y"),
     ("cross", "cross"),
@@ -348,9 +364,11 @@ def _stderrs(
     trace_stderr: float,
     second_moment_stderr: float,
     rho_x_stderr: float,
+    signal_y_stderr: float = nan,
 ) -> dict[str, float]:
     """The standard errors keyed by their :class:`Advice` field."""
     return dict(
+        signal_y_stderr=signal_y_stderr,
         L_x_stderr=L_x_stderr,
         L_y_stderr=L_y_stderr,
         trace_x_stderr=trace_stderr,
@@ -478,8 +496,10 @@ def _scaled_rates(
 ) -> dict[str, float]:
     """η_x, η_y and their stderrs times the joint model's scale s, with Δ before and after."""
     eta_x, se_x = _x_rate(rule, r, Lx, c_x, q, kurtosis, se)
-    eta_y = c_y / Ly
-    se_y = eta_y * _rel(se["L_y_stderr"], Ly)
+    phi = m["signal_y"]
+    eta_y = c_y * (phi if math.isfinite(phi) else 1.0) / Ly
+    rel_phi = _rel(se["signal_y_stderr"], phi) if math.isfinite(phi) else 0.0
+    se_y = eta_y * math.hypot(_rel(se["L_y_stderr"], Ly), rel_phi)
     if d_x == 0:
         eta_x = se_x = nan
     rx = m["rho_x"]
@@ -493,6 +513,7 @@ def _scaled_rates(
     gx, gy = m["grad_norm_x"], m["grad_norm_y"]
     change, delta, scale = _joint(eta_x, eta_y, gx, gy, hx_per_g2, m["cross"], m["rho_y"])
     return dict(
+        eta_y_lemma=c_y / Ly,
         eta_x=eta_x * scale,
         eta_y=eta_y * scale,
         eta_x_stderr=se_x * scale,
@@ -526,6 +547,8 @@ def advise(
     rho_x_stderr: float = nan,
     delta_x: float | None = None,
     rho_y: float | None = None,
+    signal_y: float | None = None,
+    signal_y_stderr: float = nan,
     grad_norm_x: float | None = None,
     grad_norm_y: float | None = None,
     cross: float | None = None,
@@ -544,8 +567,14 @@ def advise(
     the joint model's Δ is computed and the pair scaled down if Δ > 0.
     """
     Lx, Ly, c_x, c_y = _check_advise_args(rule, x_gradient, L_x, L_y, c_x, c_y, d_x, q, kurtosis)
-    m = _measured(trace, second_moment, rho_x, delta_x, rho_y, grad_norm_x, grad_norm_y, cross)
-    se = _stderrs(L_x_stderr, L_y_stderr, trace_stderr, second_moment_stderr, rho_x_stderr)
+    m = _measured(
+        trace, second_moment, rho_x, delta_x, rho_y, signal_y, grad_norm_x, grad_norm_y, cross
+    )
+    if math.isfinite(m["signal_y"]) and not 0 < m["signal_y"] <= 1:
+        raise UsageError(f"signal_y must be in (0, 1] (a fraction), got {signal_y!r}")
+    se = _stderrs(
+        L_x_stderr, L_y_stderr, trace_stderr, second_moment_stderr, rho_x_stderr, signal_y_stderr
+    )
     r = _x_rates(Lx, d_x, q, kurtosis, c_x, m, se, weight_norm_x, grad_rms_x, steps)
     rule = _resolve_rule(rule, x_gradient, r)
     block = dict(Lx=Lx, Ly=Ly, c_x=c_x, c_y=c_y, d_x=d_x, q=q, kurtosis=kurtosis)

@@ -338,7 +338,7 @@ def cmd_figure1(args: argparse.Namespace) -> int:
     from figures.example23 import example23
     from figures.fig1 import fig1a, fig1b
     from figures.report import write_report
-    from hybrid.advise import walk_inputs
+    from hybrid.advise import minibatch_inputs
     from hybrid.config import Figure1Config
     from hybrid.presets import FIGURE1_PRESETS, figure1_runs
     from hybrid.train import train
@@ -366,7 +366,7 @@ def cmd_figure1(args: argparse.Namespace) -> int:
         sizes["base"],
         q=b.config.get("q", 1),
         one_sided=bool(b.config.get("one_sided", False)),
-        **walk_inputs(runs["fig1b"]),  # the default rule's cap; the paper's rate is printed beside
+        **minibatch_inputs(runs["fig1b"]),  # the default rules' inputs; the paper's rates beside
     )
     write_json(Path(runs["fig1b"].out) / "advice.json", advice.as_dict())
     md, html = write_report([runs["fig1a"].out, runs["fig1b"].out], out / "report")
@@ -465,7 +465,7 @@ def _curvature_line(curv: Any) -> str:
 
 def _advise_run(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     """Advice from a recorded run's trajectory, and the run's own TrainConfig."""
-    from hybrid.advise import walk_inputs
+    from hybrid.advise import minibatch_inputs
     from hybrid.train import load_config
     from smoothlab.advisor import advise_from_rows
 
@@ -475,8 +475,7 @@ def _advise_run(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
             f"--method {cfg.method}: advice from --run {cfg.run} is for the run's own method "
             f"{run_cfg['method']!r}; drop --method"
         )
-    walk = cfg.rule in ("auto", "walk")  # the trajectory holds L only: add the cap's inputs
-    train_cfg = load_config(cfg.run) if (cfg.calibrate or cfg.print_command or walk) else None
+    train_cfg = load_config(cfg.run)  # the trajectory holds L only: add the minibatch inputs
     advice = advise_from_rows(
         rows,
         int(run_cfg["block_sizes"]["base"]),
@@ -484,7 +483,7 @@ def _advise_run(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
         one_sided=bool(run_cfg.get("one_sided", False)),
         quantile=cfg.quantile,
         rule=cfg.rule,
-        **(walk_inputs(train_cfg, zo=cfg.hvp == "zo") if walk else {}),
+        **minibatch_inputs(train_cfg, zo=cfg.hvp == "zo"),
     )
     return advice, train_cfg
 

@@ -72,6 +72,8 @@ class Curvature:
     grad_norm_y: float = nan
     weight_norm_x: float = nan  # ‖x‖ (the random-walk cap compares the SPSA noise with it)
     grad_rms_x: float = nan  # √E_ξ‖g_ξ‖² over minibatches, when measured (else ‖g_x‖ is used)
+    signal_y: float = nan  # φ_y = ‖E g_ξ‖²/E‖g_ξ‖² of y over minibatches, when measured
+    signal_y_stderr: float = nan
     trace_x: Estimate | None = None
     L_x: Estimate | None = None
     L_y: Estimate | None = None
@@ -138,6 +140,8 @@ class Curvature:
             weight_norm_x=fin(self.weight_norm_x) if self.d_x else None,
             grad_rms_x=fin(self.grad_rms_x) if self.d_x else None,
             grad_norm_y=fin(self.grad_norm_y) if self.d_y else None,
+            signal_y=fin(self.signal_y) if self.d_y else None,
+            signal_y_stderr=self.signal_y_stderr,
             cross=fin(self.cross),
         )
         return kw

@@ -60,7 +60,9 @@ def test_zo_ft_advises_every_weight_as_x(enc: Path, tmp_path: Path) -> None:
 def test_fo_lora_has_no_x_and_hybrid_has_both(enc: Path, tmp_path: Path) -> None:
     fo, curv = advise_config(_cfg(enc, "fo-lora", tmp_path / "f"), hvp="exact", vectors=6)
     assert curv.d_x == 0 and math.isnan(fo.eta_x)
-    assert fo.eta_y == pytest.approx(fo.joint_scale / curv.L_y.value)
+    assert 0 < curv.signal_y <= 1 and curv.signal_y == fo.signal_y
+    assert fo.eta_y == pytest.approx(fo.joint_scale * curv.signal_y / curv.L_y.value)
+    assert fo.eta_y_lemma == pytest.approx(1 / curv.L_y.value)
     hy, hc = advise_config(_cfg(enc, "hybrid-lora", tmp_path / "h"), hvp="fd", vectors=6)
     assert (
         hc.d_x > 0 and hc.d_y > 0 and math.isfinite(hy.cross) and math.isfinite(hy.predicted_change)

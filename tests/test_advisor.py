@@ -216,3 +216,47 @@ def test_walk_cap_closed_form_and_auto_takes_the_smaller_rate() -> None:
     assert only_L.eta_x_paper < cap / 100 and "paper" in only_L.describe()
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         advise(5.0, None, d, steps=0, **common)
+
+
+def test_eta_y_is_the_sgd_descent_lemma_with_the_signal_fraction() -> None:
+    from smoothlab.advisor import advise
+
+    plain = advise(None, 2.0, 0)
+    assert plain.eta_y == pytest.approx(0.5) and plain.eta_y_lemma == pytest.approx(0.5)
+    noisy = advise(None, 2.0, 0, signal_y=0.25, signal_y_stderr=0.05, L_y_stderr=0.2)
+    assert noisy.eta_y == pytest.approx(0.25 / 2.0) and noisy.eta_y_lemma == pytest.approx(0.5)
+    # relative errors of phi and L_y in quadrature
+    assert noisy.eta_y_stderr == pytest.approx(0.125 * math.hypot(0.2 / 2.0, 0.05 / 0.25))
+    assert "phi_y" in noisy.formula and "paper c_y/L_y 0.5" in noisy.describe()
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="signal_y must be in"):
+            advise(None, 2.0, 0, signal_y=bad)
+
+
+def test_signal_fraction_closed_form_and_jackknife() -> None:
+    import torch
+
+    from hybrid.advise import _jackknife, signal_fraction
+
+    # g_t = G + e_t with orthogonal noise: |G|^2 = 1, E|g|^2 = 1 + 3 = 4, so phi = 1/4
+    n, d = 6, 20
+    eye = torch.eye(d, dtype=torch.float64)
+    g = torch.stack([eye[0] + 3**0.5 * eye[1 + t] for t in range(n)])
+    gram = g @ g.T
+    assert signal_fraction(float(gram.sum()), float(gram.trace()), n) == pytest.approx(0.25)
+    # pure noise clips at 1/n; identical gradients give 1
+    noise = eye[:n] @ eye[:n].T
+    assert signal_fraction(float(noise.sum()), float(noise.trace()), n) == pytest.approx(1 / n)
+    same = eye[0].repeat(n, 1) @ eye[0].repeat(n, 1).T
+    assert signal_fraction(float(same.sum()), float(same.trace()), n) == pytest.approx(1.0)
+    # the jackknife from the Gram matrix equals explicit leave-one-out recomputation
+    g = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    loo = []
+    for t in range(n):
+        rest = torch.cat([g[:t], g[t + 1 :]])
+        loo.append(
+            signal_fraction(float(rest.sum(0).pow(2).sum()), float(rest.pow(2).sum()), n - 1)
+        )
+    mean = sum(loo) / n
+    brute = math.sqrt((n - 1) / n * sum((v - mean) ** 2 for v in loo))
+    assert _jackknife(g @ g.T) == pytest.approx(brute, rel=1e-10) and brute > 0

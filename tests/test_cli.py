@@ -450,7 +450,9 @@ def test_advise_from_run(recorded_run: Path, tmp_path: Path, capsys) -> None:
     assert advice["eta_x_paper"] == pytest.approx(
         advice["q"] / (advice["L_x"] * (advice["d_x"] + 1 + advice["q"]))
     )
-    assert advice["eta_y"] == pytest.approx(1 / advice["L_y"])
+    # eta_y: the SGD descent lemma, phi_y / L_y, with the paper's 1 / L_y beside it
+    assert 0 < advice["signal_y"] <= 1 and advice["eta_y_lemma"] == pytest.approx(1 / advice["L_y"])
+    assert advice["eta_y"] == pytest.approx(advice["signal_y"] / advice["L_y"])
     assert "eta_y / eta_x" in out
     assert (
         main(["advise", "--run", str(recorded_run), "--rule", "paper", "--out", str(tmp_path)]) == 0
