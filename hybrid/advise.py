@@ -17,6 +17,7 @@ or, with a model already built: ``advise_method(bundle, "hybrid-lora", lambda: b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shlex
@@ -43,6 +44,17 @@ __all__ = [
 ]
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):  # noqa: ANN201
+    """``model.eval()`` inside, the previous train/eval mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 def measure_method(
     bundle: ModelBundle,
     method: str,
@@ -59,9 +71,7 @@ def measure_method(
     ``vectors``: Hutchinson vectors for tr H_xx and Lanczos iterations per block."""
     m = get_method(method)  # UsageError-compatible ValueError naming the accepted methods
     x, y = split_parameters(bundle.model, m.name)
-    was = bundle.model.training
-    bundle.model.eval()
-    try:
+    with eval_mode(bundle.model):
         return measure(
             batch_loss_fn,
             x if m.has_zo else [],
@@ -74,8 +84,6 @@ def measure_method(
             second_moment_samples=second_moment_samples,
             model=bundle.model,
         )
-    finally:
-        bundle.model.train(was)
 
 
 def advise_method(
@@ -169,20 +177,17 @@ def first_batch_loss(bundle: ModelBundle, cfg: TrainConfig, splits) -> Callable[
 def _batch_grads(bundle: ModelBundle, cfg: TrainConfig, splits, params, batches: int):  # noqa: ANN001, ANN202
     """Yield ∇_params f(·; ξ_t) (a tuple, None for unused tensors) for the first ``batches``
     minibatches of ``cfg``'s run, in eval mode, leaving ``requires_grad`` flags as found."""
-    model = bundle.model
-    was = model.training
-    model.eval()
     flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        for t in range(batches):
-            loss = bundle.loss(run_batch(bundle, cfg, splits, t))
-            yield torch.autograd.grad(loss, params, allow_unused=True)
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-        model.train(was)
+    with eval_mode(bundle.model):
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            for t in range(batches):
+                loss = bundle.loss(run_batch(bundle, cfg, splits, t))
+                yield torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
 
 
 def gradient_rms(
@@ -210,19 +215,14 @@ def gradient_rms(
         )
         return math.sqrt(total / batches)
     model, total = bundle.model, 0.0
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model), torch.no_grad():
         for t in range(batches):
             batch = run_batch(bundle, cfg, splits, t)
-            with torch.no_grad():
-                f = []
-                for s in (mu, -mu):
-                    with shifted(params, seeded_gaussian(10_000 + t), s, model):
-                        f.append(float(bundle.loss(batch)))
+            f = []
+            for s in (mu, -mu):
+                with shifted(params, seeded_gaussian(10_000 + t), s, model):
+                    f.append(float(bundle.loss(batch)))
             total += ((f[0] - f[1]) / (2 * mu)) ** 2
-    finally:
-        model.train(was)
     return math.sqrt(total / batches)
 
 
