@@ -125,3 +125,36 @@ def test_calibration_x_pilots_are_zo_ft(enc: Path, tmp_path: Path) -> None:
     )
     assert {r["method"] for r in rows[3:]} == {"hybrid-lora"}
     assert cal.eta_x / adv.eta_x in (0.5, 1.0, 2.0)
+
+
+def test_minibatch_gradient_statistics_match_explicit_gradients(enc: Path, tmp_path: Path) -> None:
+    import torch
+
+    from hybrid.advise import gradient_rms, gradient_signal, run_batch
+    from hybrid.train import build, split_parameters
+
+    cfg = _cfg(enc, "hybrid-lora", tmp_path / "g")
+    bundle, _, splits = build(cfg)
+    x, y = split_parameters(bundle.model, cfg.method)
+    bundle.model.eval()
+
+    def grads(params, t):
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        g = torch.autograd.grad(bundle.loss(run_batch(bundle, cfg, splits, t)), params)
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        return torch.cat([gi.flatten().double() for gi in g])
+
+    gx = torch.stack([grads(x, t) for t in range(4)])
+    rms = gradient_rms(bundle, cfg, splits, x, batches=4)
+    assert rms == pytest.approx(float(gx.pow(2).sum(1).mean().sqrt()), rel=1e-5)
+    gy = torch.stack([grads(y, t) for t in range(5)])
+    n, total, diag = 5, float(gy.sum(0).pow(2).sum()), float(gy.pow(2).sum())
+    phi, se = gradient_signal(bundle, cfg, splits, y, batches=5)
+    expected = min(max((total - diag) / (n * (n - 1)) / (diag / n), 1 / n), 1.0)
+    assert phi == pytest.approx(expected, rel=1e-4) and math.isfinite(se)
+    assert all(p.requires_grad is False for p in x)  # flags restored: x is ZO-trained
+    with pytest.raises(ValueError, match="batches >= 3"):
+        gradient_signal(bundle, cfg, splits, y, batches=2)
