@@ -235,6 +235,7 @@ def _advised(advice: list[dict], method: str) -> dict[str, float]:
         "eta_x": gm("eta_x"),
         "eta_y": gm("eta_y"),
         "eta_x_paper": gm("eta_x_paper"),
+        "eta_y_lemma": gm("eta_y_lemma"),
         "n": len(rows),
         "trace_x": gm("trace_x") if rows and all(r["trace_x"] > 0 for r in rows) else math.nan,
         "L_x": gm("L_x"),
@@ -260,9 +261,9 @@ def _summary_lines(method: str, agg: dict, adv: dict) -> list[str]:
     if not ranked:
         return lines + ["  (no grid cells yet)"]
     best = ranked[0][0][key]
-    for rule, k in (
-        ("default (auto: min of curvature and walk cap)", name),
-        ("paper c/(L d)", "eta_x_paper" if not key else name),
+    for rule, k, k_y in (
+        ("default (x: min of curvature and walk cap; y: phi_y/L_y)", name, "eta_y"),
+        ("paper (x: c/(L d); y: c/L)", "eta_y_lemma" if key else "eta_x_paper", "eta_y_lemma"),
     ):
         eta = adv.get(k, math.nan)
         if not math.isfinite(eta):
@@ -274,8 +275,8 @@ def _summary_lines(method: str, agg: dict, adv: dict) -> list[str]:
             key=lambda c: (
                 abs(math.log(max(c[key], 1e-30) / eta))
                 + (
-                    abs(math.log(max(c[1], 1e-30) / adv["eta_y"]))
-                    if method == "hybrid-lora" and math.isfinite(adv["eta_y"])
+                    abs(math.log(max(c[1], 1e-30) / adv[k_y]))
+                    if method == "hybrid-lora" and math.isfinite(adv.get(k_y, math.nan))
                     else 0
                 )
             ),
@@ -299,7 +300,8 @@ def phase_report(args: argparse.Namespace) -> None:
         d, c = a["advice"], a["curvature"]
         lines.append(
             f"  {d['source'].split(':')[0]:<12} eta_x={d['eta_x']:.3g} (paper {d['eta_x_paper']:.3g}) "
-            f"eta_y={d['eta_y']:.3g} tr H_xx={d['trace_x']:.4g}±{d['trace_x_stderr']:.2g} "
+            f"eta_y={d['eta_y']:.3g} (c/L {d.get('eta_y_lemma', math.nan):.3g}, "
+            f"phi_y {d.get('signal_y', math.nan):.3g}±{d.get('signal_y_stderr', math.nan):.2g}) tr H_xx={d['trace_x']:.4g}±{d['trace_x_stderr']:.2g} "
             f"L_x={d['L_x']:.4g} r_x={d['r_x']:.3g} d_x={d['d_x']:,} rho_x={d['rho_x']:.3g} "
             f"L_y={d['L_y']:.4g} rho_y={d['rho_y']:.3g} m1={c['second_moment_x']:.4g}"
             f"±{c['second_moment_x_stderr']:.2g} scale={d['joint_scale']:.3g}"
