@@ -226,7 +226,7 @@ def _advised(advice: list[dict], method: str) -> dict[str, float]:
     rows = [a["advice"] for a in advice if a["advice"]["source"].startswith(method + ":")]
 
     def gm(k: str) -> float:
-        vals = [r[k] for r in rows]
+        vals = [r.get(k, math.nan) for r in rows]
         if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
             return math.nan
         return math.exp(sum(math.log(v) for v in vals) / len(vals))
