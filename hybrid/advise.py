@@ -226,25 +226,29 @@ def gradient_rms(
     return math.sqrt(total / batches)
 
 
-def signal_fraction(total: float, diag: float, n: int) -> float:
+def signal_fraction(total: float, diag: float, n: int, *, clip: bool = True) -> float:
     """φ = ‖G‖²/E‖g‖² from n i.i.d. minibatch gradients g_t, given ``total`` = ‖Σ g_t‖² and
     ``diag`` = Σ ‖g_t‖²: the mean cross product g_s·g_t (s ≠ t, unbiased for ‖G‖²) over the
     mean squared norm, clipped to [1/n, 1] (below 1/n the n batches cannot tell signal from
     noise)."""
     off = (total - diag) / (n * (n - 1))
-    return min(max(off / (diag / n), 1.0 / n), 1.0)
+    phi = off / (diag / n)
+    return min(max(phi, 1.0 / n), 1.0) if clip else phi
 
 
 GRAM_LIMIT = 1 << 28  # stored gradient entries (1 GiB of float32) up to which φ gets a stderr
 
 
 def _jackknife(gram: torch.Tensor) -> float:
-    """Leave-one-batch-out stderr of :func:`signal_fraction` from the Gram matrix."""
+    """Leave-one-batch-out stderr of :func:`signal_fraction` (unclipped) from the Gram matrix."""
     n = gram.shape[0]
     total, diag, rows = float(gram.sum()), gram.diagonal(), gram.sum(1)
     loo = [
         signal_fraction(
-            total - 2 * float(rows[t]) + float(diag[t]), float(diag.sum() - diag[t]), n - 1
+            total - 2 * float(rows[t]) + float(diag[t]),
+            float(diag.sum() - diag[t]),
+            n - 1,
+            clip=False,  # the spread of the estimate itself, not of its clipped value
         )
         for t in range(n)
     ]
