@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from smoothlab.errors import UsageError
+
 __all__ = [
     "AffineFit",
     "PowerFit",
@@ -106,7 +108,7 @@ def _clean(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, pos
     x = np.asarray(x, dtype="float64").ravel()
     y = np.asarray(y, dtype="float64").ravel()
     if x.shape != y.shape:
-        raise ValueError(f"grad_norm and estimate differ in length: {x.size} vs {y.size}")
+        raise UsageError(f"grad_norm and estimate differ in length: {x.size} vs {y.size}")
     ok = np.isfinite(x) & np.isfinite(y)
     if positive:
         ok &= (x > 0) & (y > 0)
@@ -135,7 +137,7 @@ def _ols(x: np.ndarray, y: np.ndarray) -> _OLS:
     """
     n = x.size
     if np.ptp(x) == 0:
-        raise ValueError(
+        raise UsageError(
             f"cannot fit: all {n} gradient norms are equal ({x[0]:.4g}); the slope is undetermined"
         )
     xm, ym = x.mean(), y.mean()
@@ -170,11 +172,11 @@ def fit_smoothness(
     usable points (saying how many), or when all ``g`` are equal.
     """
     if kind not in ("affine", "power"):
-        raise ValueError(f"kind={kind!r}; expected 'affine' or 'power'")
+        raise UsageError(f"kind={kind!r}; expected 'affine' or 'power'")
     x, y, total = _clean(grad_norm, estimate, positive=kind == "power")
     if x.size < 3:
         extra = "finite, positive" if kind == "power" else "finite"
-        raise ValueError(
+        raise UsageError(
             f"need at least 3 {extra} (grad_norm, estimate) points to fit, got {x.size} "
             f"(of {total})"
         )
@@ -221,7 +223,7 @@ def fit_blocks(
 
     missing = [c for c in ("block", "estimate", "grad_norm") if c not in smoothness.columns]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"smoothness frame: missing column(s) {missing}; found {list(smoothness.columns)}"
         )
     df = select_norm(smoothness, norm)
@@ -231,7 +233,7 @@ def fit_blocks(
     else:
         absent = [b for b in blocks if b not in found]
         if absent:
-            raise ValueError(f"block(s) {absent} not in the smoothness frame; found {found}")
+            raise UsageError(f"block(s) {absent} not in the smoothness frame; found {found}")
     out: dict[str, AffineFit | PowerFit | ValueError] = {}
     for b in blocks:
         g = df[df["block"] == b]

@@ -14,6 +14,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from smoothlab.errors import UsageError
+
 __all__ = [
     "MODULE_SEPARATORS",
     "X_PREFIX",
@@ -108,7 +110,7 @@ def module_matrix(
     step, NaN where it was not probed. Empty when ``side`` has no modules.
     """
     if side not in ("x", "y"):
-        raise ValueError(f"side={side!r}; expected 'x' or 'y'")
+        raise UsageError(f"side={side!r}; expected 'x' or 'y'")
     mf = module_frame(smoothness, x_prefix, y_prefix)
     mf = mf[mf["side"] == side]
     if mf.empty:

@@ -197,7 +197,7 @@ def runs_frame(
 ) -> pd.DataFrame:
     """Concatenate one table of several runs, with ``run`` and ``method`` columns first."""
     if which not in ("metrics", "smoothness"):
-        raise ValueError(f"which={which!r}; expected 'metrics' or 'smoothness'")
+        raise UsageError(f"which={which!r}; expected 'metrics' or 'smoothness'")
     canonical = METRICS_COLUMNS if which == "metrics" else SMOOTHNESS_COLUMNS
     frames = []
     for run in runs:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import Run
+from smoothlab.errors import UsageError
 from smoothlab.runlog import final_loss
 
 __all__ = [
@@ -52,7 +53,7 @@ def _frame_and_sizes(
 def _require(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{what}: missing column(s) {missing}; found {list(df.columns)}")
+        raise UsageError(f"{what}: missing column(s) {missing}; found {list(df.columns)}")
 
 
 def _blocks_found(df: pd.DataFrame) -> list[str]:
@@ -68,7 +69,7 @@ def select_norm(smoothness: pd.DataFrame, norm: str | None = None) -> pd.DataFra
     """
     if "norm" not in smoothness.columns or smoothness["norm"].isna().all():
         if norm is not None:
-            raise ValueError(f"norm={norm!r} requested but the frame records no norm")
+            raise UsageError(f"norm={norm!r} requested but the frame records no norm")
         return smoothness
     norms = [str(n) for n in pd.unique(smoothness["norm"].dropna())]
     if norm is None:
@@ -76,9 +77,9 @@ def select_norm(smoothness: pd.DataFrame, norm: str | None = None) -> pd.DataFra
             return smoothness
         if "spectral" in norms:
             return smoothness[smoothness["norm"] == "spectral"]
-        raise ValueError(f"several norms recorded {norms}; pass norm= one of them")
+        raise UsageError(f"several norms recorded {norms}; pass norm= one of them")
     if norm not in norms:
-        raise ValueError(f"norm={norm!r} not recorded; found {norms}")
+        raise UsageError(f"norm={norm!r} not recorded; found {norms}")
     return smoothness[smoothness["norm"] == norm]
 
 
@@ -155,7 +156,7 @@ def smoothness_ratio(
     found = _blocks_found(df)
     for b in (num, den):
         if b not in found:
-            raise ValueError(f"block {b!r} not in the smoothness frame; found {found}")
+            raise UsageError(f"block {b!r} not in the smoothness frame; found {found}")
     used_norm = (
         str(df["norm"].dropna().iloc[0]) if "norm" in df and df["norm"].notna().any() else ""
     )
@@ -169,7 +170,7 @@ def smoothness_ratio(
     ratio = (wide[num] / wide[den]).to_numpy(dtype="float64")
     ratio = ratio[np.isfinite(ratio)]
     if ratio.size == 0:
-        raise ValueError(
+        raise UsageError(
             f"blocks {num!r} and {den!r} share no probe step with a positive {den!r} estimate"
         )
     q25, med, q75 = (float(v) for v in np.quantile(ratio, [0.25, 0.5, 0.75]))
@@ -246,7 +247,7 @@ def compare_methods(
             "lr_peft": _cfg_float(run.config, "lr_peft"),
         }
         if acc not in m.columns:
-            raise ValueError(f"acc={acc!r} is not a metrics column; found {list(m.columns)}")
+            raise UsageError(f"acc={acc!r} is not a metrics column; found {list(m.columns)}")
         m = m.sort_values("step", kind="stable")
         accs = m[["step", acc]].dropna()
         secs = m[["step", "seconds"]].dropna()

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import Run
+from smoothlab.errors import UsageError
 
 
 def require_frame(df: object, what: str, columns: Iterable[str]) -> pd.DataFrame:
@@ -16,9 +17,9 @@ def require_frame(df: object, what: str, columns: Iterable[str]) -> pd.DataFrame
         raise TypeError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}")
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{what}: missing column(s) {missing}; found {list(df.columns)}")
+        raise UsageError(f"{what}: missing column(s) {missing}; found {list(df.columns)}")
     if df.empty:
-        raise ValueError(f"{what}: the frame is empty (no rows); nothing to plot")
+        raise UsageError(f"{what}: the frame is empty (no rows); nothing to plot")
     return df
 
 
@@ -32,7 +33,7 @@ def require_blocks(df: pd.DataFrame, blocks: Sequence[str]) -> None:
     found = blocks_in(df)
     absent = [b for b in blocks if b not in found]
     if absent:
-        raise ValueError(
+        raise UsageError(
             f"block(s) {absent} not in the smoothness frame; found {found or 'no blocks'}"
         )
 

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from figures.style import PALETTE, TEXT_WIDTH, paper_style, savefig
+from smoothlab.errors import UsageError
 
 __all__ = ["GDTrajectory", "example23", "quadratic", "run_gd"]
 
@@ -63,9 +64,9 @@ def run_gd(
     ``steps + 1`` iterates. Divergence is not an error: iterates may grow to ``inf``.
     """
     if steps < 0:
-        raise ValueError(f"steps={steps}; expected a non-negative integer")
+        raise UsageError(f"steps={steps}; expected a non-negative integer")
     if a <= 0 or b <= 0:
-        raise ValueError(f"a={a}, b={b}; expected positive curvatures")
+        raise UsageError(f"a={a}, b={b}; expected positive curvatures")
     xs = np.empty(steps + 1)
     ys = np.empty(steps + 1)
     xs[0], ys[0] = x0, y0
@@ -148,7 +149,7 @@ def example23(
     Returns the written paths.
     """
     if not a > b > 0:
-        raise ValueError(f"a={a}, b={b}; Example 2.3 needs a > b > 0")
+        raise UsageError(f"a={a}, b={b}; Example 2.3 needs a > b > 0")
     schedules = [
         (r"one lr $\eta = 1/(2a)$", 1 / (2 * a), 1 / (2 * a), PALETTE["blue"], "-"),
         (r"one lr $\eta = 1/(a+b)$", 1 / (a + b), 1 / (a + b), PALETTE["green"], "--"),

@@ -18,6 +18,7 @@ import pandas as pd
 from analysis.summary import select_norm, smoothness_ratio
 from figures._common import blocks_in, per_step, require_blocks, require_frame
 from figures.style import COLUMN_WIDTH, block_color, paper_style, savefig
+from smoothlab.errors import UsageError
 
 __all__ = ["fig1a", "fig1b"]
 
@@ -62,12 +63,12 @@ def fig1a(
     found = blocks_in(df)
     if block is None:
         if not found:
-            raise ValueError("fig1a: the smoothness frame has no block names")
+            raise UsageError("fig1a: the smoothness frame has no block names")
         block = "model" if "model" in found else found[0]
     require_blocks(df, [block])
     d = per_step(df, block)
     if d.empty:
-        raise ValueError(f"fig1a: block {block!r} has no finite estimate")
+        raise UsageError(f"fig1a: block {block!r} has no finite estimate")
     with paper_style():
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.2))
         try:
@@ -97,7 +98,7 @@ def fig1b(
     (:func:`analysis.summary.smoothness_ratio`). Returns the written paths.
     """
     if len(blocks) != 2 or len(labels) != 2:
-        raise ValueError(f"fig1b: expected two blocks and two labels, got {blocks}, {labels}")
+        raise UsageError(f"fig1b: expected two blocks and two labels, got {blocks}, {labels}")
     df = require_frame(smoothness_df, "fig1b: smoothness frame", _COLUMNS)
     df = select_norm(df, norm)
     require_blocks(df, blocks)
@@ -110,7 +111,7 @@ def fig1b(
                 d = per_step(df, b)
                 d = d[d["estimate"] > 0]
                 if d.empty:
-                    raise ValueError(f"fig1b: block {b!r} has no positive estimate")
+                    raise UsageError(f"fig1b: block {b!r} has no positive estimate")
                 _band(ax, d, block_color(b), lab)
             ax.set_xlabel("training step")
             ax.set_ylabel(_ylabel(df))

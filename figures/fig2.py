@@ -18,6 +18,7 @@ import pandas as pd
 from analysis.runs import Run
 from figures._common import metrics_by_label, require_frame, smooth
 from figures.style import COLUMN_WIDTH, method_color, paper_style, savefig
+from smoothlab.errors import UsageError
 
 __all__ = ["fig2"]
 
@@ -40,7 +41,7 @@ def fig2(
     """
     frames, keys = metrics_by_label(runs)
     if not frames:
-        raise ValueError("fig2: no runs given")
+        raise UsageError("fig2: no runs given")
     for label, df in frames.items():
         require_frame(df, f"fig2: metrics of {label!r}", ("step", "loss"))
     with paper_style():

@@ -14,6 +14,7 @@ import pandas as pd
 from analysis.runs import Run
 from figures._common import metrics_by_label, require_frame, smooth
 from figures.style import TEXT_WIDTH, method_color, paper_style, savefig
+from smoothlab.errors import UsageError
 
 __all__ = ["fig3"]
 
@@ -64,7 +65,7 @@ def fig3(
     """
     frames, keys = metrics_by_label(runs)
     if not frames:
-        raise ValueError("fig3: no runs given")
+        raise UsageError("fig3: no runs given")
     for label, df in frames.items():
         require_frame(df, f"fig3: metrics of {label!r}", ("step", "loss"))
     with paper_style():

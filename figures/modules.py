@@ -21,6 +21,7 @@ from analysis.modules import X_PREFIX, Y_PREFIX, module_frame, module_matrix, na
 from analysis.summary import select_norm
 from figures._common import require_frame
 from figures.style import TEXT_WIDTH, paper_style, savefig
+from smoothlab.errors import UsageError
 
 __all__ = ["fig_module_heatmap", "fig_modules"]
 
@@ -31,7 +32,7 @@ def _modules_or_raise(df: pd.DataFrame, what: str, x_prefix: str, y_prefix: str)
     mf = module_frame(df, x_prefix, y_prefix)
     if mf.empty:
         found = [str(b) for b in pd.unique(df["block"].dropna())][:8]
-        raise ValueError(
+        raise UsageError(
             f"{what}: no per-module blocks (names '{x_prefix}.<module>' or "
             f"'{y_prefix}.<module>') with a finite estimate; found {found}"
         )
