@@ -272,23 +272,24 @@ def gradient_signal(
     if batches < 3:
         raise UsageError(f"gradient_signal needs batches >= 3, got {batches}")
     keep = sum(p.numel() for p in params) * batches <= GRAM_LIMIT
-    running = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    running = [] if keep else [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     diag, flat = 0.0, []
     for grads in _batch_grads(bundle, cfg, splits, params, batches):
         grads = [
             g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)
         ]
+        if keep:  # the Gram matrix gives φ and its jackknife
+            flat.append(torch.cat([g.float().flatten().cpu() for g in grads]))
+            continue
         for acc, g in zip(running, grads):
             acc += g.double().cpu()
         diag += sum(float(g.double().pow(2).sum()) for g in grads)
-        if keep:
-            flat.append(torch.cat([g.float().flatten().cpu() for g in grads]))
-    total = sum(float(a.pow(2).sum()) for a in running)
-    phi = signal_fraction(total, diag, batches)
     if not keep:
-        return phi, math.nan
+        total = sum(float(a.pow(2).sum()) for a in running)
+        return signal_fraction(total, diag, batches), math.nan
     G = torch.stack(flat)
-    return phi, _jackknife((G @ G.T).double())
+    gram = (G @ G.T).double()
+    return signal_fraction(float(gram.sum()), float(gram.trace()), batches), _jackknife(gram)
 
 
 def minibatch_inputs(cfg: TrainConfig, *, zo: bool = False) -> dict[str, float | int]:
@@ -297,19 +298,21 @@ def minibatch_inputs(cfg: TrainConfig, *, zo: bool = False) -> dict[str, float |
     (:func:`gradient_signal`) — what advice from a recorded trajectory (which holds L only)
     needs. Empty for a block the method does not train."""
     bundle, _, splits = build(cfg)
-    return _minibatch_inputs(bundle, cfg, splits, zo=zo)
+    out: dict[str, float | int] = _gradient_statistics(bundle, cfg, splits, zo=zo)
+    if get_method(cfg.method).has_zo:
+        x, _ = split_parameters(bundle.model, cfg.method)
+        out.update(weight_norm_x=weight_norm(x), steps=cfg.steps)
+    return out
 
 
-def _minibatch_inputs(bundle: ModelBundle, cfg: TrainConfig, splits, *, zo: bool) -> dict:  # noqa: ANN001
+def _gradient_statistics(bundle: ModelBundle, cfg: TrainConfig, splits, *, zo: bool) -> dict:  # noqa: ANN001
+    """The minibatch-gradient fields of :class:`Curvature` for ``cfg``'s blocks:
+    ``grad_rms_x`` (the walk cap's noise scale) and ``signal_y``/``signal_y_stderr`` (φ_y)."""
     m = get_method(cfg.method)
     x, y = split_parameters(bundle.model, cfg.method)
-    out: dict[str, float | int] = {}
+    out: dict[str, float] = {}
     if m.has_zo:
-        out.update(
-            weight_norm_x=weight_norm(x),
-            grad_rms_x=gradient_rms(bundle, cfg, splits, x, zo=zo, mu=cfg.mu),
-            steps=cfg.steps,
-        )
+        out["grad_rms_x"] = gradient_rms(bundle, cfg, splits, x, zo=zo, mu=cfg.mu)
     if m.has_fo:
         out["signal_y"], out["signal_y_stderr"] = gradient_signal(bundle, cfg, splits, y)
     return out
@@ -340,10 +343,7 @@ def advise_config(
         second_moment_samples=second_moment_samples,
     )
     # the walk cap's noise scale and η_y's noise factor, over the run's first minibatches
-    extra = _minibatch_inputs(bundle, cfg, splits, zo=hvp == "zo")
-    extra.pop("steps", None)
-    extra.pop("weight_norm_x", None)  # measure() has it
-    curv = dataclasses.replace(curv, **extra)
+    curv = dataclasses.replace(curv, **_gradient_statistics(bundle, cfg, splits, zo=hvp == "zo"))
     adv = advice_from_curvature(
         curv,
         cfg.method,

@@ -155,6 +155,15 @@ def test_minibatch_gradient_statistics_match_explicit_gradients(enc: Path, tmp_p
     phi, se = gradient_signal(bundle, cfg, splits, y, batches=5)
     expected = min(max((total - diag) / (n * (n - 1)) / (diag / n), 1 / n), 1.0)
     assert phi == pytest.approx(expected, rel=1e-4) and math.isfinite(se)
+    # a block too large to keep its gradients: phi from running sums, no stderr
+    import hybrid.advise as A
+
+    limit, A.GRAM_LIMIT = A.GRAM_LIMIT, 0
+    try:
+        phi_big, se_big = gradient_signal(bundle, cfg, splits, y, batches=5)
+    finally:
+        A.GRAM_LIMIT = limit
+    assert phi_big == pytest.approx(expected, rel=1e-4) and math.isnan(se_big)
     assert all(p.requires_grad is False for p in x)  # flags restored: x is ZO-trained
     with pytest.raises(ValueError, match="batches >= 3"):
         gradient_signal(bundle, cfg, splits, y, batches=2)
