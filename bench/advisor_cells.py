@@ -35,7 +35,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    args = argparse.Namespace(data=grid.DATA, steps=300, data_seed=8, eval_examples=500, out=a.out)
+    args = grid.grid_settings(out=a.out)
     r = grid.run_cell(args, a.method, a.lr_base, a.lr_peft, a.seed)
     losses = r["losses"]
     means = " ".join(

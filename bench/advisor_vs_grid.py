@@ -46,6 +46,14 @@ GRIDS = {
     "hybrid-lora": [(b, p) for b in (1e-6, 1e-4, 1e-2) for p in (1e-2, 1e-1, 1.0)],
 }
 
+SETTINGS = {"steps": 300, "data_seed": 8, "eval_examples": 500}  # the benchmark's defaults
+
+
+def grid_settings(**override: object) -> argparse.Namespace:
+    """The benchmark's run settings (what :func:`_cfg` and :func:`run_cell` read) with its
+    defaults, for scripts that train or probe cells off the grid."""
+    return argparse.Namespace(**{"data": DATA, **SETTINGS, **override})
+
 
 def _cfg(
     args: argparse.Namespace, method: str, lr_base: float, lr_peft: float, seed: int, out: Path
@@ -407,11 +415,11 @@ def main() -> None:
     ap.add_argument("--phase", choices=("grid", "advise", "advised", "report"), required=True)
     ap.add_argument("--methods", default=",".join(GRIDS))
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=SETTINGS["steps"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--data-seed", type=int, default=8)
-    ap.add_argument("--eval-examples", type=int, default=500)
+    ap.add_argument("--data-seed", type=int, default=SETTINGS["data_seed"])
+    ap.add_argument("--eval-examples", type=int, default=SETTINGS["eval_examples"])
     ap.add_argument(
         "--cells", default=None, help="grid phase only: 'lr_base:lr_peft,...' subset of the grid"
     )

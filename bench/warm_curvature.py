@@ -36,7 +36,7 @@ def main() -> None:
     from hybrid.advise import advice_from_curvature, measure_method, run_batch
     from hybrid.train import build, split_parameters
 
-    args = argparse.Namespace(data=grid.DATA, steps=300, data_seed=8, eval_examples=500)
+    args = grid.grid_settings()
     cfg = grid._cfg(args, "hybrid-lora", 0.0, a.eta_y, a.seed, Path("unused"))
     bundle, _, splits = build(cfg)
     _, y = split_parameters(bundle.model, cfg.method)
@@ -47,7 +47,7 @@ def main() -> None:
         batch = run_batch(bundle, cfg, splits, t)
         if t in (0, a.steps // 2, a.steps):
             curv = measure_method(bundle, cfg.method, lambda b=batch: bundle.loss(b), seed=a.seed)
-            adv = advice_from_curvature(curv, cfg.method, steps=300)
+            adv = advice_from_curvature(curv, cfg.method, steps=args.steps)
             print(
                 f"step {t}: L_x={curv.L_x.value:.4g} trH={curv.trace_x.value:.4g}"
                 f"±{curv.trace_x.stderr:.2g} rho_x={curv.rho_x:.3g} "
