@@ -19,8 +19,6 @@ with the cores free (OMP_NUM_THREADS=1 per rank is set here).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import tempfile
 import time
@@ -30,11 +28,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from hybrid.distributed import free_port, set_rank_env
 
 
 def _build(args: argparse.Namespace):
@@ -77,15 +71,7 @@ def _build(args: argparse.Namespace):
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-        }
-    )
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     from hybrid import distributed as D
     from hybrid.engine import HybridEngine
@@ -154,7 +140,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as out:
         for world in (int(x) for x in args.ranks.split(",")):
-            port = _free_port()
+            port = free_port()
             procs = [
                 ctx.Process(target=_worker, args=(r, world, port, args, out)) for r in range(world)
             ]

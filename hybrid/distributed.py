@@ -133,6 +133,29 @@ stats = CommStats()  # the default counter every helper adds to
 _world = World()
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a single-machine group started without torchrun)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_rank_env(rank: int, world_size: int, port: int) -> None:
+    """The environment torchrun gives rank ``rank`` of a one-machine group of ``world_size``
+    (rendezvous on 127.0.0.1:``port``), for processes started by ``torch.multiprocessing``."""
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+        }
+    )
+
+
 def current() -> World:
     """The world set up by :func:`init` (a 1-process world before it)."""
     return _world

@@ -18,7 +18,6 @@ float32 PEFT gradients once per step.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid import distributed as D
+from hybrid.distributed import free_port, set_rank_env
 from hybrid.engine import HybridEngine
 from smoothlab.errors import UsageError
 
@@ -95,22 +95,8 @@ def run(name: str, rank: int = 0, world: int = 1) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-        }
-    )
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     try:
         w = D.init("gloo", timeout_s=60)
@@ -140,7 +126,7 @@ def two_ranks(tmp_path_factory):
     dominates the cost). Returns (exit codes, folder of results)."""
     out = tmp_path_factory.mktemp("ranks")
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out))) for r in range(2)]
     for p in procs:
         p.start()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import traceback
 import warnings
@@ -33,6 +32,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from hybrid.distributed import free_port, set_rank_env
 from hybrid.train import TrainConfig, load_trained, train
 from smoothlab.errors import UsageError
 
@@ -84,22 +84,10 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- 2 ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, jobs: list[dict], die_at: int | None) -> None:
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-        }
-    )
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     from hybrid import distributed as D
 
@@ -127,7 +115,7 @@ def _two_ranks(jobs: list[TrainConfig], die_at: int | None = None) -> list[int]:
     import dataclasses
 
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     plain = [dataclasses.asdict(c) for c in jobs]
     procs = [ctx.Process(target=_worker, args=(r, 2, port, plain, die_at)) for r in range(2)]
     for p in procs:
