@@ -52,6 +52,7 @@ import torch
 from ..errors import UsageError
 from ..estimate import Estimate
 from .operator import (
+    Callback,
     as_operator,
     check_distribution,
     mean_se,
@@ -81,10 +82,20 @@ def _rounding(op: Any) -> tuple[float, float, float]:
     return fn() if fn is not None else (0.0, 0.0, math.inf)
 
 
-def _zo(norm: str, op: Any, gen: torch.Generator, options: dict[str, Any]) -> Estimate:
-    o = {**ZO_DEFAULTS, **options}
-    op = as_operator(op, dim=o["dim"])
-    distribution, num_vectors = o["distribution"], o["num_vectors"]
+def _zo(
+    norm: str,
+    op: Any,
+    gen: torch.Generator,
+    *,
+    num_vectors: int = 20,
+    distribution: str = "gaussian",
+    target_rel_stderr: float | None = None,
+    min_vectors: int = 5,
+    callback: Callback | None = None,
+    dim: int | None = None,
+) -> Estimate:
+    """The body of :func:`zo_trace`, :func:`zo_frobenius` and :func:`zo_rms` (their keywords)."""
+    op = as_operator(op, dim=dim)
     check_distribution(
         distribution, ("gaussian", "rademacher") if norm == "trace" else ("gaussian",)
     )
@@ -117,45 +128,25 @@ def _zo(norm: str, op: Any, gen: torch.Generator, options: dict[str, Any]) -> Es
         lambda: float(op.quad(random_vector(distribution, op.dim, gen, op.dtype, op.device, buf))),
         finish,
         num_vectors=num_vectors,
-        target_rel_stderr=o["target_rel_stderr"],
-        min_vectors=o["min_vectors"],
-        callback=o["callback"],
+        target_rel_stderr=target_rel_stderr,
+        min_vectors=min_vectors,
+        callback=callback,
         extra=diagnostics,
     )
 
 
-ZO_DEFAULTS: dict[str, Any] = {
-    "num_vectors": 20,
-    "distribution": "gaussian",
-    "target_rel_stderr": None,
-    "min_vectors": 5,
-    "callback": None,
-    "dim": None,
-}
-
-
-def _check_options(norm: str, options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(ZO_DEFAULTS))
-    if unknown:
-        raise TypeError(
-            f"zo_{norm}() got unexpected keyword(s) {', '.join(unknown)}; "
-            f"accepted: {', '.join(ZO_DEFAULTS)}"
-        )
-    return options
-
-
-# The three public estimators take the same keywords (ZO_DEFAULTS: num_vectors=20,
-# distribution="gaussian", target_rel_stderr=None, min_vectors=5, callback=None, dim=None).
+# The three public estimators take :func:`_zo`'s keywords: num_vectors=20,
+# distribution="gaussian", target_rel_stderr=None, min_vectors=5, callback=None, dim=None.
 def zo_trace(op: Any, gen: torch.Generator, **options: Any) -> Estimate:
     """tr H ≈ mean vᵀHv from quadratic forms (see the module docstring)."""
-    return _zo("trace", op, gen, _check_options("trace", options))
+    return _zo("trace", op, gen, **options)
 
 
 def zo_frobenius(op: Any, gen: torch.Generator, **options: Any) -> Estimate:
     """‖H‖_F ≈ √(s²/2) from Gaussian quadratic forms (see the module docstring)."""
-    return _zo("frobenius", op, gen, _check_options("frobenius", options))
+    return _zo("frobenius", op, gen, **options)
 
 
 def zo_rms(op: Any, gen: torch.Generator, **options: Any) -> Estimate:
     """‖H‖_F/√d ≈ √(s²/(2d)) from Gaussian quadratic forms (see the module docstring)."""
-    return _zo("rms", op, gen, _check_options("rms", options))
+    return _zo("rms", op, gen, **options)
