@@ -4,14 +4,17 @@ Same model and batch for every case; the cases run round-robin (``--repeats`` ro
 case once per round) and each row reports the median. Cases:
 
 * ``forward``: one forward, no grad;  ``pass``: one in-place pass over the base weights;
+* ``add floor``: W + μ·v into scratch from a stored v (3 streams: the floor of a dense shift);
 * ``randn draw``: ``torch.randn`` over the base weights (the old cost of one z);
-* ``perturb <src>``: W + μz of every base weight into scratch (what a perturbed forward
-  pays over a plain one) for each ``--sources`` source;
+* ``perturb <src>``: W + μz of every base weight into scratch, densely, for each
+  ``--sources`` source; ``perturbed fwd <src>``: a forward at W + μz as a ZO step takes it
+  (on-the-fly shadows; an embedding shifted only at the batch's rows where the source fetches
+  rows cheaply); the report derives what the perturbation adds to a forward, in passes;
 * ``fo-lora``: a FO-LoRA step; ``zo-ft <src>``: a ZO step of the base weights;
   ``hybrid-lora <src>`` (``+fap``: ``fo_at_perturbed``); ``mezo in-place``: the MeZO-style
   reference (z regenerated 4×, +μz, −2μz, +μz, update, all in place);
-* ``base grad``, ``fd-hvp`` (one vector, reference gradient reused), ``exact hvp``
-  (one vector, its first-order graph included).
+* ``base grad``; ``fd-hvp`` and ``exact hvp`` per vector of a 10-vector Lanczos (one
+  oracle; fd reuses the reference gradient, exact builds its first-order graph once).
 
 Ratios: × forward, × two forwards, × FO-LoRA step, × pass. Peak memory per case on CUDA
 (``torch.cuda.max_memory_allocated``); on CPU the process's peak RSS at the end.
@@ -133,7 +136,17 @@ def cases(model, loss_fn, args) -> dict[str, Callable[[], object]]:
         d = seeded_gaussian(1)
         return [d(i, p) for i, p in enumerate(base)]
 
-    out["forward"], out["pass"], out["randn draw"] = forward, one_pass, randn_draw
+    others = [torch.empty_like(p).normal_() for p in base]
+
+    def add_floor():  # w + μ·v into scratch from a stored v: a dense shift's memory floor
+        with torch.no_grad():
+            for p, v in zip(base, others):
+                buf = scratch.take(p.numel(), p.dtype, p.device)
+                torch.add(p, v, alpha=mu, out=buf[: p.numel()].view(p.shape))
+                scratch.give(buf)
+
+    out["forward"], out["pass"], out["add floor"] = forward, one_pass, add_floor
+    out["randn draw"] = randn_draw
     for src in args.sources:
         sampler = get_source(src).sampler(0, max(p.numel() for p in base), scratch)
 
@@ -146,6 +159,13 @@ def cases(model, loss_fn, args) -> dict[str, Callable[[], object]]:
                     scratch.give(buf)
 
         out[f"perturb {src}"] = perturb
+        eng = HybridEngine(model, base, [], lr_zo=0.0, lr_fo=0.0, mu=mu, z=src)
+
+        def perturbed_forward(eng=eng):
+            with torch.no_grad(), eng._shifted(3, mu):
+                return loss_fn()
+
+        out[f"perturbed fwd {src}"] = perturbed_forward
     fo = HybridEngine(model, [], peft, lr_zo=0.0, lr_fo=0.0, mu=mu)
     out["fo-lora"] = lambda: fo.step(loss_fn)
     for src in args.sources:
@@ -180,7 +200,10 @@ def mezo_step(base, loss_fn, mu: float, lr: float = 0.0) -> float:
     return fp
 
 
-def hvp_cases(model, base, loss_fn) -> dict[str, Callable[[], object]]:
+def hvp_cases(model, base, loss_fn, vectors: int = 10) -> dict[str, Callable[[], object]]:
+    """The probe's costs as a ``vectors``-step Lanczos pays them: one oracle, the reference
+    gradient given (fd) or the first-order graph built once (exact), HVPs written into a
+    recycled buffer; each case's time is divided by ``vectors`` (its ``per`` attribute)."""
     dev = base[0].device
     gen = torch.Generator(device=dev).manual_seed(0)
     v = torch.randn(sum(p.numel() for p in base), generator=gen, device=dev)  # on the device
@@ -192,16 +215,22 @@ def hvp_cases(model, base, loss_fn) -> dict[str, Callable[[], object]]:
         state["g"] = (g, torch.float32)
         return g
 
+    def hvps(kind: str) -> None:
+        kwargs = {"gradient": state["g"]} if kind == "fd" else {}
+        with Oracle(kind, loss_fn, base, root=model, **kwargs) as o:
+            out = torch.empty_like(v, dtype=o.dtype)
+            for _ in range(vectors):
+                o.hvp(v.to(o.dtype), out=out)
+
     def fd_hvp():
         if "g" not in state:
             grad()
-        with Oracle("fd", loss_fn, base, root=model, gradient=state["g"]) as o:
-            return o.hvp(v.to(o.dtype))
+        hvps("fd")
 
     def exact_hvp():
-        with Oracle("exact", loss_fn, base, root=model) as o:
-            return o.hvp(v.to(o.dtype))
+        hvps("exact")
 
+    fd_hvp.per = exact_hvp.per = vectors
     return {"base grad": grad, "fd-hvp": fd_hvp, "exact hvp": exact_hvp}
 
 
@@ -219,7 +248,7 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int, device: str, ski
             fn()
             sync(device)
             if r:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append((time.perf_counter() - t0) / getattr(fn, "per", 1))
             if device.startswith("cuda"):
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**20
     return {k: statistics.median(v) for k, v in times.items() if v}, peaks
@@ -234,6 +263,14 @@ def report(med: dict[str, float], peaks: dict[str, float], args) -> str:
     for name, t in med.items():
         row = f"{name:<24}{1e3 * t:9.1f}{t / fwd:8.2f}{t / (2 * fwd):8.2f}{t / fo:10.2f}{t / pas:9.1f}"
         lines.append(row + (f"{peaks.get(name, float('nan')):10.0f}" if peaks else ""))
+    for src in args.sources:  # what a forward pays for its perturbation, as it pays it
+        if f"perturbed fwd {src}" in med:
+            extra = med[f"perturbed fwd {src}"] - fwd
+            lines.append(
+                f"perturbation inside a forward, {src}: {1e3 * extra:.1f} ms = {extra / pas:.2f} "
+                f"passes (perturbed fwd - forward; embeddings shifted only at the batch's rows "
+                f"when the source fetches rows cheaply)"
+            )
     if not peaks:
         lines.append(
             f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"

@@ -123,6 +123,7 @@ class _DeviceDirection:
 
     def __init__(self, by_device: dict[torch.device, SeededDirection]) -> None:
         self.by_device = by_device
+        self.cheap_rows = all(d.cheap_rows for d in by_device.values())
 
     def _on(self, p: torch.Tensor) -> SeededDirection:
         return self.by_device[p.device]
@@ -134,6 +135,9 @@ class _DeviceDirection:
         self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self._on(w).shift(index, w, scale, out)
+
+    def rows(self, index: int, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self._on(w).rows(index, w, ids)
 
     def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
         self._on(p).update_(index, p, alpha)

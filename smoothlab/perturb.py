@@ -8,7 +8,10 @@ Adding ``s·d`` to a weight in place and subtracting it back is not exact in flo
   the module's instance ``__dict__``, which attribute lookup finds before ``_parameters``);
   a forward hook removes it. Extra memory: one layer's weight at a time (a reusable
   :class:`Scratch` buffer when no gradient is taken). The shadow is a differentiable
-  function of ``W``, so ``∂f/∂W`` at the shifted point is ordinary autograd.
+  function of ``W``, so ``∂f/∂W`` at the shifted point is ordinary autograd. A plain
+  ``nn.Embedding`` reads only its input's rows, so where the direction fetches rows cheaply
+  (the table, explicit tensors) its output becomes ``W[ids] + s·z[ids]``: a step pays for
+  the batch's tokens, not the vocabulary (half of MiniLM's weights are its word embedding).
 * **swap** (only the parameters are known): ``p.data`` is replaced by a new tensor
   ``W + s·d`` and the *original tensor object* is put back afterwards, so restoration is
   bit-exact. Extra memory: one copy of the perturbed parameters.
@@ -44,6 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
@@ -107,6 +111,8 @@ class SeededDirection:
     p ← p + a·z. All three give bit-identical results to ``torch.add(w, d(i, w), alpha=s)``.
     """
 
+    cheap_rows = False  # whether :meth:`rows` costs only the rows it returns
+
     def __init__(self, sampler: Sampler, seed: int) -> None:
         self.sampler, self.seed = sampler, seed
 
@@ -134,6 +140,11 @@ class SeededDirection:
             return torch.add(w, z, alpha=scale, out=out[:n].view(w.shape))
         finally:
             self.sampler.scratch.give(buf)
+
+    def rows(self, index: int, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``z[ids]`` for a 2-D ``w`` (an embedding's rows, shaped ``ids.shape + (dim,)``).
+        Here by drawing all of z; sources with ``cheap_rows`` fetch only the rows asked for."""
+        return F.embedding(ids, self(index, w))
 
     def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
         n = p.numel()
@@ -213,7 +224,10 @@ class _Hash(_Signs):
 
 class _Table(SeededDirection):
     """z_j = table[(o + j) mod T], o = ``param_seed(seed, i) mod T``: at most two contiguous
-    slices of the run's table, so a shift or an update is one pass and z is never built."""
+    slices of the run's table, so a shift or an update is one pass and z is never built, and
+    an embedding's rows of z are read straight from the table (``cheap_rows``)."""
+
+    cheap_rows = True
 
     def _pieces(
         self, index: int, p: torch.Tensor
@@ -232,6 +246,14 @@ class _Table(SeededDirection):
     def __call__(self, index: int, p: torch.Tensor) -> torch.Tensor:
         t, pieces = self._pieces(index, p)
         return torch.cat([t[o : o + m] for _, o, m in pieces]).view(p.shape)
+
+    def rows(self, index: int, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        t, pieces = self._pieces(index, w)
+        o, dim = pieces[0][1], w.shape[-1]
+        if len(pieces) == 1:  # z is one contiguous slice: a view, indexed like the weight
+            return F.embedding(ids, t[o : o + w.numel()].view(w.shape))
+        cols = torch.arange(dim, device=ids.device)
+        return t[(ids.unsqueeze(-1) * dim + cols).add_(o).remainder_(t.numel())]
 
     def shift(
         self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
@@ -398,13 +420,24 @@ def spsa_curvature(
     return single / q + (1 - 1 / q) * aHa
 
 
-def explicit(directions: Sequence[torch.Tensor]) -> Direction:
+class _Explicit:
     """Directions given as tensors, one per parameter (same shapes)."""
 
-    def direction(index: int, p: torch.Tensor) -> torch.Tensor:
-        return directions[index].to(dtype=p.dtype, device=p.device)
+    cheap_rows = True
 
-    return direction
+    def __init__(self, directions: Sequence[torch.Tensor]) -> None:
+        self.directions = directions
+
+    def __call__(self, index: int, p: torch.Tensor) -> torch.Tensor:
+        return self.directions[index].to(dtype=p.dtype, device=p.device)
+
+    def rows(self, index: int, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self(index, w).view(w.shape))
+
+
+def explicit(directions: Sequence[torch.Tensor]) -> Direction:
+    """Directions given as tensors, one per parameter (same shapes)."""
+    return _Explicit(directions)
 
 
 def owners(
@@ -454,6 +487,16 @@ def _swapped(params: Sequence[torch.Tensor], direction: Direction, scale: float)
             p.data = data
 
 
+def _row_wise(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` with the stock forward (no ``max_norm`` renorm, no subclass
+    forward that rescales the rows): its output is exactly ``W[ids]``."""
+    return (
+        isinstance(module, nn.Embedding)
+        and type(module).forward is nn.Embedding.forward
+        and module.max_norm is None
+    )
+
+
 @contextlib.contextmanager
 def _hooked(
     root: nn.Module,
@@ -468,6 +511,9 @@ def _hooked(
     # lora_embedding_A) never fires hooks: its parameters are read by the parent. Shadow those
     # for the whole context (their size only), built with grad on so ∂f/∂W still flows.
     static = [m for m in owned if type(m).forward is nn.Module.forward]
+    # A plain embedding reads only the rows of its input ids: (W + s·z)[ids] is computed as
+    # W[ids] + s·z[ids] after its forward, so a step pays for those rows, not the vocabulary.
+    by_rows = [m for m in owned if getattr(direction, "cheap_rows", False) and _row_wise(m)]
     handles = []
     lent: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -486,6 +532,12 @@ def _hooked(
             if buf is not None:
                 scratch.give(buf)
 
+    def rows_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+        ids = args[0] if args else kwargs["input"]
+        z = direction.rows(owned[module][0][1], module.weight, ids)
+        return torch.add(output, z, alpha=scale)
+
+    dense = [m for m in owned if m not in static and m not in by_rows]
     try:
         with torch.enable_grad():
             for module in static:
@@ -493,9 +545,9 @@ def _hooked(
                     module.__dict__[name] = _shadow(
                         direction, i, module._parameters[name], scale, None
                     )[0]
-        for module in owned:
-            if module in static:
-                continue
+        for module in by_rows:
+            handles.append(module.register_forward_hook(rows_hook, with_kwargs=True))
+        for module in dense:
             handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(post_hook, always_call=True))
         yield

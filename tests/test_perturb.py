@@ -245,6 +245,74 @@ def test_parameter_dict_owned_parameter_is_shifted(on_the_fly):
     assert same(model, snap) and "a" not in vars(model.pd)
 
 
+class EmbedNet(nn.Module):
+    """A vocabulary embedding (read row-wise), a scaled-embedding subclass and a max_norm
+    embedding (both must take the dense path) and a head tied to the first embedding."""
+
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 3.0
+
+    def __init__(self, vocab=300, dim=37):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.scaled = self.Scaled(7, dim)
+        self.normed = nn.Embedding(5, dim, max_norm=1e9)  # renorm never bites: same output
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.scaled(ids % 7) + self.normed(input=ids % 5)
+        return self.head(torch.tanh(h))
+
+
+def _wrapping_seed(sampler, index: int, n: int) -> int:
+    """A perturbation seed whose table slice for parameter ``index`` wraps around the end."""
+    size = sampler.table_size
+    return next(s for s in range(100_000) if param_seed(s, index) % size > size - n)
+
+
+@pytest.mark.parametrize("name", ["table", "gaussian", "explicit"])
+def test_embedding_rows_equal_the_dense_shift(name, monkeypatch):
+    """An embedding is perturbed row-wise (W[ids] + s·z[ids]) when the direction fetches rows
+    cheaply (the table, explicit tensors), densely otherwise; either way the forward and the
+    gradient equal the replaced-weight model's, also when the table slice wraps around, and
+    a scaled or max_norm embedding subclass is never taken row-wise."""
+    torch.manual_seed(0)
+    model = EmbedNet()
+    ids = torch.randint(0, 300, (4, 9))
+    params = list(model.parameters())
+    sampler = get_source("table").sampler(run_seed=0)
+    seeds = [3, _wrapping_seed(sampler, 0, params[0].numel())]
+    rows_of: list[int] = []
+    for seed in seeds:
+        if name == "explicit":
+            g = torch.Generator().manual_seed(seed)
+            d = [torch.randn(p.shape, generator=g) for p in params]
+            dirs = d
+        else:
+            d = get_source(name).sampler(run_seed=0)(seed)
+            dirs = [d(i, p) for i, p in enumerate(params)]
+            spy = type(d).rows
+
+            def counting(self, index, w, ids, spy=spy):
+                rows_of.append(index)
+                return spy(self, index, w, ids)
+
+            monkeypatch.setattr(type(d), "rows", counting)
+        twin = manual(model, params, dirs, 0.3)
+        with torch.no_grad(), shifted(params, d, 0.3, root=model, scratch=Scratch()):
+            out = model(ids)
+        assert torch.equal(out, twin(ids))
+        with shifted(params, d, 0.3, root=model):
+            got = torch.autograd.grad(model(ids).square().sum(), params)
+        expected = torch.autograd.grad(twin(ids).square().sum(), list(twin.parameters()))
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    if name != "explicit":
+        assert set(rows_of) == ({0} if name == "table" else set())
+
+
 # --------------------------------------------------------------------------- sources
 
 KURTOSIS = {"gaussian": 3.0, "table": 3.0, "rademacher": 1.0, "hash": 1.0}
