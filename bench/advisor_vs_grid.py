@@ -15,6 +15,8 @@ Phases (run in this order; each is resumable):
 
     python bench/advisor_vs_grid.py --phase grid   [--methods zo-ft,fo-lora] [--seeds 0,1,2]
     python bench/advisor_vs_grid.py --phase advise [--methods ...]  # probe at init, no pilots
+    python bench/advisor_vs_grid.py --phase advised  # train at each seed's advised rates
+    python bench/advisor_vs_grid.py --phase auto     # train --lr-base auto --lr-peft auto
     python bench/advisor_vs_grid.py --phase report  # table + figure -> bench/out/advisor_vs_grid.*
 
 ``grid`` caches each (method, lr_base, lr_peft, seed) cell as one JSON under ``--out``/grid and
@@ -87,16 +89,22 @@ def cell_path(
 
 
 def run_cell(
-    args: argparse.Namespace, method: str, lr_base: float, lr_peft: float, seed: int
+    args: argparse.Namespace,
+    method: str,
+    lr_base: float | str,
+    lr_peft: float | str,
+    seed: int,
+    path: Path | None = None,
 ) -> dict:
-    """Train one cell (or read its cached result)."""
+    """Train one cell (or read its cached result at ``path``, by default its grid file).
+    Rates may be ``"auto"``: the run probes at step 0 (``train --lr-base auto``)."""
     import csv
     import shutil
 
     from hybrid.train import train
     from smoothlab.runlog import final_loss
 
-    path = cell_path(args.out, method, lr_base, lr_peft, seed, args.steps)
+    path = path or cell_path(args.out, method, lr_base, lr_peft, seed, args.steps)
     if path.exists():
         return json.loads(path.read_text())
     run_dir = args.out / "runs" / path.stem
@@ -121,6 +129,9 @@ def run_cell(
         rows = list(csv.DictReader(fh))
     losses = [float(r["loss"]) for r in rows]
     res["losses"] = losses
+    res["lr_base_used"] = [float(r["lr_base"]) for r in rows]
+    res["lr_peft_used"] = sorted({float(r["lr_peft"]) for r in rows})
+    res["advice"] = json.loads((run_dir / "config.json").read_text()).get("advice")
     if not res["diverged"]:
         evals = [r for r in rows if r.get("eval_acc")]
         res.update(
@@ -202,6 +213,39 @@ def phase_advised(args: argparse.Namespace) -> None:
                 f"eval={r['eval_acc']:.3f} {'DIVERGED' if r['diverged'] else ''}",
                 flush=True,
             )
+
+
+def phase_auto(args: argparse.Namespace) -> None:
+    """Train each method as a user would with ``train --lr-base auto --lr-peft auto``: the
+    step-0 probe sets the rates and the walk budget lowers lr_base as the gradient grows."""
+    for method in args.methods:
+        for seed in args.seeds:
+            path = args.out / f"auto_{args.steps}steps" / f"{method}_s{seed}.json"
+            r = run_cell(args, method, "auto", "auto", seed, path=path)
+            used = r["lr_base_used"]
+            print(
+                f"{method:<12} auto s={seed} lr_base {used[0]:.3g} -> {used[-1]:.3g} "
+                f"lr_peft {r['lr_peft_used']} loss={r['final_loss']:.4f} eval={r['eval_acc']:.3f} "
+                f"{'DIVERGED' if r['diverged'] else ''}",
+                flush=True,
+            )
+
+
+def _auto_lines(method: str, grid: list[dict], autos: list[dict]) -> list[str]:
+    """Each seed's ``--lr-base auto --lr-peft auto`` run ranked among its grid cells."""
+    loss = lambda c: math.inf if c["diverged"] else c["final_loss"]  # noqa: E731
+    lines = []
+    for a in sorted((a for a in autos if a["method"] == method), key=lambda a: a["seed"]):
+        same = [c for c in grid if c["method"] == method and c["seed"] == a["seed"]]
+        rank = sorted(same + [a], key=loss).index(a) + 1
+        used = a["lr_base_used"]
+        lb = f"lr_base {used[0]:.3g} -> {used[-1]:.3g} (min {min(used):.3g})" if any(used) else ""
+        lines.append(
+            f"  seed {a['seed']}: auto {lb} lr_peft {a['lr_peft_used'][0]:.3g}: final loss "
+            f"{loss(a):.4f} eval {a['eval_acc']:.3f} -> rank {rank}/{len(same) + 1} among this "
+            f"seed's {len(same)} grid cells"
+        )
+    return lines
 
 
 def _load(out: Path, sub: str) -> list[dict]:
@@ -317,11 +361,15 @@ def phase_report(args: argparse.Namespace) -> None:
     methods = [m for m in GRIDS if m in args.methods]
     advised_cells = _advised_cells(cells, advice)
     grid_cells = [c for c in cells if id(c) not in {id(a) for a, _ in advised_cells}]
+    autos = _load(args.out, f"auto_{args.steps}steps")
     for m in methods:
         lines += _summary_lines(m, _aggregate(grid_cells, m), _advised(advice, m))
         lines += _per_seed_lines(
             m, grid_cells, [(a, r) for a, r in advised_cells if a["method"] == m]
         )
+        auto = _auto_lines(m, grid_cells, autos)
+        if auto:
+            lines += ["  train --lr-base auto --lr-peft auto (step-0 probe, walk budget):", *auto]
     text = "\n".join(lines) + "\n"
     print(text)
     args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -412,7 +460,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--phase", choices=("grid", "advise", "advised", "report"), required=True)
+    ap.add_argument(
+        "--phase", choices=("grid", "advise", "advised", "auto", "report"), required=True
+    )
     ap.add_argument("--methods", default=",".join(GRIDS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=SETTINGS["steps"])
@@ -450,9 +500,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    {"grid": phase_grid, "advise": phase_advise, "advised": phase_advised, "report": phase_report}[
-        args.phase
-    ](args)
+    phases = {"grid": phase_grid, "advise": phase_advise, "advised": phase_advised}
+    phases |= {"auto": phase_auto, "report": phase_report}
+    phases[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -493,6 +493,11 @@ class TrainConfig(ModelConfig):
     advise_vectors: int = opt(
         10, "Hutchinson vectors / Lanczos iterations of the step-0 probe", check=positive_int
     )
+    lr_base_budget: bool = opt(
+        True,
+        "with --lr-base auto: spend the advice's random-walk cap as a budget, lowering "
+        "lr_base during the run as the ZO gradient grows (smoothlab.budget)",
+    )
     mu: float = opt(1e-3, "SPSA perturbation scale", check=positive_float)
     q: int = shared("q")
     one_sided: bool = shared("one_sided")

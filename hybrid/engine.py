@@ -310,6 +310,16 @@ class HybridEngine:
                 return float(g["lr"])
         return 0.0
 
+    def set_lr(self, name: str, value: float) -> None:
+        """Set the rate of group ``base`` or ``peft`` (a no-op when the group is absent)."""
+        if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
+            raise UsageError(
+                f"learning rate of group {name!r} must be a finite float >= 0, got {value!r}"
+            )
+        for g in self.optimizer.param_groups:
+            if g["name"] == name:
+                g["lr"] = float(value)
+
     def perturbation_seed(self, t: int, i: int) -> int:
         """Seed of perturbation i at step t."""
         return param_seed(self.seed, t * self.q + i)
@@ -363,13 +373,21 @@ class HybridEngine:
                     vals.append(self._value(loss_fn, s, -self.mu))
         return vals, len(vals)
 
-    def step(self, loss_fn: LossFn, *, reduce: Reduce | None = None) -> StepResult:
+    def step(
+        self,
+        loss_fn: LossFn,
+        *,
+        reduce: Reduce | None = None,
+        zo_rate: Callable[[list[tuple[int, float]]], float] | None = None,
+    ) -> StepResult:
         """One update of x (SPSA) and y (gradient) on the batch behind ``loss_fn``.
 
         ``reduce`` (data parallelism): maps this rank's list of the step's 2q(+1) losses to
         the global-batch losses in ONE collective, e.g. ``hybrid.distributed.weighted_sum``;
         every rank then computes the same g_i and applies the same update. Without it the
-        losses are used as computed (one process)."""
+        losses are used as computed (one process). ``zo_rate``: called with the step's
+        (seed, g_i/q) terms before the update; its value becomes the ``base`` rate from this
+        update on (e.g. :meth:`smoothlab.budget.WalkBudget.step`)."""
         vals, forwards = self._local_values(loss_fn)
         if reduce is not None:
             vals = reduce(vals)
@@ -396,6 +414,8 @@ class HybridEngine:
                     loss_at_x = f0 if math.isfinite(f0) else fp
                 grads.append(g)
                 terms.append((s, g / self.q))
+        if zo_rate is not None and terms:
+            self.set_lr("base", zo_rate(terms))
         self.optimizer.step(zo_terms=terms)
         for p in self.fo_params:
             p.grad = None

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from smoothlab.blocks import block_sizes, make_blocks
+from smoothlab.budget import WalkBudget
 from smoothlab.errors import UsageError
 from smoothlab.methods import get_method
 from smoothlab.recorder import TrajectoryRecorder
@@ -363,8 +364,16 @@ class Trainer:
             else None
         )
         self.engine = self._build_engine(cfg)
+        self.walk = self._walk_budget(cfg, advice)
         self._share_fo_gradients()
         self._init_loop_state(cfg)
+
+    def _walk_budget(self, cfg: TrainConfig, advice: dict[str, Any] | None) -> WalkBudget | None:
+        """With ``lr_base`` resolved by the advisor (and ``lr_base_budget``), the budget
+        that lowers it as the ZO gradient grows (:mod:`smoothlab.budget`)."""
+        if not (cfg.lr_base_budget and self.zo and advice and "lr_base" in advice.get("auto", ())):
+            return None
+        return WalkBudget.from_advice(advice, horizon=cfg.steps)
 
     def _join_world(self, cfg: TrainConfig) -> None:
         """Join torchrun's process group (else one process); rank 0 alone writes."""
@@ -461,6 +470,9 @@ class Trainer:
         self.pending = list(state.get("pending", []))
         self.row = state.get("row")
         self.divergence.load_state_dict(state.get("divergence"))
+        if self.walk is not None:
+            self.walk.load_state_dict(state.get("walk"))
+            self.walk.horizon = self.cfg.steps  # raised by extend_steps
         self.probe_base = float(state.get("probe_seconds", 0.0))
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -633,8 +645,10 @@ class Trainer:
             reduce = lambda v: D.weighted_sum(v, n, total)  # noqa: E731
         self.weight = n / total
         with self.guard.critical():
+            t = self.t
+            rate = (lambda terms: self.walk.step(t, terms)) if self.walk is not None else None
             t0 = time.perf_counter()
-            res = self.engine.step(loss_fn, reduce=reduce)
+            res = self.engine.step(loss_fn, reduce=reduce, zo_rate=rate)
             self.elapsed += time.perf_counter() - t0
             if self.seedlog is not None and res.terms:
                 self.seedlog.append(
@@ -755,6 +769,7 @@ class Trainer:
                 "seconds": self.elapsed,
                 "probe_seconds": self.probe_seconds,
                 "divergence": self.divergence.state_dict(),
+                "walk": self.walk.state_dict() if self.walk is not None else None,
                 "extended_by": self.extended_by,
                 "config": dataclasses.asdict(self.cfg),
             },

@@ -744,7 +744,9 @@ def test_train_auto_rates_probe_step_0_and_resume_reuses_them(
     assert adv["auto"] == ["lr_base", "lr_peft"] and adv["reused"] is False
     with (out / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert {float(r["lr_base"]) for r in rows} == {adv["eta_x"]}  # the engine ran at the advice
+    # the engine ran at the advice, lr_base lowered by the walk budget as the gradient grew
+    assert _budget_rates(adv, rows, horizon=2) == [float(r["lr_base"]) for r in rows]
+    assert float(rows[0]["lr_base"]) <= adv["eta_x"]
     assert {float(r["lr_peft"]) for r in rows} == {adv["eta_y"]}
     assert "auto rates: lr_base = " in text and "eta_y / eta_x = " in text
     # the report shows the proposal (advice.json in the run folder)
@@ -765,7 +767,32 @@ def test_train_auto_rates_probe_step_0_and_resume_reuses_them(
     with (out / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
-    assert {float(r["lr_base"]) for r in rows} == {adv["eta_x"]}
+    # the resumed budget continues: the 2 extra steps share what the first 2 left of B
+    assert _budget_rates(adv, rows, horizon=4, resumed_at=2) == [float(r["lr_base"]) for r in rows]
+    # without the budget the advised rate is used throughout
+    monkeypatch.undo()
+    out2 = tmp_path / "fixed"
+    argv = _train_argv(enc, out2, "--lr-base", "auto", "--no-lr-base-budget", "--steps", "2")
+    assert main(argv) == 0
+    with (out2 / "metrics.csv").open() as fh:
+        fixed = list(csv.DictReader(fh))
+    eta_x = json.loads((out2 / "config.json").read_text())["advice"]["eta_x"]
+    assert {float(r["lr_base"]) for r in fixed} == {eta_x}
+
+
+def _budget_rates(adv: dict, rows: list[dict], *, horizon: int, resumed_at: int = 0) -> list:
+    """lr_base of each logged step replayed through a WalkBudget from the logged projected
+    gradients (q = 1: the step's coefficient is its proj_grad); ``resumed_at``: the horizon
+    was ``advice["steps"]`` before that step (a run extended on resume)."""
+    from smoothlab.budget import WalkBudget
+
+    b = WalkBudget.from_advice(adv, horizon=adv["steps"] if resumed_at else horizon)
+    rates = []
+    for t, r in enumerate(rows):
+        if t == resumed_at:
+            b.horizon = horizon
+        rates.append(b.step(t, [(t, float(r["proj_grad"]))]))
+    return rates
 
 
 def test_train_one_auto_rate_keeps_the_other(enc: Path, tmp_path: Path, capsys) -> None:
