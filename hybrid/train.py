@@ -825,6 +825,10 @@ class Trainer:
             "seconds_per_step": self.elapsed / self.t if self.t > 0 else math.nan,
             "probe_seconds": self.probe_seconds,
             "peak_memory_mb": _peak_memory_mb(self.bundle.device),
+            "lr_base_last": self.engine.lr("base"),
+            "walk_budget_spent": (
+                self.walk.spent / self.walk.budget if self.walk is not None else None
+            ),
         }
         if self.writer and (self.t > self.start or not (self.out / "summary.json").exists()):
             write_json(self.out / "summary.json", summary)

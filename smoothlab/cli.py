@@ -306,6 +306,11 @@ def _print_rate_advice(cfg: Any, record: dict) -> None:
     print(advice.describe())
     print(ratio_line(advice))
     print(f"auto rates: {rates} (written to {Path(cfg.out) / 'config.json'} under 'advice')")
+    if "lr_base" in auto and cfg.lr_base_budget and cfg.lr_base > 0:
+        print(
+            "lr_base: the walk budget lowers it during the run as the ZO gradient grows "
+            "(metrics.csv logs each step's rate; --no-lr-base-budget keeps it fixed)"
+        )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -329,6 +334,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{cfg.method}: final loss {summary['final_loss']:.4f}, best dev acc {summary['best_dev_acc']:.3f}, "
         f"{summary['seconds_per_step']:.3f} s/step, peak memory {summary['peak_memory_mb']:.0f} MiB -> {out}"
     )
+    if summary.get("walk_budget_spent") is not None:
+        print(
+            f"lr_base (walk budget): {cfg.lr_base:.3g} at the start, {summary['lr_base_last']:.3g} "
+            f"at the last step; {100 * summary['walk_budget_spent']:.0f}% of the budget spent"
+        )
     return 0
 
 

@@ -749,6 +749,10 @@ def test_train_auto_rates_probe_step_0_and_resume_reuses_them(
     assert float(rows[0]["lr_base"]) <= adv["eta_x"]
     assert {float(r["lr_peft"]) for r in rows} == {adv["eta_y"]}
     assert "auto rates: lr_base = " in text and "eta_y / eta_x = " in text
+    assert "the walk budget lowers it during the run" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lr_base_last"] == float(rows[-1]["lr_base"])
+    assert f"{100 * summary['walk_budget_spent']:.0f}% of the budget spent" in text
     # the report shows the proposal (advice.json in the run folder)
     assert json.loads((out / "advice.json").read_text())["eta_x"] == adv["eta_x"]
     assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
