@@ -374,7 +374,7 @@ def phase_report(args: argparse.Namespace) -> None:
     print(text)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text)
-    _figure(grid_cells, advice, methods, args.report.with_suffix(".png"))
+    _figure(grid_cells, advice, methods, args.report.with_suffix(".png"), autos)
 
 
 def _advised_cells(cells: list[dict], advice: list[dict]) -> list[tuple[dict, dict]]:
@@ -413,13 +413,27 @@ def _per_seed_lines(method: str, grid: list[dict], advised: list[tuple[dict, dic
     return lines
 
 
-def _figure(cells: list[dict], advice: list[dict], methods: list[str], path: Path) -> None:
+def _figure(
+    cells: list[dict], advice: list[dict], methods: list[str], path: Path, autos: list[dict]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False)
+    walks = [a for a in autos if any(a.get("lr_base_used", []))]
+    n = len(methods) + bool(walks)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    if walks:  # the walk budget's lr_base along each --lr-base auto run
+        ax = axes[0][-1]
+        for a in sorted(walks, key=lambda a: (a["method"], a["seed"])):
+            lrs = a["lr_base_used"]
+            ax.plot(range(1, len(lrs) + 1), lrs, lw=1, label=f"{a['method']} seed {a['seed']}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("lr_base (eta_x) used")
+        ax.set_title("--lr-base auto: the walk budget")
+        ax.legend(fontsize=7)
     for ax, m in zip(axes[0], methods):
         agg, adv = _aggregate(cells, m), _advised(advice, m)
         key = 1 if m == "fo-lora" else 0
