@@ -637,3 +637,23 @@ def test_zo_trace_agrees_with_exact_on_minilm_base():
     ) + 0.03 * abs(r["exact"])
     assert abs(r["paired_diff"]) <= 3 * r["paired_diff_stderr"], r
     assert not r["rounding_dominated"], r
+
+
+def test_dot64_is_a_float64_dot_over_chunks_without_copies():
+    """Lanczos' inner products: float64 accumulation (a float32 dot over 3e5 entries is off
+    by far more), across chunk boundaries, for aᵀa, mixed dtypes and float64 inputs."""
+    from smoothlab.estimators.operator import dot64
+
+    g = torch.Generator().manual_seed(0)
+    n = 3 * (1 << 16) + 7  # three full CPU chunks and a partial one
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g) + 0.5
+    exact = float(torch.dot(a.double(), b.double()))
+    assert dot64(a, b) == pytest.approx(exact, rel=1e-12, abs=1e-9)
+    assert dot64(a, a) == pytest.approx(float(a.double().square().sum()), rel=1e-12)
+    assert dot64(a.double(), b.double()) == pytest.approx(exact, rel=1e-12)
+    assert dot64(a.bfloat16(), b) == pytest.approx(
+        float(torch.dot(a.bfloat16().double(), b.double())), rel=1e-12
+    )
+    assert dot64(a[:5], b[:5]) == pytest.approx(
+        float(torch.dot(a[:5].double(), b[:5].double())), rel=1e-12
+    )

@@ -111,18 +111,33 @@ def has_matvec(op: Any) -> bool:
     return bool(getattr(op, "has_matvec", True)) and hasattr(op, "matvec")
 
 
+_DOT_BUFFERS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """aᵀb accumulated in float64 in chunks (a float32 dot over 10⁷ entries loses digits, and
-    those errors put Ritz values outside the spectrum), without a full float64 copy."""
+    """aᵀb accumulated in float64 (a float32 dot over 10⁷ entries loses digits, and those
+    errors put Ritz values outside the spectrum), without a full float64 copy: chunks are
+    copied into two reusable float64 buffers per device (a fresh ``.double()`` per chunk
+    cost 7x more on CPU, in page faults). Not thread-safe (the buffers are shared)."""
     if a.dtype == torch.float64 and b.dtype == torch.float64:
         return float(torch.dot(a, b))
-    step = 1 << 18
-    return float(
-        sum(
-            torch.dot(a[i : i + step].double(), b[i : i + step].double())
-            for i in range(0, a.numel(), step)
-        )
-    )
+    n = a.numel()
+    step = min(n, (1 << 16) if a.device.type == "cpu" else (1 << 22))
+    bufs = _DOT_BUFFERS.get(a.device)
+    if bufs is None or bufs[0].numel() < step:
+        bufs = tuple(torch.empty(step, dtype=torch.float64, device=a.device) for _ in range(2))
+        _DOT_BUFFERS[a.device] = bufs
+    x, y = bufs
+    total = 0.0
+    for i in range(0, n, step):
+        m = min(step, n - i)
+        x[:m].copy_(a[i : i + m])
+        if b is a:
+            total += float(torch.dot(x[:m], x[:m]))
+            continue
+        y[:m].copy_(b[i : i + m])
+        total += float(torch.dot(x[:m], y[:m]))
+    return total
 
 
 def quad_form(op: Any, v: torch.Tensor) -> float:
