@@ -37,6 +37,7 @@ from torch import nn
 
 from .errors import UsageError
 from .estimate import Estimate
+from .estimators.operator import dot64
 from .hvp import HVPS, Oracle, default_step, unflatten
 from .perturb import shifted
 from .probe import eval_mode, probe
@@ -183,13 +184,12 @@ def _gradient_terms(
     """‖g_x‖, ‖g_y‖, ρ_x, ρ_y, cross, δ_x and m₁ from an HVP oracle over x ∪ y."""
     g = oracle.gradient()
     gx, gy = g[:d_x], g[d_x:]
-    gx2 = float(gx.double().pow(2).sum())
-    gy2 = float(gy.double().pow(2).sum())
+    gx2, gy2 = dot64(gx, gx), dot64(gy, gy)
     out: dict = {
         "grad_norm_x": math.sqrt(gx2) if d_x else nan,
         "grad_norm_y": math.sqrt(gy2) if d_y else nan,
     }
-    dot = lambda a, b: float(torch.dot(a.double(), b.double()))  # noqa: E731
+    dot = dot64
     crosses = []
     if d_x and gx2 > 0:
         hw = oracle.hvp(torch.cat([gx, torch.zeros_like(gy)]))

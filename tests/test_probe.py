@@ -654,6 +654,7 @@ def test_dot64_is_a_float64_dot_over_chunks_without_copies():
     assert dot64(a.bfloat16(), b) == pytest.approx(
         float(torch.dot(a.bfloat16().double(), b.double())), rel=1e-12
     )
+    assert dot64(a[:0], b[:0]) == 0.0
     assert dot64(a[:5], b[:5]) == pytest.approx(
         float(torch.dot(a[:5].double(), b[:5].double())), rel=1e-12
     )

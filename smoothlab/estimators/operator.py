@@ -122,7 +122,7 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.dtype == torch.float64 and b.dtype == torch.float64:
         return float(torch.dot(a, b))
     n = a.numel()
-    step = min(n, (1 << 16) if a.device.type == "cpu" else (1 << 22))
+    step = max(1, min(n, (1 << 16) if a.device.type == "cpu" else (1 << 22)))
     bufs = _DOT_BUFFERS.get(a.device)
     if bufs is None or bufs[0].numel() < step:
         bufs = tuple(torch.empty(step, dtype=torch.float64, device=a.device) for _ in range(2))
