@@ -7,9 +7,11 @@ noise random-walk x a distance c_w‖x₀‖:
 
 It assumes ḡ stays what it was at step 0. In hybrid fine-tuning it does not: as the adapter
 learns, the loss grows more sensitive to the base weights. On SST-2 with MiniLM (hybrid-lora,
-η_y = 0.12, bench/out/walk_budget.txt) the mean of g_t² = (zᵀ∇_x f)² rose from 0.45 over the
-first 25 steps to 24–69 after step 200, so a rate fixed at the cap walked x three times
-further than planned by step 175 and the loss exploded. A budget instead charges each step
+seed 0, η_y = 0.12; bench/advisor_vs_grid.py) the mean of g_t² = (zᵀ∇_x f)² over 25 steps
+rose from 0.45 at the start to 24–69 after step 200 in a healthy run (η_x = 1e-4). At the
+fixed step-0 cap (7.4e-4) it rose faster (6.5 by step 150, 154 by step 200): the walk passed
+its planned length (⅛‖x₀‖ = 35) between steps 100 and 125, reached 2.5× it by step 175, and
+the loss exploded. A budget instead charges each step
 the squared length it actually moved x, and sizes the next rate so that what is left of B
 covers the steps left at the current cost per step:
 
