@@ -531,6 +531,12 @@ def cmd_advise(args: argparse.Namespace) -> int:
         )
     if cfg.print_command:
         print("command : " + train_command(advice, train_cfg))
+        if math.isfinite(advice.eta_x) and math.isfinite(advice.eta_x_walk):
+            print(
+                "          (lr_base fixed at the step-0 advice; with --lr-base auto the run "
+                "probes itself and its walk budget lowers lr_base as the ZO gradient grows, "
+                "which hybrid methods need: README, 'How well it does')"
+            )
     return 0
 
 

@@ -666,6 +666,9 @@ def test_advise_from_nothing_for_every_method(method: str, enc: Path, tmp_path: 
     want_x = float(f"{adv['eta_x']:.3g}") if m.has_zo else 0.0
     want_y = float(f"{adv['eta_y']:.3g}") if m.has_fo else 0.0
     assert (tcfg.lr_base, tcfg.lr_peft) == (want_x, want_y)
+    assert ("with --lr-base auto the run probes itself" in out) == (
+        m.has_zo and math.isfinite(adv["eta_x_walk"])
+    )
 
 
 def test_advise_rule_paper_is_the_papers_formula(enc: Path, tmp_path: Path, capsys) -> None:
