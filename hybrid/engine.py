@@ -123,7 +123,7 @@ class _DeviceDirection:
 
     def __init__(self, by_device: dict[torch.device, SeededDirection]) -> None:
         self.by_device = by_device
-        self.cheap_rows = all(d.cheap_rows for d in by_device.values())
+        self.cheap_rows = all(getattr(d, "cheap_rows", False) for d in by_device.values())
 
     def _on(self, p: torch.Tensor) -> SeededDirection:
         return self.by_device[p.device]
