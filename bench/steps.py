@@ -4,7 +4,8 @@ Same model and batch for every case; the cases run round-robin (``--repeats`` ro
 case once per round) and each row reports the median. Cases:
 
 * ``forward``: one forward, no grad;  ``pass``: one in-place pass over the base weights;
-* ``add floor``: W + μ·v into scratch from a stored v (3 streams: the floor of a dense shift);
+* ``add floor`` (CPU only): W + μ·v into scratch from a stored v (3 streams: the floor of a
+  dense shift);
 * ``randn draw``: ``torch.randn`` over the base weights (the old cost of one z);
 * ``perturb <src>``: W + μz of every base weight into scratch, densely, for each
   ``--sources`` source; ``perturbed fwd <src>``: a forward at W + μz as a ZO step takes it
@@ -42,7 +43,7 @@ import torch
 
 from hybrid.engine import HybridEngine
 from smoothlab.hvp import Oracle
-from smoothlab.perturb import SOURCES, Scratch, get_source, seeded_gaussian
+from smoothlab.perturb import SOURCES, Scratch, seeded_gaussian
 
 PRESETS = {
     "opt-1.3b": dict(
@@ -136,45 +137,47 @@ def cases(model, loss_fn, args) -> dict[str, Callable[[], object]]:
         d = seeded_gaussian(1)
         return [d(i, p) for i, p in enumerate(base)]
 
-    others = [torch.empty_like(p).normal_() for p in base]
+    out["forward"], out["pass"] = forward, one_pass
+    if base[0].device.type == "cpu":  # a stored copy of x would raise every CUDA case's peak
+        others = [torch.empty_like(p).normal_() for p in base]
 
-    def add_floor():  # w + μ·v into scratch from a stored v: a dense shift's memory floor
-        with torch.no_grad():
-            for p, v in zip(base, others):
-                buf = scratch.take(p.numel(), p.dtype, p.device)
-                torch.add(p, v, alpha=mu, out=buf[: p.numel()].view(p.shape))
-                scratch.give(buf)
+        def add_floor():  # w + μ·v into scratch from a stored v: a dense shift's memory floor
+            with torch.no_grad():
+                for p, v in zip(base, others):
+                    buf = scratch.take(p.numel(), p.dtype, p.device)
+                    torch.add(p, v, alpha=mu, out=buf[: p.numel()].view(p.shape))
+                    scratch.give(buf)
 
-    out["forward"], out["pass"], out["add floor"] = forward, one_pass, add_floor
+        out["add floor"] = add_floor
     out["randn draw"] = randn_draw
-    for src in args.sources:
-        sampler = get_source(src).sampler(0, max(p.numel() for p in base), scratch)
+    # one zo-ft engine per source serves the perturbation cases and its step (one noise table)
+    zo = {
+        src: HybridEngine(model, base, [], lr_zo=0.0, lr_fo=0.0, mu=mu, z=src)
+        for src in args.sources
+    }
+    for src, eng in zo.items():
 
-        def perturb(sampler=sampler):
+        def perturb(sampler=eng.sampler):
             with torch.no_grad():
                 d = sampler(3)
                 for i, p in enumerate(base):
-                    buf = scratch.take(p.numel(), p.dtype, p.device)
+                    buf = sampler.scratch.take(p.numel(), p.dtype, p.device)
                     d.shift(i, p, mu, out=buf)
-                    scratch.give(buf)
-
-        out[f"perturb {src}"] = perturb
-        eng = HybridEngine(model, base, [], lr_zo=0.0, lr_fo=0.0, mu=mu, z=src)
+                    sampler.scratch.give(buf)
 
         def perturbed_forward(eng=eng):
             with torch.no_grad(), eng._shifted(3, mu):
                 return loss_fn()
 
-        out[f"perturbed fwd {src}"] = perturbed_forward
+        out[f"perturb {src}"], out[f"perturbed fwd {src}"] = perturb, perturbed_forward
     fo = HybridEngine(model, [], peft, lr_zo=0.0, lr_fo=0.0, mu=mu)
     out["fo-lora"] = lambda: fo.step(loss_fn)
     for src in args.sources:
-        zo = HybridEngine(model, base, [], lr_zo=0.0, lr_fo=0.0, mu=mu, z=src)
         hy = HybridEngine(model, base, peft, lr_zo=0.0, lr_fo=0.0, mu=mu, z=src)
         fap = HybridEngine(
             model, base, peft, lr_zo=0.0, lr_fo=0.0, mu=mu, z=src, fo_at_perturbed=True
         )
-        out[f"zo-ft {src}"] = lambda e=zo: e.step(loss_fn)
+        out[f"zo-ft {src}"] = lambda e=zo[src]: e.step(loss_fn)
         out[f"hybrid-lora {src}"] = lambda e=hy: e.step(loss_fn)
         out[f"hybrid-lora+fap {src}"] = lambda e=fap: e.step(loss_fn)
     out["mezo in-place"] = lambda: mezo_step(base, loss_fn, mu)
