@@ -51,6 +51,14 @@ LossFn = Callable[[], torch.Tensor]
 Reduce = Callable[[list[float]], list[float]]
 
 
+def check_rate(group: object, lr: object) -> None:
+    """UsageError unless ``lr`` is a finite number >= 0 (the rate of ``group``)."""
+    if not (isinstance(lr, int | float) and lr >= 0 and math.isfinite(lr)):
+        raise UsageError(
+            f"learning rate of group {group!r} must be a finite float >= 0, got {lr!r}"
+        )
+
+
 class TwoRateSGD(torch.optim.Optimizer):
     """Plain SGD whose parameter groups are either first-order or zeroth-order.
 
@@ -62,11 +70,7 @@ class TwoRateSGD(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict], weight_decay: float = 0.0) -> None:
         for g in groups:
-            lr = g.get("lr")
-            if not (isinstance(lr, int | float) and lr >= 0 and math.isfinite(lr)):
-                raise UsageError(
-                    f"learning rate of group {g.get('name')!r} must be a finite float >= 0, got {lr!r}"
-                )
+            check_rate(g.get("name"), g.get("lr"))
         super().__init__(groups, {"lr": 0.0, "zo": False, "weight_decay": weight_decay, "name": ""})
 
     @torch.no_grad()
@@ -312,10 +316,7 @@ class HybridEngine:
 
     def set_lr(self, name: str, value: float) -> None:
         """Set the rate of group ``base`` or ``peft`` (a no-op when the group is absent)."""
-        if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
-            raise UsageError(
-                f"learning rate of group {name!r} must be a finite float >= 0, got {value!r}"
-            )
+        check_rate(name, value)
         for g in self.optimizer.param_groups:
             if g["name"] == name:
                 g["lr"] = float(value)
