@@ -111,7 +111,9 @@ class SeededDirection:
     p ← p + a·z. All three give bit-identical results to ``torch.add(w, d(i, w), alpha=s)``.
     """
 
-    cheap_rows = False  # whether :meth:`rows` costs only the rows it returns
+    # whether the direction has ``rows(i, w, ids)`` = z[ids] (an embedding's rows, shaped
+    # ``ids.shape + (dim,)``) at the cost of those rows only; the on-the-fly shift uses it
+    cheap_rows = False
 
     def __init__(self, sampler: Sampler, seed: int) -> None:
         self.sampler, self.seed = sampler, seed
@@ -140,11 +142,6 @@ class SeededDirection:
             return torch.add(w, z, alpha=scale, out=out[:n].view(w.shape))
         finally:
             self.sampler.scratch.give(buf)
-
-    def rows(self, index: int, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``z[ids]`` for a 2-D ``w`` (an embedding's rows, shaped ``ids.shape + (dim,)``).
-        Here by drawing all of z; sources with ``cheap_rows`` fetch only the rows asked for."""
-        return F.embedding(ids, self(index, w))
 
     def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
         n = p.numel()

@@ -293,13 +293,13 @@ def test_embedding_rows_equal_the_dense_shift(name, monkeypatch):
         else:
             d = get_source(name).sampler(run_seed=0)(seed)
             dirs = [d(i, p) for i, p in enumerate(params)]
-            spy = type(d).rows
+            spy = getattr(type(d), "rows", None)  # gaussian has none: it must never be asked
 
             def counting(self, index, w, ids, spy=spy):
                 rows_of.append(index)
                 return spy(self, index, w, ids)
 
-            monkeypatch.setattr(type(d), "rows", counting)
+            monkeypatch.setattr(type(d), "rows", counting, raising=False)
         twin = manual(model, params, dirs, 0.3)
         with torch.no_grad(), shifted(params, d, 0.3, root=model, scratch=Scratch()):
             out = model(ids)
