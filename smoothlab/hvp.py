@@ -27,11 +27,12 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
 from .estimators.operator import dot64, random_vector
-from .perturb import owners, shifted
+from .perturb import owners, row_wise, shifted
 
 HVPS = ("fd", "fd-central", "exact", "zo")
 _ORDER = {"fd": 1 / 2, "fd-central": 1 / 3, "zo": 1 / 4}
@@ -230,6 +231,8 @@ class Oracle:
         self._graph: tuple[torch.Tensor, ...] | None = None
         self._shift_buf: torch.Tensor | None = None  # x + s·v for the fast fd path
         self._owner_map: dict = {}
+        self._row_owners: set[nn.Module] = set()  # embeddings given row leaves (fd fast path)
+        self._dense_idx: list[int] = []  # parameters shadowed densely (fd fast path)
         self._quad_buf: torch.Tensor | None = None
         self._step: float | None = None  # set once the loss's dtype is known
         self._loss_dtype: torch.dtype | None = None
@@ -328,55 +331,96 @@ class Oracle:
         return self.root is not None and all(p.dtype == self.dtype for p in self.params)
 
     def _accumulate_grad_at(
-        self, v: torch.Tensor, s: float, out: torch.Tensor, sign: float
+        self, v: torch.Tensor, s: float, out: torch.Tensor, weight: float
     ) -> None:
-        """out += sign · ∇_b f(x + s·v), with no block-sized temporary.
+        """out += weight · ∇_b f(x + s·v), with no block-sized temporary.
 
         x + s·v is written, one pass, into a flat buffer reused across calls; its
         per-parameter views are fresh autograd leaves that the owning modules see in place of
         their parameters (instance ``__dict__`` shadowing, as in :mod:`smoothlab.perturb`,
         for the whole forward); each leaf's ``.grad`` is preset to the matching view of
-        ``out``, so the backward accumulates ∇_b f there in place (no flatten, no copy).
-        Stored parameters are never written."""
+        ``out``, so the backward accumulates there in place (no flatten, no copy, and no
+        division afterwards: ``weight`` seeds the backward). A plain embedding reads only its
+        input's rows, so its output becomes a leaf W[ids] + s·v[ids] whose gradient is added
+        into ``out`` at those rows: the vocabulary is neither shifted nor given a dense
+        gradient. Stored parameters are never written."""
         if self._shift_buf is None:
             self._shift_buf = torch.empty(self.dim, dtype=self.dtype, device=self.device)
             self._owner_map = owners(self.root, self.params)
+            # rows-only owners: stock embeddings whose gradient is a plain sum over rows
+            self._row_owners = {
+                m
+                for m in self._owner_map
+                if row_wise(m) and not m.scale_grad_by_freq and not m.sparse
+            }
+            self._dense_idx = sorted(
+                {
+                    i
+                    for m, names in self._owner_map.items()
+                    if m not in self._row_owners
+                    for _, i in names
+                }
+            )
         shadows = unflatten(self._shift_buf, self.params)
-        leaves, grads = [], unflatten(out, self.params)
-        for p, w, d, g in zip(self.params, shadows, unflatten(v, self.params), grads):
-            leaf = torch.add(p.detach(), d, alpha=s, out=w).detach().requires_grad_()
-            leaf.grad = g
-            leaves.append(leaf)
+        dirs, grads = unflatten(v, self.params), unflatten(out, self.params)
+        leaves: dict[int, torch.Tensor] = {}
+        for i in self._dense_idx:
+            leaf = torch.add(self.params[i].detach(), dirs[i], alpha=s, out=shadows[i])
+            leaves[i] = leaf = leaf.detach().requires_grad_()
+            leaf.grad = grads[i]
+        rows: list[tuple[nn.Module, int, torch.Tensor, torch.Tensor]] = []
+
+        def rows_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+            ids = args[0] if args else kwargs["input"]
+            i = self._owner_map[module][0][1]
+            w = self.params[i].detach()
+            leaf = torch.add(F.embedding(ids, w), F.embedding(ids, dirs[i]), alpha=s)
+            rows.append((module, i, ids, leaf.requires_grad_()))
+            return leaf
+
+        handles = [m.register_forward_hook(rows_hook, with_kwargs=True) for m in self._row_owners]
         try:
             for module, names in self._owner_map.items():
-                for name, i in names:
-                    module.__dict__[name] = leaves[i]
+                if module not in self._row_owners:
+                    for name, i in names:
+                        module.__dict__[name] = leaves[i]
             with torch.enable_grad():
                 loss = require_grad(self._loss(f"at the shifted point x + {s:.3g}·v"))
-                seed = None if sign == 1.0 else torch.full_like(loss, sign)
-                torch.autograd.backward(loss, grad_tensors=seed, inputs=leaves)
+                seed = torch.full_like(loss, weight)
+                inputs = list(leaves.values()) + [r[3] for r in rows]
+                torch.autograd.backward(loss, grad_tensors=seed, inputs=inputs)
         finally:
+            for h in handles:
+                h.remove()
             for module, names in self._owner_map.items():
                 for name, _ in names:
                     module.__dict__.pop(name, None)
-        for leaf, g in zip(leaves, grads):
-            if leaf.grad is not None and leaf.grad.data_ptr() != g.data_ptr():
-                g.copy_(leaf.grad)  # the engine replaced instead of accumulating
+        for i, leaf in leaves.items():
+            if leaf.grad is not None and leaf.grad.data_ptr() != grads[i].data_ptr():
+                grads[i].copy_(leaf.grad)  # the engine replaced instead of accumulating
+        for module, i, ids, leaf in rows:
+            if leaf.grad is None:
+                continue
+            flat_ids, g = ids.reshape(-1), leaf.grad.reshape(-1, leaf.shape[-1])
+            if module.padding_idx is not None:  # the padding row gets no gradient
+                keep = flat_ids != module.padding_idx
+                flat_ids, g = flat_ids[keep], g[keep]
+            grads[i].index_add_(0, flat_ids, g.to(grads[i].dtype))
 
     def _fd_fast(self, v: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """``fd`` / ``fd-central`` on the leaf-shadow path (into ``out`` when given)."""
         if self.kind == "fd":
             g0 = self.gradient()  # also tells step_for the loss's dtype
             s = self.step_for(v)
-            res = torch.neg(g0) if out is None else torch.neg(g0, out=out)
-            self._accumulate_grad_at(v, s, res, 1.0)
-            return res.div_(s)
+            res = torch.mul(g0, -1.0 / s) if out is None else torch.mul(g0, -1.0 / s, out=out)
+            self._accumulate_grad_at(v, s, res, 1.0 / s)
+            return res
         self.reference_value()
         s = self.step_for(v)
         res = torch.zeros_like(v) if out is None else out.zero_()
-        self._accumulate_grad_at(v, s, res, 1.0)
-        self._accumulate_grad_at(v, -s, res, -1.0)
-        return res.div_(2 * s)
+        self._accumulate_grad_at(v, s, res, 0.5 / s)
+        self._accumulate_grad_at(v, -s, res, -0.5 / s)
+        return res
 
     # -- oracle calls ----------------------------------------------------------------
     matvec_out = True  # hvp/matvec accept out= (a buffer the caller no longer needs)

@@ -484,7 +484,7 @@ def _swapped(params: Sequence[torch.Tensor], direction: Direction, scale: float)
             p.data = data
 
 
-def _row_wise(module: nn.Module) -> bool:
+def row_wise(module: nn.Module) -> bool:
     """An ``nn.Embedding`` with the stock forward (no ``max_norm`` renorm, no subclass
     forward that rescales the rows): its output is exactly ``W[ids]``."""
     return (
@@ -510,7 +510,7 @@ def _hooked(
     static = [m for m in owned if type(m).forward is nn.Module.forward]
     # A plain embedding reads only the rows of its input ids: (W + s·z)[ids] is computed as
     # W[ids] + s·z[ids] after its forward, so a step pays for those rows, not the vocabulary.
-    by_rows = [m for m in owned if getattr(direction, "cheap_rows", False) and _row_wise(m)]
+    by_rows = [m for m in owned if getattr(direction, "cheap_rows", False) and row_wise(m)]
     handles = []
     lent: dict[tuple[int, str], torch.Tensor] = {}
 

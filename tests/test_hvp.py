@@ -354,3 +354,71 @@ def test_fd_fast_path_matches_dense_hessian_with_tied_weights_and_out_buffer():
     assert model.a.weight.grad is sentinel and torch.all(sentinel == 7.0)
     assert model.b.weight.requires_grad is False and model.b.weight.grad is None
     assert all("weight" not in vars(m) for m in model.modules())  # no shadow left behind
+
+
+class EmbedLM(nn.Module):
+    """Embeddings as a language model has them: a padded vocabulary table, a position table,
+    one read with ``scale_grad_by_freq`` (a dense gradient) and a head tied to the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(7, 3, padding_idx=0).double()
+        self.pos = nn.Embedding(5, 3).double()
+        self.freq = nn.Embedding(7, 3, scale_grad_by_freq=True).double()
+        self.mix = nn.Linear(3, 3).double()
+        self.head = nn.Linear(3, 7, bias=False).double()
+        self.head.weight = self.tok.weight  # tied: the table also gets a dense gradient
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        h = torch.tanh(self.mix(self.tok(ids) + self.pos(pos) * self.freq(ids)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fd_fast_path_shifts_embeddings_at_their_rows(tied):
+    """The rows of a plain embedding are leaves of their own, summed into the result at their
+    ids: equal to the dense Hessian, with a tied head too. Where autograd's gradient is not
+    the derivative of f (padding ids read: the padding row moves the output but gets no
+    gradient; ``scale_grad_by_freq``: rescaled), the reference is the swap path's difference
+    of autograd gradients, which uses the stock embedding backward."""
+    torch.manual_seed(4)
+    model = EmbedLM()
+    if not tied:
+        model.head.weight = nn.Parameter(model.head.weight.detach().clone())
+    plain = [model.tok.weight, model.pos.weight, model.mix.weight]
+    every = plain + [model.freq.weight]
+    before = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    for ids in (
+        torch.tensor([[1, 2, 3, 3, 2], [6, 4, 4, 1, 6]]),  # no padding; row 5 is never read
+        torch.tensor([[1, 0, 3, 3, 2], [0, 4, 4, 1, 6]]),  # 0 is the padding id
+    ):
+        y = torch.randint(0, 7, ids.shape, generator=gen)
+
+        def loss_fn(ids=ids, y=y):
+            return nn.functional.cross_entropy(model(ids).flatten(0, 1), y.flatten())
+
+        padded = bool((ids == 0).any())
+        with grad_enabled_for(plain):
+            H = dense_hessian(loss_fn, plain)
+        for kind, tol in (("fd", 1e-4), ("fd-central", 1e-6)):
+            for params in (plain, every):
+                dim = sum(p.numel() for p in params)
+                vs = torch.randn(3, dim, generator=gen, dtype=torch.float64)
+                with (
+                    Oracle(kind, loss_fn, params, root=model) as fast,
+                    Oracle(kind, loss_fn, params) as swap,
+                ):
+                    for v in vs:
+                        hv = fast.hvp(v)
+                        assert rel(hv, swap.hvp(v)) < 1e-6, (kind, tied)
+                        if params is plain and not padded:
+                            assert rel(hv, H @ v) < tol, (kind, tied)
+                        if not tied:  # rows never read, and the padding row: exactly zero
+                            assert torch.all(hv[:21].view(7, 3)[[0, 5]] == 0)
+                    assert fast._row_owners == {model.tok, model.pos}
+                    assert (0 in fast._dense_idx) is tied  # a tied table is also shifted densely
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    assert all("weight" not in vars(m) for m in model.modules())
