@@ -114,14 +114,27 @@ def has_matvec(op: Any) -> bool:
 _DOT_BUFFERS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+_ROW = 128  # entries per float32 partial sum of dot64's CPU path
+
+
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     """aᵀb accumulated in float64 (a float32 dot over 10⁷ entries loses digits, and those
-    errors put Ritz values outside the spectrum), without a full float64 copy: chunks are
-    copied into two reusable float64 buffers per device (a fresh ``.double()`` per chunk
-    cost 7x more on CPU, in page faults). Not thread-safe (the buffers are shared)."""
+    errors put Ritz values outside the spectrum), without a full float64 copy.
+
+    On CPU, float32: one batched matmul gives float32 dots of 128-entry rows (error about
+    √128·ε₃₂ of each row's Σ|a_i b_i|), summed in float64: 4e-11 of Σ|a_i b_i| over 22.7M
+    entries, at the cost of one read of each vector (2.2× faster than the chunked copies).
+    Elsewhere: chunks are copied into two reusable float64 buffers per device (a fresh
+    ``.double()`` per chunk cost 7x more on CPU, in page faults); on CUDA the batched matmul
+    could run in TF32. Not thread-safe (the buffers are shared)."""
     if a.dtype == torch.float64 and b.dtype == torch.float64:
         return float(torch.dot(a, b))
     n = a.numel()
+    if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and n >= _ROW:
+        m = n // _ROW
+        rows = torch.bmm(a[: m * _ROW].view(m, 1, _ROW), b[: m * _ROW].view(m, _ROW, 1))
+        tail = torch.dot(a[m * _ROW :].double(), b[m * _ROW :].double())
+        return float(rows.sum(dtype=torch.float64)) + float(tail)
     step = max(1, min(n, (1 << 16) if a.device.type == "cpu" else (1 << 22)))
     bufs = _DOT_BUFFERS.get(a.device)
     if bufs is None or bufs[0].numel() < step:
