@@ -11,11 +11,14 @@ case once per round) and each row reports the median. Cases:
   ``--sources`` source; ``perturbed fwd <src>``: a forward at W + μz as a ZO step takes it
   (on-the-fly shadows; an embedding shifted only at the batch's rows where the source fetches
   rows cheaply); the report derives what the perturbation adds to a forward, in passes;
+  ``update <src>``: a ZO step's update pass x ← x − η·c·z (η = 0, so x stays put); the
+  report splits each zo-ft step into its two perturbed forwards, its update and the rest;
 * ``fo-lora``: a FO-LoRA step; ``zo-ft <src>``: a ZO step of the base weights;
   ``hybrid-lora <src>`` (``+fap``: ``fo_at_perturbed``); ``mezo in-place``: the MeZO-style
   reference (z regenerated 4×, +μz, −2μz, +μz, update, all in place);
 * ``base grad``; ``fd-hvp`` and ``exact hvp`` per vector of a 10-vector Lanczos (one
-  oracle; fd reuses the reference gradient, exact builds its first-order graph once).
+  oracle; fd reuses the reference gradient, exact builds its first-order graph once); the
+  report gives both per vector in base gradients.
 
 Ratios: × forward, × two forwards, × FO-LoRA step, × pass. Peak memory per case on CUDA
 (``torch.cuda.max_memory_allocated``); on CPU the process's peak RSS at the end.
@@ -169,7 +172,11 @@ def cases(model, loss_fn, args) -> dict[str, Callable[[], object]]:
             with torch.no_grad(), eng._shifted(3, mu):
                 return loss_fn()
 
+        def update(eng=eng):  # x <- x - 0·z: the step's update pass (weights stay put)
+            eng.optimizer.step(zo_terms=[(3, 0.5)])
+
         out[f"perturb {src}"], out[f"perturbed fwd {src}"] = perturb, perturbed_forward
+        out[f"update {src}"] = update
     fo = HybridEngine(model, [], peft, lr_zo=0.0, lr_fo=0.0, mu=mu)
     out["fo-lora"] = lambda: fo.step(loss_fn)
     for src in args.sources:
@@ -274,6 +281,24 @@ def report(med: dict[str, float], peaks: dict[str, float], args) -> str:
                 f"passes (perturbed fwd - forward; embeddings shifted only at the batch's rows "
                 f"when the source fetches rows cheaply)"
             )
+    for src in args.sources:  # where a zo-ft step's time goes
+        parts = (f"zo-ft {src}", f"perturbed fwd {src}", f"update {src}")
+        if all(k in med for k in parts):
+            step, pf, up = (med[k] for k in parts)
+            lines.append(
+                f"zo-ft {src} = 2 perturbed fwd {2e3 * pf:.1f} + update {1e3 * up:.1f} + rest "
+                f"{1e3 * (step - 2 * pf - up):.1f} ms; without the forwards: "
+                f"{(step - 2 * fwd) / pas:.2f} passes = {(step - 2 * fwd) / (2 * fwd):.2f} x 2fwd"
+            )
+    if "base grad" in med:
+        lines.append(
+            "probe, per vector of a 10-step Lanczos: "
+            + ", ".join(
+                f"{k} = {med[k] / med['base grad']:.2f} x base grad"
+                for k in ("fd-hvp", "exact hvp")
+                if k in med
+            )
+        )
     if not peaks:
         lines.append(
             f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
