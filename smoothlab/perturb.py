@@ -10,7 +10,7 @@ Adding ``s·d`` to a weight in place and subtracting it back is not exact in flo
   :class:`Scratch` buffer when no gradient is taken). The shadow is a differentiable
   function of ``W``, so ``∂f/∂W`` at the shifted point is ordinary autograd. A plain
   ``nn.Embedding`` reads only its input's rows, so where the direction fetches rows cheaply
-  (the table, explicit tensors) its output becomes ``W[ids] + s·z[ids]``: a step pays for
+  (the table, the counter hash, explicit tensors) its output becomes ``W[ids] + s·z[ids]``: a step pays for
   the batch's tokens, not the vocabulary (half of MiniLM's weights are its word embedding).
 * **swap** (only the parameters are known): ``p.data`` is replaced by a new tensor
   ``W + s·d`` and the *original tensor object* is put back afterwards, so restoration is
@@ -211,12 +211,69 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
 
 class _Hash(_Signs):
     """Counter-based: word j = splitmix64(key + (j + 1)·φ), key = ``param_seed(seed, i)``.
-    Stateless and random-access; pure integer ops, so CPU and CUDA give the same z."""
+    Stateless and random-access; pure integer ops, so CPU and CUDA give the same z.
 
-    def _words(self, index: int, k: int, device: torch.device) -> torch.Tensor:
-        key = _signed(param_seed(self.seed, index))
-        x = torch.arange(1, k + 1, dtype=torch.int64, device=device).mul_(_GOLDEN).add_(key)
-        return splitmix64(x)
+    Random access makes z cheap in pieces: a shift or an update generates z a chunk of
+    ``CHUNK`` entries at a time into scratch (its extra memory is one chunk, not one
+    parameter: on a GPU a step's peak stays at inference's plus one layer's shadow), and an
+    embedding's rows of z are generated for the batch's rows only (``cheap_rows``)."""
+
+    cheap_rows = True
+    CHUNK = 1 << 20  # entries of z generated at a time (a multiple of 64)
+
+    def _words_at(self, index: int, j: torch.Tensor) -> torch.Tensor:
+        """Words number ``j`` (an int64 tensor, consumed) of parameter ``index``."""
+        return splitmix64(j.add_(1).mul_(_GOLDEN).add_(_signed(param_seed(self.seed, index))))
+
+    def _words(self, index: int, k: int, device: torch.device, start: int = 0) -> torch.Tensor:
+        j = torch.arange(start, start + k, dtype=torch.int64, device=device)
+        return self._words_at(index, j)
+
+    def _chunks(self, index: int, p: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(a, z[a : a + m]) over p's flat entries, each chunk written into one scratch buffer."""
+        n = p.numel()
+        buf = self.sampler.scratch.take(min(self.padded(n), self.CHUNK), p.dtype, p.device)
+        lut = self.sampler.sign_table(p.device, p.dtype)
+        try:
+            for a in range(0, n, self.CHUNK):
+                m = min(self.CHUNK, n - a)
+                k = -(-m // 64)
+                idx = self._words(index, k, p.device, a // 64).view(torch.uint8).int()
+                z = torch.index_select(lut, 0, idx, out=buf[: 64 * k].view(8 * k, 8))
+                yield a, z.view(-1)[:m]
+        finally:
+            self.sampler.scratch.give(buf)
+
+    def shift(
+        self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if (w.requires_grad and torch.is_grad_enabled()) or not w.is_contiguous():
+            return torch.add(w, self(index, w), alpha=scale)
+        wf = w.view(-1)
+        of = torch.empty_like(wf) if out is None else out[: wf.numel()]
+        for a, z in self._chunks(index, w):
+            torch.add(wf[a : a + z.numel()], z, alpha=scale, out=of[a : a + z.numel()])
+        return of.view(w.shape)
+
+    def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
+        if not p.is_contiguous():
+            p.add_(self(index, p), alpha=alpha)
+            return
+        pf = p.view(-1)
+        for a, z in self._chunks(index, p):
+            pf[a : a + z.numel()].add_(z, alpha=alpha)
+
+    def rows(self, index: int, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """z[ids] of a (rows × dim) weight: the words that cover each row, generated for
+        the batch's rows only, their bits unpacked and each row's window gathered."""
+        dim, flat = w.shape[-1], ids.reshape(-1)
+        first = flat * dim  # flat index of each row's first entry
+        width = -(-dim // 64) + 1  # words covering dim entries from any bit offset
+        j = first.div(64, rounding_mode="floor")[:, None] + torch.arange(width, device=ids.device)
+        lut = self.sampler.sign_table(w.device, w.dtype)
+        bits = lut[self._words_at(index, j).view(torch.uint8).int()].view(flat.numel(), 64 * width)
+        at = (first % 64)[:, None] + torch.arange(dim, device=ids.device)
+        return bits.gather(1, at).view(*ids.shape, dim)
 
 
 class _Table(SeededDirection):

@@ -272,10 +272,10 @@ def _wrapping_seed(sampler, index: int, n: int) -> int:
     return next(s for s in range(100_000) if param_seed(s, index) % size > size - n)
 
 
-@pytest.mark.parametrize("name", ["table", "gaussian", "explicit"])
+@pytest.mark.parametrize("name", ["table", "hash", "gaussian", "explicit"])
 def test_embedding_rows_equal_the_dense_shift(name, monkeypatch):
     """An embedding is perturbed row-wise (W[ids] + s·z[ids]) when the direction fetches rows
-    cheaply (the table, explicit tensors), densely otherwise; either way the forward and the
+    cheaply (the table, the counter-based hash, explicit tensors), densely otherwise; either way the forward and the
     gradient equal the replaced-weight model's, also when the table slice wraps around, and
     a scaled or max_norm embedding subclass is never taken row-wise."""
     torch.manual_seed(0)
@@ -310,7 +310,7 @@ def test_embedding_rows_equal_the_dense_shift(name, monkeypatch):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     if name != "explicit":
-        assert set(rows_of) == ({0} if name == "table" else set())
+        assert set(rows_of) == ({0} if name in ("table", "hash") else set())
 
 
 # --------------------------------------------------------------------------- sources
@@ -509,3 +509,21 @@ def test_sources_on_cuda(name, dtype):
     )
     if name == "hash":
         assert torch.equal(z.cpu(), seeded("hash", 5)(1, p.cpu()))
+
+
+@pytest.mark.parametrize("shape", [(300, 37), (50, 64), (7, 1), (2, 1000)])
+def test_hash_in_chunks_and_rows_is_the_same_z(shape, monkeypatch):
+    """The counter-based source generates z in chunks (shift, update) and per row (an
+    embedding's batch rows): both bit-identical to z built whole, at any row width (a row's
+    entries start at any bit of a word) and when a chunk ends inside a parameter."""
+    d = get_source("hash").sampler(run_seed=1)(11)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    z = d(3, w)
+    ids = torch.randint(0, shape[0], (5, 6), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(d.rows(3, w, ids), z[ids])
+    for chunk in (64, 192, d.CHUNK):
+        monkeypatch.setattr(type(d), "CHUNK", chunk)
+        assert torch.equal(d.shift(3, w, 0.7), torch.add(w, z, alpha=0.7))
+        x = w.clone()
+        d.update_(3, x, -0.2)
+        assert torch.equal(x, torch.add(w, z, alpha=-0.2))
