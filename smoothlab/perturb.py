@@ -10,8 +10,9 @@ Adding ``s·d`` to a weight in place and subtracting it back is not exact in flo
   :class:`Scratch` buffer when no gradient is taken). The shadow is a differentiable
   function of ``W``, so ``∂f/∂W`` at the shifted point is ordinary autograd. A plain
   ``nn.Embedding`` reads only its input's rows, so where the direction fetches rows cheaply
-  (the table, the counter hash, explicit tensors) its output becomes ``W[ids] + s·z[ids]``: a step pays for
-  the batch's tokens, not the vocabulary (half of MiniLM's weights are its word embedding).
+  (the table, the counter hash, explicit tensors) its output becomes ``W[ids] + s·z[ids]``:
+  a step pays for the batch's tokens, not the vocabulary (half of MiniLM's weights are its
+  word embedding).
 * **swap** (only the parameters are known): ``p.data`` is replaced by a new tensor
   ``W + s·d`` and the *original tensor object* is put back afterwards, so restoration is
   bit-exact. Extra memory: one copy of the perturbed parameters.
