@@ -23,7 +23,9 @@ case once per round) and each row reports the median. Cases:
 Ratios: × forward, × two forwards, × FO-LoRA step, × pass. Peak memory per case on CUDA
 (``torch.cuda.max_memory_allocated``); on CPU the process's peak RSS at the end.
 
-Default: the bundled MiniLM + LoRA r16 on a batch of 16 SST-2 sentences (CPU). With
+Default: the bundled MiniLM + LoRA r16 on the first 16 SST-2 training examples (CPU),
+padded to the longest: 16 x 22 tokens, the second-shortest of the first 62 batches (whose
+median is 33 tokens, at ``--offset 672``). The header prints the shape measured. With
 ``--model-config`` (``opt-1.3b``, ``opt-tiny`` or a config.json) a causal LM with random
 weights is built from the config (no hub), with a random batch of ``--batch × --seq`` tokens.
 
@@ -80,11 +82,19 @@ def build_minilm(args: argparse.Namespace):
     from hybrid.data import load_task_data
     from hybrid.models import attach_peft, load_model
 
-    task, splits = load_task_data("sst2", args.data, train=max(args.batch, 16), eval=1, dev=1)
+    first = getattr(args, "offset", 0)
+    task, splits = load_task_data(
+        "sst2", args.data, train=max(first + args.batch, 16), eval=1, dev=1
+    )
     bundle = attach_peft(
         load_model(None, task, device=args.device, dtype=DTYPES[args.dtype]), "lora", r=16
     )
-    batch = bundle.encode(splits.train[: args.batch], args.seq)
+    batch = bundle.encode(splits.train[first : first + args.batch], args.seq)
+    rows, tokens = batch.inputs["input_ids"].shape
+    args.shape = (
+        f"batch {rows} x {tokens} tokens (SST-2 train examples {first}..{first + rows - 1}, "
+        f"padded to the longest, at most --seq {args.seq})"
+    )
     return bundle.model, lambda: bundle.loss(batch)
 
 
@@ -110,6 +120,7 @@ def build_causal(args: argparse.Namespace):
     )
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
+    args.shape = f"batch {args.batch} x {args.seq} tokens (random ids)"
     return model, lambda: model(input_ids=ids, labels=ids).loss
 
 
@@ -329,6 +340,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128, help="max length (MiniLM) or sequence length")
+    ap.add_argument(
+        "--offset", type=int, default=0, help="MiniLM: the batch is train examples offset.."
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     ap.add_argument("--skip", nargs="*", default=[], help="case names to leave out")
@@ -339,7 +353,7 @@ def main() -> None:
     base_numel = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     print(
         f"model: {args.model_config or 'MiniLM + LoRA r16'}, {args.dtype}, {args.device}, "
-        f"batch {args.batch} x {args.seq}, {base_numel / 1e6:.1f}M base weights, "
+        f"{args.shape}, {base_numel / 1e6:.1f}M base weights, "
         f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin repeats",
         flush=True,
     )
