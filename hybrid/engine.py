@@ -110,14 +110,19 @@ def zo_update(
 
     The one ZO update: training (:class:`TwoRateSGD`) and the replay of a seed checkpoint
     (:func:`hybrid.seedlog.replay` with :func:`zo_updater`) both call it, so a replayed
-    trajectory is bit-identical by construction. One parameter at a time (it stays in cache).
+    trajectory is bit-identical by construction.
     """
-    dirs = [(sampler(seed), coef) for seed, coef in terms]
-    for k, p in enumerate(params):
-        i = k if index is None else index[id(p)]
-        if wd:
+    indices = [k if index is None else index[id(p)] for k, p in enumerate(params)]
+    if wd:
+        for p in params:
             p.mul_(1 - lr * wd)
-        for d, coef in dirs:
+    for seed, coef in terms:  # each entry sees the same ops in the same order as term by term
+        d = sampler(seed)
+        many = getattr(d, "update_many", None)
+        if many is not None:  # one batched call (the table's slices are views)
+            many(indices, params, -lr * coef)
+            continue
+        for i, p in zip(indices, params):
             d.update_(i, p, -lr * coef)
 
 

@@ -331,6 +331,42 @@ class _Table(SeededDirection):
         for a, o, m in pieces:
             pf[a : a + m].add_(t[o : o + m], alpha=alpha)
 
+    def _slices(
+        self, indices: Sequence[int], ps: Sequence[torch.Tensor]
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """Which of ``ps`` are one contiguous table slice (the rest wrap around the end or
+        are not contiguous), and those slices shaped like their parameters."""
+        at, zs = [], []
+        for k, (i, p) in enumerate(zip(indices, ps)):
+            t, pieces = self._pieces(i, p)
+            if len(pieces) == 1 and p.is_contiguous():
+                o = pieces[0][1]
+                at.append(k)
+                zs.append(t[o : o + p.numel()].view(p.shape))
+        return at, zs
+
+    def shift_many(
+        self, indices: Sequence[int], ws: Sequence[torch.Tensor], scale: float
+    ) -> list[torch.Tensor]:
+        """[w_k + scale·z_k] for many parameters in one batched call (``torch._foreach_add``:
+        the same elementwise add as :meth:`shift`, without a Python round trip per tensor)."""
+        at, zs = self._slices(indices, ws)
+        out: list[torch.Tensor | None] = [None] * len(ws)
+        for k, r in zip(at, torch._foreach_add([ws[k] for k in at], zs, alpha=scale)):
+            out[k] = r
+        return [
+            r if r is not None else self.shift(i, w, scale) for i, w, r in zip(indices, ws, out)
+        ]
+
+    def update_many(self, indices: Sequence[int], ps: Sequence[torch.Tensor], alpha: float) -> None:
+        """p_k ← p_k + alpha·z_k for many parameters, batched like :meth:`shift_many`."""
+        at, zs = self._slices(indices, ps)
+        torch._foreach_add_([ps[k] for k in at], zs, alpha=alpha)
+        done = set(at)
+        for k, (i, p) in enumerate(zip(indices, ps)):
+            if k not in done:
+                self.update_(i, p, alpha)
+
 
 # --------------------------------------------------------------------------- sources
 
@@ -528,6 +564,24 @@ def _shadow(direction: Direction, i: int, w: torch.Tensor, scale: float, scratch
     return fast(i, w, scale, out=buf), buf
 
 
+SMALL = 1 << 16  # entries: parameters at most this size are shadowed for a whole context
+
+
+def _shadows(
+    direction: Direction, indices: list[int], ws: list[torch.Tensor], scale: float
+) -> list[torch.Tensor]:
+    """[w + scale·z_i] for many parameters: one batched call where the direction has one
+    (``shift_many``) and no gradient flows to the weights, else one :func:`_shadow` each."""
+    many = getattr(direction, "shift_many", None)
+    if (
+        many is not None
+        and ws
+        and not (torch.is_grad_enabled() and any(w.requires_grad for w in ws))
+    ):
+        return many(indices, ws, scale)
+    return [_shadow(direction, i, w, scale, None)[0] for i, w in zip(indices, ws)]
+
+
 @contextlib.contextmanager
 def _swapped(params: Sequence[torch.Tensor], direction: Direction, scale: float) -> Iterator[None]:
     """:func:`shifted` without ``root``: exact ``.data`` swap, restored on exit."""
@@ -562,18 +616,28 @@ def _hooked(
 ) -> Iterator[None]:
     """:func:`shifted` with ``root``: shadows installed by forward hooks, removed on exit."""
     owned = owners(root, params)
-    # A container without a forward of its own (ParameterDict/ParameterList, e.g. peft's
-    # lora_embedding_A) never fires hooks: its parameters are read by the parent. Shadow those
-    # for the whole context (their size only), built with grad on so ∂f/∂W still flows.
-    static = [m for m in owned if type(m).forward is nn.Module.forward]
     # A plain embedding reads only the rows of its input ids: (W + s·z)[ids] is computed as
     # W[ids] + s·z[ids] after its forward, so a step pays for those rows, not the vocabulary.
     by_rows = [m for m in owned if getattr(direction, "cheap_rows", False) and row_wise(m)]
+    # Shadowed for the whole context (built at entry, with grad on so ∂f/∂W still flows):
+    # a container without a forward of its own (ParameterDict/ParameterList, e.g. peft's
+    # lora_embedding_A) never fires hooks, its parameters being read by the parent; and small
+    # parameters (biases, norms: SMALL entries or fewer), whose per-forward hooks and per-tensor
+    # calls cost more than their shadows' memory. The rest are shadowed one layer at a time.
+    whole: dict[nn.Module, list[tuple[str, int]]] = {}
+    hooked: dict[nn.Module, list[tuple[str, int]]] = {}
+    for m, names in owned.items():
+        if m in by_rows:
+            continue
+        container = type(m).forward is nn.Module.forward
+        for name, i in names:
+            small = params[i].numel() <= SMALL
+            (whole if container or small else hooked).setdefault(m, []).append((name, i))
     handles = []
     lent: dict[tuple[int, str], torch.Tensor] = {}
 
     def pre_hook(module: nn.Module, args: object) -> None:
-        for name, i in owned[module]:
+        for name, i in hooked[module]:
             module.__dict__[name], buf = _shadow(
                 direction, i, module._parameters[name], scale, scratch
             )
@@ -581,7 +645,7 @@ def _hooked(
                 lent[id(module), name] = buf
 
     def post_hook(module: nn.Module, args: object, output: object) -> None:
-        for name, _ in owned[module]:
+        for name, _ in hooked[module]:
             module.__dict__.pop(name, None)
             buf = lent.pop((id(module), name), None)
             if buf is not None:
@@ -592,17 +656,17 @@ def _hooked(
         z = direction.rows(owned[module][0][1], module.weight, ids)
         return torch.add(output, z, alpha=scale)
 
-    dense = [m for m in owned if m not in static and m not in by_rows]
     try:
         with torch.enable_grad():
-            for module in static:
-                for name, i in owned[module]:
-                    module.__dict__[name] = _shadow(
-                        direction, i, module._parameters[name], scale, None
-                    )[0]
+            spots = [(m, name, i) for m, names in whole.items() for name, i in names]
+            ws = [m._parameters[name] for m, name, _ in spots]
+            for (m, name, _), w in zip(
+                spots, _shadows(direction, [i for *_, i in spots], ws, scale)
+            ):
+                m.__dict__[name] = w
         for module in by_rows:
             handles.append(module.register_forward_hook(rows_hook, with_kwargs=True))
-        for module in dense:
+        for module in hooked:
             handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(post_hook, always_call=True))
         yield

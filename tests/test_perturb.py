@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from smoothlab import seeded_gaussian, shifted
+from smoothlab import perturb, seeded_gaussian, shifted
 from smoothlab.errors import UsageError
 from smoothlab.perturb import (
     SOURCES,
@@ -400,10 +400,15 @@ def test_noise_table_is_the_runs_and_too_small_tables_are_refused():
 
 @pytest.mark.parametrize("name", SOURCES)
 @pytest.mark.parametrize("on_the_fly", [True, False])
-def test_shifted_with_each_source_and_scratch_equals_manual_copy(name, on_the_fly):
+@pytest.mark.parametrize("small", [0, perturb.SMALL])
+def test_shifted_with_each_source_and_scratch_equals_manual_copy(
+    name, on_the_fly, small, monkeypatch
+):
     """A seeded direction through ``shifted`` (fused, shadows in reusable scratch) equals the
     replaced-weight model; nested owners (the root's ``scale`` is read before ``fc2`` runs)
-    get distinct buffers; the scratch holds its buffers for reuse afterwards."""
+    get distinct buffers; the scratch holds its buffers for reuse afterwards. ``small``:
+    parameters up to this size are shadowed once for the whole context (here: all or none)."""
+    monkeypatch.setattr(perturb, "SMALL", small)
     model, x = make()
     params = list(model.parameters())
     d = get_source(name).sampler(run_seed=0)(4)
@@ -426,7 +431,7 @@ def test_shifted_with_each_source_and_scratch_equals_manual_copy(name, on_the_fl
     twin = manual(model, params, dirs, 0.3)
     expected_g = torch.autograd.grad(twin(x).sum(), [twin.fc1.weight])[0]
     torch.testing.assert_close(g, expected_g, rtol=1e-6, atol=1e-6)
-    if on_the_fly:
+    if on_the_fly and not small:
         assert scratch._free  # the buffers came back
 
 
@@ -527,3 +532,36 @@ def test_hash_in_chunks_and_rows_is_the_same_z(shape, monkeypatch):
         x = w.clone()
         d.update_(3, x, -0.2)
         assert torch.equal(x, torch.add(w, z, alpha=-0.2))
+
+
+def test_table_batched_shift_and_update_equal_one_parameter_at_a_time():
+    """``shift_many`` / ``update_many`` (one ``torch._foreach_add`` over the parameters whose
+    z is one table slice) equal ``shift`` / ``update_`` per parameter bit for bit, with a
+    slice that wraps around the table's end and a non-contiguous parameter among them."""
+    from hybrid.engine import zo_update
+
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(300, 70, generator=g), torch.randn(5, generator=g)]
+    ps.append(torch.randn(40, 30, generator=g).t())  # not contiguous
+    sampler = get_source("table").sampler(run_seed=3, max_numel=300 * 70)
+    seed = _wrapping_seed(sampler, 0, ps[0].numel())
+    d = sampler(seed)
+    assert len(d._pieces(0, ps[0])[1]) == 2  # parameter 0's slice wraps around
+    idx = [0, 1, 2]
+    for got, i, p in zip(d.shift_many(idx, ps, 0.3), idx, ps):
+        assert torch.equal(got, d.shift(i, p, 0.3))
+    one, many = [p.clone() for p in ps], [p.clone() for p in ps]
+    for i, p in zip(idx, one):
+        d.update_(i, p, -0.7)
+    d.update_many(idx, many, -0.7)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    # zo_update (term by term, batched) = per parameter: decay, then each term in order
+    terms, lr, wd = [(seed, 0.5), (seed + 1, -2.0)], 0.1, 0.01
+    expected = [p.clone() for p in ps]
+    for i, p in zip(idx, expected):
+        p.mul_(1 - lr * wd)
+        for s, c in terms:
+            sampler(s).update_(i, p, -lr * c)
+    got = [p.clone() for p in ps]
+    zo_update(sampler, got, terms, lr, wd)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
