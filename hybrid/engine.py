@@ -334,9 +334,14 @@ class HybridEngine:
         """z(i, p) of a perturbation seed (``engine.direction(engine.perturbation_seed(t, k))``)."""
         return self.sampler(seed)
 
-    def _shifted(self, seed: int, scale: float):
+    def _shifted(self, seed: int, scale: float, backward_inside: bool = False):
         return shifted(
-            self.zo_params, self.sampler(seed), scale, self.model, scratch=self.sampler.scratch
+            self.zo_params,
+            self.sampler(seed),
+            scale,
+            self.model,
+            scratch=self.sampler.scratch,
+            backward_inside=backward_inside,
         )
 
     # -- the step ------------------------------------------------------------------------
@@ -344,10 +349,11 @@ class HybridEngine:
         with torch.enable_grad():
             if shift is None:
                 loss = loss_fn()
-            else:
-                with self._shifted(*shift):
+                grads = torch.autograd.grad(loss, self.fo_params, allow_unused=True)
+            else:  # the backward ends inside: the shadows can live in reused scratch
+                with self._shifted(*shift, backward_inside=True):
                     loss = loss_fn()
-            grads = torch.autograd.grad(loss, self.fo_params, allow_unused=True)
+                    grads = torch.autograd.grad(loss, self.fo_params, allow_unused=True)
         for p, g in zip(self.fo_params, grads):
             p.grad = torch.zeros_like(p) if g is None else g
         return loss.detach()

@@ -552,13 +552,23 @@ def owners(
     return owners
 
 
-def _shadow(direction: Direction, i: int, w: torch.Tensor, scale: float, scratch: Scratch | None):
-    """(w + scale·z_i, the scratch buffer it lives in or None). Scratch only without autograd:
-    a graph may save the shadow (e.g. a linear layer's weight, for the input's gradient)."""
+def _shadow(
+    direction: Direction,
+    i: int,
+    w: torch.Tensor,
+    scale: float,
+    scratch: Scratch | None,
+    backward_inside: bool = False,
+):
+    """(w + scale·z_i, the scratch buffer it lives in or None). Under autograd a graph may
+    save the shadow (a linear layer's weight, for its input's gradient), so scratch is used
+    there only when every backward ends inside the context (``backward_inside``) and no
+    gradient flows to ``w`` itself."""
     fast = getattr(direction, "shift", None)
     if fast is None:
         return torch.add(w, direction(i, w), alpha=scale), None
-    if scratch is None or torch.is_grad_enabled():
+    grad = torch.is_grad_enabled()
+    if scratch is None or (grad and not (backward_inside and not w.requires_grad)):
         return fast(i, w, scale), None
     buf = scratch.take(w.numel(), w.dtype, w.device)
     return fast(i, w, scale, out=buf), buf
@@ -613,6 +623,7 @@ def _hooked(
     direction: Direction,
     scale: float,
     scratch: Scratch | None,
+    backward_inside: bool = False,
 ) -> Iterator[None]:
     """:func:`shifted` with ``root``: shadows installed by forward hooks, removed on exit."""
     owned = owners(root, params)
@@ -634,14 +645,17 @@ def _hooked(
             small = params[i].numel() <= SMALL
             (whole if container or small else hooked).setdefault(m, []).append((name, i))
     handles = []
-    lent: dict[tuple[int, str], torch.Tensor] = {}
+    lent: dict[tuple[int, str], torch.Tensor] = {}  # scratch given back after the layer
+    held: list[torch.Tensor] = []  # scratch a graph may still read: given back on exit
 
     def pre_hook(module: nn.Module, args: object) -> None:
         for name, i in hooked[module]:
             module.__dict__[name], buf = _shadow(
-                direction, i, module._parameters[name], scale, scratch
+                direction, i, module._parameters[name], scale, scratch, backward_inside
             )
-            if buf is not None:
+            if buf is not None and torch.is_grad_enabled():
+                held.append(buf)
+            elif buf is not None:
                 lent[id(module), name] = buf
 
     def post_hook(module: nn.Module, args: object, output: object) -> None:
@@ -676,7 +690,7 @@ def _hooked(
         for module, names in owned.items():
             for name, _ in names:
                 module.__dict__.pop(name, None)
-        for buf in lent.values():
+        for buf in [*lent.values(), *held]:
             scratch.give(buf)
 
 
@@ -688,6 +702,7 @@ def shifted(
     root: nn.Module | None = None,
     *,
     scratch: Scratch | None = None,
+    backward_inside: bool = False,
 ) -> Iterator[None]:
     """Inside the context, forwards see ``p_i + scale · direction(i, p_i)`` for every i.
 
@@ -695,7 +710,9 @@ def shifted(
     written); without it by an exact ``.data`` swap. Either way every parameter is
     bit-identical after the context, also when the body raises. A :class:`SeededDirection`
     is applied fused (one pass per layer); ``scratch`` lends the shadows reusable memory in
-    forwards without autograd.
+    forwards without autograd, and also in forwards with autograd when ``backward_inside``
+    promises that every backward through them ends before the context exits (the graph
+    reads the shadows until then; each layer keeps its own buffer until exit).
 
     On the fly, a parameter is seen shifted when it is read inside its owning module's
     forward, or when its owner is a container without a forward (``ParameterDict``,
@@ -711,6 +728,6 @@ def shifted(
     if root is None:
         ctx = _swapped(params, direction, scale)
     else:
-        ctx = _hooked(root, params, direction, scale, scratch)
+        ctx = _hooked(root, params, direction, scale, scratch, backward_inside)
     with ctx:
         yield

@@ -565,3 +565,26 @@ def test_table_batched_shift_and_update_equal_one_parameter_at_a_time():
     got = [p.clone() for p in ps]
     zo_update(sampler, got, terms, lr, wd)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_backward_inside_lends_each_layer_its_own_scratch_until_exit():
+    """With ``backward_inside`` a forward under autograd takes its layer shadows from scratch,
+    one buffer per layer held until exit (the graph reads every one in the backward; had
+    a later layer reused an earlier one's buffer, the gradient through both would be wrong),
+    so the gradient equals the replaced-weight model's, and the buffers come back on exit."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh())
+    base = [net[0].weight, net[2].weight]  # 90,000 entries each: shadowed layer by layer
+    for p in net.parameters():
+        p.requires_grad_(False)
+    y = nn.Parameter(torch.randn(8, 300))  # the trained weights sit below both layers
+    d = get_source("table").sampler(run_seed=1, max_numel=300 * 300)(5)
+    twin = manual(net, base, [d(i, p) for i, p in enumerate(base)], 0.3)
+    expected = torch.autograd.grad(twin(y).square().sum(), [y])[0]
+    scratch = Scratch()
+    with shifted(base, d, 0.3, root=net, scratch=scratch, backward_inside=True):
+        got = torch.autograd.grad(net(y).square().sum(), [y])[0]
+        assert not any(scratch._free.values())  # both buffers still lent to the graph
+    assert torch.equal(got, expected)
+    bufs = [b for free in scratch._free.values() for b in free]
+    assert len(bufs) == 2 and bufs[0].data_ptr() != bufs[1].data_ptr()
