@@ -130,7 +130,9 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.dtype == torch.float64 and b.dtype == torch.float64:
         return float(torch.dot(a, b))
     n = a.numel()
-    if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and n >= _ROW:
+    cpu32 = a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+    if cpu32 and a.is_contiguous() and b.is_contiguous() and n >= _ROW:
+        a, b = a.view(-1), b.view(-1)
         m = n // _ROW
         rows = torch.bmm(a[: m * _ROW].view(m, 1, _ROW), b[: m * _ROW].view(m, _ROW, 1))
         tail = torch.dot(a[m * _ROW :].double(), b[m * _ROW :].double())
