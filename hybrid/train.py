@@ -470,6 +470,8 @@ class Trainer:
         self.pending = list(state.get("pending", []))
         self.row = state.get("row")
         self.divergence.load_state_dict(state.get("divergence"))
+        if self.walk is not None and "walk" not in state:
+            self.walk = None  # saved before the walk budget existed: the run had none
         if self.walk is not None:
             self.walk.load_state_dict(state.get("walk"))
             self.walk.horizon = self.cfg.steps  # raised by extend_steps

@@ -761,6 +761,17 @@ def test_train_auto_rates_probe_step_0_and_resume_reuses_them(
     assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert "Learning-rate proposal" in (tmp_path / "rep" / "report.md").read_text()
 
+    # a checkpoint saved before the walk budget existed (no "walk" entry) resumes without one
+    import shutil
+
+    import torch
+
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    state = torch.load(old / "checkpoint.pt", weights_only=False)
+    del state["walk"]
+    torch.save(state, old / "checkpoint.pt")
+
     # resuming the run reuses the resolved rates: no second probe
     def no_probe(*a, **kw):
         raise AssertionError("a resumed run must not probe again")
@@ -776,6 +787,11 @@ def test_train_auto_rates_probe_step_0_and_resume_reuses_them(
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
     # the resumed budget continues: the 2 extra steps share what the first 2 left of B
     assert _budget_rates(adv, rows, horizon=4, resumed_at=2) == [float(r["lr_base"]) for r in rows]
+    argv4_old = _train_argv(enc, old, "--lr-base", "auto", "--lr-peft", "auto", "--steps", "4")
+    assert main(argv4_old) == 0
+    with (old / "metrics.csv").open() as fh:
+        resumed = list(csv.DictReader(fh))
+    assert [float(r["lr_base"]) for r in resumed[2:]] == [adv["eta_x"]] * 2
     # without the budget the advised rate is used throughout
     monkeypatch.undo()
     out2 = tmp_path / "fixed"
