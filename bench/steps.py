@@ -37,6 +37,7 @@ weights is built from the config (no hub), with a random batch of ``--batch × -
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -47,6 +48,7 @@ from pathlib import Path
 import torch
 
 from hybrid.engine import HybridEngine
+from smoothlab.estimators.operator import _DOT_BUFFERS
 from smoothlab.hvp import Oracle
 from smoothlab.perturb import SOURCES, Scratch, seeded_gaussian
 
@@ -129,8 +131,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def cases(model, loss_fn, args) -> dict[str, Callable[[], object]]:
-    """Every measured case as a zero-argument callable (learning rates 0: weights stay put)."""
+def cases(model, loss_fn, args) -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
+    """Every measured case as a zero-argument callable (learning rates 0: weights stay put),
+    and a function that drops what the cases keep between calls (noise tables, the probe's
+    vectors), so that each case's peak memory can be read with only its own state live."""
     from hybrid.train import split_parameters
 
     base, peft = split_parameters(model, "hybrid-lora")
@@ -190,17 +194,28 @@ def cases(model, loss_fn, args) -> dict[str, Callable[[], object]]:
         out[f"update {src}"] = update
     fo = HybridEngine(model, [], peft, lr_zo=0.0, lr_fo=0.0, mu=mu)
     out["fo-lora"] = lambda: fo.step(loss_fn)
+    hy_engines: list[HybridEngine] = []
     for src in args.sources:
         hy = HybridEngine(model, base, peft, lr_zo=0.0, lr_fo=0.0, mu=mu, z=src)
         fap = HybridEngine(
             model, base, peft, lr_zo=0.0, lr_fo=0.0, mu=mu, z=src, fo_at_perturbed=True
         )
+        hy_engines += [hy, fap]
         out[f"zo-ft {src}"] = lambda e=zo[src]: e.step(loss_fn)
         out[f"hybrid-lora {src}"] = lambda e=hy: e.step(loss_fn)
         out[f"hybrid-lora+fap {src}"] = lambda e=fap: e.step(loss_fn)
     out["mezo in-place"] = lambda: mezo_step(base, loss_fn, mu)
-    out.update(hvp_cases(model, base, loss_fn))
-    return out
+    hvps, release_hvps = hvp_cases(model, base, loss_fn)
+    out.update(hvps)
+    engines = [*zo.values(), *hy_engines]
+
+    def release() -> None:
+        for e in engines:
+            e.sampler.clear()
+        scratch.clear()
+        release_hvps()
+
+    return out, release
 
 
 def mezo_step(base, loss_fn, mu: float, lr: float = 0.0) -> float:
@@ -221,14 +236,20 @@ def mezo_step(base, loss_fn, mu: float, lr: float = 0.0) -> float:
     return fp
 
 
-def hvp_cases(model, base, loss_fn, vectors: int = 10) -> dict[str, Callable[[], object]]:
+def hvp_cases(
+    model, base, loss_fn, vectors: int = 10
+) -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
     """The probe's costs as a ``vectors``-step Lanczos pays them: one oracle, the reference
     gradient given (fd) or the first-order graph built once (exact), HVPs written into a
     recycled buffer; each case's time is divided by ``vectors`` (its ``per`` attribute)."""
     dev = base[0].device
-    gen = torch.Generator(device=dev).manual_seed(0)
-    v = torch.randn(sum(p.numel() for p in base), generator=gen, device=dev)  # on the device
     state: dict[str, object] = {}
+
+    def vector() -> torch.Tensor:
+        if "v" not in state:  # built on the device, once (until released)
+            gen = torch.Generator(device=dev).manual_seed(0)
+            state["v"] = torch.randn(sum(p.numel() for p in base), generator=gen, device=dev)
+        return state["v"]
 
     def grad():
         with Oracle("fd", loss_fn, base, root=model) as o:
@@ -238,6 +259,7 @@ def hvp_cases(model, base, loss_fn, vectors: int = 10) -> dict[str, Callable[[],
 
     def hvps(kind: str) -> None:
         kwargs = {"gradient": state["g"]} if kind == "fd" else {}
+        v = vector()
         with Oracle(kind, loss_fn, base, root=model, **kwargs) as o:
             out = torch.empty_like(v, dtype=o.dtype)
             for _ in range(vectors):
@@ -251,27 +273,45 @@ def hvp_cases(model, base, loss_fn, vectors: int = 10) -> dict[str, Callable[[],
     def exact_hvp():
         hvps("exact")
 
+    def release() -> None:
+        state.clear()
+        _DOT_BUFFERS.clear()  # dot64's float64 chunk buffers
+
     fd_hvp.per = exact_hvp.per = vectors
-    return {"base grad": grad, "fd-hvp": fd_hvp, "exact hvp": exact_hvp}
+    return {"base grad": grad, "fd-hvp": fd_hvp, "exact hvp": exact_hvp}, release
 
 
-def measure(fns: dict[str, Callable[[], object]], repeats: int, device: str, skip: set[str]):
+def measure(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    device: str,
+    skip: set[str],
+    release: Callable[[], None],
+):
+    """Median seconds per case over round-robin rounds (round 0 warms up); on CUDA then
+    each case's peak memory, run once more alone: everything the cases keep between calls
+    released first, so a case's peak holds the model, its own state and its transients
+    (not, say, another source's noise table or the probe's vectors)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    peaks: dict[str, float] = {}
-    for r in range(repeats + 1):  # round 0 warms up (tables, kernels, allocator)
-        for name, fn in fns.items():
-            if name in skip:
-                continue
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
+    run = {k: fn for k, fn in fns.items() if k not in skip}
+    for r in range(repeats + 1):
+        for name, fn in run.items():
             sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
             if r:
                 times[name].append((time.perf_counter() - t0) / getattr(fn, "per", 1))
-            if device.startswith("cuda"):
-                peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+    peaks: dict[str, float] = {}
+    if device.startswith("cuda"):
+        for name, fn in run.items():
+            release()
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            sync(device)
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**20
     return {k: statistics.median(v) for k, v in times.items() if v}, peaks
 
 
@@ -357,7 +397,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin repeats",
         flush=True,
     )
-    med, peaks = measure(cases(model, loss_fn, args), args.repeats, args.device, set(args.skip))
+    fns, release = cases(model, loss_fn, args)
+    med, peaks = measure(fns, args.repeats, args.device, set(args.skip), release)
     print(report(med, peaks, args))
 
 

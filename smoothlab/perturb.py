@@ -410,6 +410,12 @@ class Sampler:
             self._cache[key] = t.to(dtype)
         return self._cache[key]
 
+    def clear(self) -> None:
+        """Drop what this sampler keeps (noise table, sign table, scratch buffers); they are
+        rebuilt, identically, on next use."""
+        self._cache.clear()
+        self.scratch.clear()
+
     def sign_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """256 × 8: row b holds the signs (−1)^(1 − bit k of b), k = 0..7."""
         key = ("signs", torch.device(device), dtype)
