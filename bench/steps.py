@@ -289,9 +289,11 @@ def measure(
     release: Callable[[], None],
 ):
     """Median seconds per case over round-robin rounds (round 0 warms up); on CUDA then
-    each case's peak memory, run once more alone: everything the cases keep between calls
-    released first, so a case's peak holds the model, its own state and its transients
-    (not, say, another source's noise table or the probe's vectors)."""
+    each case's peak memory in a steady-state call of its own: everything the cases keep
+    between calls released, one call to rebuild the case's own state (its noise table: the
+    build's float32 draw is a once-per-run transient), then the measured call. A peak holds
+    the model, the case's own state and its transients, not another source's table or the
+    probe's vectors."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     run = {k: fn for k, fn in fns.items() if k not in skip}
     for r in range(repeats + 1):
@@ -306,6 +308,7 @@ def measure(
     if device.startswith("cuda"):
         for name, fn in run.items():
             release()
+            fn()  # rebuilds this case's own state
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
