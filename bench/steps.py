@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from hybrid.engine import HybridEngine
-from smoothlab.estimators.operator import _DOT_BUFFERS
+from smoothlab.estimators.operator import release_dot_buffers
 from smoothlab.hvp import Oracle
 from smoothlab.perturb import SOURCES, Scratch, seeded_gaussian
 
@@ -275,7 +275,7 @@ def hvp_cases(
 
     def release() -> None:
         state.clear()
-        _DOT_BUFFERS.clear()  # dot64's float64 chunk buffers
+        release_dot_buffers()  # dot64's float64 chunk buffers
 
     fd_hvp.per = exact_hvp.per = vectors
     return {"base grad": grad, "fd-hvp": fd_hvp, "exact hvp": exact_hvp}, release

@@ -117,6 +117,11 @@ _DOT_BUFFERS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _ROW = 128  # entries per float32 partial sum of dot64's CPU path
 
 
+def release_dot_buffers() -> None:
+    """Drop :func:`dot64`'s reusable float64 buffers (rebuilt on next use)."""
+    _DOT_BUFFERS.clear()
+
+
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     """aᵀb accumulated in float64 (a float32 dot over 10⁷ entries loses digits, and those
     errors put Ritz values outside the spectrum), without a full float64 copy.
