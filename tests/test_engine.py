@@ -634,3 +634,34 @@ def test_unregistered_zo_parameter_raises_on_step():
     with pytest.raises(ValueError, match="not registered"):
         eng.step(toy_loss(model))
     assert torch.equal(stray.detach(), torch.zeros(3))
+
+
+class Checkpointed(Toy):
+    """Toy whose first layer runs under activation checkpointing: the backward recomputes
+    it, so the recomputation must see the same shifted weights as the forward did."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(lambda v: torch.tanh(self.l1(v) + self.adapter(v)), x, use_reentrant=False)
+        return self.l2(h) + self.adapter2(h)
+
+
+def test_fo_at_perturbed_gradient_is_right_under_activation_checkpointing():
+    """The gradient at x + μz₁ is taken inside the shift (``backward_inside``): a checkpointed
+    layer recomputed in the backward sees the shifted weights, so the gradient equals the one
+    at explicitly perturbed weights (with the backward outside the shift, the recomputation
+    would read the stored ones and the gradient would silently mix two points)."""
+    model = Checkpointed(seed=4)
+    loss_fn = toy_loss(model)
+    eng = HybridEngine(
+        model, model.base(), model.peft(), lr_zo=0.0, lr_fo=0.0, mu=0.05,
+        fo_at_perturbed=True, seed=1,
+    )  # fmt: skip
+    seed = eng.perturbation_seed(0, 0)
+    d = eng.direction(seed)
+    zs = [d(i, p) for i, p in enumerate(model.base())]
+    _, expected = _loss_at(loss_fn, model.base(), zs, 0.05, fo=model.peft(), grad=True)
+    eng._fo_loss(loss_fn, (seed, 0.05))
+    for p, g in zip(model.peft(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
