@@ -210,7 +210,35 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class _Hash(_Signs):
+class _Piecewise(SeededDirection):
+    """A direction whose z comes in flat pieces (``_z_pieces``: (offset, z[offset : offset +
+    m]) in order) that never need z built whole: a shift or an update is one pass per piece.
+    A weight taking a gradient, or not contiguous, gets z built whole instead."""
+
+    def _z_pieces(self, index: int, p: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        raise NotImplementedError
+
+    def shift(
+        self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if (w.requires_grad and torch.is_grad_enabled()) or not w.is_contiguous():
+            return torch.add(w, self(index, w), alpha=scale)
+        wf = w.view(-1)
+        of = torch.empty_like(wf) if out is None else out[: wf.numel()]
+        for a, z in self._z_pieces(index, w):
+            torch.add(wf[a : a + z.numel()], z, alpha=scale, out=of[a : a + z.numel()])
+        return of.view(w.shape)
+
+    def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
+        if not p.is_contiguous():
+            p.add_(self(index, p), alpha=alpha)
+            return
+        pf = p.view(-1)
+        for a, z in self._z_pieces(index, p):
+            pf[a : a + z.numel()].add_(z, alpha=alpha)
+
+
+class _Hash(_Piecewise, _Signs):
     """Counter-based: word j = splitmix64(key + (j + 1)·φ), key = ``param_seed(seed, i)``.
     Stateless and random-access; pure integer ops, so CPU and CUDA give the same z.
 
@@ -230,8 +258,8 @@ class _Hash(_Signs):
         j = torch.arange(start, start + k, dtype=torch.int64, device=device)
         return self._words_at(index, j)
 
-    def _chunks(self, index: int, p: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """(a, z[a : a + m]) over p's flat entries, each chunk written into one scratch buffer."""
+    def _z_pieces(self, index: int, p: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Chunks of ``CHUNK`` entries, each generated into one reused scratch buffer."""
         n = p.numel()
         buf = self.sampler.scratch.take(min(self.padded(n), self.CHUNK), p.dtype, p.device)
         lut = self.sampler.sign_table(p.device, p.dtype)
@@ -244,25 +272,6 @@ class _Hash(_Signs):
                 yield a, z.view(-1)[:m]
         finally:
             self.sampler.scratch.give(buf)
-
-    def shift(
-        self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if (w.requires_grad and torch.is_grad_enabled()) or not w.is_contiguous():
-            return torch.add(w, self(index, w), alpha=scale)
-        wf = w.view(-1)
-        of = torch.empty_like(wf) if out is None else out[: wf.numel()]
-        for a, z in self._chunks(index, w):
-            torch.add(wf[a : a + z.numel()], z, alpha=scale, out=of[a : a + z.numel()])
-        return of.view(w.shape)
-
-    def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
-        if not p.is_contiguous():
-            p.add_(self(index, p), alpha=alpha)
-            return
-        pf = p.view(-1)
-        for a, z in self._chunks(index, p):
-            pf[a : a + z.numel()].add_(z, alpha=alpha)
 
     def rows(self, index: int, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """z[ids] of a (rows × dim) weight: the words that cover each row, generated for
@@ -277,7 +286,7 @@ class _Hash(_Signs):
         return bits.gather(1, at).view(*ids.shape, dim)
 
 
-class _Table(SeededDirection):
+class _Table(_Piecewise):
     """z_j = table[(o + j) mod T], o = ``param_seed(seed, i) mod T``: at most two contiguous
     slices of the run's table, so a shift or an update is one pass and z is never built, and
     an embedding's rows of z are read straight from the table (``cheap_rows``)."""
@@ -310,26 +319,11 @@ class _Table(SeededDirection):
         cols = torch.arange(dim, device=ids.device)
         return t[(ids.unsqueeze(-1) * dim + cols).add_(o).remainder_(t.numel())]
 
-    def shift(
-        self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if (w.requires_grad and torch.is_grad_enabled()) or not w.is_contiguous():
-            return torch.add(w, self(index, w), alpha=scale)
-        t, pieces = self._pieces(index, w)
-        wf = w.view(-1)
-        of = torch.empty_like(wf) if out is None else out[: wf.numel()]
-        for a, o, m in pieces:
-            torch.add(wf[a : a + m], t[o : o + m], alpha=scale, out=of[a : a + m])
-        return of.view(w.shape)
-
-    def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
-        if not p.is_contiguous():
-            p.add_(self(index, p), alpha=alpha)
-            return
+    def _z_pieces(self, index: int, p: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """The (at most two) table slices: views, so z is never built."""
         t, pieces = self._pieces(index, p)
-        pf = p.view(-1)
         for a, o, m in pieces:
-            pf[a : a + m].add_(t[o : o + m], alpha=alpha)
+            yield a, t[o : o + m]
 
     def _slices(
         self, indices: Sequence[int], ps: Sequence[torch.Tensor]
