@@ -28,6 +28,7 @@ gradient evaluated a distance μ‖z‖ away (a bias of order μ‖∇²_yx f‖
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -346,14 +347,12 @@ class HybridEngine:
 
     # -- the step ------------------------------------------------------------------------
     def _fo_loss(self, loss_fn: LossFn, shift: tuple[int, float] | None) -> torch.Tensor:
-        with torch.enable_grad():
-            if shift is None:
-                loss = loss_fn()
-                grads = torch.autograd.grad(loss, self.fo_params, allow_unused=True)
-            else:  # the backward ends inside: the shadows can live in reused scratch
-                with self._shifted(*shift, backward_inside=True):
-                    loss = loss_fn()
-                    grads = torch.autograd.grad(loss, self.fo_params, allow_unused=True)
+        # at a shift the backward ends inside it: recomputed (checkpointed) layers see the
+        # shifted weights, and the shadows can live in reused scratch
+        at = contextlib.nullcontext() if shift is None else self._shifted(*shift, True)
+        with torch.enable_grad(), at:
+            loss = loss_fn()
+            grads = torch.autograd.grad(loss, self.fo_params, allow_unused=True)
         for p, g in zip(self.fo_params, grads):
             p.grad = torch.zeros_like(p) if g is None else g
         return loss.detach()
