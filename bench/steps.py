@@ -20,8 +20,10 @@ case once per round) and each row reports the median. Cases:
   oracle; fd reuses the reference gradient, exact builds its first-order graph once); the
   report gives both per vector in base gradients.
 
-Ratios: × forward, × two forwards, × FO-LoRA step, × pass. Peak memory per case on CUDA
-(``torch.cuda.max_memory_allocated``); on CPU the process's peak RSS at the end.
+Ratios: × forward, × two forwards, × FO-LoRA step, × pass. Peak memory per case, in a
+steady-state call of its own after the timing: on CUDA ``torch.cuda.max_memory_allocated``;
+on CPU the model's parameters and buffers, plus what the case keeps between calls, plus its
+peak above its start, both summed from the profiler's record of every CPU allocation and free.
 
 Default: the bundled MiniLM + LoRA r16 on the first 16 SST-2 training examples (CPU),
 padded to the longest: 16 x 22 tokens, the second-shortest of the first 62 batches (whose
@@ -37,10 +39,12 @@ weights is built from the config (no hub), with a random batch of ``--batch × -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
-import resource
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +52,7 @@ from pathlib import Path
 import torch
 
 from hybrid.engine import HybridEngine
+from smoothlab import perturb
 from smoothlab.estimators.operator import release_dot_buffers
 from smoothlab.hvp import Oracle
 from smoothlab.perturb import SOURCES, Scratch, seeded_gaussian
@@ -157,9 +162,11 @@ def cases(model, loss_fn, args) -> tuple[dict[str, Callable[[], object]], Callab
 
     out["forward"], out["pass"] = forward, one_pass
     if base[0].device.type == "cpu":  # a stored copy of x would raise every CUDA case's peak
-        others = [torch.empty_like(p).normal_() for p in base]
+        others: list[torch.Tensor] = []  # built on first use (never, when the case is skipped)
 
         def add_floor():  # w + μ·v into scratch from a stored v: a dense shift's memory floor
+            if not others:
+                others.extend(torch.empty_like(p).normal_() for p in base)
             with torch.no_grad():
                 for p, v in zip(base, others):
                     buf = scratch.take(p.numel(), p.dtype, p.device)
@@ -287,13 +294,15 @@ def measure(
     device: str,
     skip: set[str],
     release: Callable[[], None],
+    resident: int = 0,
 ):
-    """Median seconds per case over round-robin rounds (round 0 warms up); on CUDA then
-    each case's peak memory in a steady-state call of its own: everything the cases keep
-    between calls released, one call to rebuild the case's own state (its noise table: the
-    build's float32 draw is a once-per-run transient), then the measured call. A peak holds
-    the model, the case's own state and its transients, not another source's table or the
-    probe's vectors."""
+    """Median seconds per case over round-robin rounds (round 0 warms up); then each case's
+    peak memory (MiB) in a steady-state call of its own: everything the cases keep between
+    calls released, one call to rebuild the case's own state (its noise table: the build's
+    float32 draw is a once-per-run transient), then the measured call. A peak holds the
+    model, the case's own state and its transients, not another source's table or the
+    probe's vectors. On CPU, ``resident``: the bytes already held before the first call (the
+    model's parameters and buffers), to which the case's own are added."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     run = {k: fn for k, fn in fns.items() if k not in skip}
     for r in range(repeats + 1):
@@ -305,9 +314,10 @@ def measure(
             if r:
                 times[name].append((time.perf_counter() - t0) / getattr(fn, "per", 1))
     peaks: dict[str, float] = {}
-    if device.startswith("cuda"):
-        for name, fn in run.items():
-            release()
+    for name, fn in run.items():
+        release()
+        gc.collect()
+        if device.startswith("cuda"):
             fn()  # rebuilds this case's own state
             gc.collect()
             torch.cuda.empty_cache()
@@ -315,7 +325,48 @@ def measure(
             fn()
             sync(device)
             peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+        elif device == "cpu":
+            held, _ = cpu_allocations(fn)  # the rebuilding call: what it leaves allocated
+            _, peak = cpu_allocations(fn)
+            peaks[name] = (resident + held + peak) / 2**20
     return {k: statistics.median(v) for k, v in times.items() if v}, peaks
+
+
+def cpu_allocations(fn: Callable[[], object]) -> tuple[int, int]:
+    """(bytes left allocated, peak bytes above the start) of one call of ``fn`` on CPU: the
+    profiler records every allocation and free of the CPU allocator (``profile_memory``);
+    their sizes are summed in the order they happened. A tensor allocated before the call
+    and freed inside it counts negative, so the peak is the most the call ever held above
+    what it started with."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    records = [
+        e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+    ]
+    total = peak = 0
+    for e in sorted(records, key=lambda e: e["ts"]):  # stable: same-microsecond order kept
+        total += e["args"]["Bytes"]
+        peak = max(peak, total)
+    return total, peak
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """The profiler's native start/stop lines off stderr (file descriptor 2) for a moment."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def report(med: dict[str, float], peaks: dict[str, float], args) -> str:
@@ -353,20 +404,17 @@ def report(med: dict[str, float], peaks: dict[str, float], args) -> str:
                 if k in med
             )
         )
-    if not peaks:
-        lines.append(
-            f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
-        )
-    else:
+    if peaks:
         inf = peaks["forward"]
         for name in (
             "fo-lora",
             *(f"zo-ft {s}" for s in args.sources),
             *(f"hybrid-lora {s}" for s in args.sources),
+            *(f"hybrid-lora+fap {s}" for s in args.sources),
         ):
             ref = peaks["fo-lora"] if name.startswith("hybrid") else inf
             lines.append(
-                f"memory {name:<22} {peaks[name]:8.0f} MiB = {peaks[name] / ref:.3f} x "
+                f"memory {name:<26} {peaks[name]:8.0f} MiB = {peaks[name] / ref:.3f} x "
                 f"{'FO-LoRA' if name.startswith('hybrid') else 'inference'}"
             )
     return "\n".join(lines)
@@ -390,7 +438,14 @@ def main() -> None:
     ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     ap.add_argument("--skip", nargs="*", default=[], help="case names to leave out")
     ap.add_argument("--data", default="/work/shared/data/sst2/train.tsv")
+    ap.add_argument(
+        "--table-cap",
+        type=int,
+        default=perturb.TABLE_CAP,
+        help="most entries of the table source's noise table (0: uncapped, as before the cap)",
+    )
     args = ap.parse_args()
+    perturb.TABLE_CAP = args.table_cap or 1 << 62
     model, loss_fn = (build_causal if args.model_config else build_minilm)(args)
     model.eval()
     base_numel = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
@@ -401,7 +456,8 @@ def main() -> None:
         flush=True,
     )
     fns, release = cases(model, loss_fn, args)
-    med, peaks = measure(fns, args.repeats, args.device, set(args.skip), release)
+    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    med, peaks = measure(fns, args.repeats, args.device, set(args.skip), release, resident)
     print(report(med, peaks, args))
 
 

@@ -46,6 +46,7 @@ from smoothlab.perturb import (
     get_source,
     param_seed,
     shifted,
+    table_size,
 )
 
 LossFn = Callable[[], torch.Tensor]
@@ -156,7 +157,7 @@ class _DeviceDirection:
 class DeviceSampler:
     """A source bound to a run whose ZO parameters live on several devices (a model placed
     with a device map): one :class:`~smoothlab.perturb.Sampler` per device, all built from
-    the run's seed and the size of the largest parameter overall, sharing one scratch.
+    the run's seed and one table size, sharing one scratch.
 
     Parameter i's z therefore depends only on (run seed, seed, i, the device *type*): the
     ``table`` source builds the same table on every device of one type (one generator
@@ -164,20 +165,28 @@ class DeviceSampler:
     cuda:0; CPU and CUDA generators differ (``hash`` is the placement-independent source).
     """
 
-    def __init__(self, source: Source, run_seed: int, params: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        source: Source,
+        run_seed: int,
+        params: Sequence[torch.Tensor],
+        table: int | None = None,
+    ) -> None:
         self.scratch = Scratch()
         largest = max((p.numel() for p in params), default=0)
         devices = dict.fromkeys(p.device for p in params)
-        self.samplers = {d: source.sampler(run_seed, largest, self.scratch) for d in devices}
+        self.samplers = {d: source.sampler(run_seed, largest, self.scratch, table) for d in devices}
+        self.table_size = next(iter(self.samplers.values())).table_size
 
     def __call__(self, seed: int) -> _DeviceDirection:
         return _DeviceDirection({d: s(seed) for d, s in self.samplers.items()})
 
 
 def make_sampler(
-    source: Source, run_seed: int, params: Sequence[torch.Tensor]
+    source: Source, run_seed: int, params: Sequence[torch.Tensor], table: int | None = None
 ) -> Sampler | DeviceSampler:
-    """The sampler of a run over ``params``: a plain one when they share a device, else a
+    """The sampler of a run over ``params`` (``table``: a saved run's noise-table entries,
+    else sized from ``params``): a plain one when they share a device, else a
     :class:`DeviceSampler`. Parameters on the ``meta`` device (offloaded by a device map)
     are refused: their weights are not in memory, so they cannot be perturbed in place."""
     devices = {p.device for p in params}
@@ -188,17 +197,32 @@ def make_sampler(
             "per device (max_memory) or use fewer/larger devices"
         )
     if len(devices) <= 1:
-        return source.sampler(run_seed, max((p.numel() for p in params), default=0))
-    return DeviceSampler(source, run_seed, params)
+        largest = max((p.numel() for p in params), default=0)
+        return source.sampler(run_seed, largest, table=table)
+    return DeviceSampler(source, run_seed, params, table)
+
+
+def table_of(state: dict, params: Sequence[torch.Tensor]) -> int:
+    """The noise-table entries of a saved engine ``state`` (:meth:`HybridEngine.state_dict`)
+    whose ZO block is ``params``: its record, or for a state saved before the record, the
+    uncapped size it ran with (:func:`~smoothlab.perturb.table_size`, ``capped=False``)."""
+    if "table" in state:
+        return int(state["table"])
+    return table_size(max((p.numel() for p in params), default=0), capped=False)
 
 
 def zo_updater(
-    params: Sequence[torch.Tensor], *, seed: int, z: str = DEFAULT_SOURCE
+    params: Sequence[torch.Tensor],
+    *,
+    seed: int,
+    z: str = DEFAULT_SOURCE,
+    table: int | None = None,
 ) -> Callable[[Sequence[torch.Tensor], Sequence[tuple[int, float]], float, float], None]:
-    """``update(params, terms, lr, wd)`` for the run with ``seed`` and source ``z`` whose ZO
-    block is ``params`` (the sampler a :class:`HybridEngine` of that run builds, per device
-    when ``params`` are spread over several)."""
-    sampler = make_sampler(get_source(z), seed, list(params))
+    """``update(params, terms, lr, wd)`` for the run with ``seed``, source ``z`` and noise
+    ``table`` entries (default: sized from ``params``) whose ZO block is ``params`` (the
+    sampler a :class:`HybridEngine` of that run builds, per device when ``params`` are
+    spread over several)."""
+    sampler = make_sampler(get_source(z), seed, list(params), table)
 
     def update(
         ps: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]], lr: float, wd: float
@@ -259,7 +283,8 @@ class HybridEngine:
     either may be empty (``zo-ft``: no y; ``fo-*``: no x). ``seed`` fixes every z: step t's
     perturbation i uses seed ``param_seed(seed, t·q + i)``, so a resumed run replays the same z.
     ``z`` names the perturbation source (``smoothlab.perturb.SOURCES``); the ``table``
-    source's table is rebuilt from ``seed`` and the size of the largest x.
+    source's table is rebuilt from ``seed`` and the size of the largest x, capped
+    (:func:`~smoothlab.perturb.table_size`); a resumed run rebuilds the size it saved.
     """
 
     def __init__(
@@ -436,23 +461,33 @@ class HybridEngine:
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Step counter and learning rates (weights are saved by the caller)."""
+        """Step counter, learning rates, seed, z source and noise table (weights are saved
+        by the caller)."""
         return {
             "t": self.t,
             "lrs": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
             "seed": self.seed,
             "z": self.source.name,
+            "table": self.sampler.table_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the step counter and rates; a state saved with another z source is refused
-        (its trajectory cannot be continued). States without ``z`` predate sources: gaussian."""
+        (its trajectory cannot be continued). States without ``z`` predate sources: gaussian.
+        The noise table is the saved one (:func:`table_of`: a state from before tables were
+        recorded gets the table it ran with), so the run goes on with the same z."""
         saved = state.get("z", "gaussian")
         if self.zo_params and saved != self.source.name:
             raise UsageError(
                 f"the saved run perturbs with z={saved!r}, this engine with "
                 f"z={self.source.name!r}; resume it with z={saved!r}"
             )
+        table = table_of(state, self.zo_params)
+        if self.zo_params and self.source.name == "table" and table != self.sampler.table_size:
+            self.sampler = make_sampler(self.source, self.seed, self.zo_params, table)
+            for g in self.optimizer.param_groups:
+                if g.get("zo"):
+                    g["sampler"] = self.sampler
         self.t = int(state["t"])
         for g in self.optimizer.param_groups:
             g["lr"] = state["lrs"].get(g["name"], g["lr"])

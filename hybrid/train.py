@@ -53,7 +53,7 @@ from smoothlab.runlog import (
 from . import distributed as D
 from .config import AUTO, TrainConfig, user_input
 from .data import EpochSampler, Splits, Task, load_task_data
-from .engine import HybridEngine, zo_updater
+from .engine import HybridEngine, table_of, zo_updater
 from .faults import Diverged, DivergenceGuard, RunLock, SignalGuard, check_resume, clear_run
 from .models import ModelBundle, attach_peft, load_model
 from .seedlog import SeedHeader, SeedLog, replay
@@ -291,7 +291,8 @@ def restore_weights(
         )
     steps = int(state["seed_steps"])
     if zo:
-        replay(zo, SeedLog(path), zo_updater(zo, seed=cfg.seed, z=cfg.z), upto=steps)
+        table = table_of(state.get("engine", {}), zo)
+        replay(zo, SeedLog(path), zo_updater(zo, seed=cfg.seed, z=cfg.z, table=table), upto=steps)
     params = dict(model.named_parameters())
     unknown = sorted(set(state["trained"]) - set(params))
     if unknown:

@@ -24,7 +24,7 @@ every one with i.i.d. zero-mean, unit-variance entries of fourth moment κ = E z
 ==============  ====  ==================================================================
 ``gaussian``    3     exact N(0, 1): ``torch.randn`` from a generator seeded per parameter
 ``table``       3     shared noise table (Salimans et al. 2017): one N(0, 1) table per run,
-                      rebuilt from the run's seed; z = a cyclic slice at a seeded offset
+                      rebuilt from the run's seed; z = cyclic slices at seeded offsets
 ``rademacher``  1     ±1 from packed random bits (Spall's SPSA): 64 signs per generator word
 ``hash``        1     ±1 from a counter-based generator: splitmix64(key, word index) bits
 ==============  ====  ==================================================================
@@ -36,9 +36,11 @@ Two-sided SPSA with q directions, g_i = z_iᵀa (a = ∇f, μ → 0), ĝ = (1/q)
                                                                      (:func:`spsa_curvature`)
 
 (Gaussian: (d + 1)/q + 1.) The table's entries are exactly N(0, 1) over the table's
-randomness; different parameters' slices may overlap (probability ≈ n/T per pair), which
-correlates their z with E[z_j z_k] ≈ 1/T per entry pair — a bias of relative size
-≈ √(n_other)/T, below 1e-3 for the default sizes.
+randomness; different slices may overlap (probability ≈ n/T per pair), which correlates
+their z with E[z_j z_k] ≈ 1/T per entry pair — a bias of relative size ≈ √(n_other)/T,
+below 1e-3 for the default sizes. The table holds T = the largest parameter's size,
+between 2²² and 2²⁴ entries (:func:`table_size`); a larger parameter (a 50k-token
+embedding) takes one slice per T of its entries, at independent offsets.
 """
 
 from __future__ import annotations
@@ -287,25 +289,31 @@ class _Hash(_Piecewise, _Signs):
 
 
 class _Table(_Piecewise):
-    """z_j = table[(o + j) mod T], o = ``param_seed(seed, i) mod T``: at most two contiguous
-    slices of the run's table, so a shift or an update is one pass and z is never built, and
-    an embedding's rows of z are read straight from the table (``cheap_rows``)."""
+    """z = table slices at seeded offsets: z[a + u] = table[(o_k + u) mod T] for the k-th run
+    of T entries of the parameter (a = k·T), o_0 = ``param_seed(seed, i) mod T`` and
+    o_k = ``param_seed(param_seed(seed, i), k) mod T``. A parameter of at most T entries is
+    at most two contiguous slices, a larger one a few more: a shift or an update is one pass
+    per slice and z is never built, and an embedding's rows of z are read straight from the
+    table (``cheap_rows``)."""
 
     cheap_rows = True
 
     def _pieces(
         self, index: int, p: torch.Tensor
     ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        """The table and z's slices (a, o, m): z[a : a + m] = table[o : o + m]."""
         t = self.sampler.noise_table(p.device, p.dtype)
         n, size = p.numel(), t.numel()
-        if n > size:
-            raise UsageError(
-                f"parameter {index} has {n:,} entries but the noise table only {size:,}; build "
-                f"the sampler with max_numel >= {n} (HybridEngine does this from its parameters)"
-            )
-        o = param_seed(self.seed, index) % size
-        m = min(n, size - o)
-        return t, [(0, o, m)] + ([(m, 0, n - m)] if m < n else [])
+        key = param_seed(self.seed, index)
+        pieces = []
+        for k, a in enumerate(range(0, n, size)):
+            o = (key if k == 0 else param_seed(key, k)) % size
+            m = min(size, n - a)
+            head = min(m, size - o)
+            pieces.append((a, o, head))
+            if head < m:  # wraps around the table's end
+                pieces.append((a + head, 0, m - head))
+        return t, pieces
 
     def __call__(self, index: int, p: torch.Tensor) -> torch.Tensor:
         t, pieces = self._pieces(index, p)
@@ -313,14 +321,17 @@ class _Table(_Piecewise):
 
     def rows(self, index: int, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         t, pieces = self._pieces(index, w)
-        o, dim = pieces[0][1], w.shape[-1]
+        dim = w.shape[-1]
         if len(pieces) == 1:  # z is one contiguous slice: a view, indexed like the weight
+            o = pieces[0][1]
             return F.embedding(ids, t[o : o + w.numel()].view(w.shape))
-        cols = torch.arange(dim, device=ids.device)
-        return t[(ids.unsqueeze(-1) * dim + cols).add_(o).remainder_(t.numel())]
+        flat = ids.unsqueeze(-1) * dim + torch.arange(dim, device=ids.device)  # places in z
+        starts = torch.tensor([a for a, _, _ in pieces], device=ids.device)
+        shift = torch.tensor([o - a for a, o, _ in pieces], device=ids.device)
+        return t[flat + shift[torch.searchsorted(starts, flat, right=True) - 1]]
 
     def _z_pieces(self, index: int, p: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """The (at most two) table slices: views, so z is never built."""
+        """The table slices: views, so z is never built."""
         t, pieces = self._pieces(index, p)
         for a, o, m in pieces:
             yield a, t[o : o + m]
@@ -366,13 +377,18 @@ class _Table(_Piecewise):
 
 
 TABLE_MIN = 1 << 22  # entries of the smallest noise table (16 MiB in float32)
+TABLE_CAP = 1 << 24  # entries of the largest (64 MiB in float32, 32 MiB in bfloat16)
 
 
-def table_size(max_numel: int) -> int:
-    """Entries of the run's noise table: the largest perturbed parameter rounded up to a
-    multiple of 2²⁰, at least ``TABLE_MIN`` (a function of the model only, so a resumed run
-    rebuilds the same table)."""
-    return max(TABLE_MIN, -(-int(max_numel) // (1 << 20)) * (1 << 20))
+def table_size(max_numel: int, *, capped: bool = True) -> int:
+    """Entries of a run's noise table: its largest perturbed parameter rounded up to a
+    multiple of 2²⁰, at least ``TABLE_MIN`` and at most ``TABLE_CAP`` (a function of the
+    model only, so a resumed run rebuilds the same table). A parameter larger than the table
+    takes its z from several slices at independent offsets, so a model with a 50k-token
+    vocabulary does not hold a table as large as its embedding (OPT-1.3B's: 8% of its
+    weights). ``capped=False``: the size of runs saved before the cap (which recorded none)."""
+    size = max(TABLE_MIN, -(-int(max_numel) // (1 << 20)) * (1 << 20))
+    return min(size, max(TABLE_MIN, TABLE_CAP)) if capped else size
 
 
 class Sampler:
@@ -381,10 +397,17 @@ class Sampler:
     (``table``) the noise table, built on first use on each device from ``run_seed``."""
 
     def __init__(
-        self, source: Source, run_seed: int = 0, max_numel: int = 0, scratch: Scratch | None = None
+        self,
+        source: Source,
+        run_seed: int = 0,
+        max_numel: int = 0,
+        scratch: Scratch | None = None,
+        table: int | None = None,
     ) -> None:
+        """``max_numel``: the largest parameter the run perturbs, which sizes the noise table
+        (:func:`table_size`); ``table``: its entries instead (a saved run's)."""
         self.source, self.run_seed = source, int(run_seed)
-        self.table_size = table_size(max_numel)
+        self.table_size = table_size(max_numel) if table is None else int(table)
         self.scratch = scratch if scratch is not None else Scratch()
         self._cache: dict[tuple, torch.Tensor] = {}
 
@@ -435,10 +458,15 @@ class Source:
     direction_class: type[SeededDirection]
 
     def sampler(
-        self, run_seed: int = 0, max_numel: int = 0, scratch: Scratch | None = None
+        self,
+        run_seed: int = 0,
+        max_numel: int = 0,
+        scratch: Scratch | None = None,
+        table: int | None = None,
     ) -> Sampler:
-        """This source bound to a run (``max_numel``: the largest parameter it will perturb)."""
-        return Sampler(self, run_seed, max_numel, scratch)
+        """This source bound to a run (``max_numel``: the largest parameter it will perturb;
+        ``table``: the noise table's entries instead of :func:`table_size` of it)."""
+        return Sampler(self, run_seed, max_numel, scratch, table)
 
     def second_moment(self, grad_norm_sq: float, d: int, q: int = 1) -> float:
         """E‖ĝ‖² of a q-direction two-sided estimate: see :func:`spsa_second_moment`."""

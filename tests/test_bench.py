@@ -1,5 +1,6 @@
-"""bench/steps.py on a tiny causal LM: every case runs, and after ``release`` (what the CUDA
-memory pass calls before each case) every case still runs, its state rebuilt."""
+"""bench/steps.py on a tiny causal LM: every case runs, its CPU peak memory counts what the
+case holds, and after ``release`` (what the memory pass calls before each case) every case
+still runs, its state rebuilt."""
 
 from __future__ import annotations
 
@@ -22,10 +23,17 @@ def test_steps_cases_run_and_release_drops_their_state():
     model, loss_fn = steps.build_causal(args)
     model.eval()
     fns, release = steps.cases(model, loss_fn, args)
-    med, peaks = steps.measure(fns, 1, "cpu", set(), release)
-    assert set(med) == set(fns) and not peaks  # peaks are read on CUDA only
+    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    med, peaks = steps.measure(fns, 1, "cpu", set(), release, resident)
+    assert set(med) == set(fns) == set(peaks)
+    # a zo-ft step holds the noise table (a 2^22-entry float32 table: 16 MiB) for all of a
+    # forward: its peak is at least inference's plus the table
+    table_mib = 4 * (1 << 22) / 2**20
+    assert resident / 2**20 < peaks["forward"] and peaks["zo-ft hash"] < peaks["zo-ft table"]
+    assert peaks["zo-ft table"] >= peaks["forward"] + 0.99 * table_mib
     text = steps.report(med, peaks, args)
     assert "zo-ft table = 2 perturbed fwd" in text and "fd-hvp = " in text
+    assert "memory zo-ft table" in text and "x inference" in text
     before = [p.detach().clone() for p in model.parameters()]
     release()
     from smoothlab.estimators import operator

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid.engine import HybridEngine, StepResult, TwoRateSGD
+from smoothlab import perturb
 from smoothlab.errors import UsageError
 from smoothlab.perturb import (
     DEFAULT_SOURCE,
@@ -530,6 +531,47 @@ def test_resume_replays_the_trajectory_bit_exactly(source, q, fo_at_perturbed):
         HybridEngine(model3, model3.base(), [], lr_zo=0.1, lr_fo=0.0, z=other).load_state_dict(
             state
         )
+
+
+def test_resume_keeps_the_noise_table_it_ran_with(monkeypatch):
+    """The table is capped (TABLE_CAP, 16 entries here: the toy's 48-entry weight takes
+    several slices) and its size is saved with the engine. A state from before the record
+    (no ``table``) resumes with the uncapped size it ran with, so its z stay what they were:
+    its next step equals that of an engine loaded with that size, and differs from the
+    capped table's."""
+    monkeypatch.setattr(perturb, "TABLE_MIN", 16)
+    monkeypatch.setattr(perturb, "TABLE_CAP", 16)
+
+    def engine(model):
+        return HybridEngine(
+            model, model.base(), [], lr_zo=0.05, lr_fo=0.0, mu=1e-2, seed=13, z="table"
+        )
+
+    model = Toy(seed=5)
+    eng = engine(model)
+    eng.step(toy_loss(model, seed=0))
+    state = eng.state_dict()
+    assert eng.sampler.table_size == state["table"] == 16
+    legacy = {k: v for k, v in state.items() if k != "table"}
+    after = {}
+    for name, saved in (
+        ("capped", state),
+        ("legacy", legacy),
+        ("uncapped", state | {"table": 1 << 20}),
+    ):
+        m = Toy(seed=5)
+        e = engine(m)
+        e.load_state_dict(saved)
+        assert [g["sampler"] for g in e.optimizer.param_groups] == [e.sampler]  # the one used
+        after[name] = (
+            e.sampler.table_size,
+            e.step(toy_loss(m, seed=1)),
+            [p.clone() for p in m.base()],
+        )
+    assert after["legacy"][0] == after["uncapped"][0] == 1 << 20
+    assert after["legacy"][1] == after["uncapped"][1]
+    assert all(torch.equal(a, b) for a, b in zip(after["legacy"][2], after["uncapped"][2]))
+    assert after["capped"][1].proj_grad != after["legacy"][1].proj_grad
 
 
 def test_default_source_and_unknown_source():

@@ -22,6 +22,8 @@ from smoothlab import perturb, seeded_gaussian, shifted
 from smoothlab.errors import UsageError
 from smoothlab.perturb import (
     SOURCES,
+    TABLE_CAP,
+    TABLE_MIN,
     Scratch,
     get_source,
     param_seed,
@@ -380,22 +382,61 @@ def test_call_shift_and_update_agree_bit_exactly_and_replay(name, dtype):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_noise_table_is_the_runs_and_too_small_tables_are_refused():
-    """One table per run seed: other run seeds see other z; the table covers the largest
-    parameter (z is a cyclic slice, never repeating an entry); larger ones are refused."""
+def test_noise_table_is_the_runs_and_its_size_is_capped():
+    """One table per run seed: other run seeds see other z. The table covers the largest
+    parameter (rounded up to 2²⁰ entries) between TABLE_MIN and TABLE_CAP; uncapped (runs
+    saved before the cap) it grows with the parameter. A parameter as large as the table is a
+    rotation of it (no entry repeated)."""
     p = torch.zeros(1000)
     a = get_source("table").sampler(run_seed=1)(5)(0, p)
     assert not torch.equal(a, get_source("table").sampler(run_seed=2)(5)(0, p))
-    assert table_size(0) == table_size(1000) >= 1 << 22 and table_size((1 << 23) + 1) == (
-        1 << 23
-    ) + (1 << 20)
+    mib = 1 << 20
+    assert table_size(0) == table_size(1000) == TABLE_MIN == 4 * mib
+    assert table_size(8 * mib + 1) == 9 * mib and table_size(50_272 * 2048) == TABLE_CAP
+    assert table_size(50_272 * 2048, capped=False) == 99 * mib  # OPT-1.3B's embedding
+    assert get_source("table").sampler(max_numel=10**9).table_size == TABLE_CAP
+    assert get_source("table").sampler(max_numel=10**9, table=5 * mib).table_size == 5 * mib
     sampler = get_source("table").sampler(run_seed=1, max_numel=10)
     t = sampler.noise_table(torch.device("cpu"), torch.float32)
-    # a parameter as large as the table is a permutation (rotation) of it: no repeated entry
     whole = sampler(8)(0, torch.zeros(t.numel()))
     assert torch.equal(whole.sort().values, t.sort().values)
-    with pytest.raises(UsageError, match="max_numel"):
-        sampler(8)(0, torch.zeros(t.numel() + 1))
+
+
+def _table_z_by_hand(t: torch.Tensor, seed: int, index: int, n: int) -> torch.Tensor:
+    """z of the ``table`` source as its docstring defines it, entry by entry."""
+    size, key = t.numel(), param_seed(seed, index)
+    out = []
+    for k, a in enumerate(range(0, n, size)):
+        o = (key if k == 0 else param_seed(key, k)) % size
+        out.append(t[(o + torch.arange(min(size, n - a))) % size])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("shape", [(250, 40), (10_000,), (97, 129)])
+def test_a_parameter_larger_than_the_table_takes_several_slices(shape):
+    """With a table smaller than the parameter (4096 entries here), z is one run of T entries
+    per slice at independent seeded offsets, as the docstring defines it. d(i, p), the fused
+    shift and update and an embedding's rows (rows crossing slice boundaries) all give that
+    z, bit for bit; the slices' offsets differ, so z does not repeat one rotation."""
+    sampler = get_source("table").sampler(run_seed=4, table=4096)
+    t = sampler.noise_table(torch.device("cpu"), torch.float32)
+    p = torch.randn(shape)
+    d = sampler(21)
+    z = d(3, p)
+    expected = _table_z_by_hand(t, 21, 3, p.numel()).view(shape)
+    assert torch.equal(z, expected)
+    _, pieces = d._pieces(3, p)
+    runs = [o for a, o, _ in pieces if a % 4096 == 0]
+    assert len(runs) == -(-p.numel() // 4096) and len(set(runs)) == len(runs)
+    assert torch.equal(d.shift(3, p, 0.3), torch.add(p, z, alpha=0.3))
+    w = p.clone()
+    d.update_(3, w, -0.7)
+    assert torch.equal(w, torch.add(p, z, alpha=-0.7))
+    if len(shape) == 2:
+        # rows 31 of 97 x 129 and 102, 204 of 250 x 40 cross a slice boundary
+        rows = [0, 1, 31, 51, shape[0] - 1] + ([102, 204] if shape[0] > 204 else [])
+        ids = torch.tensor(rows).view(1, -1).repeat(2, 1)
+        assert torch.equal(d.rows(3, p, ids), z[ids])
 
 
 @pytest.mark.parametrize("name", SOURCES)
@@ -500,7 +541,7 @@ def test_sources_on_cuda(name, dtype):
     """On CUDA the table / generator lives on the device: the fused forms agree bit-exactly,
     moments hold, and the counter-based source gives the same z as on CPU."""
     p = torch.randn(1000, 333, device="cuda").to(dtype)
-    d = get_source(name).sampler(run_seed=2, max_numel=p.numel())(5)
+    d = get_source(name).sampler(run_seed=2)(5)
     z = d(1, p)
     assert z.device.type == "cuda" and z.dtype == dtype
     assert torch.equal(d.shift(1, p, 0.5), torch.add(p, z, alpha=0.5))
@@ -543,7 +584,7 @@ def test_table_batched_shift_and_update_equal_one_parameter_at_a_time():
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(300, 70, generator=g), torch.randn(5, generator=g)]
     ps.append(torch.randn(40, 30, generator=g).t())  # not contiguous
-    sampler = get_source("table").sampler(run_seed=3, max_numel=300 * 70)
+    sampler = get_source("table").sampler(run_seed=3)
     seed = _wrapping_seed(sampler, 0, ps[0].numel())
     d = sampler(seed)
     assert len(d._pieces(0, ps[0])[1]) == 2  # parameter 0's slice wraps around
@@ -578,7 +619,7 @@ def test_backward_inside_lends_each_layer_its_own_scratch_until_exit():
     for p in net.parameters():
         p.requires_grad_(False)
     y = nn.Parameter(torch.randn(8, 300))  # the trained weights sit below both layers
-    d = get_source("table").sampler(run_seed=1, max_numel=300 * 300)(5)
+    d = get_source("table").sampler(run_seed=1)(5)
     twin = manual(net, base, [d(i, p) for i, p in enumerate(base)], 0.3)
     expected = torch.autograd.grad(twin(y).square().sum(), [y])[0]
     scratch = Scratch()
