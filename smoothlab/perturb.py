@@ -46,6 +46,7 @@ embedding) takes one slice per T of its entries, at independent offsets.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -217,8 +218,22 @@ class _Piecewise(SeededDirection):
     m]) in order) that never need z built whole: a shift or an update is one pass per piece.
     A weight taking a gradient, or not contiguous, gets z built whole instead."""
 
-    def _z_pieces(self, index: int, p: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    def _z_pieces(
+        self, index: int, p: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(a, z[a : a + m]) covering z[start:stop] in order (default: all of z)."""
         raise NotImplementedError
+
+    def shift_range(
+        self, index: int, w: torch.Tensor, scale: float, start: int, stop: int, out: torch.Tensor
+    ) -> torch.Tensor:
+        """(w + scale·z) flattened, entries start..stop, into ``out`` (a contiguous ``w``,
+        no gradient): the same elementwise add as :meth:`shift`, so the same bits."""
+        wf, of = w.view(-1), out[: stop - start]
+        for a, z in self._z_pieces(index, w, start, stop):
+            m = z.numel()
+            torch.add(wf[a : a + m], z, alpha=scale, out=of[a - start : a - start + m])
+        return of
 
     def shift(
         self, index: int, w: torch.Tensor, scale: float, out: torch.Tensor | None = None
@@ -260,18 +275,25 @@ class _Hash(_Piecewise, _Signs):
         j = torch.arange(start, start + k, dtype=torch.int64, device=device)
         return self._words_at(index, j)
 
-    def _z_pieces(self, index: int, p: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """Chunks of ``CHUNK`` entries, each generated into one reused scratch buffer."""
-        n = p.numel()
-        buf = self.sampler.scratch.take(min(self.padded(n), self.CHUNK), p.dtype, p.device)
+    def _z_pieces(
+        self, index: int, p: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Chunks of ``CHUNK`` entries, each generated into one reused scratch buffer (from
+        the 64-entry word holding ``start``)."""
+        stop = p.numel() if stop is None else stop
+        first = start - start % 64
+        buf = self.sampler.scratch.take(
+            min(self.padded(stop - first), self.CHUNK), p.dtype, p.device
+        )
         lut = self.sampler.sign_table(p.device, p.dtype)
         try:
-            for a in range(0, n, self.CHUNK):
-                m = min(self.CHUNK, n - a)
+            for a in range(first, stop, self.CHUNK):
+                m = min(self.CHUNK, stop - a)
                 k = -(-m // 64)
                 idx = self._words(index, k, p.device, a // 64).view(torch.uint8).int()
                 z = torch.index_select(lut, 0, idx, out=buf[: 64 * k].view(8 * k, 8))
-                yield a, z.view(-1)[:m]
+                lo = max(a, start)
+                yield lo, z.view(-1)[lo - a : m]
         finally:
             self.sampler.scratch.give(buf)
 
@@ -330,11 +352,16 @@ class _Table(_Piecewise):
         shift = torch.tensor([o - a for a, o, _ in pieces], device=ids.device)
         return t[flat + shift[torch.searchsorted(starts, flat, right=True) - 1]]
 
-    def _z_pieces(self, index: int, p: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    def _z_pieces(
+        self, index: int, p: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """The table slices: views, so z is never built."""
         t, pieces = self._pieces(index, p)
+        stop = p.numel() if stop is None else stop
         for a, o, m in pieces:
-            yield a, t[o : o + m]
+            lo, hi = max(a, start), min(a + m, stop)
+            if lo < hi:
+                yield lo, t[o + lo - a : o + hi - a]
 
     def _slices(
         self, indices: Sequence[int], ps: Sequence[torch.Tensor]
@@ -603,6 +630,39 @@ def _shadow(
 
 
 SMALL = 1 << 16  # entries: parameters at most this size are shadowed for a whole context
+BLOCK = 1 << 22  # entries: a larger linear weight is shadowed a block of rows at a time
+
+
+def _blocked_linear(
+    direction: _Piecewise,
+    i: int,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    x: torch.Tensor,
+    scale: float,
+    scratch: Scratch | None,
+) -> torch.Tensor:
+    """F.linear(x, w + scale·z_i, bias) with no gradient, the shifted weight built ``BLOCK``
+    entries of rows at a time into one buffer: a 50k-token head or a large MLP layer costs
+    one block of memory, not its own size. Each block's rows are the same bits as the whole
+    shadow's; the products are blocks of the whole product (a BLAS may round them
+    differently)."""
+    n_out, n_in = w.shape
+    rows = max(1, BLOCK // n_in)
+    out = x.new_empty(*x.shape[:-1], n_out)
+    size = min(rows, n_out) * n_in
+    buf = torch.empty(size, dtype=w.dtype, device=w.device) if scratch is None else None
+    buf = scratch.take(size, w.dtype, w.device) if scratch is not None else buf
+    try:
+        for r0 in range(0, n_out, rows):
+            r1 = min(n_out, r0 + rows)
+            part = direction.shift_range(i, w, scale, r0 * n_in, r1 * n_in, buf)
+            b = None if bias is None else bias[r0:r1]
+            out[..., r0:r1] = F.linear(x, part.view(r1 - r0, n_in), b)
+    finally:
+        if scratch is not None:
+            scratch.give(buf)
+    return out
 
 
 def _shadows(
@@ -698,6 +758,33 @@ def _hooked(
         z = direction.rows(owned[module][0][1], module.weight, ids)
         return torch.add(output, z, alpha=scale)
 
+    # A linear layer larger than BLOCK (a 50k-token head, a large MLP) is shifted a block of
+    # rows at a time when no gradient is taken: its forward is replaced for the context
+    # (instance ``forward``, left alone where another library already put one, e.g.
+    # accelerate's device hooks); with a gradient it takes the whole shadow as above.
+    blocked = [
+        m
+        for m, names in hooked.items()
+        if type(m) is nn.Linear
+        and "forward" not in m.__dict__
+        and hasattr(direction, "shift_range")
+        and [n for n, _ in names] == ["weight"]
+        and params[names[0][1]].numel() > BLOCK
+        and params[names[0][1]].is_contiguous()
+    ]
+
+    def blocked_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w = module._parameters["weight"]
+        grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+        if grad or torch.is_autocast_enabled():
+            pre_hook(module, (x,))
+            try:
+                return nn.Linear.forward(module, x)
+            finally:
+                post_hook(module, (x,), None)
+        i = hooked[module][0][1]
+        return _blocked_linear(direction, i, w, module.bias, x, scale, scratch)
+
     try:
         with torch.enable_grad():
             spots = [(m, name, i) for m, names in whole.items() for name, i in names]
@@ -709,12 +796,17 @@ def _hooked(
         for module in by_rows:
             handles.append(module.register_forward_hook(rows_hook, with_kwargs=True))
         for module in hooked:
+            if module in blocked:
+                module.__dict__["forward"] = functools.partial(blocked_forward, module)
+                continue
             handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(post_hook, always_call=True))
         yield
     finally:
         for h in handles:
             h.remove()
+        for module in blocked:
+            module.__dict__.pop("forward", None)
         for module, names in owned.items():
             for name, _ in names:
                 module.__dict__.pop(name, None)

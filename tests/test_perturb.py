@@ -629,3 +629,57 @@ def test_backward_inside_lends_each_layer_its_own_scratch_until_exit():
     assert torch.equal(got, expected)
     bufs = [b for free in scratch._free.values() for b in free]
     assert len(bufs) == 2 and bufs[0].data_ptr() != bufs[1].data_ptr()
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to a head, and an untied linear layer with a bias."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mid = nn.Linear(dim, 40)
+        self.out = nn.Linear(40, dim, bias=False)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.out(torch.tanh(self.mid(self.emb(ids)))))
+
+
+@pytest.mark.parametrize("name", ["table", "hash"])
+def test_a_large_linear_layer_is_shifted_a_block_of_rows_at_a_time(name, monkeypatch):
+    """A linear weight larger than BLOCK (60 entries here, and SMALL 40 so that the weights
+    are shifted per layer and the bias for the whole context: blocks of 3 rows of the head
+    and of the 40 x 16 layer) is shifted a block at a time without a gradient: the output is the
+    replaced-weight model's (float64, to rounding), the whole-weight shift is never asked for
+    those layers, and each layer's own forward is back after the context. With a gradient,
+    the whole shadow is taken and the gradient is the replaced-weight model's."""
+    monkeypatch.setattr(perturb, "BLOCK", 60)
+    monkeypatch.setattr(perturb, "SMALL", 40)
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    params = list(model.parameters())
+    ids = torch.randint(0, 50, (3, 7))
+    d = get_source(name).sampler(run_seed=1)(7)
+    twin = manual(model, params, [d(i, p) for i, p in enumerate(params)], 0.3)
+    whole: list[int] = []
+    real_shift = type(d).shift
+    monkeypatch.setattr(
+        type(d), "shift", lambda self, i, *a, **k: whole.append(i) or real_shift(self, i, *a, **k)
+    )
+    with torch.no_grad(), shifted(params, d, 0.3, root=model, scratch=Scratch()):
+        got = model(ids)
+        assert "forward" in model.head.__dict__ and "forward" in model.mid.__dict__
+    torch.testing.assert_close(got, twin(ids), rtol=1e-13, atol=1e-13)
+    index = {id(p): i for i, p in enumerate(params)}
+    big = {index[id(model.head.weight)], index[id(model.mid.weight)]}
+    assert not big & set(whole)  # blocks only (the 40 x 16 `out` weight is blocked too)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    # under autograd (the gradient at the perturbed point) the whole shadow, as before
+    x = nn.Parameter(torch.randn(3, 7, 16, dtype=torch.float64))
+    loss = lambda m: m.head(m.out(torch.tanh(m.mid(x)))).square().sum()  # noqa: E731
+    expected = torch.autograd.grad(loss(twin), [x])[0]
+    with shifted(params, d, 0.3, root=model, scratch=Scratch(), backward_inside=True):
+        got = torch.autograd.grad(loss(model), [x])[0]
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    assert big <= set(whole)
