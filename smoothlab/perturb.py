@@ -38,9 +38,12 @@ Two-sided SPSA with q directions, g_i = z_iᵀa (a = ∇f, μ → 0), ĝ = (1/q)
 (Gaussian: (d + 1)/q + 1.) The table's entries are exactly N(0, 1) over the table's
 randomness; different slices may overlap (probability ≈ n/T per pair), which correlates
 their z with E[z_j z_k] ≈ 1/T per entry pair — a bias of relative size ≈ √(n_other)/T,
-below 1e-3 for the default sizes. The table holds T = the largest parameter's size,
-between 2²² and 2²⁴ entries (:func:`table_size`); a larger parameter (a 50k-token
-embedding) takes one slice per T of its entries, at independent offsets.
+below 1e-3 for the default sizes. The table holds T = 2²² entries (:func:`table_size`); a
+larger parameter (an embedding, a large MLP) takes one slice per T of its entries, at
+independent offsets. Given the table, E[zzᵀ] over offsets is the table's autocorrelation
+(within a slice; ≈ 0 across slices), a positive semi-definite matrix of mean diagonal 1:
+ĝ is unbiased over tables, and given one table its mean is that matrix times ∇f, a fixed
+random preconditioner (spread about 1 for a slice as long as the table).
 """
 
 from __future__ import annotations
@@ -404,16 +407,17 @@ class _Table(_Piecewise):
 
 
 TABLE_MIN = 1 << 22  # entries of the smallest noise table (16 MiB in float32)
-TABLE_CAP = 1 << 24  # entries of the largest (64 MiB in float32, 32 MiB in bfloat16)
+TABLE_CAP = 1 << 22  # and of the largest: 8 MiB in bfloat16, 0.3% of OPT-1.3B's weights
 
 
 def table_size(max_numel: int, *, capped: bool = True) -> int:
     """Entries of a run's noise table: its largest perturbed parameter rounded up to a
-    multiple of 2²⁰, at least ``TABLE_MIN`` and at most ``TABLE_CAP`` (a function of the
-    model only, so a resumed run rebuilds the same table). A parameter larger than the table
-    takes its z from several slices at independent offsets, so a model with a 50k-token
-    vocabulary does not hold a table as large as its embedding (OPT-1.3B's: 8% of its
-    weights). ``capped=False``: the size of runs saved before the cap (which recorded none)."""
+    multiple of 2²⁰, at least ``TABLE_MIN`` and at most ``TABLE_CAP`` (both 2²²: every run's
+    table has 2²² entries). A parameter larger than the table takes its z from several
+    slices at independent offsets, so a model with a 50k-token vocabulary does not hold a
+    table as large as its embedding (OPT-1.3B's: 8% of its weights, which broke ZO's
+    inference-sized memory). ``capped=False``: the size of runs saved before the cap, which
+    recorded none and resume with it."""
     size = max(TABLE_MIN, -(-int(max_numel) // (1 << 20)) * (1 << 20))
     return min(size, max(TABLE_MIN, TABLE_CAP)) if capped else size
 
@@ -633,6 +637,44 @@ SMALL = 1 << 16  # entries: parameters at most this size are shadowed for a whol
 BLOCK = 1 << 22  # entries: a larger linear weight is shadowed a block of rows at a time
 
 
+class _ShiftedLinear(torch.autograd.Function):
+    """F.linear(x, w + scale·z_i, bias) for a weight that takes no gradient, whose backward
+    rebuilds the shadow instead of keeping it: the graph holds x's gradient path, not a
+    copy of the layer. Valid while ``w`` is unchanged, i.e. inside :func:`shifted` with
+    ``backward_inside``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, recipe: tuple) -> torch.Tensor:
+        ctx.recipe, ctx.has_bias = recipe, bias is not None
+        with _lent_shadow(recipe) as shadow:
+            return F.linear(x, shadow, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            with _lent_shadow(ctx.recipe) as shadow:
+                gx = grad.matmul(shadow)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, gb, None
+
+
+@contextlib.contextmanager
+def _lent_shadow(recipe: tuple) -> Iterator[torch.Tensor]:
+    """w + scale·z_i in scratch memory (given back on exit)."""
+    direction, i, w, scale, scratch = recipe
+    with torch.no_grad():
+        if scratch is None:
+            yield direction.shift(i, w, scale)
+            return
+        buf = scratch.take(w.numel(), w.dtype, w.device)
+        try:
+            yield direction.shift(i, w, scale, out=buf)
+        finally:
+            scratch.give(buf)
+
+
 def _blocked_linear(
     direction: _Piecewise,
     i: int,
@@ -758,32 +800,38 @@ def _hooked(
         z = direction.rows(owned[module][0][1], module.weight, ids)
         return torch.add(output, z, alpha=scale)
 
-    # A linear layer larger than BLOCK (a 50k-token head, a large MLP) is shifted a block of
-    # rows at a time when no gradient is taken: its forward is replaced for the context
-    # (instance ``forward``, left alone where another library already put one, e.g.
-    # accelerate's device hooks); with a gradient it takes the whole shadow as above.
-    blocked = [
+    # Plain linear layers whose weight alone is shifted per layer get their forward replaced
+    # for the context (an instance ``forward``, left alone where another library already
+    # put one, e.g. accelerate's device hooks), so that no layer-sized shadow outlives it:
+    # * no gradient, weight larger than BLOCK (a 50k-token head, a large MLP): the shadow
+    #   is built a block of rows at a time (:func:`_blocked_linear`);
+    # * a gradient to the input only, every backward inside the context (``backward_inside``,
+    #   the engine's gradient at the perturbed point): the shadow is built for the product
+    #   and again in the backward (:class:`_ShiftedLinear`), so the graph holds no shadow;
+    # * otherwise the whole shadow, through the hooks above.
+    linears = [
         m
         for m, names in hooked.items()
         if type(m) is nn.Linear
         and "forward" not in m.__dict__
-        and hasattr(direction, "shift_range")
+        and hasattr(direction, "shift")
         and [n for n, _ in names] == ["weight"]
-        and params[names[0][1]].numel() > BLOCK
         and params[names[0][1]].is_contiguous()
     ]
 
-    def blocked_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w = module._parameters["weight"]
-        grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-        if grad or torch.is_autocast_enabled():
-            pre_hook(module, (x,))
-            try:
-                return nn.Linear.forward(module, x)
-            finally:
-                post_hook(module, (x,), None)
-        i = hooked[module][0][1]
-        return _blocked_linear(direction, i, w, module.bias, x, scale, scratch)
+    def linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w, i = module._parameters["weight"], hooked[module][0][1]
+        if not torch.is_autocast_enabled():
+            grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+            if not grad and w.numel() > BLOCK and hasattr(direction, "shift_range"):
+                return _blocked_linear(direction, i, w, module.bias, x, scale, scratch)
+            if grad and backward_inside and not w.requires_grad:
+                return _ShiftedLinear.apply(x, module.bias, (direction, i, w, scale, scratch))
+        pre_hook(module, (x,))
+        try:
+            return nn.Linear.forward(module, x)
+        finally:
+            post_hook(module, (x,), None)
 
     try:
         with torch.enable_grad():
@@ -796,8 +844,8 @@ def _hooked(
         for module in by_rows:
             handles.append(module.register_forward_hook(rows_hook, with_kwargs=True))
         for module in hooked:
-            if module in blocked:
-                module.__dict__["forward"] = functools.partial(blocked_forward, module)
+            if module in linears:
+                module.__dict__["forward"] = functools.partial(linear_forward, module)
                 continue
             handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(post_hook, always_call=True))
@@ -805,7 +853,7 @@ def _hooked(
     finally:
         for h in handles:
             h.remove()
-        for module in blocked:
+        for module in linears:
             module.__dict__.pop("forward", None)
         for module, names in owned.items():
             for name, _ in names:

@@ -383,16 +383,17 @@ def test_call_shift_and_update_agree_bit_exactly_and_replay(name, dtype):
 
 
 def test_noise_table_is_the_runs_and_its_size_is_capped():
-    """One table per run seed: other run seeds see other z. The table covers the largest
-    parameter (rounded up to 2²⁰ entries) between TABLE_MIN and TABLE_CAP; uncapped (runs
-    saved before the cap) it grows with the parameter. A parameter as large as the table is a
-    rotation of it (no entry repeated)."""
+    """One table per run seed: other run seeds see other z. Every table has 2²² entries
+    (TABLE_MIN = TABLE_CAP); uncapped (runs saved before the cap) it covers the largest
+    parameter, rounded up to 2²⁰ entries. A parameter as large as the table is a rotation
+    of it (no entry repeated)."""
     p = torch.zeros(1000)
     a = get_source("table").sampler(run_seed=1)(5)(0, p)
     assert not torch.equal(a, get_source("table").sampler(run_seed=2)(5)(0, p))
     mib = 1 << 20
     assert table_size(0) == table_size(1000) == TABLE_MIN == 4 * mib
-    assert table_size(8 * mib + 1) == 9 * mib and table_size(50_272 * 2048) == TABLE_CAP
+    assert table_size(8 * mib + 1) == table_size(50_272 * 2048) == TABLE_CAP == TABLE_MIN
+    assert table_size(8 * mib + 1, capped=False) == 9 * mib
     assert table_size(50_272 * 2048, capped=False) == 99 * mib  # OPT-1.3B's embedding
     assert get_source("table").sampler(max_numel=10**9).table_size == TABLE_CAP
     assert get_source("table").sampler(max_numel=10**9, table=5 * mib).table_size == 5 * mib
@@ -608,13 +609,27 @@ def test_table_batched_shift_and_update_equal_one_parameter_at_a_time():
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
-def test_backward_inside_lends_each_layer_its_own_scratch_until_exit():
-    """With ``backward_inside`` a forward under autograd takes its layer shadows from scratch,
-    one buffer per layer held until exit (the graph reads every one in the backward; had
-    a later layer reused an earlier one's buffer, the gradient through both would be wrong),
-    so the gradient equals the replaced-weight model's, and the buffers come back on exit."""
+class Conv1D(nn.Module):
+    """A linear layer that is not an ``nn.Linear`` (GPT-2's ``Conv1D`` stores W transposed)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+@pytest.mark.parametrize("layer", [nn.Linear, Conv1D])
+def test_backward_inside_lends_scratch_and_the_gradient_is_right(layer):
+    """With ``backward_inside`` a forward under autograd takes its layer shadows from
+    scratch. An ``nn.Linear`` rebuilds its shadow in the backward, so the graph holds none:
+    the buffer is back after each product and one buffer serves both layers. Any other
+    layer's shadow is read by the graph, so each layer holds its own buffer until exit (had
+    a later layer reused an earlier one's buffer, the gradient through both would be
+    wrong). Either way the gradient is the replaced-weight model's, bit for bit."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh())
+    net = nn.Sequential(layer(300, 300), nn.Tanh(), layer(300, 300), nn.Tanh())
     base = [net[0].weight, net[2].weight]  # 90,000 entries each: shadowed layer by layer
     for p in net.parameters():
         p.requires_grad_(False)
@@ -624,11 +639,15 @@ def test_backward_inside_lends_each_layer_its_own_scratch_until_exit():
     expected = torch.autograd.grad(twin(y).square().sum(), [y])[0]
     scratch = Scratch()
     with shifted(base, d, 0.3, root=net, scratch=scratch, backward_inside=True):
-        got = torch.autograd.grad(net(y).square().sum(), [y])[0]
-        assert not any(scratch._free.values())  # both buffers still lent to the graph
+        loss = net(y).square().sum()
+        lent = not any(scratch._free.values())
+        got = torch.autograd.grad(loss, [y])[0]
     assert torch.equal(got, expected)
     bufs = [b for free in scratch._free.values() for b in free]
-    assert len(bufs) == 2 and bufs[0].data_ptr() != bufs[1].data_ptr()
+    if layer is nn.Linear:
+        assert not lent and len(bufs) == 1  # back after each use, reused by the next
+    else:
+        assert lent and len(bufs) == 2 and bufs[0].data_ptr() != bufs[1].data_ptr()
 
 
 class TiedLM(nn.Module):
