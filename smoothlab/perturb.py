@@ -646,6 +646,9 @@ class _ShiftedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, recipe: tuple) -> torch.Tensor:
         ctx.recipe, ctx.has_bias = recipe, bias is not None
+        direction, i, w, scale, scratch = recipe
+        if _by_blocks(direction, w):
+            return _blocked_linear(direction, i, w, bias, x, scale, scratch)
         with _lent_shadow(recipe) as shadow:
             return F.linear(x, shadow, bias)
 
@@ -653,11 +656,46 @@ class _ShiftedLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         gx = gb = None
         if ctx.needs_input_grad[0]:
-            with _lent_shadow(ctx.recipe) as shadow:
-                gx = grad.matmul(shadow)
+            direction, i, w, scale, scratch = ctx.recipe
+            if _by_blocks(direction, w):  # Σ over row blocks of grad[..., rows] @ shadow rows
+                for r0, r1, part in _row_blocks(direction, i, w, scale, scratch):
+                    term = grad[..., r0:r1].matmul(part)
+                    gx = term if gx is None else gx.add_(term)
+            else:
+                with _lent_shadow(ctx.recipe) as shadow:
+                    gx = grad.matmul(shadow)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             gb = grad.reshape(-1, grad.shape[-1]).sum(0)
         return gx, gb, None
+
+
+def _by_blocks(direction: Direction, w: torch.Tensor) -> bool:
+    """Whether ``w``'s shadow is built a block of rows at a time (:data:`BLOCK`)."""
+    return w.numel() > BLOCK and hasattr(direction, "shift_range")
+
+
+def _row_blocks(
+    direction: _Piecewise, i: int, w: torch.Tensor, scale: float, scratch: Scratch | None
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(r0, r1, rows r0..r1 of w + scale·z_i) over ``BLOCK``-entry blocks of rows, each
+    written into the same buffer (valid until the next one)."""
+    n_out, n_in = w.shape
+    rows = max(1, BLOCK // n_in)
+    size = min(rows, n_out) * n_in
+    buf = (
+        scratch.take(size, w.dtype, w.device)
+        if scratch is not None
+        else torch.empty(size, dtype=w.dtype, device=w.device)
+    )
+    try:
+        with torch.no_grad():
+            for r0 in range(0, n_out, rows):
+                r1 = min(n_out, r0 + rows)
+                part = direction.shift_range(i, w, scale, r0 * n_in, r1 * n_in, buf)
+                yield r0, r1, part.view(r1 - r0, n_in)
+    finally:
+        if scratch is not None:
+            scratch.give(buf)
 
 
 @contextlib.contextmanager
@@ -689,21 +727,9 @@ def _blocked_linear(
     one block of memory, not its own size. Each block's rows are the same bits as the whole
     shadow's; the products are blocks of the whole product (a BLAS may round them
     differently)."""
-    n_out, n_in = w.shape
-    rows = max(1, BLOCK // n_in)
-    out = x.new_empty(*x.shape[:-1], n_out)
-    size = min(rows, n_out) * n_in
-    buf = torch.empty(size, dtype=w.dtype, device=w.device) if scratch is None else None
-    buf = scratch.take(size, w.dtype, w.device) if scratch is not None else buf
-    try:
-        for r0 in range(0, n_out, rows):
-            r1 = min(n_out, r0 + rows)
-            part = direction.shift_range(i, w, scale, r0 * n_in, r1 * n_in, buf)
-            b = None if bias is None else bias[r0:r1]
-            out[..., r0:r1] = F.linear(x, part.view(r1 - r0, n_in), b)
-    finally:
-        if scratch is not None:
-            scratch.give(buf)
+    out = x.new_empty(*x.shape[:-1], w.shape[0])
+    for r0, r1, part in _row_blocks(direction, i, w, scale, scratch):
+        out[..., r0:r1] = F.linear(x, part, None if bias is None else bias[r0:r1])
     return out
 
 
@@ -823,7 +849,7 @@ def _hooked(
         w, i = module._parameters["weight"], hooked[module][0][1]
         if not torch.is_autocast_enabled():
             grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-            if not grad and w.numel() > BLOCK and hasattr(direction, "shift_range"):
+            if not grad and _by_blocks(direction, w):
                 return _blocked_linear(direction, i, w, module.bias, x, scale, scratch)
             if grad and backward_inside and not w.requires_grad:
                 return _ShiftedLinear.apply(x, module.bias, (direction, i, w, scale, scratch))

@@ -671,8 +671,9 @@ def test_a_large_linear_layer_is_shifted_a_block_of_rows_at_a_time(name, monkeyp
     are shifted per layer and the bias for the whole context: blocks of 3 rows of the head
     and of the 40 x 16 layer) is shifted a block at a time without a gradient: the output is the
     replaced-weight model's (float64, to rounding), the whole-weight shift is never asked for
-    those layers, and each layer's own forward is back after the context. With a gradient,
-    the whole shadow is taken and the gradient is the replaced-weight model's."""
+    those layers, and each layer's own forward is back after the context. With a gradient
+    the result is the replaced-weight model's too: with ``backward_inside`` the backward
+    rebuilds the blocks (no whole shadow), without it the graph keeps the whole shadow."""
     monkeypatch.setattr(perturb, "BLOCK", 60)
     monkeypatch.setattr(perturb, "SMALL", 40)
     torch.manual_seed(0)
@@ -694,11 +695,17 @@ def test_a_large_linear_layer_is_shifted_a_block_of_rows_at_a_time(name, monkeyp
     big = {index[id(model.head.weight)], index[id(model.mid.weight)]}
     assert not big & set(whole)  # blocks only (the 40 x 16 `out` weight is blocked too)
     assert not any("forward" in m.__dict__ for m in model.modules())
-    # under autograd (the gradient at the perturbed point) the whole shadow, as before
+    # under autograd: with backward_inside (the engine's gradient at the perturbed point) the
+    # backward rebuilds the blocks too; otherwise the graph keeps the whole shadow
+    for p in params:  # as in a ZO block: the gradient flows to the input only
+        p.requires_grad_(False)
     x = nn.Parameter(torch.randn(3, 7, 16, dtype=torch.float64))
     loss = lambda m: m.head(m.out(torch.tanh(m.mid(x)))).square().sum()  # noqa: E731
     expected = torch.autograd.grad(loss(twin), [x])[0]
-    with shifted(params, d, 0.3, root=model, scratch=Scratch(), backward_inside=True):
-        got = torch.autograd.grad(loss(model), [x])[0]
-    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
-    assert big <= set(whole)
+    whole.clear()
+    for inside in (True, False):
+        with shifted(params, d, 0.3, root=model, scratch=Scratch(), backward_inside=inside):
+            got = torch.autograd.grad(loss(model), [x])[0]
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+        assert bool(big & set(whole)) is not inside
+        whole.clear()
