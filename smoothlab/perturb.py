@@ -264,7 +264,7 @@ class _Hash(_Piecewise, _Signs):
 
     Random access makes z cheap in pieces: a shift or an update generates z a chunk of
     ``CHUNK`` entries at a time into scratch (its extra memory is one chunk, not one
-    parameter: on a GPU a step's peak stays at inference's plus one layer's shadow), and an
+    parameter: a step's peak stays at inference's plus one chunk and one block of shadow), and an
     embedding's rows of z are generated for the batch's rows only (``cheap_rows``)."""
 
     cheap_rows = True
@@ -846,13 +846,14 @@ def _hooked(
     ]
 
     def linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w, i = module._parameters["weight"], hooked[module][0][1]
+        w, i, bias = module._parameters["weight"], hooked[module][0][1], module.bias
         if not torch.is_autocast_enabled():
-            grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+            needs = (x, w) if bias is None else (x, w, bias)
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in needs)
             if not grad and _by_blocks(direction, w):
-                return _blocked_linear(direction, i, w, module.bias, x, scale, scratch)
+                return _blocked_linear(direction, i, w, bias, x, scale, scratch)
             if grad and backward_inside and not w.requires_grad:
-                return _ShiftedLinear.apply(x, module.bias, (direction, i, w, scale, scratch))
+                return _ShiftedLinear.apply(x, bias, (direction, i, w, scale, scratch))
         pre_hook(module, (x,))
         try:
             return nn.Linear.forward(module, x)
