@@ -845,7 +845,8 @@ def _hooked(
         and params[names[0][1]].is_contiguous()
     ]
 
-    def linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def linear_forward(module: nn.Module, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        x = input  # named as nn.Linear.forward names it, for callers that pass input=
         w, i, bias = module._parameters["weight"], hooked[module][0][1], module.bias
         if not torch.is_autocast_enabled():
             needs = (x, w) if bias is None else (x, w, bias)

@@ -690,6 +690,8 @@ def test_a_large_linear_layer_is_shifted_a_block_of_rows_at_a_time(name, monkeyp
     with torch.no_grad(), shifted(params, d, 0.3, root=model, scratch=Scratch()):
         got = model(ids)
         assert "forward" in model.head.__dict__ and "forward" in model.mid.__dict__
+        h = torch.randn(2, 16, dtype=torch.float64)
+        assert torch.equal(model.mid(input=h), model.mid(h))  # called as nn.Linear is
     torch.testing.assert_close(got, twin(ids), rtol=1e-13, atol=1e-13)
     index = {id(p): i for i, p in enumerate(params)}
     big = {index[id(model.head.weight)], index[id(model.mid.weight)]}
