@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 
 from smoothlab.errors import UsageError
+from smoothlab.hvp import gradient_reduction
 
 __all__ = [
     "CommStats",
@@ -412,7 +413,11 @@ def global_gradients(
     global-batch gradient ∇f = Σ_r w_r ∇f_r, and a finite-difference HVP the global
     H v = Σ_r w_r H_r v. The hook's result keeps the local term's autograd graph
     (value global, derivative local), so a double backward (exact HVPs) is summed by the
-    same hook when its gradient reaches the parameter: again Σ_r w_r H_r v.
+    same hook when its gradient reaches the parameter: again Σ_r w_r H_r v. smoothlab's
+    ``fd`` fast path differentiates leaf copies instead, which no parameter hook sees: its
+    gradients are summed through :func:`smoothlab.hvp.gradient_reduction` (one collective per
+    gradient of a block). Without that, each rank's Lanczos saw its own shard's H v, the
+    ranks' iterations diverged, and a recorded two-rank run hung.
 
     Parameters get ``requires_grad`` for the duration (a hook needs it). All ranks must run
     the same autograd calls in the same order (they do: same code, same seeds); one
@@ -430,13 +435,19 @@ def global_gradients(
         (counter or stats).add(total.numel() * total.element_size())
         return g + (total - g.detach()) if g.requires_grad else total
 
+    def reduce(flat: torch.Tensor) -> None:  # smoothlab's fd fast path: leaf copies' gradients
+        with _collective(f"all-reduce of a gradient of {flat.numel()} values"):
+            dist.all_reduce(flat)
+        (counter or stats).add(flat.numel() * flat.element_size())
+
     flags = [p.requires_grad for p in params]
     handles = []
     try:
         for p in params:
             p.requires_grad_(True)
             handles.append(p.register_hook(hook))
-        yield
+        with gradient_reduction(reduce):
+            yield
     finally:
         for h in handles:
             h.remove()

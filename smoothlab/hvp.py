@@ -36,6 +36,23 @@ from .perturb import owners, row_wise, shifted
 
 HVPS = ("fd", "fd-central", "exact", "zo")
 _ORDER = {"fd": 1 / 2, "fd-central": 1 / 3, "zo": 1 / 4}
+_REDUCERS: list[Callable[[torch.Tensor], None]] = []
+
+
+@contextlib.contextmanager
+def gradient_reduction(reduce: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Inside, the ``fd`` fast path hands each gradient it takes, as one flat tensor, to
+    ``reduce`` (in place) before using it. That path differentiates with respect to leaf
+    copies of the parameters and embedding rows, which hooks on the parameters never see;
+    a data-parallel caller that sums gradients over ranks with such hooks
+    (``hybrid.distributed.global_gradients``) sums these here."""
+    _REDUCERS.append(reduce)
+    try:
+        yield
+    finally:
+        _REDUCERS.pop()
+
+
 _FLASH = ("flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention")
 
 
@@ -331,6 +348,20 @@ class Oracle:
         return self.root is not None and all(p.dtype == self.dtype for p in self.params)
 
     def _accumulate_grad_at(
+        self, v: torch.Tensor, s: float, out: torch.Tensor, weight: float
+    ) -> None:
+        """out += weight · ∇_b f(x + s·v) (:meth:`_accumulate_local`); under
+        :func:`gradient_reduction`, the gradient is taken into a zeroed buffer, reduced,
+        then added."""
+        if not _REDUCERS:
+            self._accumulate_local(v, s, out, weight)
+            return
+        part = torch.zeros_like(out)
+        self._accumulate_local(v, s, part, weight)
+        _REDUCERS[-1](part)
+        out.add_(part)
+
+    def _accumulate_local(
         self, v: torch.Tensor, s: float, out: torch.Tensor, weight: float
     ) -> None:
         """out += weight · ∇_b f(x + s·v), with no block-sized temporary.

@@ -441,3 +441,46 @@ def test_fd_fast_path_divides_by_h_after_a_half_precision_loss():
             Oracle(kind, loss_fn, params) as swap,
         ):
             assert rel(fast.hvp(v), swap.hvp(v)) < 1e-5, kind
+
+
+@pytest.mark.parametrize("kind", ["fd", "fd-central"])
+def test_fd_fast_path_sums_its_gradients_through_gradient_reduction(kind):
+    """A data-parallel caller sums gradients over ranks with hooks on the parameters
+    (``hybrid.distributed.global_gradients``), which the fd fast path's leaf copies never
+    reach; it hands them to ``gradient_reduction`` instead. Two identical ranks, each with
+    half the loss, every gradient summed by the hooks and by the reducer (both doubling it
+    here), give the one-process H v; had the fast path skipped the reducer, a summed
+    reference gradient would meet a local one and the difference would be garbage."""
+    from smoothlab.hvp import gradient_reduction
+
+    torch.manual_seed(4)
+    model = EmbedLM()
+    params = [model.tok.weight, model.pos.weight, model.mix.weight]
+    ids, y = torch.tensor([[1, 2, 3, 3, 2], [6, 4, 4, 1, 6]]), torch.tensor([[3, 1, 4, 1, 5]] * 2)
+
+    def loss_fn(scale=1.0):
+        return scale * nn.functional.cross_entropy(model(ids).flatten(0, 1), y.flatten())
+
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    with Oracle(kind, loss_fn, params, root=model) as one:
+        expected = one.hvp(v)
+    calls = []
+
+    def reduce(flat):
+        calls.append(flat.numel())
+        flat.mul_(2)
+
+    hooks = [p.register_hook(lambda g: 2 * g) for p in params]
+    try:
+        with (
+            gradient_reduction(reduce),
+            Oracle(kind, lambda: loss_fn(0.5), params, root=model) as two,
+        ):
+            got = two.hvp(v)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls and set(calls) == {v.numel()}  # one flat gradient of the block per evaluation
+    # the same differences summed in another order: rounding over h (fd: h ~ 1e-8, so
+    # ~1e-8 relative at most); a skipped reduction is off by O(1)
+    assert rel(got, expected) < 1e-7
