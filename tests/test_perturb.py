@@ -665,21 +665,32 @@ class TiedLM(nn.Module):
         return self.head(self.out(torch.tanh(self.mid(self.emb(ids)))))
 
 
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("name", ["table", "hash"])
-def test_a_large_linear_layer_is_shifted_a_block_of_rows_at_a_time(name, monkeypatch):
+def test_a_large_linear_layer_is_shifted_a_block_of_rows_at_a_time(name, device, monkeypatch):
     """A linear weight larger than BLOCK (60 entries here, and SMALL 40 so that the weights
     are shifted per layer and the bias for the whole context: blocks of 3 rows of the head
     and of the 40 x 16 layer) is shifted a block at a time without a gradient: the output is the
     replaced-weight model's (float64, to rounding), the whole-weight shift is never asked for
     those layers, and each layer's own forward is back after the context. With a gradient
     the result is the replaced-weight model's too: with ``backward_inside`` the backward
-    rebuilds the blocks (no whole shadow), without it the graph keeps the whole shadow."""
+    rebuilds the blocks (no whole shadow), without it the graph keeps the whole shadow. On
+    CUDA (marked ``gpu``) the same, with the table or the hash on the device."""
     monkeypatch.setattr(perturb, "BLOCK", 60)
     monkeypatch.setattr(perturb, "SMALL", 40)
     torch.manual_seed(0)
-    model = TiedLM().double()
+    model = TiedLM().double().to(device)
     params = list(model.parameters())
-    ids = torch.randint(0, 50, (3, 7))
+    ids = torch.randint(0, 50, (3, 7)).to(device)
     d = get_source(name).sampler(run_seed=1)(7)
     twin = manual(model, params, [d(i, p) for i, p in enumerate(params)], 0.3)
     whole: list[int] = []
@@ -690,7 +701,7 @@ def test_a_large_linear_layer_is_shifted_a_block_of_rows_at_a_time(name, monkeyp
     with torch.no_grad(), shifted(params, d, 0.3, root=model, scratch=Scratch()):
         got = model(ids)
         assert "forward" in model.head.__dict__ and "forward" in model.mid.__dict__
-        h = torch.randn(2, 16, dtype=torch.float64)
+        h = torch.randn(2, 16, dtype=torch.float64, device=device)
         assert torch.equal(model.mid(input=h), model.mid(h))  # called as nn.Linear is
     torch.testing.assert_close(got, twin(ids), rtol=1e-13, atol=1e-13)
     index = {id(p): i for i, p in enumerate(params)}
@@ -701,7 +712,7 @@ def test_a_large_linear_layer_is_shifted_a_block_of_rows_at_a_time(name, monkeyp
     # backward rebuilds the blocks too; otherwise the graph keeps the whole shadow
     for p in params:  # as in a ZO block: the gradient flows to the input only
         p.requires_grad_(False)
-    x = nn.Parameter(torch.randn(3, 7, 16, dtype=torch.float64))
+    x = nn.Parameter(torch.randn(3, 7, 16, dtype=torch.float64, device=device))
     loss = lambda m: m.head(m.out(torch.tanh(m.mid(x)))).square().sum()  # noqa: E731
     expected = torch.autograd.grad(loss(twin), [x])[0]
     whole.clear()
