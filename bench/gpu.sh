@@ -5,7 +5,10 @@
 # inference, hybrid-LoRA vs FO-LoRA). Budget: under 5 minutes (model init on the device,
 # one warm-up round and 5 round-robin repeats of ~25 cases).
 #
-#   bash bench/gpu.sh                 # writes bench/out/steps_gpu.txt (or $OUT/steps_gpu.txt)
+# First the tests marked `gpu` (every perturbation source and the blocked linear layers on
+# the device; about a minute), where pytest is installed.
+#
+#   bash bench/gpu.sh                 # writes bench/out/{gpu_tests,steps_gpu}.txt (or $OUT/)
 #   bash bench/gpu.sh --repeats 3     # extra arguments go to bench/steps.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +19,10 @@ OUTDIR="${OUT:-bench/out}"
 mkdir -p "$OUTDIR"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh: no CUDA device')"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+if "$PY" -m pytest --version > /dev/null 2>&1; then
+    timeout 180 "$PY" -m pytest -q -m gpu -rs 2>&1 | tee "$OUTDIR/gpu_tests.txt" || true
+else
+    echo "bench/gpu.sh: pytest is not installed here; the gpu-marked tests did not run"
+fi
 timeout 290 "$PY" bench/steps.py --model-config opt-1.3b --dtype bfloat16 --device cuda \
     --batch 8 --seq 128 --repeats 5 "$@" 2>&1 | tee "$OUTDIR/steps_gpu.txt"
