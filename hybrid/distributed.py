@@ -428,17 +428,15 @@ def global_gradients(
         yield
         return
 
-    def hook(g: torch.Tensor) -> torch.Tensor:
-        total = g.detach().clone()
-        with _collective(f"all-reduce of a gradient of {total.numel()} values"):
-            dist.all_reduce(total)
-        (counter or stats).add(total.numel() * total.element_size())
-        return g + (total - g.detach()) if g.requires_grad else total
-
-    def reduce(flat: torch.Tensor) -> None:  # smoothlab's fd fast path: leaf copies' gradients
+    def reduce(flat: torch.Tensor) -> None:  # in place; also smoothlab's fd fast path's
         with _collective(f"all-reduce of a gradient of {flat.numel()} values"):
             dist.all_reduce(flat)
         (counter or stats).add(flat.numel() * flat.element_size())
+
+    def hook(g: torch.Tensor) -> torch.Tensor:
+        total = g.detach().clone()
+        reduce(total)
+        return g + (total - g.detach()) if g.requires_grad else total
 
     flags = [p.requires_grad for p in params]
     handles = []
