@@ -700,16 +700,14 @@ def _row_blocks(
 
 @contextlib.contextmanager
 def _lent_shadow(recipe: tuple) -> Iterator[torch.Tensor]:
-    """w + scale·z_i in scratch memory (given back on exit)."""
+    """w + scale·z_i (:func:`_shadow`, no gradient), its scratch given back on exit."""
     direction, i, w, scale, scratch = recipe
     with torch.no_grad():
-        if scratch is None:
-            yield direction.shift(i, w, scale)
-            return
-        buf = scratch.take(w.numel(), w.dtype, w.device)
-        try:
-            yield direction.shift(i, w, scale, out=buf)
-        finally:
+        shadow, buf = _shadow(direction, i, w, scale, scratch)
+    try:
+        yield shadow
+    finally:
+        if buf is not None:
             scratch.give(buf)
 
 
