@@ -173,7 +173,7 @@ class DeviceSampler:
         table: int | None = None,
     ) -> None:
         self.scratch = Scratch()
-        largest = max((p.numel() for p in params), default=0)
+        largest = _largest(params)
         devices = dict.fromkeys(p.device for p in params)
         self.samplers = {d: source.sampler(run_seed, largest, self.scratch, table) for d in devices}
         self.table_size = next(iter(self.samplers.values())).table_size
@@ -197,9 +197,13 @@ def make_sampler(
             "per device (max_memory) or use fewer/larger devices"
         )
     if len(devices) <= 1:
-        largest = max((p.numel() for p in params), default=0)
-        return source.sampler(run_seed, largest, table=table)
+        return source.sampler(run_seed, _largest(params), table=table)
     return DeviceSampler(source, run_seed, params, table)
+
+
+def _largest(params: Sequence[torch.Tensor]) -> int:
+    """Entries of the largest of ``params`` (0 for none): what sizes the noise table."""
+    return max((p.numel() for p in params), default=0)
 
 
 def table_of(state: dict, params: Sequence[torch.Tensor]) -> int:
@@ -208,7 +212,7 @@ def table_of(state: dict, params: Sequence[torch.Tensor]) -> int:
     uncapped size it ran with (:func:`~smoothlab.perturb.table_size`, ``capped=False``)."""
     if "table" in state:
         return int(state["table"])
-    return table_size(max((p.numel() for p in params), default=0), capped=False)
+    return table_size(_largest(params), capped=False)
 
 
 def zo_updater(
