@@ -332,6 +332,11 @@ def measure(
     return {k: statistics.median(v) for k, v in times.items() if v}, peaks
 
 
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers: what every CPU peak starts from."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
 def cpu_allocations(fn: Callable[[], object]) -> tuple[int, int]:
     """(bytes left allocated, peak bytes above the start) of one call of ``fn`` on CPU: the
     profiler records every allocation and free of the CPU allocator (``profile_memory``);
@@ -456,8 +461,9 @@ def main() -> None:
         flush=True,
     )
     fns, release = cases(model, loss_fn, args)
-    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    med, peaks = measure(fns, args.repeats, args.device, set(args.skip), release, resident)
+    med, peaks = measure(
+        fns, args.repeats, args.device, set(args.skip), release, resident_bytes(model)
+    )
     print(report(med, peaks, args))
 
 

@@ -23,7 +23,7 @@ def test_steps_cases_run_and_release_drops_their_state():
     model, loss_fn = steps.build_causal(args)
     model.eval()
     fns, release = steps.cases(model, loss_fn, args)
-    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    resident = steps.resident_bytes(model)
     med, peaks = steps.measure(fns, 1, "cpu", set(), release, resident)
     assert set(med) == set(fns) == set(peaks)
     # a zo-ft step holds the noise table (a 2^22-entry float32 table: 16 MiB) for all of a
