@@ -231,7 +231,7 @@ class _Piecewise(SeededDirection):
         self, index: int, w: torch.Tensor, scale: float, start: int, stop: int, out: torch.Tensor
     ) -> torch.Tensor:
         """(w + scale·z) flattened, entries start..stop, into ``out`` (a contiguous ``w``,
-        no gradient): the same elementwise add as :meth:`shift`, so the same bits."""
+        no gradient); :meth:`shift` is the whole range, so a block has a shift's bits."""
         wf, of = w.view(-1), out[: stop - start]
         for a, z in self._z_pieces(index, w, start, stop):
             m = z.numel()
@@ -243,11 +243,9 @@ class _Piecewise(SeededDirection):
     ) -> torch.Tensor:
         if (w.requires_grad and torch.is_grad_enabled()) or not w.is_contiguous():
             return torch.add(w, self(index, w), alpha=scale)
-        wf = w.view(-1)
-        of = torch.empty_like(wf) if out is None else out[: wf.numel()]
-        for a, z in self._z_pieces(index, w):
-            torch.add(wf[a : a + z.numel()], z, alpha=scale, out=of[a : a + z.numel()])
-        return of.view(w.shape)
+        n = w.numel()
+        of = torch.empty(n, dtype=w.dtype, device=w.device) if out is None else out
+        return self.shift_range(index, w, scale, 0, n, of).view(w.shape)
 
     def update_(self, index: int, p: torch.Tensor, alpha: float) -> None:
         if not p.is_contiguous():
@@ -264,8 +262,8 @@ class _Hash(_Piecewise, _Signs):
 
     Random access makes z cheap in pieces: a shift or an update generates z a chunk of
     ``CHUNK`` entries at a time into scratch (its extra memory is one chunk, not one
-    parameter: a step's peak stays at inference's plus one chunk and one block of shadow), and an
-    embedding's rows of z are generated for the batch's rows only (``cheap_rows``)."""
+    parameter: a step's peak stays at inference's plus one chunk and one block of shadow),
+    and an embedding's rows of z are generated for the batch's rows only (``cheap_rows``)."""
 
     cheap_rows = True
     CHUNK = 1 << 20  # entries of z generated at a time (a multiple of 64)
