@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from smoothlab.perturb import (
     SeededDirection,
     Source,
     get_source,
+    outside_reads,
     param_seed,
     shifted,
     table_size,
@@ -310,6 +312,7 @@ class HybridEngine:
         self.source = get_source(z)  # UsageError naming the accepted sources
         _check_engine_args(zo_params, fo_params, mu, q, lr_zo, lr_fo)
         self.model = model
+        self.swap: set[int] | None = None  # ZO weights read outside their modules (first step)
         self.zo_params = list(zo_params)
         self.fo_params = list(fo_params)
         self.mu, self.q, self.one_sided = float(mu), q, one_sided
@@ -372,7 +375,29 @@ class HybridEngine:
             self.model,
             scratch=self.sampler.scratch,
             backward_inside=backward_inside,
+            swap=self.swap,
         )
+
+    def _find_outside_reads(self, loss_fn: LossFn) -> None:
+        """Once, before the first perturbed forward: the ZO weights the loss reads outside
+        their modules' forwards (:func:`smoothlab.perturb.outside_reads`; one extra forward,
+        random state restored). Those are shifted by exact ``.data`` swaps, one copy each;
+        on the fly they would be seen unshifted."""
+        if self.swap is not None:
+            return
+        self.swap = set()
+        if self.model is not None and self.zo_params:
+            self.swap = outside_reads(self.model, self.zo_params, loss_fn)
+        if self.swap:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            first = names.get(id(self.zo_params[min(self.swap)]), f"#{min(self.swap)}")
+            warnings.warn(
+                f"{len(self.swap)} zeroth-order weight(s) (e.g. {first!r}) are read outside "
+                "their module's forward; they are perturbed by swapping in a shifted copy "
+                "(exact, one copy of each in memory)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- the step ------------------------------------------------------------------------
     def _fo_loss(self, loss_fn: LossFn, shift: tuple[int, float] | None) -> torch.Tensor:
@@ -428,6 +453,7 @@ class HybridEngine:
         losses are used as computed (one process). ``zo_rate``: called with the step's
         (seed, g_i/q) terms before the update; its value becomes the ``base`` rate from this
         update on (e.g. :meth:`smoothlab.budget.WalkBudget.step`)."""
+        self._find_outside_reads(loss_fn)
         vals, forwards = self._local_values(loss_fn)
         if reduce is not None:
             vals = reduce(vals)

@@ -38,8 +38,7 @@ from torch import nn
 from .errors import UsageError
 from .estimate import Estimate
 from .estimators.operator import dot64
-from .hvp import HVPS, Oracle, default_step, unflatten
-from .perturb import shifted
+from .hvp import HVPS, Oracle, default_step
 from .probe import eval_mode, probe
 
 Z_KINDS = {"gaussian": 3.0, "rademacher": 1.0}
@@ -248,9 +247,9 @@ def _zo_terms(
             z = _random(kind, oracle.dim, gen, oracle.dtype, oracle.device)
             s = step if h is not None else step / float(z.norm())
             with torch.no_grad():
-                with shifted(x, unflatten(z, x), s, root):
+                with oracle.shifted(z, s):
                     fp = float(loss_fn().double())
-                with shifted(x, unflatten(z, x), -s, root):
+                with oracle.shifted(z, -s):
                     fm = float(loss_fn().double())
             a = (fp - fm) / (2 * s)
             a2.append(a * a)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import UsageError
 from .estimators.operator import dot64, random_vector
-from .perturb import owners, row_wise, shifted
+from .perturb import outside_reads, owners, row_wise, shifted
 
 HVPS = ("fd", "fd-central", "exact", "zo")
 _ORDER = {"fd": 1 / 2, "fd-central": 1 / 3, "zo": 1 / 4}
@@ -218,9 +218,13 @@ class Oracle:
         h: float | None = None,
         root: nn.Module | None = None,
         gradient: tuple[torch.Tensor, torch.dtype] | None = None,
+        outside: Collection[int] | None = None,
     ) -> None:
         """``gradient``: ∇_b f(x) (flat) and the loss's dtype, when the caller already has them
-        (``probe`` computes one joint backward for all blocks of an ``fd`` probe)."""
+        (``probe`` computes one joint backward for all blocks of an ``fd`` probe).
+        ``outside``: ids of the parameters the loss reads outside their modules' forwards
+        (:func:`smoothlab.perturb.outside_reads`, which runs once otherwise); those are
+        shifted by swapping their data, and a block holding one leaves the fast path."""
         if kind not in HVPS:
             raise UsageError(f"unknown hvp oracle {kind!r}; accepted: {', '.join(HVPS)}")
         if h is not None and not (isinstance(h, int | float) and h > 0 and math.isfinite(h)):
@@ -231,6 +235,7 @@ class Oracle:
         self.params = list(params)
         self.h = h
         self.root = root
+        self._outside = None if outside is None else set(outside)
         self.dtype = compute_dtype(self.params)
         self.dim = sum(p.numel() for p in self.params)
         self.device = self.params[0].device
@@ -307,12 +312,27 @@ class Oracle:
             self.dtype,
         )
 
+    def _swap(self) -> set[int]:
+        """Indices of the block's parameters the loss reads outside their owning modules'
+        forwards (found once): shifted by a ``.data`` swap, never on the fly."""
+        if self.root is None:
+            return set()
+        if self._outside is None:
+            found = outside_reads(self.root, self.params, self.loss_fn)
+            self._outside = {id(self.params[i]) for i in found}
+        return {i for i, p in enumerate(self.params) if id(p) in self._outside}
+
+    def shifted(self, v: torch.Tensor, s: float) -> contextlib.AbstractContextManager:
+        """A context in which the loss sees the block at x + s·v (on the fly where the model
+        allows, by swaps for the parameters of :meth:`_swap`)."""
+        return shifted(self.params, unflatten(v, self.params), s, self.root, swap=self._swap())
+
     def _grad_at(self, v: torch.Tensor, s: float) -> torch.Tensor:
-        with shifted(self.params, unflatten(v, self.params), s, self.root):
+        with self.shifted(v, s):
             return self._grad(f"at the shifted point x + {s:.3g}·v")
 
     def _value_at(self, v: torch.Tensor, s: float) -> float:
-        with torch.no_grad(), shifted(self.params, unflatten(v, self.params), s, self.root):
+        with torch.no_grad(), self.shifted(v, s):
             return float(self._loss(f"at the shifted point x + {s:.3g}·v").double())
 
     def reference_value(self) -> float:
@@ -344,8 +364,13 @@ class Oracle:
     # -- fast finite differences ---------------------------------------------------------
     def _fast(self) -> bool:
         """Whether the leaf-shadow path applies: a module tree is known and every parameter
-        has the compute dtype (gradients accumulate in place into the result)."""
-        return self.root is not None and all(p.dtype == self.dtype for p in self.params)
+        has the compute dtype (gradients accumulate in place into the result), and the loss
+        reads none outside its owning module's forward (:meth:`_swap`)."""
+        return (
+            self.root is not None
+            and all(p.dtype == self.dtype for p in self.params)
+            and not self._swap()
+        )
 
     def _accumulate_grad_at(
         self, v: torch.Tensor, s: float, out: torch.Tensor, weight: float

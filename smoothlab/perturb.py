@@ -50,12 +50,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .errors import UsageError
 
@@ -115,7 +117,12 @@ class SeededDirection:
     ``d(i, p)`` returns a fresh tensor shaped and typed like ``p``. The fused forms read or
     write ``p`` once and generate z straight into reusable scratch memory:
     ``shift(i, w, s, out)`` = w + s·z (into ``out`` when given) and ``update_(i, p, a)``:
-    p ← p + a·z. All three give bit-identical results to ``torch.add(w, d(i, w), alpha=s)``.
+    p ← p + a·z. z is the same bits in all three, and in float32/float64 so are the results
+    (equal to ``torch.add(w, d(i, w), alpha=s)``). In half precision a source that applies z
+    piece by piece (:class:`_Piecewise`: the table's slices, the hash's chunks) can differ
+    from one whole ``torch.add`` by one unit in the last place at a few entries: CPU kernels
+    round a vectorised body and a scalar tail differently, and the pieces move the tails.
+    Shifts and updates of a run always take the same pieces, so its replay stays bit-exact.
     """
 
     # whether the direction has ``rows(i, w, ids)`` = z[ids] (an embedding's rows, shaped
@@ -444,15 +451,14 @@ class Sampler:
         return self.source.direction_class(self, seed)
 
     def noise_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The run's N(0, 1) table on ``device`` (float32 draw, rounded to ``dtype``)."""
+        """The run's N(0, 1) table on ``device`` (float32 draw, rounded to ``dtype``). One is
+        kept per device and dtype: a model holding float32 norms beside bfloat16 weights
+        uses two (24 MiB), instead of redrawing one at every switch of dtype."""
         key = ("table", torch.device(device), dtype)
         if key not in self._cache:
             gen = torch.Generator(device=device)
             gen.manual_seed(param_seed(self.run_seed, -1))
             t = torch.randn(self.table_size, generator=gen, device=device, dtype=torch.float32)
-            self._cache = {
-                k: v for k, v in self._cache.items() if k[0] != "table"
-            }  # one dtype at a time
             self._cache[key] = t.to(dtype)
         return self._cache[key]
 
@@ -745,17 +751,101 @@ def _shadows(
 
 
 @contextlib.contextmanager
-def _swapped(params: Sequence[torch.Tensor], direction: Direction, scale: float) -> Iterator[None]:
-    """:func:`shifted` without ``root``: exact ``.data`` swap, restored on exit."""
-    originals = [p.data for p in params]
+def _swapped(
+    params: Sequence[torch.Tensor],
+    direction: Direction,
+    scale: float,
+    only: Collection[int] | None = None,
+) -> Iterator[None]:
+    """:func:`shifted` without ``root`` (or for the indices ``only``): exact ``.data``
+    swap, restored on exit."""
+    chosen = [i for i in range(len(params)) if only is None or i in only]
+    originals = [params[i].data for i in chosen]
     try:
         with torch.no_grad():
-            for i, p in enumerate(params):
-                p.data = _shadow(direction, i, p.data, scale, None)[0]
+            for i in chosen:
+                params[i].data = _shadow(direction, i, params[i].data, scale, None)[0]
         yield
     finally:
-        for p, data in zip(params, originals):
-            p.data = data
+        for i, data in zip(chosen, originals):
+            params[i].data = data
+
+
+# What a function may read of a tensor without reading its values: a shifted parameter
+# seen unshifted there changes nothing (HF models ask a weight's dtype and device anywhere).
+_METADATA = frozenset(
+    "size dim ndimension numel nelement stride is_contiguous data_ptr element_size "
+    "is_floating_point is_complex storage_offset get_device __len__ __hash__ untyped_storage "
+    "shape dtype device requires_grad is_leaf grad_fn ndim layout is_cuda is_meta is_sparse "
+    "is_quantized itemsize nbytes _version is_nested".split()
+)
+
+
+def outside_reads(
+    root: nn.Module, params: Sequence[torch.Tensor], run: Callable[[], object]
+) -> set[int]:
+    """Indices of ``params`` whose values ``run()`` reads outside a call of a module that
+    owns them: such a read sees the stored weight under on-the-fly shifting (a head
+    computed as ``h @ emb.weight.T``, a penalty over ``model.parameters()``, peft's DoRA
+    reading its base layer's weight, prompt tuning reading its encoder's embedding).
+
+    ``run`` (a loss) is called once without gradients, the random-number state restored
+    after it; every torch function it calls is watched for a parameter passed while the
+    innermost running module (of those owning a watched parameter) is not one of its
+    owners. Reads of a tensor's metadata (shape, dtype, device) do not count. Conservative:
+    a small or container-held parameter read by a parent is reported, though its
+    whole-context shadow would have been seen there. :func:`shifted` swaps the reported
+    ones (``swap=``), which is exact for any read."""
+    owned = owners(root, params)
+    index = {id(p): i for i, p in enumerate(params)}
+    held_by: dict[int, set[int]] = {}
+    for m, names in owned.items():
+        for _, i in names:
+            held_by.setdefault(id(params[i]), set()).add(id(m))
+    running: list[int] = []
+    found: set[int] = set()
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            if name == "__get__":  # a property: Tensor.shape, .dtype, .data, ...
+                name = getattr(getattr(func, "__self__", None), "__name__", "")
+            if name not in _METADATA:
+                top = running[-1] if running else None
+                for t in tree_leaves((args, kwargs)):
+                    ok = held_by.get(id(t)) if isinstance(t, torch.Tensor) else None
+                    if ok is not None and top not in ok:
+                        found.add(index[id(t)])
+            return func(*args, **kwargs)
+
+    def enter(module: nn.Module, args: object) -> None:
+        running.append(id(module))
+
+    def leave(module: nn.Module, args: object, output: object) -> None:
+        running.pop()
+
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    handles = []
+    try:
+        for m in owned:
+            handles.append(m.register_forward_pre_hook(enter, prepend=True))
+            handles.append(m.register_forward_hook(leave, always_call=True))
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), Watch():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _aliases(output: object, buf: torch.Tensor) -> bool:
+    """Whether a tensor in ``output`` shares ``buf``'s memory."""
+    ptr = buf.untyped_storage().data_ptr()
+    return any(
+        isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr
+        for t in tree_leaves(output)
+    )
 
 
 def row_wise(module: nn.Module) -> bool:
@@ -776,9 +866,15 @@ def _hooked(
     scale: float,
     scratch: Scratch | None,
     backward_inside: bool = False,
+    skip: Collection[int] = (),
 ) -> Iterator[None]:
-    """:func:`shifted` with ``root``: shadows installed by forward hooks, removed on exit."""
-    owned = owners(root, params)
+    """:func:`shifted` with ``root``: shadows installed by forward hooks, removed on exit
+    (parameters whose indices are in ``skip`` left alone)."""
+    owned = {
+        m: kept
+        for m, names in owners(root, params).items()
+        if (kept := [(n, i) for n, i in names if i not in skip])
+    }
     # A plain embedding reads only the rows of its input ids: (W + s·z)[ids] is computed as
     # W[ids] + s·z[ids] after its forward, so a step pays for those rows, not the vocabulary.
     by_rows = [m for m in owned if getattr(direction, "cheap_rows", False) and row_wise(m)]
@@ -814,7 +910,9 @@ def _hooked(
         for name, _ in hooked[module]:
             module.__dict__.pop(name, None)
             buf = lent.pop((id(module), name), None)
-            if buf is not None:
+            if buf is not None and _aliases(output, buf):
+                held.append(buf)  # the output is a view of the shadow (``return self.pe[:n]``)
+            elif buf is not None:
                 scratch.give(buf)
 
     def rows_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
@@ -895,6 +993,7 @@ def shifted(
     *,
     scratch: Scratch | None = None,
     backward_inside: bool = False,
+    swap: Collection[int] = (),
 ) -> Iterator[None]:
     """Inside the context, forwards see ``p_i + scale · direction(i, p_i)`` for every i.
 
@@ -910,16 +1009,21 @@ def shifted(
     forward, or when its owner is a container without a forward (``ParameterDict``,
     ``ParameterList``). A parameter another module reads directly from a submodule whose
     forward does not run (e.g. peft prompt tuning with ``inference_mode=True`` reading
-    ``prompt_encoder.embedding.weight``) is not shifted; use ``root=None`` for such models.
+    ``prompt_encoder.embedding.weight``) would be seen unshifted: :func:`outside_reads`
+    finds such parameters, and those whose indices are in ``swap`` are shifted by the exact
+    ``.data`` swap instead (one copy each), the rest on the fly.
     """
     if not callable(direction):
         direction = explicit(direction)
     if scale == 0.0:
         yield
         return
-    if root is None:
-        ctx = _swapped(params, direction, scale)
-    else:
-        ctx = _hooked(root, params, direction, scale, scratch, backward_inside)
-    with ctx:
+    swap = set(range(len(params))) if root is None else set(swap)
+    with contextlib.ExitStack() as stack:
+        if swap:
+            stack.enter_context(_swapped(params, direction, scale, swap))
+        if len(swap) < len(params):
+            stack.enter_context(
+                _hooked(root, params, direction, scale, scratch, backward_inside, skip=swap)
+            )
         yield

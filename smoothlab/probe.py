@@ -26,7 +26,7 @@ from .errors import UsageError
 from .estimate import Estimate
 from .estimators import Options, estimate, validate
 from .hvp import HVPS, Oracle, block_gradients
-from .perturb import param_seed
+from .perturb import outside_reads, param_seed
 
 Progress = Callable[[str, int, int], None]
 
@@ -133,6 +133,10 @@ def probe(
 
     results: dict[str, Estimate] = {}
     with eval_mode(root):
+        outside = None  # parameters the loss reads outside their modules: found once
+        if root is not None and hvp != "exact":
+            every = [p for params in blocks.values() for p in params]
+            outside = {id(every[i]) for i in outside_reads(root, every, loss_fn)}
         shared: dict[str, tuple[torch.Tensor, torch.dtype]] = {}
         if hvp == "fd" and len(blocks) > 1:  # one joint backward for every block's reference point
             grads, loss_dtype = block_gradients(loss_fn, blocks)
@@ -146,7 +150,13 @@ def probe(
             start = time.perf_counter()
             options = Options(num_vectors, tol, distribution, target_rel_stderr, min_vectors, cb)
             with Oracle(
-                hvp, loss_fn, params, h=h, root=root, gradient=shared.pop(name, None)
+                hvp,
+                loss_fn,
+                params,
+                h=h,
+                root=root,
+                gradient=shared.pop(name, None),
+                outside=outside,
             ) as oracle:
                 est = estimate(norm, oracle, gen, options)
                 grad_norm = oracle.cached_grad_norm()

@@ -707,3 +707,49 @@ def test_fo_at_perturbed_gradient_is_right_under_activation_checkpointing():
     eng._fo_loss(loss_fn, (seed, 0.05))
     for p, g in zip(model.peft(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+
+
+class ReadsOutside(Toy):
+    """Toy whose forward reads base weights outside their layers: the output layer applied
+    as ``F.linear(h, l2.weight, l2.bias)`` from the parent, and an L2 term on ``l1.weight``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.l1(x) + self.adapter(x))
+        out = F.linear(h, self.l2.weight, self.l2.bias) + self.adapter2(h)
+        return out + 0.01 * self.l1.weight.square().sum()
+
+
+@pytest.mark.parametrize("fo_at_perturbed", [False, True])
+def test_weights_read_outside_their_layers_are_perturbed_too(fo_at_perturbed):
+    """On the fly such reads would see x, not x ± μz. The engine finds them at its first
+    step (one extra forward, random state restored: dropout masks are unchanged), says so,
+    and swaps shifted copies in for them: the step equals the explicit reference."""
+    model = ReadsOutside(seed=2)
+    eng = HybridEngine(
+        model,
+        model.base(),
+        model.peft(),
+        lr_zo=0.3,
+        lr_fo=0.2,
+        mu=1e-2,
+        seed=4,
+        fo_at_perturbed=fo_at_perturbed,
+    )
+    loss_fn = toy_loss(model)
+    rng = torch.get_rng_state()
+    with pytest.warns(RuntimeWarning, match=r"3 zeroth-order weight\(s\) \(e.g. 'l1.weight'\)"):
+        eng._find_outside_reads(loss_fn)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert eng.swap == {0, 2, 3}  # l1.weight, l2.weight, l2.bias; l1.bias is read in l1 only
+    for _ in range(3):
+        assert_step_matches_reference(eng, loss_fn)
+    assert all("weight" not in vars(m) for m in model.modules())
+
+
+def test_a_model_read_inside_its_layers_swaps_nothing():
+    model = Toy(seed=2)
+    eng = HybridEngine(model, model.base(), model.peft(), lr_zo=0.3, lr_fo=0.2, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_step_matches_reference(eng, toy_loss(model))
+    assert eng.swap == set()

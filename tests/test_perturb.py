@@ -722,3 +722,75 @@ def test_a_large_linear_layer_is_shifted_a_block_of_rows_at_a_time(name, device,
         torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
         assert bool(big & set(whole)) is not inside
         whole.clear()
+
+
+class _Positions(nn.Module):
+    """Learned positions returned as a view of the weight (``self.pe[:n]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pe = nn.Parameter(torch.randn(512, 256))
+
+    def forward(self, n: int) -> torch.Tensor:
+        return self.pe[:n]
+
+
+class _ViewThenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = _Positions()
+        self.lin = nn.Linear(256, 300)
+
+    def forward(self, n: int) -> torch.Tensor:
+        p = self.pos(n)
+        return p + 0 * self.lin(torch.ones(n, 256))[:, :256]
+
+
+def test_a_layer_output_that_views_its_shadow_keeps_the_scratch_buffer():
+    """With scratch, a layer's shadow goes back to the pool after the layer, and the next
+    layer's shadow reuses it. An output that is a view of that shadow must keep it."""
+    torch.manual_seed(0)
+    model = _ViewThenLinear()
+    zo = [model.pos.pe, model.lin.weight]
+    sampler = get_source("table").sampler(run_seed=0)
+    d = sampler(1)
+    want = torch.add(model.pos.pe, d(0, model.pos.pe), alpha=1e-3)[:8]
+    with torch.no_grad(), shifted(zo, d, 1e-3, model, scratch=sampler.scratch):
+        assert torch.equal(model(8), want)
+
+
+class _Reader(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.b.weight.dtype == x.dtype and self.b.weight.shape == (3, 3)  # metadata
+        return self.a(x) + x @ self.b.weight.data.T  # a value read of b.weight, from outside b
+
+
+def test_outside_reads_reports_value_reads_only():
+    model = _Reader()
+    params = [model.a.weight, model.a.bias, model.b.weight, model.b.bias]
+    x = torch.randn(2, 3)
+    assert perturb.outside_reads(model, params, lambda: model(x).sum()) == {2}
+    assert "weight" not in vars(model.b)
+
+
+def test_the_noise_table_is_drawn_once_per_dtype(monkeypatch):
+    """A ZO block mixing bfloat16 weights and float32 norms keeps a table of each dtype,
+    instead of redrawing the table at every switch."""
+    sampler = get_source("table").sampler(run_seed=0)
+    draws = []
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(1) or randn(*a, **k))
+    for _ in range(3):
+        for dtype in (torch.bfloat16, torch.float32):
+            t = sampler.noise_table(torch.device("cpu"), dtype)
+            assert t.dtype == dtype
+    assert len(draws) == 2
+    assert torch.equal(
+        sampler.noise_table("cpu", torch.bfloat16),
+        sampler.noise_table("cpu", torch.float32).bfloat16(),
+    )
