@@ -134,7 +134,7 @@ class Advice:
     eta_x_curvature: float = nan
     eta_x_curvature_stderr: float = nan
     eta_x_safe: float = nan
-    eta_x_walk: float = nan  # the random-walk cap c_w‖x‖/(‖g‖√(T(d/q+1)))
+    eta_x_walk: float = nan  # the random-walk cap c_x·c_w‖x‖/(‖g‖√(T(d/q+1)))
     weight_norm_x: float = nan
     grad_rms_x: float = nan  # √E_ξ‖g_ξ‖², the walk cap's noise scale (nan: one batch's ‖g_x‖)
     steps: int = 0  # the horizon T the walk cap was computed for
@@ -177,7 +177,7 @@ class Advice:
     def formula(self) -> str:
         fx = {
             "exact": "eta_x = c_x / L_x",
-            "paper": "eta_x = c_x * q / (L_x * (d_x + 1 + q))  (~ c_x / (L_x d_x))",
+            "paper": "eta_x = c_x * q / (L_x * (d_x + kappa - 2 + q))  (~ c_x / (L_x d_x))",
             "curvature": "eta_x = c_x * q / (max(tr H_xx, L_x) + (q+1) rho_x + (kappa-3) delta_x)",
             "safe": "eta_x = c_x * q / (max(tr H_xx, 0) + (q+1+|kappa-3|) L_x)",
             "walk": f"eta_x = c_x * {WALK_C:g} |x| / (|g_x| sqrt(T ((d_x+kappa-2)/q + 1)))"
@@ -284,7 +284,16 @@ def curvature_rate(
             else (math.copysign(L_x, kurtosis - 3.0) if have_L else 0.0)
         )
         den = t + (q + 1) * r + (kurtosis - 3.0) * d
-        var = sum(x * x for x in (t_se, (q + 1) * r_se) if math.isfinite(x))
+        # terms standing in for L_x move together: their stderr coefficients add up
+        in_L = (
+            (1.0 if floored else 0.0)
+            + (0.0 if math.isfinite(rho) else q + 1.0)
+            + (0.0 if math.isfinite(delta) else abs(kurtosis - 3.0))
+        )
+        own = (0.0 if floored else t_se, (q + 1) * rho_stderr if math.isfinite(rho) else 0.0)
+        var = sum(x * x for x in own if math.isfinite(x))
+        if have_L and in_L and math.isfinite(L_x_stderr):
+            var += (in_L * L_x_stderr) ** 2
     if not (math.isfinite(den) and den > 0):
         return nan, nan, den, floored
     eta = q / den
@@ -435,7 +444,9 @@ def _x_rates(
     g_noise = _optional("grad_rms_x", grad_rms_x)
     # the noise scale: E_ξ‖g_ξ‖² if measured
     g_noise = g_noise if math.isfinite(g_noise) else m["grad_norm_x"]
-    walk = walk_cap(_optional("weight_norm_x", weight_norm_x), g_noise, steps, d_x, q, kurtosis)
+    walk = c_x * walk_cap(
+        _optional("weight_norm_x", weight_norm_x), g_noise, steps, d_x, q, kurtosis
+    )  # c_x scales every rate, so ``auto`` compares like with like
     return _XRates(paper, eta_c, se_c, den, floored, safe, safe_den, walk)
 
 
@@ -462,7 +473,7 @@ def _x_rate(
         if not math.isfinite(r.walk):
             raise UsageError("rule='walk' needs weight_norm_x=, grad_norm_x= and steps=")
         # exact on the probed batch; batch-to-batch spread not modelled
-        return c_x * r.walk, nan
+        return r.walk, nan
     if rule == "exact":
         return c_x / Lx, c_x / Lx * _rel(L_x_stderr, Lx)
     if rule == "curvature":

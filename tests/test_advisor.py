@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import smoothlab
-from smoothlab.advisor import advise, advise_from_rows, trajectory_L
+from smoothlab.advisor import advise, advise_from_rows, curvature_rate, trajectory_L
 
 
 def test_example_2_3_advice_is_exactly_half_inverse_curvature() -> None:
@@ -264,3 +264,35 @@ def test_signal_fraction_closed_form_and_jackknife() -> None:
     assert _jackknife(g @ g.T) == pytest.approx(brute, rel=1e-10) and brute > 0
     # pure noise: phi clips at 1/n, but its stderr still shows the estimate's spread
     assert _jackknife(noise + 0.01 * (g @ g.T)) > 0
+
+
+@pytest.mark.parametrize("c_x", [1.0, 0.1])
+def test_auto_rule_takes_the_smaller_of_curvature_and_walk_at_any_c_x(c_x):
+    """c_x scales every rate, the walk cap included, so ``auto`` compares like with like."""
+    kw = dict(
+        L_x=1.0,
+        L_y=1.0,
+        d_x=1000,
+        q=1,
+        trace=1.0,
+        rho_x=0.5,
+        weight_norm_x=500.0,
+        grad_norm_x=1.0,
+        steps=100,
+        c_x=c_x,
+    )
+    auto, curv, walk = (advise(rule=r, **kw) for r in ("auto", "curvature", "walk"))
+    assert auto.eta_x == pytest.approx(min(curv.eta_x, walk.eta_x))
+    assert auto.eta_x_walk == pytest.approx(walk.eta_x)
+    assert auto.eta_x_curvature == pytest.approx(curv.eta_x)
+
+
+def test_curvature_rate_stderr_adds_the_terms_that_stand_in_for_L_x():
+    """Trace floored at L_x and ρ replaced by L_x: the denominator is (q+2)·L_x, one random
+    quantity, so its stderr is (q+2)·se(L_x), and se(η)/η = se(L_x)/L_x."""
+    eta, se, den, floored = curvature_rate(1.0, 1, trace=0.5, L_x_stderr=0.1)
+    assert floored and den == pytest.approx(3.0)
+    assert se / eta == pytest.approx(0.1)
+    # a measured ρ is independent of L_x: its error adds in quadrature
+    eta, se, den, _ = curvature_rate(1.0, 1, trace=0.5, rho=1.0, rho_stderr=0.1, L_x_stderr=0.1)
+    assert se / eta == pytest.approx(math.hypot(0.1, 2 * 0.1) / den)
