@@ -375,7 +375,7 @@ class HybridEngine:
             self.model,
             scratch=self.sampler.scratch,
             backward_inside=backward_inside,
-            swap=self.swap,
+            swap=self.swap or (),  # None before the first step found them
         )
 
     def _find_outside_reads(self, loss_fn: LossFn) -> None:
