@@ -51,6 +51,8 @@ from smoothlab.perturb import (
     table_size,
 )
 
+from .faults import Diverged
+
 LossFn = Callable[[], torch.Tensor]
 Reduce = Callable[[list[float]], list[float]]
 
@@ -80,7 +82,10 @@ class TwoRateSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: None = None, zo_terms: Sequence[tuple[int, float]] = ()) -> None:  # type: ignore[override]
         """Apply one update. ``zo_terms``: (seed, coefficient) pairs of the SPSA estimate; z of
-        each seed comes from the group's ``sampler`` (default: the exact Gaussian)."""
+        each seed comes from the group's ``sampler`` (default: the exact Gaussian). A
+        coefficient beyond the weights' dtype (a rate far too large) raises
+        :class:`~hybrid.faults.Diverged` before any weight changes."""
+        self._check_coefficients(zo_terms)
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             if group["zo"]:
@@ -94,6 +99,26 @@ class TwoRateSGD(torch.optim.Optimizer):
                         continue
                     d = p.grad if not wd else p.grad.add(p, alpha=wd)
                     p.add_(d, alpha=-lr)
+
+    def _check_coefficients(self, zo_terms: Sequence[tuple[int, float]]) -> None:
+        """Diverged if a scalar this update hands torch overflows its group's dtype (torch
+        would refuse it half-way through the update, with the weights partly written)."""
+        for group in self.param_groups:
+            if not group["params"]:
+                continue
+            lr, wd = group["lr"], group["weight_decay"]
+            if group["zo"]:
+                scalars = [1 - lr * wd] + [lr * c for _, c in zo_terms]
+            else:
+                scalars = [lr, wd]
+            top = min(torch.finfo(p.dtype).max for p in group["params"])
+            bad = [c for c in scalars if math.isfinite(c) and abs(c) > top]
+            if bad:
+                raise Diverged(
+                    f"the {group['name']} update's coefficient {bad[0]:.3g} overflows "
+                    f"{group['params'][0].dtype} (rate {lr:g}, weight decay {wd:g}); lower "
+                    "the learning rates (then rerun with --restart or another --out)"
+                )
 
 
 def _gaussian_sampler() -> Sampler:
@@ -264,6 +289,9 @@ def _check_engine_args(
         )
     if not (isinstance(mu, int | float) and mu > 0 and math.isfinite(mu)):
         raise UsageError(f"mu must be a positive float, got {mu!r}")
+    for p in zo_params:
+        if mu > torch.finfo(p.dtype).max:
+            raise UsageError(f"mu={mu!r} overflows the {p.dtype} weights it shifts")
     if not isinstance(q, int) or isinstance(q, bool) or q < 1:
         raise UsageError(f"q must be an integer >= 1, got {q!r}")
     for name, group, lr in (("lr_zo", "base", lr_zo), ("lr_fo", "peft", lr_fo)):

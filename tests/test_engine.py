@@ -753,3 +753,34 @@ def test_a_model_read_inside_its_layers_swaps_nothing():
         warnings.simplefilter("error")
         assert_step_matches_reference(eng, toy_loss(model))
     assert eng.swap == set()
+
+
+@pytest.mark.parametrize(
+    "kwargs, weight_decay",
+    [
+        (dict(lr_zo=1e308, lr_fo=0.1), 0.0),  # lr·g/q beyond float32
+        (dict(lr_zo=0.1, lr_fo=1e308), 0.0),  # the first-order step's alpha
+        (dict(lr_zo=1e-3, lr_fo=0.1), 1e308),  # 1 − lr·wd
+    ],
+)
+def test_an_update_coefficient_beyond_the_dtype_is_a_divergence_and_writes_nothing(
+    kwargs, weight_decay
+):
+    """torch refuses a Python scalar beyond float32 half-way through an update; the engine
+    checks every scalar first, so the weights are untouched and the error is Diverged."""
+    from hybrid.faults import Diverged
+
+    model = Toy(seed=1)
+    eng = HybridEngine(model, model.base(), model.peft(), seed=2, **kwargs)
+    for g in eng.optimizer.param_groups:
+        g["weight_decay"] = weight_decay
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(Diverged, match="overflows torch.float32"):
+        eng.step(toy_loss(model))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_mu_beyond_the_dtype_is_refused():
+    model = Toy(seed=1)
+    with pytest.raises(UsageError, match=r"mu=1e\+308 overflows the torch.float32 weights"):
+        HybridEngine(model, model.base(), model.peft(), lr_zo=0.1, lr_fo=0.1, mu=1e308)
