@@ -302,6 +302,19 @@ def restore_weights(
             params[name].copy_(value)
 
 
+def read_checkpoint(path: Path, device: torch.device, hint: str) -> dict[str, Any]:
+    """``torch.load`` of a run's checkpoint; a file that is not one (truncated, garbage,
+    another kind of file) is a UsageError naming it, with ``hint`` on what to do."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path} is not a readable checkpoint ({reason}); {hint}") from e
+    if not isinstance(state, dict) or "config" not in state:
+        raise UsageError(f"{path} is not a smoothlab checkpoint (no config in it); {hint}")
+    return state
+
+
 def load_trained(run_dir: str | Path, *, device: str | None = None) -> ModelBundle:
     """The fine-tuned model of a run folder: built from its ``config.json`` as training
     built it, then the weights of ``checkpoint.pt`` restored (:func:`restore_weights`;
@@ -314,7 +327,7 @@ def load_trained(run_dir: str | Path, *, device: str | None = None) -> ModelBund
         raise UsageError(f"{run_dir} holds no checkpoint.pt to export (train it first)")
     bundle, _, _ = build(cfg)
     zo, _ = split_parameters(bundle.model, cfg.method)
-    state = torch.load(path, map_location=bundle.device, weights_only=False)
+    state = read_checkpoint(path, bundle.device, "the run's last checkpoint is damaged")
     restore_weights(bundle.model, zo, cfg, state, Path(run_dir))
     bundle.model.eval()
     return bundle
@@ -449,7 +462,9 @@ class Trainer:
                     "extend; give steps instead"
                 )
             return
-        state = torch.load(path, map_location=self.bundle.device, weights_only=False)
+        state = read_checkpoint(
+            path, self.bundle.device, "rerun with --restart to start over, or use another --out"
+        )
         saved = state["config"]
         if saved["method"] != self.cfg.method:
             raise UsageError(

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -393,3 +394,25 @@ def test_eval_data_file_is_the_eval_set(models, tmp_path):
         TrainConfig(model=str(models["opt"]), eval_data=str(val), **(SMALL | {"eval_size": 6}))
     )
     assert sorted(e.text for e in splits.eval) == sorted(texts)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_checkpoint_is_named_not_a_traceback(resume_runs, tmp_path, damage):
+    """Resume and export read checkpoint.pt; a truncated or garbage file is a UsageError
+    naming it (resume: with --restart as the way out), and the logs are untouched."""
+    import shutil
+
+    from hybrid.train import load_trained
+
+    run = tmp_path / "run"
+    shutil.copytree(resume_runs["A"], run)
+    ckpt = run / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(b"garbage\n\x00" if damage == "garbage" else data[: len(data) // 2])
+    before = (run / "metrics.csv").read_bytes()
+    cfg = replace(load_config(run), steps=8, out=str(run))
+    with pytest.raises(UsageError, match=r"checkpoint.pt is not a readable checkpoint .*--restart"):
+        train(cfg, progress=False)
+    assert (run / "metrics.csv").read_bytes() == before
+    with pytest.raises(UsageError, match=r"checkpoint.pt is not a readable checkpoint .*damaged"):
+        load_trained(run)
