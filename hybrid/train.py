@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -302,6 +303,43 @@ def restore_weights(
             params[name].copy_(value)
 
 
+DATA_FIELDS = ("data", "eval_data", "dev_data")  # the config's data files
+
+
+def data_digest(cfg: TrainConfig) -> dict[str, str]:
+    """sha256 of each data file the config names: a resume compares contents, not paths."""
+    out = {}
+    for name in DATA_FIELDS:
+        path = getattr(cfg, name, None)
+        if path and Path(path).is_file():
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[name] = h.hexdigest()
+    return out
+
+
+def check_data(
+    folder: Path, saved: dict[str, Any], state: dict[str, Any], cfg: TrainConfig, now: dict
+) -> None:
+    """UsageError if a data file's contents changed since the run's checkpoint; a file
+    with the same contents under another spelling of its path (``./a.tsv``, an absolute
+    path) counts as the same data (``saved`` gets the current spelling)."""
+    before = state.get("data_digest")
+    if not before:
+        return  # saved before contents were recorded: the paths are compared
+    for name, digest in before.items():
+        if name in now and now[name] != digest:
+            raise UsageError(
+                f"{folder} was trained on other contents of {name} {getattr(cfg, name)!r} "
+                f"(sha256 {digest[:12]}… then, {now[name][:12]}… now); resuming would mix two "
+                "datasets: restore the file, or use --restart or another --out"
+            )
+        if name in now:
+            saved[name] = getattr(cfg, name)
+
+
 def read_checkpoint(path: Path, device: torch.device, hint: str) -> dict[str, Any]:
     """``torch.load`` of a run's checkpoint; a file that is not one (truncated, garbage,
     another kind of file) is a UsageError naming it, with ``hint`` on what to do."""
@@ -441,6 +479,7 @@ class Trainer:
         self.row: dict[str, Any] | None = None  # step t's metrics row
         self.loss_fn: Callable[[], torch.Tensor] | None = None  # step t's minibatch loss
         self.probe_base, self.extended_by = 0.0, 0
+        self.data_digest = data_digest(cfg)  # saved with each checkpoint, checked on resume
         self.metrics: CsvLog | None = None
         self.recorder: TrajectoryRecorder | None = None
         self.recorders: list[TrajectoryRecorder] = []
@@ -471,6 +510,7 @@ class Trainer:
                 f"{self.out} holds a {saved['method']!r} run; cannot resume it as {self.cfg.method!r}"
             )
         self._extend(saved, state)
+        check_data(self.out, saved, state, self.cfg, self.data_digest)
         defaults = {
             f.name: f.default
             for f in dataclasses.fields(TrainConfig)
@@ -790,6 +830,7 @@ class Trainer:
                 "walk": self.walk.state_dict() if self.walk is not None else None,
                 "extended_by": self.extended_by,
                 "config": dataclasses.asdict(self.cfg),
+                "data_digest": self.data_digest,
             },
             tmp,
         )

@@ -665,3 +665,23 @@ def test_divergence_stops_with_exit_2_and_keeps_the_logs(
         assert rows[-1]["loss"] == "nan"
     else:
         assert losses[-3:] == sorted(losses[-3:]) and losses[-3] > 10 * losses[0]
+
+
+def test_resume_compares_the_data_file_by_contents(opt_model, tmp_path, monkeypatch):
+    """A data file edited between two parts of a run would mix two datasets under one path:
+    refused. The same contents under another spelling of the path (relative, ./, absolute)
+    continue the run."""
+    data = tmp_path / "d.tsv"
+    text = "sentence\tlabel\n" + "".join(f"s {i}\t{i % 2}\n" for i in range(80))
+    data.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    _train(_cfg(opt_model, run, steps=2, data="d.tsv"))
+    before = (run / "metrics.csv").read_bytes()
+    data.write_text(text.replace("\t0\n", "\t1\n"))  # every label flipped to 1
+    with pytest.raises(UsageError, match=r"other contents of data 'd.tsv' \(sha256 "):
+        _train(_cfg(opt_model, run, steps=4, data="d.tsv"))
+    assert (run / "metrics.csv").read_bytes() == before
+    data.write_text(text)
+    _train(_cfg(opt_model, run, steps=4, data=str(data)))  # absolute now: the same data
+    assert [int(r["step"]) for r in _rows(run / "metrics.csv")] == [1, 2, 3, 4]
