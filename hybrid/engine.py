@@ -446,24 +446,33 @@ class HybridEngine:
             with self._shifted(seed, scale):
                 return float(loss_fn())
 
-    def _local_values(self, loss_fn: LossFn) -> tuple[list[float], int]:
+    def _local_values(
+        self, loss_fn: LossFn, between: Callable[[], None] | None = None
+    ) -> tuple[list[float], int]:
         """Every loss the step needs, in a fixed order, and the forwards taken: [f(x) if
         the gradient forward is at x] + [f(x) if one-sided needs it] + per perturbation i
-        [f(x + μz_i), f(x − μz_i) unless one-sided]. The PEFT gradient is left in ``.grad``."""
+        [f(x + μz_i), f(x − μz_i) unless one-sided]. The PEFT gradient is left in ``.grad``.
+        ``between`` is called after each forward (nothing is changed until the update)."""
         vals: list[float] = []
+
+        def add(value: float) -> None:
+            vals.append(value)
+            if between is not None:
+                between()
+
         if self.fo_params and not self.fo_at_perturbed:
-            vals.append(float(self._fo_loss(loss_fn, None)))
+            add(float(self._fo_loss(loss_fn, None)))
         if self.zo_params:
             if self.one_sided and not vals:  # f(x) unless the gradient forward gave it
-                vals.append(self._value(loss_fn, None, 0.0))
+                add(self._value(loss_fn, None, 0.0))
             for i in range(self.q):
                 s = self.perturbation_seed(self.t, i)
                 if i == 0 and self.fo_at_perturbed:
-                    vals.append(float(self._fo_loss(loss_fn, (s, self.mu))))
+                    add(float(self._fo_loss(loss_fn, (s, self.mu))))
                 else:
-                    vals.append(self._value(loss_fn, s, self.mu))
+                    add(self._value(loss_fn, s, self.mu))
                 if not self.one_sided:
-                    vals.append(self._value(loss_fn, s, -self.mu))
+                    add(self._value(loss_fn, s, -self.mu))
         return vals, len(vals)
 
     def step(
@@ -472,6 +481,7 @@ class HybridEngine:
         *,
         reduce: Reduce | None = None,
         zo_rate: Callable[[list[tuple[int, float]]], float] | None = None,
+        between: Callable[[], None] | None = None,
     ) -> StepResult:
         """One update of x (SPSA) and y (gradient) on the batch behind ``loss_fn``.
 
@@ -480,9 +490,12 @@ class HybridEngine:
         every rank then computes the same g_i and applies the same update. Without it the
         losses are used as computed (one process). ``zo_rate``: called with the step's
         (seed, g_i/q) terms before the update; its value becomes the ``base`` rate from this
-        update on (e.g. :meth:`smoothlab.budget.WalkBudget.step`)."""
+        update on (e.g. :meth:`smoothlab.budget.WalkBudget.step`). ``between``: called
+        after each of the step's forwards, before anything is changed; an exception it
+        raises abandons the step (a trainer's pending interrupt, so that a step of many
+        forwards, large q, stops within one forward)."""
         self._find_outside_reads(loss_fn)
-        vals, forwards = self._local_values(loss_fn)
+        vals, forwards = self._local_values(loss_fn, between)
         if reduce is not None:
             vals = reduce(vals)
         it = iter(vals)

@@ -32,7 +32,7 @@ from torch import nn
 
 from smoothlab.errors import UsageError
 
-__all__ = ["ExportResult", "export"]
+__all__ = ["ExportResult", "check_export_target", "export"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,23 @@ def _base_state(peft_model: Any) -> dict[str, Any]:
     return state
 
 
+def check_export_target(
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    flag: str = "overwrite=True (CLI: --overwrite)",
+) -> Path:
+    """``out_dir`` as a Path once :func:`export` may write there: not a file, and empty
+    unless ``overwrite`` (else :class:`UsageError`; ``flag``: how the caller says
+    overwrite, named in the message)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"export target {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"export folder {out} is not empty; choose a new folder or pass {flag}")
+    return out
+
+
 def export(
     model_or_bundle: Any,
     out_dir: str | os.PathLike[str],
@@ -85,11 +102,7 @@ def export(
     (:class:`UsageError`) unless ``overwrite``.
     """
     model, tok = _unwrap(model_or_bundle, tokenizer)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"export target {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"export folder {out} is not empty; choose a new folder or pass overwrite")
+    out = check_export_target(out_dir, overwrite=overwrite)
     if not hasattr(model, "save_pretrained"):
         raise UsageError(
             f"cannot export a {type(model).__name__}: it is not a transformers or peft model"

@@ -124,6 +124,13 @@ class SignalGuard:
             signal.signal(s, old)
         self._old.clear()
 
+    def stop_if_pending(self) -> None:
+        """Raise a stop received inside a critical section now, at a point of it where
+        nothing has been changed yet (a step's forwards, before its update)."""
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum)
+
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
         """Run the body to its end whatever signal arrives; raise the stop afterwards."""

@@ -130,10 +130,14 @@ def _read_json(path: Path) -> Records:
 def read_records(path: str | Path) -> Records:
     """The raw records of a local file (format by extension; see the module docstring).
 
-    Raises :class:`~smoothlab.errors.UsageError` naming the file for a missing file, an
-    unknown extension and malformed content (with the line).
+    Raises :class:`~smoothlab.errors.UsageError` naming the file for a missing file, a
+    folder, an unknown extension and malformed content (with the line).
     """
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(
+            f"{path}: is a folder; expected a data file ending in {', '.join(EXTENSIONS)}"
+        )
     if path.suffix.lower() not in EXTENSIONS:
         raise UsageError(
             f"{path}: unknown extension {path.suffix!r}; accepted: {', '.join(EXTENSIONS)}"
@@ -172,8 +176,8 @@ def load_examples(
       (``start1``, ``end1``, ...) are ignored.
 
     Raises :class:`~smoothlab.errors.UsageError` (a ``ValueError``) naming the file for a
-    missing file, an unknown extension, missing columns, bad labels (with the line number)
-    and files without examples.
+    missing file, a folder, an unknown extension, missing columns, bad labels and empty or
+    missing texts (with the line number) and files without examples.
     """
     task = get_task(task) if isinstance(task, str) else task
     records = read_records(path)

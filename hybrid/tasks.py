@@ -248,6 +248,19 @@ def _field(rec: Mapping[str, Any], key: str, where: str) -> Any:
         raise UsageError(f"{where}: missing field {key!r}; fields found: {list(rec)}") from None
 
 
+def _blank(value: Any) -> bool:
+    """Whether a text field holds nothing: null, or an empty or whitespace-only string."""
+    return value is None or (isinstance(value, str) and (not value or value.isspace()))
+
+
+def _text(rec: Mapping[str, Any], key: str, where: str) -> Any:
+    """Field ``key`` of ``rec``, a text: present and not blank (:func:`_blank`)."""
+    value = _field(rec, key, where)
+    if _blank(value):
+        raise UsageError(f"{where}: field {key!r} is empty ({value!r}); every example needs a text")
+    return value
+
+
 _TEXT_COLUMNS = ("text", "sentence", "sentence1")
 _LABEL_COLUMNS = ("label",)
 
@@ -293,8 +306,9 @@ def parse_classification(
             where = records.where(number)
             index = _label_index(_field(rec, label_col, where), task, where)
         text = rec.get(text_col)
-        if not isinstance(text, str):
+        if not isinstance(text, str) or not text or text.isspace():
             where = records.where(number)
+            text = _text(rec, text_col, where)  # a missing or blank text: the error
             raise UsageError(f"{where}: column {text_col!r} must hold a string, got {text!r}")
         append(Example(text, index))
     return out
@@ -311,7 +325,8 @@ def _parse_copa(task: Task, records: Records, *_: str | None) -> list[Example]:
     out = []
     for number, rec in records.rows:
         where = records.where(number)
-        premise, c1, c2, question, label = (_field(rec, k, where) for k in task.columns)
+        premise, c1, c2 = (_text(rec, k, where) for k in task.columns[:3])
+        question, label = (_field(rec, k, where) for k in task.columns[3:])
         if question not in connectors:
             raise UsageError(f"{where}: bad question {question!r}; accepted: 'cause', 'effect'")
         premise = str(premise).rstrip()
@@ -329,7 +344,8 @@ def _parse_winogrande(task: Task, records: Records, *_: str | None) -> list[Exam
     out = []
     for number, rec in records.rows:
         where = records.where(number)
-        sentence, o1, o2, answer = (_field(rec, k, where) for k in task.columns)
+        sentence, o1, o2 = (_text(rec, k, where) for k in task.columns[:3])
+        answer = _field(rec, task.columns[3], where)
         sentence = str(sentence)
         if sentence.count("_") != 1:
             raise UsageError(
@@ -358,7 +374,8 @@ def _parse_wic(task: Task, records: Records, *_: str | None) -> list[Example]:
     out = []
     for number, rec in records.rows:
         where = records.where(number)
-        word, s1, s2, label = (_field(rec, k, where) for k in task.columns)
+        word, s1, s2 = (_text(rec, k, where) for k in task.columns[:3])
+        label = _field(rec, task.columns[3], where)
         index = _label_index(label, task, where)
         out.append(Example(str(s1), index, text_pair=str(s2), word=str(word)))
     return out

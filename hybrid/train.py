@@ -706,7 +706,10 @@ class Trainer:
             t = self.t
             rate = (lambda terms: self.walk.step(t, terms)) if self.walk is not None else None
             t0 = time.perf_counter()
-            res = self.engine.step(loss_fn, reduce=reduce, zo_rate=rate)
+            # one process stops within a forward of a signal; ranks finish the step together
+            # (a rank leaving before the step's all-reduce would leave the others waiting)
+            between = None if self.world.distributed else self.guard.stop_if_pending
+            res = self.engine.step(loss_fn, reduce=reduce, zo_rate=rate, between=between)
             self.elapsed += time.perf_counter() - t0
             if self.seedlog is not None and res.terms:
                 self.seedlog.append(
