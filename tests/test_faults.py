@@ -689,3 +689,47 @@ def test_resume_compares_the_data_file_by_contents(opt_model, tmp_path, monkeypa
     data.write_text(text)
     _train(_cfg(opt_model, run, steps=4, data=str(data)))  # absolute now: the same data
     assert [int(r["step"]) for r in _rows(run / "metrics.csv")] == [1, 2, 3, 4]
+
+
+def test_progress_bar_after_a_resume_inside_a_step_ends_at_its_total(
+    opt_model, tmp_path, monkeypatch
+):
+    """Interrupted after step 4's update (its row still to write), the resumed bar starts
+    at 3 and ends at STEPS, and each update shows its own step's loss."""
+    import hybrid.train
+
+    shown = []
+
+    class Bar:
+        def __init__(self, total, initial, **kw):  # noqa: ARG002
+            self.total, self.n = total, initial
+            shown.append(("start", initial))
+
+        def set_postfix(self, post, refresh=True):
+            self.post = post
+
+        def update(self, k):
+            self.n += k
+            shown.append((self.n, self.post["loss"]))
+
+        def close(self):
+            pass
+
+    cfg = _cfg(opt_model, tmp_path / "B")
+    with sigint_at("update"), pytest.raises(KeyboardInterrupt):
+        _train(cfg)
+    import tqdm.auto
+
+    real = tqdm.auto.tqdm  # the model loader's bars stay real
+    monkeypatch.setattr(
+        "tqdm.auto.tqdm",
+        lambda *a, **kw: Bar(**kw) if kw.get("desc") == cfg.method else real(*a, **kw),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hybrid.train.train(cfg, progress=True)
+    losses = {
+        int(r["step"]): f"{float(r['loss']):.4f}" for r in _rows(tmp_path / "B" / "metrics.csv")
+    }
+    assert shown[0] == ("start", 3)
+    assert shown[1:] == [(t, losses[t]) for t in range(4, STEPS + 1)]
