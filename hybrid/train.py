@@ -600,7 +600,8 @@ class Trainer:
 
             self.bar = tqdm(
                 total=cfg.steps,
-                initial=self.start,
+                # a step resumed inside (pending phases) is counted when it finishes
+                initial=self.start - bool(self.pending),
                 desc=cfg.method,
                 unit="step",
                 dynamic_ncols=True,
@@ -846,11 +847,11 @@ class Trainer:
 
     def _show(self, row: dict[str, Any]) -> None:
         if self.bar is not None:
-            self.bar.update(1)
             post = {"loss": f"{row['loss']:.4f}"}
             if "eval_acc" in row:
                 post["acc"] = f"{row['eval_acc']:.3f}"
-            self.bar.set_postfix(post, refresh=False)
+            self.bar.set_postfix(post, refresh=False)  # shown by the update: this step's
+            self.bar.update(1)
 
     def close(self) -> None:
         """Close the bar, the metrics log and the recorder."""
