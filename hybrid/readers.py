@@ -136,7 +136,7 @@ def read_records(path: str | Path) -> Records:
     path = Path(path)
     if path.is_dir():
         raise UsageError(
-            f"{path}: is a folder; expected a data file ending in {', '.join(EXTENSIONS)}"
+            f"{path}: is a folder, not a data file; give a file ending in {', '.join(EXTENSIONS)}"
         )
     if path.suffix.lower() not in EXTENSIONS:
         raise UsageError(

@@ -336,6 +336,54 @@ def test_unknown_extension(tmp_path: Path) -> None:
         load_examples(p, "sst2")
 
 
+@pytest.mark.parametrize("name", ["dir.tsv", "adir"])
+def test_folder_as_data_file_says_it_is_a_folder(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).mkdir()
+    with pytest.raises(
+        UsageError, match=re.escape(name) + r": is a folder, not a data file.*\.tsv, \.csv"
+    ):
+        load_examples(tmp_path / name, "sst2")
+
+
+def test_empty_or_missing_texts_name_file_line_and_field(tmp_path: Path) -> None:
+    tsv = tmp_path / "e.tsv"
+    tsv.write_text("sentence\tlabel\nfine\t1\n\t1\n")  # row 3: the empty sentence "\t1"
+    with pytest.raises(UsageError, match=r"e\.tsv: line 3: field 'sentence' is empty \(''\)"):
+        load_examples(tsv, "sst2")
+    csv_ = tmp_path / "e.csv"
+    csv_.write_text("text,label\nfine,1\n   ,0\n")
+    with pytest.raises(UsageError, match=r"e\.csv: line 3: field 'text' is empty"):
+        load_examples(csv_, "sst2")
+    rows = [{"sentence": "fine", "label": 1}, {"label": 0}]
+    lacks = write_jsonl(tmp_path / "lacks.jsonl", rows)
+    with pytest.raises(
+        UsageError,
+        match=r"lacks\.jsonl: line 2: missing field 'sentence'; fields found: \['label'\]",
+    ):
+        load_examples(lacks, "sst2")
+    null = write_jsonl(tmp_path / "null.jsonl", [{"sentence": None, "label": 0}])
+    with pytest.raises(
+        UsageError, match=r"null\.jsonl: line 1: field 'sentence' is empty \(None\)"
+    ):
+        load_examples(null, "sst2")
+    copa = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"premise": "p.", "choice1": "", "choice2": "b", "question": "cause", "label": 0}],
+    )
+    with pytest.raises(UsageError, match=r"c\.jsonl: line 1: field 'choice1' is empty"):
+        load_examples(copa, "copa")
+    wic = write_jsonl(
+        tmp_path / "w.jsonl", [{"word": "w", "sentence1": "a", "sentence2": " ", "label": 0}]
+    )
+    with pytest.raises(UsageError, match=r"w\.jsonl: line 1: field 'sentence2' is empty"):
+        load_examples(wic, "wic")
+    wg = write_jsonl(
+        tmp_path / "g.jsonl", [{"sentence": "x _ y", "option1": None, "option2": "b", "answer": 1}]
+    )
+    with pytest.raises(UsageError, match=r"g\.jsonl: line 1: field 'option1' is empty \(None\)"):
+        load_examples(wg, "winogrande")
+
+
 def test_missing_columns_lists_columns_found(tmp_path: Path) -> None:
     p = tmp_path / "d.csv"
     p.write_text("review,label\nok,1\n")
