@@ -541,17 +541,35 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- export
+def _export_device(run: Path, device: str | None) -> str:
+    """``--device`` resolved and validated as probe and train do; without it, the run's own
+    device, refused (naming ``--device``) when this machine lacks it."""
+    from hybrid.config import resolve_device
+    from hybrid.train import load_config
+
+    if device is not None:
+        return resolve_device(device)
+    own = load_config(run).device
+    try:
+        return resolve_device(own)
+    except UsageError as e:
+        raise UsageError(f"{run} was trained on {e}; pass --device to export on another") from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from hybrid.config import check_out
-    from hybrid.export import export
+    from hybrid.export import check_export_target, export
     from hybrid.train import load_trained
 
     run = Path(args.run)
     if not (run / "config.json").is_file():
         raise UsageError(f"{run} is not a run folder (no config.json)")
     check_out(args.out, "--out", kind="dir")
+    # every check before the model is built (minutes for a large one)
+    check_export_target(args.out, overwrite=args.overwrite, flag="--overwrite")
+    device = _export_device(run, args.device)
     t0 = time.perf_counter()
-    bundle = load_trained(run, device=args.device)
+    bundle = load_trained(run, device=device)
     result = export(bundle, args.out, overwrite=args.overwrite)
     how = "LoRA merged into the weights" if result.merged else "weights as trained"
     if result.adapter_dir is not None:

@@ -147,3 +147,84 @@ def test_export_of_a_seeds_run_of_hybrid_lora_loads_with_from_pretrained(tiny_di
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     assert (got - base).abs().max() > 100 * (got - want).abs().max()
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2  # not empty
+
+
+# --------------------------------------------------------------------------- CLI refusals
+
+
+def _run_folder(root, **config) -> str:
+    """A run folder holding only config.json (``config`` over TrainConfig's defaults): the
+    refusals below come before the model is built or checkpoint.pt is read."""
+    import json
+
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps(config))
+    return str(root)
+
+
+def _one_line_exit_2(argv: list[str], capsys) -> str:
+    from smoothlab.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_export_cli_refuses_a_device_this_machine_lacks(tmp_path, capsys) -> None:
+    run, out = _run_folder(tmp_path / "run"), str(tmp_path / "hf")
+    err = _one_line_exit_2(["export", run, "--out", out, "--device", "banana"], capsys)
+    assert "device 'banana' is not a device; accepted: cpu, cuda, cuda:N, mps, auto" in err
+    if not torch.cuda.is_available():
+        err = _one_line_exit_2(["export", run, "--out", out, "--device", "cuda"], capsys)
+        assert "device 'cuda': CUDA is not available on this machine" in err
+        # a run trained on CUDA, exported here without --device
+        cuda_run = _run_folder(tmp_path / "cuda_run", device="cuda")
+        err = _one_line_exit_2(["export", cuda_run, "--out", out], capsys)
+        assert f"{cuda_run} was trained on device 'cuda'" in err and "pass --device" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_into_a_non_empty_folder_names_the_flag(tmp_path, capsys) -> None:
+    model, _ = tiny_encoder(seed=3)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("keep")
+    with pytest.raises(UsageError, match=r"not empty; .*pass overwrite=True \(CLI: --overwrite\)"):
+        export(model, tmp_path / "hf")
+    # the CLI says its own flag, before the model is built (this run has no checkpoint)
+    run = _run_folder(tmp_path / "run")
+    err = _one_line_exit_2(["export", run, "--out", str(tmp_path / "hf")], capsys)
+    assert "export folder" in err and "is not empty; choose a new folder or pass --overwrite" in err
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_export_cli_of_a_damaged_checkpoint_is_one_line(tiny_dir, tmp_path, capsys, damage):
+    """checkpoint.pt of 9 garbage bytes, or cut short: one line naming the file (read by
+    hybrid.train.load_trained), not torch's zip-reader traceback."""
+    import warnings
+
+    from hybrid.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(
+        model=tiny_dir,
+        method="fo-lora",
+        steps=1,
+        eval_every=1,
+        train_size=8,
+        eval_size=4,
+        dev_size=4,
+        batch_size=4,
+        max_length=16,
+        lora_r=2,
+        out=str(run),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg, progress=False)
+    ckpt = run / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(b"garbage!!" if damage == "garbage" else data[: len(data) // 2])
+    err = _one_line_exit_2(["export", str(run), "--out", str(tmp_path / "hf")], capsys)
+    assert f"{ckpt} is not a readable checkpoint" in err
