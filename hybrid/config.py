@@ -721,6 +721,11 @@ class Figure1Config(ModelConfig):
     def validate(self) -> None:
         """:class:`UsageError` naming the first bad option."""
         super().validate()
+        if self.record_every == 0:  # the figures plot the probes: refused before training
+            raise UsageError(
+                "record_every 0 turns the probes off, and Figure 1 plots them; give "
+                f"record_every >= 1 (a probe every N steps, e.g. {max(self.steps // 10, 1)})"
+            )
         check_out(self.out, "out", kind="dir")
 
 

@@ -509,6 +509,17 @@ def test_figure1_on_tiny_model(enc: Path, tmp_path: Path, capsys) -> None:
     assert "L_base / L_lora" in capsys.readouterr().out
 
 
+def test_figure1_without_probes_is_refused_before_training(
+    enc: Path, tmp_path: Path, capsys
+) -> None:
+    """Figure 1 plots the probes: --record-every 0 fails at once, not after both runs."""
+    argv = ["figure1", "--model", str(enc), "--steps", "2", "--record-every", "0"]
+    err = _one_line_exit_2(argv + ["--out", str(tmp_path / "fig")], capsys)
+    assert "record_every 0 turns the probes off, and Figure 1 plots them" in err
+    assert "record_every >= 1" in err
+    assert not (tmp_path / "fig").exists()  # no run was started
+
+
 def test_advise_from_model_with_calibration(enc: Path, tmp_path: Path, capsys) -> None:
     rc = main(
         [
