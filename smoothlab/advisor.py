@@ -574,10 +574,19 @@ def advise(
     ``exact`` if ``x_gradient="exact"``, else ``curvature`` when its inputs are given, else
     ``paper``, capped by ``walk`` when ``weight_norm_x``, ``grad_norm_x`` and ``steps`` are
     given (the random-walk cap, see the module docstring). ``L_x=None`` (no x block, or a ``zo`` probe without L) or ``L_y=None`` (no y
-    block) give nan for what needs them. With the gradient norms, ``rho_y`` and ``cross``
+    block) give nan for what needs them. ``d_x=0`` means no x block: ``L_x``, ``trace`` and
+    ``second_moment`` must then be None (:class:`UsageError` otherwise). With the gradient norms, ``rho_y`` and ``cross``
     the joint model's Δ is computed and the pair scaled down if Δ > 0.
     """
     Lx, Ly, c_x, c_y = _check_advise_args(rule, x_gradient, L_x, L_y, c_x, c_y, d_x, q, kurtosis)
+    x_inputs = dict(L_x=L_x, trace=trace, second_moment=second_moment)
+    given = [k for k, v in x_inputs.items() if v is not None]
+    if d_x == 0 and given:  # d_x = 0 means no x block, which has no curvature to give
+        raise UsageError(
+            f"d_x must be a positive integer (parameters in the base block) when "
+            f"{'/'.join(given)} is given, got {d_x!r}; d_x=0 means no x block: then pass "
+            f"{'=None, '.join(given)}=None"
+        )
     m = _measured(
         trace, second_moment, rho_x, delta_x, rho_y, signal_y, grad_norm_x, grad_norm_y, cross
     )

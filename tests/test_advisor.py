@@ -10,6 +10,7 @@ import torch
 
 import smoothlab
 from smoothlab.advisor import advise, advise_from_rows, curvature_rate, trajectory_L
+from smoothlab.errors import UsageError
 
 
 def test_example_2_3_advice_is_exactly_half_inverse_curvature() -> None:
@@ -70,6 +71,24 @@ def test_advise_errors(kwargs: dict, needle: str) -> None:
     args = {"L_x": 1.0, "L_y": 1.0, "d_x": 10} | kwargs
     with pytest.raises(ValueError, match=needle):
         advise(**args)
+
+
+def test_d_x_zero_means_no_x_block_and_refuses_x_curvature() -> None:
+    """d_x=0 with L_x (or trace / second_moment) gave eta_x nan silently; it is refused,
+    naming the value. d_x=0 without them (a method with no x block) still advises eta_y."""
+    with pytest.raises(
+        UsageError, match=r"d_x must be a positive integer .* when L_x is given, got 0"
+    ):
+        advise(L_x=4.0, L_y=1.0, d_x=0)
+    with pytest.raises(UsageError, match=r"when L_x/trace is given, got 0.*L_x=None, trace=None"):
+        advise(L_x=4.0, L_y=1.0, d_x=0, trace=2.0)
+    with pytest.raises(UsageError, match=r"when second_moment is given, got 0"):
+        advise(None, 1.0, 0, second_moment=3.0)
+    with pytest.raises(UsageError, match=r"when L_x is given, got 0"):
+        advise(4.0, 1.0, 0, x_gradient="exact")
+    no_x = advise(None, 2.0, 0, rho_x=0.0)  # what a zo probe of fo-ft passes
+    assert math.isnan(no_x.eta_x) and no_x.eta_y == pytest.approx(0.5) and no_x.d_x == 0
+    assert advise(4.0, 1.0, 10).eta_x > 0
 
 
 def test_trajectory_quantile_and_head_block() -> None:
