@@ -52,7 +52,7 @@ from smoothlab.runlog import (
 )
 
 from . import distributed as D
-from .config import AUTO, TrainConfig, user_input
+from .config import AUTO, TrainConfig, resolve_device, user_input
 from .data import EpochSampler, Splits, Task, load_task_data
 from .engine import HybridEngine, table_of, zo_updater
 from .faults import Diverged, DivergenceGuard, RunLock, SignalGuard, check_resume, clear_run
@@ -359,7 +359,7 @@ def load_trained(run_dir: str | Path, *, device: str | None = None) -> ModelBund
     a ``seeds`` checkpoint is replayed). ``device`` overrides the run's device."""
     cfg = load_config(run_dir)
     if device is not None:
-        cfg = dataclasses.replace(cfg, device=device)
+        cfg = dataclasses.replace(cfg, device=resolve_device(device))
     path = Path(run_dir) / "checkpoint.pt"
     if not path.is_file():
         raise UsageError(f"{run_dir} holds no checkpoint.pt to export (train it first)")

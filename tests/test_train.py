@@ -416,3 +416,10 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(resume_runs, tmp_path, da
     assert (run / "metrics.csv").read_bytes() == before
     with pytest.raises(UsageError, match=r"checkpoint.pt is not a readable checkpoint .*damaged"):
         load_trained(run)
+
+
+def test_load_trained_names_a_device_this_machine_lacks(resume_runs):
+    from hybrid.train import load_trained
+
+    with pytest.raises(UsageError, match="device 'banana' is not a device"):
+        load_trained(resume_runs["A"], device="banana")
