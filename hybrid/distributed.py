@@ -208,10 +208,17 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> World:
     return _world
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op when single-process)."""
+def shutdown(*, wait: bool = True) -> None:
+    """Leave the process group (no-op when single-process). ``wait`` (gloo): first meet
+    the other ranks at a barrier (30 s at most), so none tears its sockets down while a
+    peer is still in a collective; leave it off on a failure path."""
     global _world
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_backend() == "gloo":
+            # every rank past its last collective before any tears its sockets down: a rank
+            # still in one when a peer left was seen to abort at exit (once, under load)
+            with contextlib.suppress(Exception):
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
         dist.destroy_process_group()
     _world = World()
 

@@ -325,8 +325,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if advice is not None and world.rank == 0:
             _print_rate_advice(cfg, advice)
         out = train(cfg, progress=True, resume=not args.restart, advice=advice)
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(wait=False)  # a failed or stopped rank does not wait for peers
+        raise
+    distributed.shutdown()
     if world.rank != 0:  # rank 0 reports for every rank
         return 0
     summary = json.loads((out / "summary.json").read_text())
