@@ -209,16 +209,29 @@ class Advice:
                 f"m1 = {pm(self.second_moment_x, self.second_moment_x_stderr)}, kappa = {self.kurtosis:g}"
                 + (" [trace floored at L_x]" if self.trace_floored else "")
             )
-        lines += [
-            f"eta_x   : {pm(self.eta_x, self.eta_x_stderr)}  [rule {self.rule}]",
-            f"          curvature (one step) {self.eta_x_curvature:.4g}, random-walk cap over "
-            f"{self.steps} steps {self.eta_x_walk:.4g}, safe {self.eta_x_safe:.4g}, "
-            f"paper c_x/(L_x d_x) {self.eta_x_paper:.4g}",
-            f"eta_y   : {pm(self.eta_y, self.eta_y_stderr)}  (phi_y = {self.signal_y:.3g}; "
-            f"paper c_y/L_y {self.eta_y_lemma:.4g}; 1/rho_y along g_y {self.eta_y_gradient:.4g})",
-            f"ratio   : eta_y / eta_x = {self.ratio:.4g}  (paper's Table 2: "
-            f"{PAPER_TABLE2_RATIO[0]:.0e}..{PAPER_TABLE2_RATIO[1]:.0e})",
-        ]
+        has_x = bool(self.d_x) and math.isfinite(self.L_x)
+        has_y = math.isfinite(self.L_y)
+        if has_x:
+            lines += [
+                f"eta_x   : {pm(self.eta_x, self.eta_x_stderr)}  [rule {self.rule}]",
+                f"          curvature (one step) {self.eta_x_curvature:.4g}, random-walk cap over "
+                f"{self.steps} steps {self.eta_x_walk:.4g}, safe {self.eta_x_safe:.4g}, "
+                f"paper c_x/(L_x d_x) {self.eta_x_paper:.4g}",
+            ]
+        else:
+            lines.append("eta_x   : none (no base block x is trained)")
+        if has_y:
+            lines.append(
+                f"eta_y   : {pm(self.eta_y, self.eta_y_stderr)}  (phi_y = {self.signal_y:.3g}; "
+                f"paper c_y/L_y {self.eta_y_lemma:.4g}; 1/rho_y along g_y {self.eta_y_gradient:.4g})"
+            )
+        else:
+            lines.append("eta_y   : none (no PEFT block y is trained)")
+        if has_x and has_y:
+            lines.append(
+                f"ratio   : eta_y / eta_x = {self.ratio:.4g}  (paper's Table 2: "
+                f"{PAPER_TABLE2_RATIO[0]:.0e}..{PAPER_TABLE2_RATIO[1]:.0e})"
+            )
         if math.isfinite(self.predicted_change):
             lines.append(
                 f"joint   : predicted one-step change {self.predicted_change:.4g} (cross term "

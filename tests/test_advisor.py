@@ -315,3 +315,14 @@ def test_curvature_rate_stderr_adds_the_terms_that_stand_in_for_L_x():
     # a measured ρ is independent of L_x: its error adds in quadrature
     eta, se, den, _ = curvature_rate(1.0, 1, trace=0.5, rho=1.0, rho_stderr=0.1, L_x_stderr=0.1)
     assert se / eta == pytest.approx(math.hypot(0.1, 2 * 0.1) / den)
+
+
+def test_describe_names_an_absent_block_instead_of_printing_nan():
+    """zo-ft trains x only, fo-lora y only: the terminal lines say so, with no nan rate or
+    nan ratio."""
+    x_only = advise(L_x=4.0, L_y=None, d_x=1000).describe()
+    assert "eta_y   : none (no PEFT block y is trained)" in x_only and "ratio" not in x_only
+    y_only = advise(L_x=None, L_y=2.0, d_x=0).describe()
+    assert "eta_x   : none (no base block x is trained)" in y_only and "ratio" not in y_only
+    both = advise(L_x=4.0, L_y=2.0, d_x=1000).describe()
+    assert "ratio   : eta_y / eta_x = 2004" in both
