@@ -894,7 +894,7 @@ class Trainer:
             ),
         }
         if self.writer and (self.t > self.start or not (self.out / "summary.json").exists()):
-            write_json(self.out / "summary.json", summary)
+            write_json(self.out / "summary.json", summary, strict=True)  # nan -> null
 
     def run(self, *, resume: bool = True) -> Path:
         """Train to ``cfg.steps`` (from the checkpoint if ``resume``; otherwise every log of

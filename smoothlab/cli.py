@@ -332,9 +332,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world.rank != 0:  # rank 0 reports for every rank
         return 0
     summary = json.loads((out / "summary.json").read_text())
+    num = lambda k, fmt: "n/a" if summary.get(k) is None else format(summary[k], fmt)  # noqa: E731
     print(
-        f"{cfg.method}: final loss {summary['final_loss']:.4f}, best dev acc {summary['best_dev_acc']:.3f}, "
-        f"{summary['seconds_per_step']:.3f} s/step, peak memory {summary['peak_memory_mb']:.0f} MiB -> {out}"
+        f"{cfg.method}: final loss {num('final_loss', '.4f')}, best dev acc "
+        f"{num('best_dev_acc', '.3f')}, {num('seconds_per_step', '.3f')} s/step, peak memory "
+        f"{num('peak_memory_mb', '.0f')} MiB -> {out}"
     )
     if summary.get("walk_budget_spent") is not None:
         print(

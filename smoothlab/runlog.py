@@ -165,14 +165,28 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as indented JSON (atomically: temp file, then rename)."""
+def write_json(path: str | Path, data: Mapping[str, Any], *, strict: bool = False) -> Path:
+    """Write ``data`` as indented JSON (atomically: temp file, then rename). ``strict``:
+    a NaN or infinite float is written as ``null``, so that any JSON parser reads the file
+    (Python's own reads ``NaN``; strict ones, ``jq`` and browsers, do not)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    if strict:
+        data = _finite_or_null(data)
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable, allow_nan=not strict) + "\n")
     tmp.replace(path)
     return path
+
+
+def _finite_or_null(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite_or_null(v) for v in x]
+    return x
 
 
 def _jsonable(x: Any) -> Any:

@@ -155,3 +155,22 @@ def test_final_loss():
     assert math.isnan(final_loss([])) and math.isnan(final_loss([None]))
     assert math.isnan(final_loss([1.0] * 30 + [math.nan]))  # divergence is not hidden
     assert final_loss([1.0] * 30 + [math.inf]) == math.inf
+
+
+def test_strict_json_writes_null_for_nan_and_infinity(tmp_path):
+    """summary.json of a run whose loss ended nan: strict JSON parsers must read it."""
+    import json as _json
+
+    from smoothlab.runlog import write_json
+
+    data = {"final_loss": math.nan, "x": [1.0, math.inf], "ok": 0.5, "n": 3}
+    path = write_json(tmp_path / "s.json", data, strict=True)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert _json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {
+        "final_loss": None,
+        "x": [1.0, None],
+        "ok": 0.5,
+        "n": 3,
+    }
+    assert "NaN" in write_json(tmp_path / "t.json", data).read_text()  # default: as before
