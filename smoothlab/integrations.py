@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .probe import eval_mode
 from .recorder import TrajectoryRecorder
 
 
@@ -15,16 +16,36 @@ def hf_callback(
     recorder: TrajectoryRecorder,
     loss_fn_for: Callable[[torch.nn.Module], Callable[[], torch.Tensor]],
 ) -> Any:
-    """A ``transformers.TrainerCallback`` that calls ``recorder.step`` after each optimizer step.
+    """A ``transformers.TrainerCallback`` that calls ``recorder.step`` before training (step 0)
+    and after each optimizer step.
 
     ``loss_fn_for(model)`` returns the zero-argument loss closure to probe (e.g. a fixed
-    held-aside batch: ``lambda m: smoothlab.ModelLoss(m, batch)``). The Trainer's learning
-    rate is logged as ``lr_peft`` (a single-rate optimizer).
+    held-aside batch: ``lambda m: smoothlab.ModelLoss(m, batch)``). Probes run with dropout
+    off and the random state restored, so training is the same with or without the
+    callback. The learning rate the step used (before the scheduler moved it) is logged as
+    ``lr_peft`` (a single-rate optimizer). A resumed Trainer should get a recorder built with
+    ``resume_step=`` the checkpoint's step, which drops rows logged after it.
     """
     from transformers import TrainerCallback
 
+    def record(state: Any, model: Any, lr: float) -> None:
+        if model is None or not recorder.due(state.global_step):
+            return
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+        # dropout off and the random state kept, whatever closure loss_fn_for returns:
+        # the probe never changes the training it watches
+        with eval_mode(model), torch.random.fork_rng(devices=cuda):
+            recorder.step(
+                state.global_step, loss_fn_for(model), epoch=float(state.epoch or 0), lr_peft=lr
+            )
+
+    def rate(optimizer: Any) -> float:
+        return optimizer.param_groups[0]["lr"] if optimizer is not None else math.nan
+
     class SmoothnessCallback(TrainerCallback):
-        def on_step_end(
+        lr = math.nan  # the rate of the step being taken (the scheduler moves it after)
+
+        def on_train_begin(
             self,
             args: Any,
             state: Any,
@@ -33,16 +54,23 @@ def hf_callback(
             optimizer: Any = None,
             **kw: Any,
         ) -> Any:
-            if model is None or not recorder.due(state.global_step):
-                return control
-            lr = optimizer.param_groups[0]["lr"] if optimizer is not None else math.nan
-            recorder.step(
-                state.global_step, loss_fn_for(model), epoch=float(state.epoch or 0), lr_peft=lr
-            )
+            record(state, model, rate(optimizer))  # step 0, the weights before training
+            return control
+
+        def on_step_begin(
+            self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any
+        ) -> Any:
+            self.lr = rate(optimizer)
+            return control
+
+        def on_step_end(
+            self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any
+        ) -> Any:
+            record(state, model, self.lr)
             return control
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
-            recorder.close()
+            recorder.close()  # a later train() (a resume, a search) reopens it on its first row
             return control
 
     return SmoothnessCallback()

@@ -202,9 +202,17 @@ def _jsonable(x: Any) -> Any:
 
 def format_cell(v: Any) -> str:
     """One cell as text: ``None`` -> ``""``, NaN -> ``"nan"``, ±inf -> ``"inf"``/``"-inf"``,
-    other floats by ``repr`` (round-trips exactly), anything else by ``str``."""
+    other floats by ``repr`` (round-trips exactly), a one-element tensor or a numpy scalar
+    (a tensor learning rate) by its Python number, anything else by ``str``."""
     if v is None:
         return ""
+    if not isinstance(v, str | int | float) and callable(getattr(v, "item", None)):
+        try:
+            v = v.item()  # torch.tensor(0.25), np.float32(0.25)
+        except (ValueError, RuntimeError):
+            pass  # several elements: written as text, read back as missing
+    if isinstance(v, bool):
+        return str(int(v))
     if isinstance(v, float):
         return "nan" if math.isnan(v) else repr(v)
     return str(v)
@@ -358,6 +366,9 @@ class CsvLog:
             raise ValueError(
                 f"unknown columns {sorted(unknown)} for {self.path.name}; columns: {list(self.fields)}"
             )
+        if self._fh.closed:  # closed by an earlier end of training: append from here on
+            self._fh = self.path.open("a", newline="", encoding="utf-8")
+            self._writer = csv.writer(self._fh, lineterminator="\n")
         self._writer.writerow([format_cell(row.get(k)) for k in self.fields])
         self._fh.flush()
         if row.get("step") is not None:

@@ -82,8 +82,8 @@ def test_recorder_errors() -> None:
         rec.step(0)
 
 
-def test_hf_trainer_callback_records(tmp_path) -> None:
-    pytest.importorskip("accelerate")
+def _hf_run(out, loss_for=None, steps=4):
+    """A tiny BERT (dropout on) trained by a real Trainer, with the callback if ``loss_for``."""
     from transformers import Trainer, TrainingArguments
 
     from smoothlab.integrations import hf_callback
@@ -101,27 +101,44 @@ def test_hf_trainer_callback_records(tmp_path) -> None:
     ]
     held = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
     blocks = smoothlab.make_blocks(model, {"cls": "classifier.*"})
-    rec = TrajectoryRecorder(blocks, every=2, num_vectors=3, out_dir=tmp_path, model=model)
+    rec = TrajectoryRecorder(blocks, every=2, num_vectors=3, out_dir=out)  # no model=: closure only
     args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"),
+        output_dir=str(out / "hf"),
         per_device_train_batch_size=4,
-        max_steps=4,
+        max_steps=steps,
+        learning_rate=5e-5,
+        lr_scheduler_type="linear",
         report_to=[],
         use_cpu=True,
         save_strategy="no",
         logging_strategy="no",
+        seed=0,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=data,
-        callbacks=[hf_callback(rec, lambda m: smoothlab.ModelLoss(m, held))],
-    )
+    callbacks = [hf_callback(rec, lambda m: loss_for(m, held))] if loss_for else []
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     trainer.train()
-    with (tmp_path / "smoothness.csv").open() as fh:
+    return model, trainer
+
+
+def test_hf_trainer_callback_records_without_changing_training(tmp_path) -> None:
+    """A plain closure (not ModelLoss) in a model with dropout: the probes run with dropout
+    off and the random state kept, so the weights equal a run without the callback. Step 0
+    is recorded, each row carries the rate its step used (the linear schedule's 1.25e-5 at
+    step 4, not the 0 it moves to after), and a second train() appends to the log."""
+    pytest.importorskip("accelerate")
+    plain, _ = _hf_run(tmp_path / "plain")
+    model, trainer = _hf_run(tmp_path / "rec", lambda m, held: lambda: m(**held).loss)
+    for a, b in zip(plain.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    with (tmp_path / "rec" / "smoothness.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["step"]) for r in rows] == [2, 4]
-    assert all(float(r["estimate"]) > 0 and float(r["lr_peft"]) >= 0 for r in rows)
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert all(float(r["estimate"]) > 0 for r in rows)
+    assert [float(r["lr_peft"]) for r in rows] == pytest.approx([5e-5, 3.75e-5, 1.25e-5])
+    trainer.args.max_steps = 6
+    trainer.train()  # the callback closed the log at the end of the first
+    with (tmp_path / "rec" / "smoothness.csv").open() as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [0, 2, 4, 6]
 
 
 @pytest.mark.parametrize("hvp", ["fd", "exact"])

@@ -174,3 +174,22 @@ def test_strict_json_writes_null_for_nan_and_infinity(tmp_path):
         "n": 3,
     }
     assert "NaN" in write_json(tmp_path / "t.json", data).read_text()  # default: as before
+
+
+def test_cells_take_a_tensor_or_numpy_number_by_value_and_a_closed_log_reopens(tmp_path):
+    """A tensor learning rate (torch.tensor(0.25)) was written 'tensor(0.2500)' and read
+    back as missing; a write after close() (a Trainer's second train()) raised."""
+    import numpy as np
+    import torch
+
+    from smoothlab.runlog import SMOOTHNESS_FIELDS, CsvLog, format_cell
+
+    assert format_cell(torch.tensor(0.25)) == "0.25" and format_cell(np.float32(0.5)) == "0.5"
+    assert format_cell(True) == "1" and format_cell(torch.tensor([1.0, 2.0])).startswith("tensor")
+    log = CsvLog(tmp_path / "s.csv", SMOOTHNESS_FIELDS)
+    log.write({"step": 1, "lr_peft": torch.tensor(1e-3, dtype=torch.float64)})
+    log.close()
+    log.write({"step": 2, "lr_peft": 2e-3})
+    log.close()
+    text = (tmp_path / "s.csv").read_text().splitlines()
+    assert len(text) == 3 and text[1].split(",")[SMOOTHNESS_FIELDS.index("lr_peft")] == "0.001"
