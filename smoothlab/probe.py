@@ -12,6 +12,7 @@ to before, and ``requires_grad`` flags, ``.grad`` fields and training modes are 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -186,6 +187,24 @@ def _check_arguments(
     """probe()'s argument checks; norm/hvp/distribution pairs through the estimator registry."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be a zero-argument callable, got {type(loss_fn).__name__}")
+    check_options(norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
+
+
+def check_options(
+    norm: str,
+    hvp: str,
+    num_vectors: object,
+    distribution: str = "gaussian",
+    tol: object = 1e-3,
+    target_rel_stderr: object = None,
+    h: object = None,
+) -> None:
+    """UsageError naming the first bad :func:`probe` option (for callers that probe later,
+    such as the recorder, which checks at construction rather than at its first probe)."""
+    if h is not None and not (
+        isinstance(h, int | float) and not isinstance(h, bool) and 0 < h < math.inf
+    ):
+        raise UsageError(f"h must be a positive finite float or None, got {h!r}")
     if hvp not in HVPS:
         raise UsageError(f"unknown hvp oracle {hvp!r}; accepted: {', '.join(HVPS)}")
     if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or num_vectors < 1:

@@ -29,7 +29,7 @@ from .blocks import check_blocks
 from .errors import UsageError
 from .estimate import Estimate
 from .hvp import block_gradients
-from .probe import eval_mode, probe
+from .probe import check_options, eval_mode, probe
 from .runlog import SMOOTHNESS_FIELDS, CsvLog
 
 LossFn = Callable[[], torch.Tensor]
@@ -77,6 +77,7 @@ class TrajectoryRecorder:
         log: CsvLog | None = None,
     ) -> None:
         check_blocks(blocks)
+        check_options(norm, hvp, num_vectors, tol=tol, h=h)  # now, not at the first probe
         if log is not None and out_dir is not None:
             raise UsageError(
                 f"give out_dir or log, not both (got out_dir={str(out_dir)!r} and a log)"

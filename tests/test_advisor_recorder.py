@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import pytest
 import torch
 
 import smoothlab
+from smoothlab.errors import UsageError
 from smoothlab.recorder import TrajectoryRecorder, block_grad_norms
 
 
@@ -224,3 +226,20 @@ def test_recorder_log_argument_errors(tmp_path) -> None:
         TrajectoryRecorder({"w": [lin.weight]}, log=other)
     other.close()
     owner.close()
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"norm": "spektral"}, "unknown norm 'spektral'"),
+        ({"num_vectors": 0}, "num_vectors must be a positive integer, got 0"),
+        ({"hvp": "fdd"}, "unknown hvp oracle 'fdd'"),
+        ({"h": -1.0}, "h must be a positive finite float or None, got -1.0"),
+        ({"tol": 0}, "tol must be a positive float, got 0"),
+    ],
+)
+def test_recorder_checks_its_probe_options_when_built(kw, words) -> None:
+    """Not after `every` training steps, at its first probe."""
+    lin, _, _ = _quadratic_model()
+    with pytest.raises(UsageError, match=re.escape(words)):
+        TrajectoryRecorder({"w": [lin.weight]}, every=5, **kw)
