@@ -35,8 +35,19 @@ __all__ = ["format_number", "write_report"]
 
 def input_notes(run: Run) -> list[str]:
     """What the report's reader must know about a run's input: the problems found while
-    reading its files (:attr:`~analysis.runs.Run.warnings`) and a non-finite training loss."""
+    reading its files (:attr:`~analysis.runs.Run.warnings`), a non-finite training loss,
+    and non-finite smoothness estimates (the tables and figures leave those out)."""
     notes = list(run.warnings)
+    sm = run.smoothness
+    if len(sm):
+        off = sm[~np.isfinite(sm["estimate"].to_numpy(dtype="float64"))]
+        if len(off):
+            first = off.iloc[0]
+            notes.append(
+                f"{len(off)} of {len(sm)} smoothness estimates are missing or not finite and "
+                f"are left out of the tables and figures (first: block {first['block']}, step "
+                f"{int(first['step'])}, estimate {first['estimate']})"
+            )
     m = run.metrics
     bad = m[~np.isfinite(m["loss"].to_numpy(dtype="float64"))]
     if len(bad):

@@ -160,3 +160,20 @@ def test_report_refuses_unusable_header(tmp_path):
     (root / "metrics.csv").write_text("when,what\n1,2\n")
     with pytest.raises(UsageError, match=r"lacks required column\(s\) \['step', 'loss'\]"):
         write_report(root)
+
+
+def test_report_notes_smoothness_estimates_it_leaves_out(tmp_path):
+    """A probe that blew up (inf) or logged nan is left out of the tables and figures;
+    the report says how many and where, instead of a silently shorter row."""
+    root = write_run(tmp_path / "r")
+    lines = (root / "smoothness.csv").read_text().splitlines()
+    head = lines[0].split(",")
+    col = head.index("estimate")
+    for k, value in ((1, "inf"), (3, "nan")):
+        cells = lines[k].split(",")
+        cells[col] = value
+        lines[k] = ",".join(cells)
+    (root / "smoothness.csv").write_text("\n".join(lines) + "\n")
+    text = _report_text(root)
+    n = len(lines) - 1
+    assert f"2 of {n} smoothness estimates are missing or not finite" in text
