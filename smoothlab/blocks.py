@@ -209,6 +209,8 @@ def make_blocks(
     Raises ``UsageError`` (a ValueError) when a pattern matches nothing or when blocks overlap, listing the
     parameter names examined.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = _named(model, trainable_only)
     if not named:
         raise UsageError(f"model {type(model).__name__} has no parameters to put in blocks")

@@ -80,6 +80,8 @@ def eval_mode(model: nn.Module | None) -> Iterator[None]:
     if model is None:
         yield
         return
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -129,6 +131,10 @@ def probe(
         progress: ``callback(block, done, total)``.
     """
     _check_arguments(loss_fn, norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     check_blocks(blocks)
     root = _owning_module(model, loss_fn)
 

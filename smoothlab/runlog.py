@@ -294,6 +294,12 @@ class CsvLog:
     def __init__(
         self, path: str | Path, fields: Sequence[str], *, truncate_after: int | None = None
     ) -> None:
+        if truncate_after is not None and (
+            not isinstance(truncate_after, int) or isinstance(truncate_after, bool)
+        ):
+            raise UsageError(
+                f"truncate_after must be an integer step or None, got {truncate_after!r}"
+            )
         self.path = Path(path)
         self.fields = tuple(fields)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -662,3 +662,25 @@ def test_dot64_is_a_float64_dot_over_chunks_without_copies():
     assert dot64(a[:5], b[:5]) == pytest.approx(
         float(torch.dot(a[:5].double(), b[:5].double())), rel=1e-12
     )
+
+
+def test_public_entry_points_name_a_wrong_argument_type():
+    import torch
+    from torch import nn
+
+    import smoothlab
+    from smoothlab.errors import UsageError
+    from smoothlab.runlog import SMOOTHNESS_FIELDS, CsvLog
+
+    lin = nn.Linear(2, 1)
+    loss = lambda: lin(torch.ones(1, 2)).sum()  # noqa: E731
+    with pytest.raises(UsageError, match=r"seed must be an integer, got 1\.5"):
+        smoothlab.probe(loss, {"w": [lin.weight]}, seed=1.5)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module or None, got str"):
+        smoothlab.probe(loss, {"w": [lin.weight]}, model="m")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        smoothlab.make_blocks("m", "hybrid")
+    with pytest.raises(TypeError, match="got str"), smoothlab.eval_mode("m"):
+        pass
+    with pytest.raises(UsageError, match="truncate_after must be an integer step or None, got '3'"):
+        CsvLog("/tmp/never.csv", SMOOTHNESS_FIELDS, truncate_after="3")
