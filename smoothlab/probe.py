@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -131,8 +132,9 @@ def probe(
         progress: ``callback(block, done, total)``.
     """
     _check_arguments(loss_fn, norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise UsageError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)  # numpy integers too
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     check_blocks(blocks)
