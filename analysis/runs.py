@@ -181,6 +181,11 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    paths = list(paths)
+    where = [Path(p).resolve() for p in paths]
+    twice = sorted({str(p) for p in where if where.count(p) > 1})
+    if twice:
+        raise UsageError(f"the same run folder is given more than once: {', '.join(twice)}")
     runs = [load_run(p) for p in paths]
     seen: dict[str, int] = {}
     for run in runs:

@@ -36,8 +36,16 @@ __all__ = ["format_number", "write_report"]
 def input_notes(run: Run) -> list[str]:
     """What the report's reader must know about a run's input: the problems found while
     reading its files (:attr:`~analysis.runs.Run.warnings`), a non-finite training loss,
-    and non-finite smoothness estimates (the tables and figures leave those out)."""
+    non-finite smoothness estimates (the tables and figures leave those out), and a run
+    that has not finished."""
     notes = list(run.warnings)
+    planned = run.config.get("steps")
+    done = int(run.metrics["step"].max()) if len(run.metrics) else 0
+    if isinstance(planned, int) and done < planned and not (run.path / "summary.json").exists():
+        notes.append(
+            f"the run has not finished: {done} of {planned} steps logged and no summary.json "
+            "(still running, interrupted or crashed; rerunning its command resumes it)"
+        )
     sm = run.smoothness
     if len(sm):
         off = sm[~np.isfinite(sm["estimate"].to_numpy(dtype="float64"))]

@@ -177,3 +177,17 @@ def test_report_notes_smoothness_estimates_it_leaves_out(tmp_path):
     text = _report_text(root)
     n = len(lines) - 1
     assert f"2 of {n} smoothness estimates are missing or not finite" in text
+
+
+def test_report_says_a_run_has_not_finished_and_refuses_a_folder_twice(tmp_path):
+    import json
+
+    root = write_run(tmp_path / "r")  # logged to step 190, no summary.json
+    cfg = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps(cfg | {"steps": 500}))
+    text = _report_text(root)
+    assert "the run has not finished: 190 of 500 steps logged" in text
+    (root / "summary.json").write_text("{}")
+    assert "has not finished" not in _report_text(root)
+    with pytest.raises(UsageError, match="the same run folder is given more than once"):
+        write_report([root, tmp_path / "r" / ".." / "r"])
