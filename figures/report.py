@@ -33,6 +33,11 @@ __all__ = ["format_number", "write_report"]
 # --------------------------------------------------------------------------- content
 
 
+def _not_finite(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows of ``frame`` whose ``column`` is missing, nan or infinite."""
+    return frame[~np.isfinite(frame[column].to_numpy(dtype="float64"))]
+
+
 def input_notes(run: Run) -> list[str]:
     """What the report's reader must know about a run's input: the problems found while
     reading its files (:attr:`~analysis.runs.Run.warnings`), a non-finite training loss,
@@ -48,7 +53,7 @@ def input_notes(run: Run) -> list[str]:
         )
     sm = run.smoothness
     if len(sm):
-        off = sm[~np.isfinite(sm["estimate"].to_numpy(dtype="float64"))]
+        off = _not_finite(sm, "estimate")
         if len(off):
             first = off.iloc[0]
             notes.append(
@@ -57,7 +62,7 @@ def input_notes(run: Run) -> list[str]:
                 f"{int(first['step'])}, estimate {first['estimate']})"
             )
     m = run.metrics
-    bad = m[~np.isfinite(m["loss"].to_numpy(dtype="float64"))]
+    bad = _not_finite(m, "loss")
     if len(bad):
         first = bad.iloc[0]
         notes.append(

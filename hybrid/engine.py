@@ -111,7 +111,7 @@ class TwoRateSGD(torch.optim.Optimizer):
                 scalars = [1 - lr * wd] + [lr * c for _, c in zo_terms]
             else:
                 scalars = [lr, wd]
-            top = min(torch.finfo(p.dtype).max for p in group["params"])
+            top = _dtype_max(group["params"])
             bad = [c for c in scalars if math.isfinite(c) and abs(c) > top]
             if bad:
                 raise Diverged(
@@ -119,6 +119,11 @@ class TwoRateSGD(torch.optim.Optimizer):
                     f"{group['params'][0].dtype} (rate {lr:g}, weight decay {wd:g}); lower "
                     "the learning rates (then rerun with --restart or another --out)"
                 )
+
+
+def _dtype_max(params: Sequence[torch.Tensor]) -> float:
+    """The largest finite value every one of ``params`` can hold."""
+    return min(torch.finfo(p.dtype).max for p in params)
 
 
 def _gaussian_sampler() -> Sampler:
@@ -289,9 +294,8 @@ def _check_engine_args(
         )
     if not (isinstance(mu, int | float) and mu > 0 and math.isfinite(mu)):
         raise UsageError(f"mu must be a positive float, got {mu!r}")
-    for p in zo_params:
-        if mu > torch.finfo(p.dtype).max:
-            raise UsageError(f"mu={mu!r} overflows the {p.dtype} weights it shifts")
+    if zo_params and mu > _dtype_max(zo_params):
+        raise UsageError(f"mu={mu!r} overflows the {zo_params[0].dtype} weights it shifts")
     if not isinstance(q, int) or isinstance(q, bool) or q < 1:
         raise UsageError(f"q must be an integer >= 1, got {q!r}")
     for name, group, lr in (("lr_zo", "base", lr_zo), ("lr_fo", "peft", lr_fo)):

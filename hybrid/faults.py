@@ -139,9 +139,8 @@ class SignalGuard:
             yield
         finally:
             self.depth -= 1
-        if self.depth == 0 and self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise Interrupted(signum)
+        if self.depth == 0:
+            self.stop_if_pending()
 
 
 # ----------------------------------------------------------------------------- lock

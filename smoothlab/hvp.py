@@ -197,6 +197,14 @@ def block_gradients(
     return out, loss.dtype
 
 
+def check_step(h: object) -> None:
+    """UsageError unless the finite-difference step ``h`` is None or a positive finite float."""
+    if h is not None and not (
+        isinstance(h, int | float) and not isinstance(h, bool) and 0 < h < math.inf
+    ):
+        raise UsageError(f"h must be a positive finite float or None, got {h!r}")
+
+
 class Oracle:
     """Block-restricted curvature oracle, a linear operator over the block's flat parameters.
 
@@ -227,8 +235,7 @@ class Oracle:
         shifted by swapping their data, and a block holding one leaves the fast path."""
         if kind not in HVPS:
             raise UsageError(f"unknown hvp oracle {kind!r}; accepted: {', '.join(HVPS)}")
-        if h is not None and not (isinstance(h, int | float) and h > 0 and math.isfinite(h)):
-            raise UsageError(f"h must be a positive finite float, got {h!r}")
+        check_step(h)
         self.kind = kind
         self.has_matvec = kind != "zo"
         self.loss_fn = loss_fn

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .perturb import random_state_kept
 from .probe import eval_mode
 from .recorder import TrajectoryRecorder
 
@@ -31,10 +32,9 @@ def hf_callback(
     def record(state: Any, model: Any, lr: float) -> None:
         if model is None or not recorder.due(state.global_step):
             return
-        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
         # dropout off and the random state kept, whatever closure loss_fn_for returns:
         # the probe never changes the training it watches
-        with eval_mode(model), torch.random.fork_rng(devices=cuda):
+        with eval_mode(model), random_state_kept(model.parameters()):
             recorder.step(
                 state.global_step, loss_fn_for(model), epoch=float(state.epoch or 0), lr_peft=lr
             )

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -755,11 +755,11 @@ def _swapped(
     params: Sequence[torch.Tensor],
     direction: Direction,
     scale: float,
-    only: Collection[int] | None = None,
+    only: Collection[int],
 ) -> Iterator[None]:
-    """:func:`shifted` without ``root`` (or for the indices ``only``): exact ``.data``
-    swap, restored on exit."""
-    chosen = [i for i in range(len(params)) if only is None or i in only]
+    """:func:`shifted` for the parameters whose indices are in ``only`` (all of them
+    without ``root``): exact ``.data`` swap, restored on exit."""
+    chosen = sorted(only)
     originals = [params[i].data for i in chosen]
     try:
         with torch.no_grad():
@@ -779,6 +779,14 @@ _METADATA = frozenset(
     "shape dtype device requires_grad is_leaf grad_fn ndim layout is_cuda is_meta is_sparse "
     "is_quantized itemsize nbytes _version is_nested".split()
 )
+
+
+def random_state_kept(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """A context after which torch's random state is as before it: the CPU generator's and
+    those of the CUDA devices ``params`` live on (a probe inside training draws nothing
+    that training would have drawn)."""
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
 
 
 def outside_reads(
@@ -825,13 +833,12 @@ def outside_reads(
     def leave(module: nn.Module, args: object, output: object) -> None:
         running.pop()
 
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     handles = []
     try:
         for m in owned:
             handles.append(m.register_forward_pre_hook(enter, prepend=True))
             handles.append(m.register_forward_hook(leave, always_call=True))
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), Watch():
+        with random_state_kept(params), torch.no_grad(), Watch():
             run()
     finally:
         for h in handles:

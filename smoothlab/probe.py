@@ -12,7 +12,6 @@ to before, and ``requires_grad`` flags, ``.grad`` fields and training modes are 
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 import time
 import zlib
@@ -27,7 +26,7 @@ from .blocks import Blocks, check_blocks, make_blocks
 from .errors import UsageError
 from .estimate import Estimate
 from .estimators import Options, estimate, validate
-from .hvp import HVPS, Oracle, block_gradients
+from .hvp import HVPS, Oracle, block_gradients, check_step
 from .perturb import outside_reads, param_seed
 
 Progress = Callable[[str, int, int], None]
@@ -78,11 +77,9 @@ class ModelLoss:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module | None) -> Iterator[None]:
     """Dropout off for the duration; every module's training flag restored after."""
-    if model is None:
+    if _module_or_none(model) is None:
         yield
         return
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -90,6 +87,13 @@ def eval_mode(model: nn.Module | None) -> Iterator[None]:
     finally:
         for m, f in flags:
             m.training = f
+
+
+def _module_or_none(model: object) -> nn.Module | None:
+    """``model`` itself; TypeError naming its type unless it is an ``nn.Module`` or None."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    return model
 
 
 def block_seed(seed: int, name: str) -> int:
@@ -135,8 +139,6 @@ def probe(
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise UsageError(f"seed must be an integer, got {seed!r}")
     seed = int(seed)  # numpy integers too
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     check_blocks(blocks)
     root = _owning_module(model, loss_fn)
 
@@ -176,8 +178,9 @@ def probe(
 def _owning_module(
     model: nn.Module | None, loss_fn: Callable[[], torch.Tensor]
 ) -> nn.Module | None:
-    """``model``, else ``loss_fn.model``; None unless it is an ``nn.Module``."""
-    root = model if model is not None else getattr(loss_fn, "model", None)
+    """``model`` (TypeError unless an ``nn.Module`` or None), else ``loss_fn.model``; None
+    unless it is an ``nn.Module``."""
+    root = _module_or_none(model) if model is not None else getattr(loss_fn, "model", None)
     if root is not None and not isinstance(root, nn.Module):
         root = None
     return root
@@ -209,10 +212,7 @@ def check_options(
 ) -> None:
     """UsageError naming the first bad :func:`probe` option (for callers that probe later,
     such as the recorder, which checks at construction rather than at its first probe)."""
-    if h is not None and not (
-        isinstance(h, int | float) and not isinstance(h, bool) and 0 < h < math.inf
-    ):
-        raise UsageError(f"h must be a positive finite float or None, got {h!r}")
+    check_step(h)
     if hvp not in HVPS:
         raise UsageError(f"unknown hvp oracle {hvp!r}; accepted: {', '.join(HVPS)}")
     if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or num_vectors < 1:

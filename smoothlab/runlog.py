@@ -308,6 +308,9 @@ class CsvLog:
             self._reopen(truncate_after)
         else:
             self._rewrite([])
+        self._open()
+
+    def _open(self) -> None:
         self._fh = self.path.open("a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._fh, lineterminator="\n")
 
@@ -373,8 +376,7 @@ class CsvLog:
                 f"unknown columns {sorted(unknown)} for {self.path.name}; columns: {list(self.fields)}"
             )
         if self._fh.closed:  # closed by an earlier end of training: append from here on
-            self._fh = self.path.open("a", newline="", encoding="utf-8")
-            self._writer = csv.writer(self._fh, lineterminator="\n")
+            self._open()
         self._writer.writerow([format_cell(row.get(k)) for k in self.fields])
         self._fh.flush()
         if row.get("step") is not None:
