@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -355,6 +356,14 @@ def _fit_section(rep: Report, sm: pd.DataFrame, stem: Path, level: int) -> None:
         )
 
 
+def _final_loss_text(value: float) -> str:
+    """A run's final loss as text: a NaN among logged losses means the run diverged, so it
+    is written out (``nan (diverged)``) instead of the en dash that marks a missing value."""
+    if isinstance(value, float) and math.isnan(value):
+        return "nan (diverged)"
+    return format_number(value)
+
+
 def _curves_section(rep: Report, run: Run, stem: Path, level: int) -> None:
     """Training-curve summary and figure of one run."""
     rep.h(level, "Training curves")
@@ -364,7 +373,7 @@ def _curves_section(rep: Report, run: Run, stem: Path, level: int) -> None:
     row = compare_methods([run]).iloc[0]
     rep.p(
         f"{len(run.metrics)} logged rows up to step {format_number(row['last_step'])}; "
-        f"final loss {format_number(row['final_loss'])} (mean of the last ⌈n/10⌉ logged "
+        f"final loss {_final_loss_text(row['final_loss'])} (mean of the last ⌈n/10⌉ logged "
         f"losses), best eval accuracy {format_number(row['best_acc'])}, "
         f"{format_number(row['sec_per_step'])} s/step, "
         f"{format_number(row['total_seconds'])} s of training."
@@ -445,6 +454,10 @@ def _comparison_section(
     if target_acc is None:
         show = show.drop(columns=["steps to target"])
     show = show.astype(object).where(show.notna(), None)
+    has_rows = [not r.metrics.empty for r in runs]
+    show["final loss"] = [
+        _final_loss_text(v) if rows else None for v, rows in zip(cmp["final_loss"], has_rows)
+    ]
     best = None
     if cmp["best_acc"].notna().any():
         best = int(np.nanargmax(cmp["best_acc"].to_numpy(dtype="float64")))

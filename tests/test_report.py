@@ -7,7 +7,7 @@ from html import escape
 
 import pandas as pd
 import pytest
-from runfolders import write_run
+from runfolders import default_metrics, write_run
 
 from analysis import block_summary, load_run
 from figures.report import format_number, write_report
@@ -191,3 +191,21 @@ def test_report_says_a_run_has_not_finished_and_refuses_a_folder_twice(tmp_path)
     assert "has not finished" not in _report_text(root)
     with pytest.raises(UsageError, match="the same run folder is given more than once"):
         write_report([root, tmp_path / "r" / ".." / "r"])
+
+
+def test_report_writes_a_diverged_final_loss_out(tmp_path):
+    """A run whose last losses are nan diverged: its final loss reads 'nan (diverged)', not
+    the en dash that marks a missing value, in both the run's section and the comparison."""
+    m = default_metrics()
+    m.loc[m.index[-1], "loss"] = float("nan")
+    a = write_run(tmp_path / "a", metrics=m)
+    b = write_run(tmp_path / "b")
+    text = _report_text(a)
+    assert "final loss nan (diverged)" in text
+    md, _ = write_report([a, b], tmp_path / "rep")
+    rows = {
+        ln.split("|")[1].strip(): ln
+        for ln in md.read_text().splitlines()
+        if ln[:4] in ("| a ", "| b ")
+    }
+    assert "nan (diverged)" in rows["a"] and "nan (diverged)" not in rows["b"]
