@@ -14,7 +14,13 @@ from pathlib import Path
 
 from .config import Figure1Config, TrainConfig
 
-__all__ = ["FIGURE1_PRESETS", "default_figure1", "figure1_runs", "paper_figure1"]
+__all__ = [
+    "FIGURE1_PRESETS",
+    "default_figure1",
+    "figure1_options",
+    "figure1_runs",
+    "paper_figure1",
+]
 
 
 def default_figure1() -> Figure1Config:
@@ -85,3 +91,14 @@ def figure1_runs(cfg: Figure1Config) -> dict[str, TrainConfig]:
             **common,
         ),
     }
+
+
+# The TrainConfig fields that figure1 sets from an option of another name.
+_FIGURE1_OPTIONS = {"record_vectors": "vectors", "record_hvp": "hvp", "record_h": "h"}
+
+
+def figure1_options(key: str) -> dict[str, str]:
+    """``{TrainConfig field: figure1 option}`` for the run ``key`` of :func:`figure1_runs`,
+    where the names differ, so that a message about a run names the option the user typed
+    (``fig1a`` trains at ``lr_fo`` as its ``lr_peft``)."""
+    return _FIGURE1_OPTIONS | ({"lr_peft": "lr_fo"} if key == "fig1a" else {})

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 import typing
@@ -354,7 +355,7 @@ def cmd_figure1(args: argparse.Namespace) -> int:
     from figures.report import write_report
     from hybrid.advise import minibatch_inputs
     from hybrid.config import Figure1Config
-    from hybrid.presets import FIGURE1_PRESETS, figure1_runs
+    from hybrid.presets import FIGURE1_PRESETS, figure1_options, figure1_runs
     from hybrid.train import train
     from smoothlab.advisor import advise_from_rows
     from smoothlab.runlog import write_json
@@ -368,7 +369,15 @@ def cmd_figure1(args: argparse.Namespace) -> int:
             f"[{key}] {run.method} for {run.steps} steps, probing every {run.record_every} steps -> {run.out}",
             flush=True,
         )
-        train(run, progress=True, resume=not args.restart)
+        try:
+            train(run, progress=True, resume=not args.restart)
+        except UsageError as exc:  # name figure1's options, not the run's TrainConfig fields
+            text = str(exc)
+            for field, option in figure1_options(key).items():
+                text = re.sub(rf"\b{field}(?=: )", option, text)
+            if text == str(exc):
+                raise
+            raise UsageError(text) from exc
     a = load_run(runs["fig1a"].out)
     b = load_run(runs["fig1b"].out)
     written = fig1a(a.smoothness, out / "fig1a", block="model") + fig1b(b.smoothness, out / "fig1b")

@@ -471,31 +471,30 @@ def test_report_from_run(recorded_run: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_figure1_on_tiny_model(enc: Path, tmp_path: Path, capsys) -> None:
-    rc = main(
-        [
-            "figure1",
-            "--model",
-            str(enc),
-            "--steps",
-            "6",
-            "--record-every",
-            "3",
-            "--vectors",
-            "3",
-            "--batch-size",
-            "4",
-            "--train-size",
-            "24",
-            "--eval-size",
-            "8",
-            "--dev-size",
-            "8",
-            "--eval-examples",
-            "8",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    argv = [
+        "figure1",
+        "--model",
+        str(enc),
+        "--steps",
+        "6",
+        "--record-every",
+        "3",
+        "--vectors",
+        "3",
+        "--batch-size",
+        "4",
+        "--train-size",
+        "24",
+        "--eval-size",
+        "8",
+        "--dev-size",
+        "8",
+        "--eval-examples",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
+    rc = main(argv)
     assert rc == 0
     for f in (
         "fig1a.png",
@@ -507,6 +506,12 @@ def test_figure1_on_tiny_model(enc: Path, tmp_path: Path, capsys) -> None:
     ):
         assert (tmp_path / f).exists(), f
     assert "L_base / L_lora" in capsys.readouterr().out
+    # a rerun with other values is refused, naming the options figure1 took, not the
+    # fields of its runs' configs (fig1a trains at --lr-fo as its lr_peft)
+    again = argv + ["--lr-fo", "0.125", "--vectors", "4"]
+    err = _one_line_exit_2(again, capsys)
+    assert "lr_fo: 0.05 -> 0.125" in err and "vectors: 3 -> 4" in err
+    assert "lr_peft" not in err and "record_vectors" not in err
 
 
 def test_figure1_without_probes_is_refused_before_training(
