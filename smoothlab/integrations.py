@@ -24,8 +24,10 @@ def hf_callback(
     held-aside batch: ``lambda m: smoothlab.ModelLoss(m, batch)``). Probes run with dropout
     off and the random state restored, so training is the same with or without the
     callback. The learning rate the step used (before the scheduler moved it) is logged as
-    ``lr_peft`` (a single-rate optimizer). A resumed Trainer should get a recorder built with
-    ``resume_step=`` the checkpoint's step, which drops rows logged after it.
+    ``lr_peft`` (a single-rate optimizer). A Trainer resumed from a checkpoint
+    (``train(resume_from_checkpoint=...)``) starts at the checkpoint's step: the rows logged
+    after it, which belong to the trajectory the resume abandons, are dropped and recorded
+    again.
     """
     from transformers import TrainerCallback
 
@@ -54,6 +56,8 @@ def hf_callback(
             optimizer: Any = None,
             **kw: Any,
         ) -> Any:
+            if state.global_step > 0:  # resumed from a checkpoint: forget what came after it
+                recorder.rewind(state.global_step)
             record(state, model, rate(optimizer))  # step 0, the weights before training
             return control
 

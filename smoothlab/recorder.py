@@ -171,6 +171,17 @@ class TrajectoryRecorder:
         self._done.add(step)
         return ests
 
+    def rewind(self, step: int) -> None:
+        """Forget the probes after ``step``, in memory and in the log, so that a loop
+        resumed from the checkpoint at ``step`` records them again (what ``resume_step=``
+        does at construction)."""
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise UsageError(f"step must be an integer, got {step!r}")
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        if self.log:
+            self.log.drop_after(step)
+        self._done = {s for s in self._done if s <= step}
+
     def close(self) -> None:
         """Close ``smoothness.csv`` if this recorder opened it (a shared ``log=`` stays open)."""
         if self.log and self._owns_log:

@@ -364,6 +364,14 @@ class CsvLog:
             os.fsync(fh.fileno())
         tmp.replace(self.path)
 
+    def drop_after(self, step: int) -> None:
+        """Drop the logged rows with a step after ``step`` (a run resumed from an earlier
+        checkpoint: those rows belong to the trajectory it abandons), then append again."""
+        self._fh.close()
+        self._steps.clear()
+        self._reopen(step)
+        self._open()
+
     def steps(self) -> set[int]:
         """Steps already logged (after truncation)."""
         return set(self._steps)

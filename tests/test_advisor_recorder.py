@@ -84,7 +84,7 @@ def test_recorder_errors() -> None:
         rec.step(0)
 
 
-def _hf_run(out, loss_for=None, steps=4):
+def _hf_run(out, loss_for=None, steps=4, save=False, resume=None):
     """A tiny BERT (dropout on) trained by a real Trainer, with the callback if ``loss_for``."""
     from transformers import Trainer, TrainingArguments
 
@@ -112,13 +112,14 @@ def _hf_run(out, loss_for=None, steps=4):
         lr_scheduler_type="linear",
         report_to=[],
         use_cpu=True,
-        save_strategy="no",
+        save_strategy="steps" if save else "no",
+        save_steps=2,
         logging_strategy="no",
         seed=0,
     )
     callbacks = [hf_callback(rec, lambda m: loss_for(m, held))] if loss_for else []
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return model, trainer
 
 
@@ -141,6 +142,22 @@ def test_hf_trainer_callback_records_without_changing_training(tmp_path) -> None
     trainer.train()  # the callback closed the log at the end of the first
     with (tmp_path / "rec" / "smoothness.csv").open() as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)] == [0, 2, 4, 6]
+
+
+def test_hf_trainer_resumed_from_a_checkpoint_records_its_own_trajectory(tmp_path) -> None:
+    """Trained to step 6 (checkpoints at 2, 4, 6), then resumed from checkpoint-2 with
+    max_steps 4: the rows after step 2 belong to the abandoned trajectory, so the log ends
+    with step 4 of the resumed one (its linear schedule gives step 4 the rate 1.25e-5; the
+    first run's step 4 used 2.5e-5), and no row of the first run's step 6 is left."""
+    pytest.importorskip("accelerate")
+    closure = lambda m, held: lambda: m(**held).loss  # noqa: E731
+    _hf_run(tmp_path, closure, steps=6, save=True)
+    rows = lambda: list(csv.DictReader((tmp_path / "smoothness.csv").open()))  # noqa: E731
+    assert [int(r["step"]) for r in rows()] == [0, 2, 4, 6]
+    assert float(rows()[2]["lr_peft"]) == pytest.approx(2.5e-5)
+    _hf_run(tmp_path, closure, steps=4, resume=str(tmp_path / "hf" / "checkpoint-2"))
+    assert [int(r["step"]) for r in rows()] == [0, 2, 4]
+    assert float(rows()[2]["lr_peft"]) == pytest.approx(1.25e-5)
 
 
 @pytest.mark.parametrize("hvp", ["fd", "exact"])
