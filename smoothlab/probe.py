@@ -25,7 +25,7 @@ from torch import nn
 from .blocks import Blocks, check_blocks, make_blocks
 from .errors import UsageError
 from .estimate import Estimate
-from .estimators import Options, estimate, validate
+from .estimators import MIN_VECTORS, Options, estimate, validate
 from .hvp import HVPS, Oracle, block_gradients, check_step
 from .perturb import outside_reads, param_seed
 
@@ -113,7 +113,7 @@ def probe(
     tol: float = 1e-3,
     distribution: str = "gaussian",
     target_rel_stderr: float | None = None,
-    min_vectors: int = 5,
+    min_vectors: int = MIN_VECTORS,
     model: nn.Module | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Estimate]:

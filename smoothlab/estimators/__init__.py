@@ -27,6 +27,7 @@ from .frobenius import hutchinson_frobenius
 from .lanczos import lanczos
 from .operator import (
     DISTRIBUTIONS,
+    MIN_VECTORS,
     LinearOperator,
     Operator,
     as_operator,
@@ -48,7 +49,7 @@ class Options:
     tol: float = 1e-3
     distribution: str = "gaussian"
     target_rel_stderr: float | None = None
-    min_vectors: int = 5
+    min_vectors: int = MIN_VECTORS
     callback: Callable[[int, int], None] | None = None
 
 

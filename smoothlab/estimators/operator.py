@@ -220,6 +220,15 @@ def check_distribution(distribution: str, accepted: tuple[str, ...] = DISTRIBUTI
 
 
 # --- Monte-Carlo loop ---------------------------------------------------------------------------
+# The fewest samples before a target_rel_stderr may stop the loop. The rule stops sooner
+# when the estimate happens to lie far from 0, so a stopped estimate leans outward: on a
+# 30×30 H with eigenvalues 10, −6, 4 and small ones, at a 0.2 target, a Hutchinson trace came
+# out 7% high from a minimum of 5 samples and 6% high from 10 (its spread 23%, the target's
+# 20%), a bias a user who stops early accepts; a zo ‖H‖_F stopped after a median 39 samples
+# with spread 19% and |error| ≤ stderr in 68% of 400 runs (from 5: 15% low, spread 39%).
+MIN_VECTORS = 10
+
+
 def mean_se(x: np.ndarray) -> tuple[float, float]:
     """Sample mean and its standard error s/√n (nan for n < 2)."""
     n = len(x)
@@ -227,9 +236,9 @@ def mean_se(x: np.ndarray) -> tuple[float, float]:
 
 
 def sqrt_of_mean(sq: float, sq_se: float) -> tuple[float, float]:
-    """√m and its delta-method stderr se(m)/(2√m)."""
+    """√m and its delta-method stderr se(m)/(2√m) (0 for m = 0 known exactly: a zero H)."""
     value = math.sqrt(max(sq, 0.0))
-    return value, (sq_se / (2 * value) if value > 0 else math.nan)
+    return value, (sq_se / (2 * value) if value > 0 else (0.0 if sq_se == 0 else math.nan))
 
 
 def monte_carlo(
@@ -240,7 +249,7 @@ def monte_carlo(
     *,
     num_vectors: int,
     target_rel_stderr: float | None = None,
-    min_vectors: int = 5,
+    min_vectors: int = MIN_VECTORS,
     callback: Callback | None = None,
     extra: Callable[[np.ndarray], dict[str, Any]] | None = None,
 ) -> Estimate:

@@ -26,7 +26,7 @@ import torch
 
 from ..estimate import Estimate
 from .frobenius import sample_buffers, squared_norms
-from .operator import Callback, as_operator, mean_sqrt, monte_carlo
+from .operator import MIN_VECTORS, Callback, as_operator, mean_sqrt, monte_carlo
 
 
 def rms(
@@ -35,7 +35,7 @@ def rms(
     *,
     num_vectors: int = 20,
     target_rel_stderr: float | None = None,
-    min_vectors: int = 5,
+    min_vectors: int = MIN_VECTORS,
     callback: Callback | None = None,
     dim: int | None = None,
 ) -> Estimate:

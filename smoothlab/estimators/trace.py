@@ -27,6 +27,7 @@ import torch
 
 from ..estimate import Estimate
 from .operator import (
+    MIN_VECTORS,
     Callback,
     as_operator,
     check_distribution,
@@ -45,7 +46,7 @@ def hutchinson_trace(
     num_vectors: int = 20,
     distribution: str = "gaussian",
     target_rel_stderr: float | None = None,
-    min_vectors: int = 5,
+    min_vectors: int = MIN_VECTORS,
     callback: Callback | None = None,
     dim: int | None = None,
 ) -> Estimate:

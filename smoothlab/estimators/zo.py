@@ -8,11 +8,14 @@ Formulas, for n samples c_i with Gaussian v (``trace`` also accepts Rademacher):
 * ``trace``: tr H ≈ mean c_i (Hutchinson), Var c = 2‖H‖_F² (Gaussian) or
   2(‖H‖_F² − Σ H_ii²) (Rademacher).
 * ``frobenius``: Var(vᵀHv) = 2‖H‖_F² for Gaussian v, so ‖H‖_F² ≈ s²/2 with s² the unbiased
-  sample variance; se(s²) ≈ √((m₄ − s⁴(n−3)/(n−1))/n).  ``rms`` is that over √d.
-  The sample fourth moment m₄ is small at small n, so the stderr is too: by repeated
-  sampling, at n = 10 the reported stderr averaged 0.6× the observed spread (and ‖H‖_F
-  came out 4% low, the square root of an unbiased s²); at n = 40, 0.8×. Use 30 or more
-  vectors where the stderr matters.
+  sample variance; se(s²) = s²·√(12r/n + 2/(n−1)), exact for r = Σλ⁴/(Σλ²)², which is
+  estimated and shrunk towards its bound 1 (:func:`_var_se`).  ``rms`` is that over √d.
+  Over 2000 repeats on seven spectra (flat to rank one), |estimate − truth| ≤ stderr in
+  60–90% of them at n = 10 and 57–88% at n = 30 (78–99% within two stderr), against 32–52%
+  and 47–61% with the plain moment estimate it replaces; the lowest figures are for a
+  rank-one H, whose c is χ²₁ and whose ‖H‖_F is skewed beyond what ± one number
+  describes. ‖H‖_F, the square root of an unbiased s², runs low at small n: by 3% (flat
+  spectrum) to 12% (rank one) at n = 10, 1–5% at n = 30.
 
 Bias. ``trace``: O(s²) truncation (a fourth-derivative term) plus rounding. Rounding in each
 f(x ± s v) is fresh noise per sample and shows up in the sample variance; but the rounding
@@ -56,6 +59,7 @@ import torch
 from ..errors import UsageError
 from ..estimate import Estimate
 from .operator import (
+    MIN_VECTORS,
     Callback,
     as_operator,
     check_distribution,
@@ -65,15 +69,31 @@ from .operator import (
     vector_buffer,
 )
 
+# Prior weight, in samples, of the worst case r = 1 in the fourth-cumulant ratio (see _var_se).
+R_PRIOR = 10
+
 
 def _var_se(x: np.ndarray) -> tuple[float, float]:
-    """Unbiased sample variance s² and its stderr (nan for n < 3)."""
+    """Unbiased sample variance s² and its stderr (nan for n < 3).
+
+    For c = vᵀHv with Gaussian v the cumulants are κ₂ = 2Σλ² and κ₄ = 48Σλ⁴ = 12 r κ₂² with
+    r = Σλ⁴/(Σλ²)² ∈ (0, 1], so Var s² = κ₂² (12 r/n + 2/(n − 1)). r comes from the sample's
+    k-statistics, clipped to [0, 1] and shrunk towards the worst case 1 with the weight of
+    ``R_PRIOR`` samples: the sample fourth moment is small at small n, which made the plain
+    moment estimate of se(s²) too small (0.6× the observed spread at n = 10).
+    """
     n = len(x)
     if n < 3:
         return math.nan, math.nan
     s2 = float(x.var(ddof=1))
-    m4 = float(((x - x.mean()) ** 4).mean())
-    return s2, math.sqrt(max((m4 - s2 * s2 * (n - 3) / (n - 1)) / n, 0.0))
+    r = 1.0
+    if n > 3 and s2 > 0:
+        d = x - x.mean()
+        m2, m4 = float((d**2).mean()), float((d**4).mean())
+        k4 = n * n * ((n + 1) * m4 - 3 * (n - 1) * m2 * m2) / ((n - 1) * (n - 2) * (n - 3))
+        r = min(max(k4 / (12 * s2 * s2), 0.0), 1.0)
+    r = (n * r + R_PRIOR) / (n + R_PRIOR)
+    return s2, s2 * math.sqrt(12 * r / n + 2 / (n - 1))
 
 
 MIN_ULPS = 32.0
@@ -94,7 +114,7 @@ def _zo(
     num_vectors: int = 20,
     distribution: str = "gaussian",
     target_rel_stderr: float | None = None,
-    min_vectors: int = 5,
+    min_vectors: int = MIN_VECTORS,
     callback: Callback | None = None,
     dim: int | None = None,
 ) -> Estimate:
@@ -113,7 +133,7 @@ def _zo(
             return m, math.hypot(se, _rounding(op)[1]) if math.isfinite(se) else se
         s2, s2_se = _var_se(x)
         value = math.sqrt(max(s2 / 2.0, 0.0))
-        se = s2_se / 2.0 / (2 * value) if value > 0 else math.nan
+        se = s2_se / (4 * value) if value > 0 else (0.0 if s2_se == 0 else math.nan)
         return value / scale, se / scale
 
     def diagnostics(xs: np.ndarray) -> dict[str, Any]:
@@ -140,7 +160,7 @@ def _zo(
 
 
 # The three public estimators take :func:`_zo`'s keywords: num_vectors=20,
-# distribution="gaussian", target_rel_stderr=None, min_vectors=5, callback=None, dim=None.
+# distribution="gaussian", target_rel_stderr=None, min_vectors=MIN_VECTORS (10), callback=None, dim=None.
 def zo_trace(op: Any, gen: torch.Generator, **options: Any) -> Estimate:
     """tr H ≈ mean vᵀHv from quadratic forms (see the module docstring)."""
     return _zo("trace", op, gen, **options)
