@@ -527,6 +527,20 @@ def _spectrum(d: int, gen: torch.Generator, top: float = 159.0) -> torch.Tensor:
     )
 
 
+def test_lanczos_is_scale_invariant_down_to_tiny_hessians():
+    """The breakdown test is relative to H's own scale: an H of norm 9e-16 is estimated as
+    well as one of norm 9 (an absolute floor of 1 stopped it after one HVP at 1/44)."""
+    from smoothlab.estimators import lanczos
+
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(50, 50, dtype=torch.float64, generator=gen))
+    lam = torch.cat([torch.tensor([-9.0, 5.0]), torch.linspace(-1, 1, 48)]).double()
+    h = q @ torch.diag(lam) @ q.T
+    for c in (1.0, 1e-13, 1e-16):
+        e = lanczos(c * h, torch.Generator().manual_seed(0), max_iter=20)
+        assert e.value / c == pytest.approx(9.0, rel=1e-6) and e.num_hvp > 1, (c, e)
+
+
 @pytest.mark.parametrize("reorth", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_lanczos_on_dense_operator(reorth, dtype):

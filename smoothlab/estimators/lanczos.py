@@ -111,7 +111,10 @@ def lanczos(
         history.append(abs(theta))
         if callback:
             callback(j + 1, k_max)
-        if residual <= tol * max(abs(theta), 1e-30) or beta <= 1e-12 * max(abs(theta), 1.0):
+        # breakdown (an invariant subspace) relative to H's own scale, never an absolute one:
+        # a floor of 1 stopped an H of norm 1e-13 after one HVP at 1/44 of its norm
+        scale = max(abs(theta), max(map(abs, alphas)), max(betas, default=0.0))
+        if residual <= tol * max(abs(theta), 1e-30) or beta <= 1e-12 * scale:
             converged = True
             break
         betas.append(beta)
