@@ -184,6 +184,20 @@ def _load_tokenizer(path: str, shown: str) -> Any:
         raise UsageError(f"cannot load the tokenizer of model {shown!r}: {exc}") from exc
 
 
+def _check_tokenizer(tokenizer: Any, config: Any, shown: str) -> None:
+    """Refuse a tokenizer far smaller than the model's vocabulary: transformers builds an
+    empty one (a handful of special tokens) from a folder without tokenizer files, and every
+    text then becomes unknown tokens, which trains silently on nothing."""
+    vocab = getattr(config, "vocab_size", None)
+    n = len(tokenizer)
+    if isinstance(vocab, int) and vocab > 0 and n < vocab // 2:
+        raise UsageError(
+            f"the tokenizer of model {shown!r} has {n} tokens but the model's vocabulary "
+            f"{vocab}: the folder lacks its tokenizer files (tokenizer.json, vocab.txt, "
+            "vocab.json with merges.txt, or tokenizer.model), or they belong to another model"
+        )
+
+
 def _load_encoder(path: str, task: Task, seed: int, extra: dict[str, Any]) -> nn.Module:
     """``AutoModelForSequenceClassification`` with ``num_labels = C`` (classification) or 1
     (multiple choice); weights missing from the checkpoint (or of another shape) are re-drawn
@@ -261,6 +275,7 @@ def load_model(
     dev = torch.device(device)
     extra: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     tokenizer = _load_tokenizer(path, shown)
+    _check_tokenizer(tokenizer, config, shown)
     with seeded_rng(seed, dev), _weights_errors(path, shown):
         if kind == "encoder":
             model = _load_encoder(path, task, seed, extra)

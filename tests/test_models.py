@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 import types
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -469,3 +470,17 @@ def test_model_errors_are_usage_errors(tiny_dirs) -> None:
         M.attach_peft(bundle, "adapterx")
     with pytest.raises(UsageError, match="already has a PEFT module"):
         M.attach_peft(M.attach_peft(bundle, "lora", r=2), "lora")
+
+
+@pytest.mark.parametrize("which", ["encoder", "gpt2"])
+def test_model_folder_without_tokenizer_files_is_refused(tiny_dirs, tmp_path, which) -> None:
+    """Without tokenizer files transformers builds a near-empty tokenizer (a few special
+    tokens): every text would be unknown tokens, training on nothing with exit 0."""
+    folder = tmp_path / f"notok-{which}"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_dirs[which]) / name, folder / name)
+    with pytest.raises(UsageError) as info:
+        M.load_model(str(folder), CLS_TASK)
+    msg = str(info.value)
+    assert "lacks its tokenizer files" in msg and str(folder) in msg, msg
