@@ -287,10 +287,25 @@ def shared(name: str, **over: Any) -> Any:
     return opt(spec.pop("default"), spec.pop("help"), **spec)
 
 
+def _check_type(f: dataclasses.Field, value: Any) -> None:
+    """Booleans and texts, which have no ``check`` of their own: a config file can give
+    ``"false"`` for a flag (a true string, so the option was on) or ``null`` for a path."""
+    ftype = str(f.type).replace(" ", "")
+    if ftype == "bool" and not isinstance(value, bool):
+        raise UsageError(f"{f.name} must be true or false, got {value!r}")
+    if ftype in ("str", "str|None") and not (
+        isinstance(value, str) or (value is None and ftype == "str|None")
+    ):
+        accepted = "a text or null" if ftype == "str|None" else "a text"
+        raise UsageError(f"{f.name} must be {accepted}, got {value!r}")
+
+
 def check_fields(cfg: Any) -> None:
-    """Run every field's ``choices`` and ``check`` (see the module docstring)."""
+    """Run every field's type check (booleans, texts), ``choices`` and ``check`` (see the
+    module docstring)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        _check_type(f, value)
         choices = f.metadata.get("choices")
         if choices is not None and value not in (accepted := choices()):
             raise UsageError(
@@ -370,13 +385,35 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     return value
 
 
+# What hybrid.train writes into a run folder's config.json beside the TrainConfig fields, so
+# that the file is a config file too (``train --config runs/h1/config.json --steps 4000``).
+RUN_RECORD_KEYS = frozenset(
+    {
+        "model_name",
+        "kind",
+        "block_sizes",
+        "num_zo_params",
+        "num_fo_params",
+        "versions",
+        "resumed_from",
+        "world_size",
+        "advice",
+    }
+)
+
+
 def config_from_dict(cls: type[C], data: Any, where: str = "config") -> C:
-    """``cls(**data)``; unknown keys are a :class:`UsageError` naming them and the accepted ones."""
+    """``cls(**data)``; unknown keys are a :class:`UsageError` naming them and the accepted ones.
+
+    A run folder's ``config.json`` is accepted for a :class:`TrainConfig`: the keys of
+    :data:`RUN_RECORD_KEYS` are dropped, and its ``steps`` already holds any extension."""
     if not isinstance(data, dict):
         raise UsageError(
             f"{where}: expected a mapping of option names to values, got {type(data).__name__}"
         )
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "extend_steps" in fields and "versions" in data:  # a run's record
+        data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS} | {"extend_steps": 0}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UsageError(

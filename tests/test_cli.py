@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -984,3 +985,16 @@ def test_rank_failure_is_one_line_exit_1(enc: Path, tmp_path: Path, capsys, monk
     assert main(["train", "--model", str(enc), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert err == "smoothlab: error: all_reduce: rank 1 did not answer within 30 s\n"
+
+
+def test_a_runs_config_json_continues_the_run(recorded_run: Path, tmp_path: Path, capsys) -> None:
+    """README: `smoothlab train --config runs/h1/config.json --steps N` continues that run
+    (the keys train writes beside the options are not refused as unknown)."""
+    run = tmp_path / "h"
+    shutil.copytree(recorded_run, run)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(cfg | {"out": str(run)}))
+    rc = main(["train", "--config", str(run / "config.json"), "--steps", "7"])
+    assert rc == 0, capsys.readouterr().err
+    steps = [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open())]
+    assert steps[-1] == 7

@@ -66,6 +66,12 @@ def test_shared_options_have_one_default() -> None:
         ({"device": "tpu"}, ["'tpu'", "cuda:N"]),
         ({"eval_examples": 0}, ["eval_examples", "0"]),
         ({"task": "mnli"}, ["'mnli'", "sst2"]),
+        # a config file's "false" is a true string: it switched the option on
+        ({"fo_at_perturbed": "false"}, ["fo_at_perturbed must be true or false", "'false'"]),
+        ({"one_sided": 1}, ["one_sided must be true or false", "1"]),
+        ({"out": None}, ["out must be a text", "None"]),
+        ({"eval_data": 3}, ["eval_data must be a text or null", "3"]),
+        ({"model": ["a"]}, ["model must be a text or null", "['a']"]),
     ],
 )
 def test_bad_values_are_usage_errors(changes: dict, words: list[str]) -> None:
@@ -115,6 +121,20 @@ def test_config_files_json_and_yaml(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(UsageError, match="expected a mapping"):
         load_config_file(tmp_path / "list.yaml", TrainConfig)
+
+
+def test_a_run_folders_config_json_is_a_config_file(tmp_path: Path) -> None:
+    """What train writes into config.json beside the options (block sizes, versions, ...)
+    is dropped, and its steps already hold any extension (README: --config runs/h1/...)."""
+    from hybrid.config import RUN_RECORD_KEYS
+
+    record = dataclasses.asdict(TrainConfig(steps=30, extend_steps=10, method="zo-ft"))
+    record |= {k: 1 for k in RUN_RECORD_KEYS} | {"steps": 40}
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    cfg = load_config_file(tmp_path / "config.json", TrainConfig)
+    assert cfg == TrainConfig(steps=40, method="zo-ft")
+    with pytest.raises(UsageError, match="unknown key"):  # only a whole run record
+        config_from_dict(TrainConfig, {"steps": 3, "block_sizes": {}})
 
 
 def test_unknown_keys_are_named_with_the_accepted_ones() -> None:
