@@ -56,6 +56,12 @@ def positive_int(name: str, v: Any) -> None:
         raise UsageError(f"{name} must be a positive integer, got {v!r}")
 
 
+def token_count(name: str, v: Any) -> None:
+    """``v`` is an int >= 2 (a sequence needs a start token and one of text)."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+        raise UsageError(f"{name} must be an integer >= 2, got {v!r}")
+
+
 def nonneg_int(name: str, v: Any) -> None:
     """``v`` is an int >= 0 (bool excluded)."""
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -482,6 +488,9 @@ class ModelConfig:
     num_virtual_tokens: int = opt(
         10, "prompt/prefix length", check=positive_int, flag="--virtual-tokens"
     )
+    max_length: int = opt(
+        128, "tokens per example (longer ones are truncated, with a note)", check=token_count
+    )
 
     def validate(self) -> None:
         """:class:`UsageError` naming the first bad option."""
@@ -559,7 +568,6 @@ class TrainConfig(ModelConfig):
     save_every: int | None = opt(
         None, "checkpoint every N steps (default: --eval-every)", check=optional(positive_int)
     )
-    max_length: int = opt(128, "tokens per example (longer ones are truncated)", check=positive_int)
     record_every: int = shared("record_every")
     record_norm: str = opt("spectral", "norm of the recorded block Hessians", choices=_norms)
     record_hvp: str = opt("fd", "Hessian-vector products of the recorder", choices=_hvps)

@@ -71,6 +71,7 @@ def figure1_runs(cfg: Figure1Config) -> dict[str, TrainConfig]:
         lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         num_virtual_tokens=cfg.num_virtual_tokens,
+        max_length=cfg.max_length,
         record_every=cfg.record_every,
         record_vectors=cfg.vectors,
         record_hvp=cfg.hvp,

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoothlab.errors import UsageError
+
 from .tasks import Example, Task
 
 __all__ = ["Batch", "ModelBundle"]
@@ -53,6 +55,7 @@ class Batch:
     num_options: int
     option_mask: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    truncated: int = 0  # examples cut to max_length (an encoder's: those that reached it)
 
     @property
     def size(self) -> int:
@@ -70,6 +73,7 @@ class Batch:
             num_options=self.num_options,
             option_mask=None if self.option_mask is None else self.option_mask.to(device),
             extras=dict(self.extras),
+            truncated=self.truncated,
         )
 
 
@@ -131,6 +135,22 @@ def _check_labels(task: Task, examples: Sequence[Example]) -> torch.Tensor:
     return torch.tensor(labels, dtype=torch.long)
 
 
+def _fit_context(
+    ctx: list[int], opt: list[int], head: int, max_length: int, option: str
+) -> list[int]:
+    """The context's last tokens that fit before the whole option in ``max_length`` (with
+    ``head`` start tokens). An option that does not fit whole is refused: cut, two options
+    may share what is left (e.g. only their first token) and score alike."""
+    need = len(opt) + max(head, 1)  # with no start token, one context token must stay
+    if need > max_length:
+        raise UsageError(
+            f"max_length={max_length} cuts option {option!r} ({len(opt)} tokens), and a cut "
+            f"option may score like another: give max_length >= {need}"
+        )
+    room = max_length - len(opt) - head
+    return ctx[len(ctx) - room :] if room < len(ctx) else ctx
+
+
 # --------------------------------------------------------------------------- bundle
 
 
@@ -165,13 +185,78 @@ class ModelBundle:
         if not examples:
             raise ValueError("examples is empty; encode needs at least one Example")
         if max_length < 2:
-            raise ValueError(f"max_length={max_length} is too small; accepted: >= 2")
-        labels = _check_labels(self.task, examples)
-        if self.kind == "encoder":
-            batch = self._encode_encoder(examples, max_length, labels)
-        else:
-            batch = self._encode_causal(examples, max_length, labels)
+            raise UsageError(f"max_length={max_length} is too small; accepted: >= 2")
+        batch = self._encode(examples, max_length)
+        self._check_positions(batch.inputs["input_ids"].shape[1], max_length)
         return batch.to(self.device)
+
+    def position_limit(self) -> int | None:
+        """The most positions the model embeds (``max_position_embeddings`` or
+        ``n_positions``, and the tokenizer's ``model_max_length`` where it sets one)."""
+        cfg = getattr(self.model, "config", None)
+        limits = [getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions")]
+        limits.append(getattr(self.tokenizer, "model_max_length", None))
+        limits = [v for v in limits if isinstance(v, int) and 0 < v < 10**7]
+        return min(limits) if limits else None
+
+    def prepended_tokens(self) -> int:
+        """Positions a PEFT module adds before the text: prompt tuning's virtual tokens, and
+        prefix tuning's on a causal model (an encoder prefix has no positions)."""
+        for c in (getattr(self.model, "peft_config", None) or {}).values():
+            kind = str(getattr(c, "peft_type", ""))
+            if kind.endswith("PROMPT_TUNING") or (
+                kind.endswith("PREFIX_TUNING") and self.kind == "causal"
+            ):
+                return int(getattr(c, "num_virtual_tokens", 0) or 0)
+        return 0
+
+    def _check_positions(self, width: int, max_length: int) -> None:
+        limit, extra = self.position_limit(), self.prepended_tokens()
+        if limit is not None and width + extra > limit:
+            plus = f" + {extra} virtual" if extra else ""
+            raise UsageError(
+                f"a batch is {width}{plus} tokens long, more than model {self.name!r} embeds "
+                f"({limit} positions): give max_length <= {limit - extra} (got {max_length})"
+            )
+
+    def count_truncated(self, examples: Sequence[Example], max_length: int) -> int:
+        """How many of ``examples`` :meth:`encode` cuts to ``max_length`` (for an encoder,
+        those that reach it), tokenised in chunks of 256."""
+        return sum(
+            self._encode(examples[i : i + 256], max_length).truncated
+            for i in range(0, len(examples), 256)
+        )
+
+    def truncation_note(self, examples: Sequence[Example], max_length: int, what: str) -> str:
+        """One line for the user when :meth:`encode` cuts some of ``examples`` (``what``
+        names them, e.g. "training examples"); empty when it cuts none."""
+        n = self.count_truncated(examples, max_length)
+        if not n:
+            return ""
+        limit = self.position_limit()
+        room = None if limit is None else limit - self.prepended_tokens()
+        hint = (
+            f"the model embeds at most {room}"
+            if room is not None and max_length >= room
+            else "raise --max-length to keep more" + (f", up to {room}" if room else "")
+        )
+        return (
+            f"note: {n} of {len(examples)} {what} reach max_length {max_length} tokens and "
+            f"are cut ({hint})"
+        )
+
+    def _encode(self, examples: Sequence[Example], max_length: int) -> Batch:
+        labels = _check_labels(self.task, examples)
+        if self.kind == "causal":
+            return self._encode_causal(examples, max_length, labels)
+        try:
+            return self._encode_encoder(examples, max_length, labels)
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            if type(exc) is not Exception:
+                raise
+            raise UsageError(
+                f"cannot fit the texts into max_length={max_length} tokens ({exc}): raise it"
+            ) from exc
 
     def _encode_encoder(
         self, examples: Sequence[Example], max_length: int, labels: torch.Tensor
@@ -212,7 +297,13 @@ class ModelBundle:
         inputs = {
             k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")
         }
-        return Batch(inputs=inputs, labels=labels, num_options=self.task.num_options)
+        full = (inputs["attention_mask"].sum(1) >= max_length).view(len(examples), -1)
+        return Batch(
+            inputs=inputs,
+            labels=labels,
+            num_options=self.task.num_options,
+            truncated=int(full.any(1).sum()),
+        )
 
     def _option_ids(self, context: str, option: str, sep: str) -> tuple[list[int], list[int]]:
         """Token ids of ``context`` and of ``option`` as it continues ``context``.
@@ -247,22 +338,20 @@ class ModelBundle:
             pad = 0
         seqs: list[list[int]] = []
         masks: list[list[bool]] = []
+        cut = 0
         for ex in examples:
+            was_cut = False
             for context, option, sep in _scoring_pairs(self.task, ex):
                 ctx, opt = self._option_ids(context, option, sep)
                 head = [bos] if bos is not None else []
                 if not head and not ctx:
                     head = [tok.eos_token_id if tok.eos_token_id is not None else pad]
-                opt = opt[: max_length - 1]
-                room = max_length - len(opt) - len(head)
-                ctx = ctx[len(ctx) - room :] if room > 0 else []
-                if not head and not ctx:
-                    raise ValueError(
-                        f"max_length={max_length} leaves no context token before option {option!r}"
-                    )
-                ids = head + ctx + opt
-                seqs.append(ids)
+                whole = len(ctx)
+                ctx = _fit_context(ctx, opt, len(head), max_length, option)
+                was_cut |= len(ctx) < whole
+                seqs.append(head + ctx + opt)
                 masks.append([False] * (len(head) + len(ctx)) + [True] * len(opt))
+            cut += was_cut
         width = max(len(s) for s in seqs)
         n = len(seqs)
         input_ids = torch.full((n, width), pad, dtype=torch.long)
@@ -277,6 +366,7 @@ class ModelBundle:
             labels=labels,
             num_options=self.task.num_options,
             option_mask=option_mask,
+            truncated=cut,
         )
 
     # ---- scoring ------------------------------------------------------------------------

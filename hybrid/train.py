@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -409,6 +410,12 @@ class Trainer:
         self.ckpt_kind = cfg.checkpoint_kind
         self.bundle, self.task, self.splits = build(cfg)
         self.model = self.bundle.model
+        if self.writer and (
+            note := self.bundle.truncation_note(
+                self.splits.train, cfg.max_length, "training examples"
+            )
+        ):
+            print(note, file=sys.stderr, flush=True)
         self.zo, self.fo = split_parameters(self.model, cfg.method)
         self.module_blocks = (
             record_blocks(self.model, cfg.record_blocks, self.zo, self.fo)

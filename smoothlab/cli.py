@@ -191,7 +191,12 @@ def _probe_bundle(
     from smoothlab import ModelLoss, make_blocks, probe
     from smoothlab.blocks import block_sizes, parse_blocks_arg
 
-    batch = bundle.encode(list(examples))
+    batch = bundle.encode(list(examples), cfg.max_length)
+    if batch.truncated:
+        print(
+            bundle.truncation_note(list(examples), cfg.max_length, "probe examples"),
+            file=sys.stderr,
+        )
     with user_input(f"--blocks {blocks_spec}"):
         blocks = make_blocks(bundle.model, parse_blocks_arg(blocks_spec))
     sizes = block_sizes(blocks)

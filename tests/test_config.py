@@ -72,6 +72,7 @@ def test_shared_options_have_one_default() -> None:
         ({"out": None}, ["out must be a text", "None"]),
         ({"eval_data": 3}, ["eval_data must be a text or null", "3"]),
         ({"model": ["a"]}, ["model must be a text or null", "['a']"]),
+        ({"max_length": 1}, ["max_length must be an integer >= 2", "1"]),
     ],
 )
 def test_bad_values_are_usage_errors(changes: dict, words: list[str]) -> None:

@@ -222,6 +222,39 @@ def test_causal_left_truncation_keeps_bos_and_option(tiny_dirs) -> None:
     assert batch.option_mask[:, -1].all()
 
 
+def test_truncation_is_counted_and_a_cut_option_is_refused(tiny_dirs) -> None:
+    """encode counts the examples it cuts (the trainer and probe print one note), and a
+    causal option that does not fit whole is refused: cut, two options may share what is
+    left and score alike (COPA at max_length 2 kept only a shared first token)."""
+    bundle = M.load_model(tiny_dirs["gpt2"], MC_TASK)
+    long_ex = Example(" ".join(["word"] * 50), 0, candidates=(" yes.", " no."))
+    assert bundle.encode([long_ex, MC_EXAMPLES[1]], max_length=12).truncated == 1
+    note = bundle.truncation_note([long_ex, MC_EXAMPLES[1]], 12, "training examples")
+    assert note.startswith("note: 1 of 2 training examples reach max_length 12 tokens")
+    assert bundle.truncation_note(MC_EXAMPLES, 64, "training examples") == ""
+    n = len(bundle.tokenizer(" He dropped a hammer.", add_special_tokens=False)["input_ids"])
+    with pytest.raises(UsageError, match=rf"cuts option ' He dropped a hammer.' \({n} tokens\)"):
+        bundle.encode(MC_EXAMPLES, max_length=n)  # n + 1 with the start token
+    enc = M.load_model(tiny_dirs["encoder"], CLS_TASK)
+    assert enc.encode(CLS_EXAMPLES, max_length=4).truncated == 2  # "boring" fits
+
+
+@pytest.mark.parametrize("which", ["encoder", "gpt2"])
+def test_sequences_beyond_the_models_positions_are_refused(tiny_dirs, which) -> None:
+    """A batch longer than the position table gave a size-mismatch or index traceback deep
+    in the model; it is one line naming the limit (prompt tuning's virtual tokens count)."""
+    bundle = M.load_model(tiny_dirs[which], CLS_TASK)
+    assert bundle.position_limit() == 512
+    long_ex = Example(" ".join(["word"] * 600), 1)
+    with pytest.raises(UsageError, match="more than model .* embeds \\(512 positions\\)"):
+        bundle.encode([long_ex], max_length=600)
+    prompt = M.attach_peft(bundle, "prompt", num_virtual_tokens=10)
+    assert prompt.prepended_tokens() == 10
+    with pytest.raises(UsageError, match="510 \\+ 10 virtual tokens long.*max_length <= 502"):
+        prompt.encode([long_ex], max_length=510)
+    assert prompt.encode([long_ex], max_length=502).truncated == 1
+
+
 # --------------------------------------------------------------------------- PEFT
 
 
