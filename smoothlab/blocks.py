@@ -10,8 +10,12 @@ overlap (a parameter belongs to at most one block). Presets:
 * ``hybrid-split``: as ``hybrid``, with a trained head (peft's ``modules_to_save``, e.g. a
   classifier) split from the adapter into its own block ``head``: ``base``/``peft``/``head``.
 * ``layers``: one block per transformer layer (``layer.0``, ``layer.1``, ...), plus
-  ``embeddings`` and ``other`` for what lies outside the layers.
-* ``kinds``: ``attention``, ``mlp``, ``embeddings``, ``norm``, ``other``.
+  ``embeddings`` and ``other`` for what lies outside the layers. A model with several
+  layer stacks (an encoder-decoder such as BART or T5) names each layer by its stack:
+  ``encoder.layer.0``, ..., ``decoder.layer.0``, ..., so that no block merges two layers.
+* ``kinds``: ``attention``, ``mlp``, ``embeddings``, ``norm``, ``other`` (names matched
+  case-insensitively; T5's ``SelfAttention``/``EncDecAttention``, ``DenseReluDense`` and
+  the ``shared`` embedding included).
 * ``all``: one block with every parameter.
 
 Custom blocks: ``{"name": "glob-or-regex", ...}``; a pattern is a regex when prefixed with
@@ -34,10 +38,16 @@ Blocks = dict[str, list[nn.Parameter]]
 PRESETS = ("hybrid", "base-peft", "hybrid-split", "layers", "kinds", "all")
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
-_EMBED_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
-_NORM_RE = re.compile(r"norm|LayerNorm|ln_\d|ln_f|\bln\b")
-_ATTN_RE = re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value")
-_MLP_RE = re.compile(r"mlp|intermediate|ffn|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|down_proj|c_fc")
+_I = re.IGNORECASE
+_EMBED_RE = re.compile(
+    r"embed|wte|wpe|word_embeddings|position_embeddings|token_type|(?:^|\.)shared(?:\.|$)", _I
+)
+_NORM_RE = re.compile(r"norm|ln_\d|ln_f|\bln\b", _I)
+_ATTN_RE = re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value", _I)
+_MLP_RE = re.compile(
+    r"mlp|intermediate|ffn|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|down_proj|c_fc|densereludense",
+    _I,
+)
 
 
 def _named(model: nn.Module, trainable_only: bool = False) -> list[tuple[str, nn.Parameter]]:
@@ -87,11 +97,37 @@ def _kind(name: str) -> str:
     return "other"
 
 
-def _layer_block(name: str) -> str:
-    m = _LAYER_RE.search(name)
-    if m:
-        return f"layer.{int(m.group(1))}"
-    return "embeddings" if _EMBED_RE.search(name) else "other"
+def _layer_groups(named: list[tuple[str, nn.Parameter]]) -> Blocks:
+    """Preset ``layers``: parameter ``...<stack>.layer.N.…`` goes to block ``layer.N``.
+
+    The stack is the name before the layer index (``bert.encoder``, ``model.decoder``,
+    ``encoder``). With one stack the block is ``layer.N``; with several (encoder-decoder
+    models), ``<label>.layer.N``, the label being the stack's last name component
+    (``encoder``/``decoder``), or its whole name when those collide. Order: embeddings,
+    then the layers stack by stack (in order of appearance) and index, then ``other``.
+    """
+    stacks: dict[str, None] = {}
+    where: list[tuple[str, int] | None] = []
+    for n, _ in named:
+        m = _LAYER_RE.search(n)
+        where.append((n[: m.start()], int(m.group(1))) if m else None)
+        if m:
+            stacks.setdefault(n[: m.start()], None)
+    last = {s: s.rsplit(".", 1)[-1] for s in stacks}
+    label = last if len(set(last.values())) == len(last) else {s: s for s in stacks}
+    groups: dict[str, list[nn.Parameter]] = {}
+    order: dict[str, tuple] = {}
+    for (n, p), w in zip(named, where, strict=True):
+        if w is None:
+            key = "embeddings" if _EMBED_RE.search(n) else "other"
+            order[key] = (0,) if key == "embeddings" else (2,)
+        else:
+            stack, i = w
+            prefix = f"{label[stack]}." if len(stacks) > 1 and label[stack] else ""
+            key = f"{prefix}layer.{i}"
+            order[key] = (1, list(stacks).index(stack), i)
+        groups.setdefault(key, []).append(p)
+    return {k: groups[k] for k in sorted(groups, key=lambda k: order[k])}
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -101,14 +137,6 @@ def _compile(pattern: str) -> re.Pattern[str]:
         except re.error as e:
             raise UsageError(f"invalid regex {pattern!r}: {e}") from None
     return re.compile(fnmatch.translate(pattern))
-
-
-def _ordered(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> Blocks:
-    def key(k: str) -> tuple:
-        m = re.fullmatch(r"layer\.(\d+)", k)
-        return (1, int(m.group(1)), k) if m else ((0, 0, k) if k == "embeddings" else (2, 0, k))
-
-    return {k: [p for _, p in groups[k]] for k in sorted(groups, key=key) if groups[k]}
 
 
 def _peft_blocks(
@@ -144,9 +172,7 @@ def _preset_blocks(
         return _peft_blocks(model, spec, named, all_names)
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
     if spec == "layers":
-        for n, p in named:
-            groups.setdefault(_layer_block(n), []).append((n, p))
-        return _ordered(groups)
+        return _layer_groups(named)
     if spec == "kinds":
         for n, p in named:
             groups.setdefault(_kind(n), []).append((n, p))

@@ -16,6 +16,7 @@ from torch import nn
 from smoothlab import ModelLoss, Oracle, block_sizes, make_blocks, peft_parameter_names, probe
 from smoothlab.blocks import PRESETS, check_blocks, parse_blocks_arg
 from smoothlab.errors import UsageError
+from tests.tiny_models import tiny_bart, tiny_t5
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -169,6 +170,55 @@ def test_layers_preset_orders_numerically():
     m.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(11)])
     m.head = nn.Linear(2, 1)
     assert list(make_blocks(m, "layers")) == [f"layer.{i}" for i in range(11)] + ["other"]
+
+
+def _stacks_of(model, blocks):
+    """Block -> set of (stack, layer index) of its parameters' names."""
+    import re
+
+    rx = re.compile(r"(?:^|\.)(encoder|decoder)\.(?:layers|block)\.(\d+)\.")
+    out = {}
+    for k, ps in blocks.items():
+        out[k] = {m.groups() for n in names_of(model, ps) if (m := rx.search(n))}
+    return out
+
+
+@pytest.mark.parametrize("build", [tiny_bart, tiny_t5], ids=["bart", "t5"])
+def test_layers_preset_encoder_decoder(build):
+    """Encoder and decoder layer i are two layers: one block each, named by their stack."""
+    m = build()
+    blocks = make_blocks(m, "layers")
+    layers = [f"{s}.layer.{i}" for s in ("encoder", "decoder") for i in (0, 1)]
+    assert [k for k in blocks if "layer." in k] == layers
+    assert_partition(m, blocks, skip="<none>")
+    stacks = _stacks_of(m, blocks)
+    for k in layers:
+        stack, _, i = k.split(".")
+        assert stacks[k] == {(stack, i)}, k
+    assert any(n.endswith("shared.weight") for n in names_of(m, blocks["embeddings"]))
+
+
+def test_kinds_preset_t5_and_bart():
+    """T5's SelfAttention/EncDecAttention, DenseReluDense and the shared embedding are sorted
+    (case-insensitively), not left in ``other``."""
+    t5 = tiny_t5()
+    blocks = make_blocks(t5, "kinds")
+    assert_partition(t5, blocks, skip="<none>")
+    kinds = {k: names_of(t5, v) for k, v in blocks.items()}
+    assert kinds["embeddings"] == {"shared.weight"}
+    assert "other" not in kinds  # lm_head is tied to shared
+    for n, _ in t5.named_parameters():
+        if "Attention." in n:
+            assert n in kinds["attention"], n
+        elif "DenseReluDense." in n:
+            assert n in kinds["mlp"], n
+        elif "layer_norm" in n:
+            assert n in kinds["norm"], n
+    bart = tiny_bart()
+    kinds = {k: names_of(bart, v) for k, v in make_blocks(bart, "kinds").items()}
+    assert "model.shared.weight" in kinds["embeddings"]
+    assert "model.decoder.layers.0.encoder_attn.k_proj.weight" in kinds["attention"]
+    assert "model.encoder.layers.1.fc2.weight" in kinds["mlp"]
 
 
 def test_kinds_preset_bert():
