@@ -50,9 +50,12 @@ _MLP_RE = re.compile(
 )
 
 
-def _named(model: nn.Module, trainable_only: bool = False) -> list[tuple[str, nn.Parameter]]:
+def _named(
+    model: nn.Module, trainable_only: bool = False, aliases: bool = False
+) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` pairs; with ``aliases``, a shared (tied) parameter under each name."""
     out = []
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(remove_duplicate=not aliases):
         if trainable_only and not p.requires_grad:
             continue
         out.append((name, p))
@@ -185,24 +188,38 @@ def _preset_blocks(
     )
 
 
+def _patterns_of(block: str, patterns: object) -> list[str]:
+    """The pattern list of ``block``: one string or a non-empty iterable of non-empty strings."""
+    pats = [patterns] if isinstance(patterns, str) else patterns
+    if isinstance(pats, Iterable) and not isinstance(pats, bytes | Mapping):
+        pats = list(pats)
+        if pats and all(isinstance(p, str) and p for p in pats):
+            return pats
+    raise UsageError(
+        f"block {block!r}: {patterns!r} is not a pattern; accepted: a non-empty glob or "
+        "re:REGEX string, or a non-empty list of them"
+    )
+
+
 def _pattern_blocks(
-    spec: Mapping[str, str | Iterable[str]],
-    named: list[tuple[str, nn.Parameter]],
-    all_names: list[str],
+    spec: Mapping[str, str | Iterable[str]], named: list[tuple[str, nn.Parameter]]
 ) -> Blocks:
-    """Blocks of a mapping block name -> glob/regex pattern(s); no overlaps, no empty pattern."""
-    if not isinstance(spec, Mapping) or not spec:
-        raise TypeError(f"blocks spec must be a preset name or a non-empty mapping, got {spec!r}")
+    """Blocks of a mapping block name -> glob/regex pattern(s); no overlaps, no empty pattern.
+
+    ``named`` lists every name of every parameter (a tied weight under each of its names);
+    a block holds each matched parameter once, and a parameter in two blocks (under any of
+    its names) is an overlap.
+    """
+    all_names = [n for n, _ in named]
     blocks: Blocks = {}
-    owner: dict[str, str] = {}
+    owner: dict[int, tuple[str, str]] = {}
     for block, patterns in spec.items():
         if not isinstance(block, str) or not block.strip():
             raise UsageError(
                 f"block names must be non-empty strings, got {block!r} (patterns {patterns!r})"
             )
-        pats = [patterns] if isinstance(patterns, str) else list(patterns)
         chosen = []
-        for pat in pats:
+        for pat in _patterns_of(block, patterns):
             rx = _compile(pat)
             hits = [(n, p) for n, p in named if rx.fullmatch(n)]
             if not hits:
@@ -211,12 +228,14 @@ def _pattern_blocks(
                     f"Parameters examined ({len(all_names)}): {_preview(all_names)}"
                 )
             chosen.extend(hits)
-        for n, _ in chosen:
-            if n in owner and owner[n] != block:
+        for n, p in chosen:
+            if id(p) in owner and owner[id(p)][0] != block:
+                b0, n0 = owner[id(p)]
+                same = "" if n0 == n else f" (as {n0!r}; the two names share one tensor)"
                 raise UsageError(
-                    f"blocks overlap: parameter {n!r} is in both {owner[n]!r} and {block!r}"
+                    f"blocks overlap: parameter {n!r} is in both {b0!r}{same} and {block!r}"
                 )
-            owner[n] = block
+            owner.setdefault(id(p), (block, n))
         seen: set[int] = set()
         blocks[block] = [p for _, p in chosen if not (id(p) in seen or seen.add(id(p)))]
     return blocks
@@ -232,8 +251,10 @@ def make_blocks(
 
     ``spec``: one of :data:`PRESETS`, or a mapping block name -> pattern(s) (glob, or regex
     with a ``re:`` prefix). ``trainable_only`` keeps only ``requires_grad`` parameters.
-    Raises ``UsageError`` (a ValueError) when a pattern matches nothing or when blocks overlap, listing the
-    parameter names examined.
+    Patterns are matched against every name of a parameter, a tied weight's alias
+    included (``head.weight`` tied to ``emb.weight``). Raises ``UsageError`` (a
+    ValueError) for an empty mapping, an empty or non-string pattern, a pattern that
+    matches nothing (listing the parameter names examined) or overlapping blocks.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -244,7 +265,17 @@ def make_blocks(
 
     if isinstance(spec, str):
         return _preset_blocks(model, spec, named, all_names)
-    return _pattern_blocks(spec, named, all_names)
+    if not isinstance(spec, Mapping):
+        raise TypeError(
+            f"blocks spec must be a preset name ({', '.join(PRESETS)}) or a mapping of block "
+            f"name to glob/regex patterns, got {type(spec).__name__} {spec!r}"
+        )
+    if not spec:
+        raise UsageError(
+            "blocks spec is an empty mapping; give at least one block NAME -> pattern(s), "
+            f"or a preset name ({', '.join(PRESETS)})"
+        )
+    return _pattern_blocks(spec, _named(model, trainable_only, aliases=True))
 
 
 def parse_blocks_arg(text: str) -> str | dict[str, str]:

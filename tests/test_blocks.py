@@ -302,10 +302,40 @@ def test_pattern_errors():
         make_blocks(m, {"a": "re:("})
     with pytest.raises(ValueError, match=r"unknown block preset 'layer'.*" + ", ".join(PRESETS)):
         make_blocks(m, "layer")
-    with pytest.raises(TypeError, match="non-empty mapping"):
+    with pytest.raises(UsageError, match="empty mapping.*preset name"):
         make_blocks(m, {})
+    with pytest.raises(TypeError, match="preset name.*or a mapping.*got list"):
+        make_blocks(m, ["classifier.*"])
+    # an empty or non-string pattern is refused up front, naming the block and what is accepted
+    accepted = "is not a pattern; accepted: a non-empty glob or re:REGEX string"
+    for bad in ([], "", 3, None, ["classifier.*", ""], ["classifier.*", 3], b"classifier.*"):
+        with pytest.raises(UsageError, match=rf"block 'a': .* {accepted}"):
+            make_blocks(m, {"a": bad, "b": "bert.pooler.*"})
     with pytest.raises(ValueError, match="no parameters"):
         make_blocks(nn.ReLU(), "all")
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_patterns_match_tied_aliases():
+    """named_parameters() lists a tied weight under its first name only; a pattern on the
+    other name (head.weight) finds it, and the same tensor under two names is one parameter
+    (once in a block, an overlap across blocks)."""
+    m = _Tied()
+    assert make_blocks(m, {"head": "head.weight"})["head"] == [m.emb.weight]
+    assert make_blocks(m, {"w": ["emb.*", "head.*"]})["w"] == [m.emb.weight]
+    with pytest.raises(UsageError, match=r"'head\.weight' is in both 'a' \(as 'emb\.weight'"):
+        make_blocks(m, {"a": "emb.weight", "b": "head.weight"})
+    with pytest.raises(UsageError, match=r"examined \(4\): emb\.weight, .*head\.weight"):
+        make_blocks(m, {"a": "nothing"})
+    assert list(make_blocks(m, "all")["all"]) == list(m.parameters())  # presets: once each
 
 
 def test_parse_blocks_arg_and_check_blocks():
