@@ -77,7 +77,7 @@ class ModelLoss:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module | None) -> Iterator[None]:
     """Dropout off for the duration; every module's training flag restored after."""
-    if _module_or_none(model) is None:
+    if check_model(model) is None:
         yield
         return
     flags = [(m, m.training) for m in model.modules()]
@@ -89,11 +89,24 @@ def eval_mode(model: nn.Module | None) -> Iterator[None]:
             m.training = f
 
 
-def _module_or_none(model: object) -> nn.Module | None:
+def check_model(model: object) -> nn.Module | None:
     """``model`` itself; TypeError naming its type unless it is an ``nn.Module`` or None."""
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     return model
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as a Python int (numpy integers accepted); UsageError for anything else."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
+def check_loss_fn(loss_fn: object, what: str = "loss_fn") -> None:
+    """TypeError naming the type unless ``loss_fn`` is callable."""
+    if not callable(loss_fn):
+        raise TypeError(f"{what} must be a zero-argument callable, got {type(loss_fn).__name__}")
 
 
 def block_seed(seed: int, name: str) -> int:
@@ -136,9 +149,7 @@ def probe(
         progress: ``callback(block, done, total)``.
     """
     _check_arguments(loss_fn, norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise UsageError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed)  # numpy integers too
+    seed = check_seed(seed)  # numpy integers too
     check_blocks(blocks)
     root = _owning_module(model, loss_fn)
 
@@ -180,7 +191,7 @@ def _owning_module(
 ) -> nn.Module | None:
     """``model`` (TypeError unless an ``nn.Module`` or None), else ``loss_fn.model``; None
     unless it is an ``nn.Module``."""
-    root = _module_or_none(model) if model is not None else getattr(loss_fn, "model", None)
+    root = check_model(model) if model is not None else getattr(loss_fn, "model", None)
     if root is not None and not isinstance(root, nn.Module):
         root = None
     return root
@@ -196,8 +207,7 @@ def _check_arguments(
     target_rel_stderr: object,
 ) -> None:
     """probe()'s argument checks; norm/hvp/distribution pairs through the estimator registry."""
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be a zero-argument callable, got {type(loss_fn).__name__}")
+    check_loss_fn(loss_fn)
     check_options(norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
 
 

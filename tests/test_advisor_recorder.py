@@ -260,3 +260,62 @@ def test_recorder_checks_its_probe_options_when_built(kw, words) -> None:
     lin, _, _ = _quadratic_model()
     with pytest.raises(UsageError, match=re.escape(words)):
         TrajectoryRecorder({"w": [lin.weight]}, every=5, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw, error, words",
+    [
+        ({"seed": "x"}, UsageError, "seed must be an integer, got 'x'"),
+        ({"seed": 1.5}, UsageError, "seed must be an integer, got 1.5"),
+        ({"model": "m"}, TypeError, "model must be a torch.nn.Module or None, got str"),
+        ({"probe_loss_fn": 3}, TypeError, "probe_loss_fn must be a zero-argument callable"),
+    ],
+)
+def test_recorder_checks_seed_model_and_loss_when_built(kw, error, words) -> None:
+    """Before, these failed at the first probe, `every` steps into training (seed=1.5 as
+    'got 11.5', a value the user never passed)."""
+    lin, _, _ = _quadratic_model()
+    with pytest.raises(error, match=re.escape(words)):
+        TrajectoryRecorder({"w": [lin.weight]}, every=10, **kw)
+
+
+def test_recorder_accepts_a_numpy_seed() -> None:
+    np = pytest.importorskip("numpy")
+    lin, xs, ys = _quadratic_model()
+    loss_fn = lambda: torch.nn.functional.mse_loss(lin(xs), ys)  # noqa: E731
+    kw = dict(every=1, norm="trace", hvp="exact", num_vectors=3)
+    a = TrajectoryRecorder({"w": [lin.weight]}, seed=np.int64(7), **kw)
+    b = TrajectoryRecorder({"w": [lin.weight]}, seed=7, **kw)
+    assert a.step(3, loss_fn)["w"].value == b.step(3, loss_fn)["w"].value
+
+
+def test_recorder_logs_nan_rows_and_warns_at_a_nan_loss(tmp_path) -> None:
+    """A diverged loss at a recording step does not abort the loop: the step's rows hold nan
+    estimates, a RuntimeWarning names the step, and the next steps are recorded."""
+    lin, xs, ys = _quadratic_model()
+    broken = {"on": False}
+
+    def loss_fn():
+        loss = torch.nn.functional.mse_loss(lin(xs), ys)
+        return loss * math.nan if broken["on"] else loss
+
+    rec = TrajectoryRecorder(
+        {"w": [lin.weight]}, every=1, hvp="exact", num_vectors=6, out_dir=tmp_path
+    )
+    rec.step(0, loss_fn)
+    broken["on"] = True
+    with pytest.warns(RuntimeWarning, match=r"loss is nan at step 1; logged nan estimates"):
+        ests = rec.step(1, loss_fn)
+    assert math.isnan(ests["w"].value) and not ests["w"].converged
+    broken["on"] = False
+    rec.step(2, loss_fn)
+    rec.close()
+    with (tmp_path / "smoothness.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["step"], r["estimate"], r["loss"]) for r in rows][1] == ("1", "nan", "nan")
+    truth = float(torch.linalg.eigvalsh(2 * xs.T @ xs / len(xs)).max())  # MSE Hessian
+    for r in (rows[0], rows[2]):
+        assert float(r["estimate"]) == pytest.approx(truth, rel=1e-9)
+    assert rec.due(1) is False  # the nan step is recorded, not retried
+    with pytest.raises(UsageError, match="unknown"):  # other probe errors still raise
+        TrajectoryRecorder({"w": [lin.weight]}, every=1, norm="trac")
