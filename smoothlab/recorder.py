@@ -12,11 +12,13 @@ visible against the training cost. Use it from any loop::
 
 or through :class:`~smoothlab.integrations` (HF ``Trainer``) or the hybrid engine's
 ``train(..., recorder=...)``. A resumed recorder (``resume_step``) drops rows logged after the
-checkpoint and never records a step twice.
+checkpoint and never records a step twice; a step that a kill left half-recorded (some
+blocks' rows only) is recorded again whole.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import time
 import warnings
@@ -32,7 +34,7 @@ from .errors import UsageError
 from .estimate import Estimate
 from .hvp import block_gradients
 from .probe import check_loss_fn, check_model, check_options, check_seed, eval_mode, probe
-from .runlog import SMOOTHNESS_FIELDS, CsvLog
+from .runlog import SMOOTHNESS_FIELDS, CsvLog, parse_cell
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -55,7 +57,7 @@ class TrajectoryRecorder:
         log: an open ``smoothness.csv`` to write to instead of ``out_dir``'s, shared by
             several recorders (e.g. whole blocks and per-module blocks probed at the same
             steps); its owner closes it (:meth:`close` leaves it open). Steps it already
-            holds count as recorded.
+            holds rows for of this recorder's blocks count as recorded.
         model: module owning the parameters (on-the-fly perturbation, dropout off).
         probe_loss_fn: a fixed held-aside batch's loss; None probes the current batch.
         resume_step: drop logged rows with step > resume_step, then append.
@@ -111,7 +113,32 @@ class TrajectoryRecorder:
             raise UsageError(
                 f"log {log.path} has columns {list(log.fields)}, expected {list(SMOOTHNESS_FIELDS)}"
             )
-        self._done = self.log.steps() if self.log else set()
+        self._done = self._recorded_steps()
+
+    def _recorded_steps(self) -> set[int]:
+        """Steps the log holds a row for of some block of this recorder (another recorder's
+        rows in a shared log do not count). A kill between two rows of one step leaves
+        that step half-recorded as the last one logged: its rows of this recorder's blocks
+        are dropped (the other rows are kept, in order), so the step is recorded again
+        whole, without duplicate rows. Earlier steps missing a block (the block set changed
+        between runs) count as recorded: they are not revisited, and dropping them would
+        lose their rows."""
+        if self.log is None:
+            return set()
+        with self.log.path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        mine: dict[int, set[str]] = {}
+        for r in rows:
+            if r["block"] in self.blocks:
+                mine.setdefault(parse_cell(r["step"], int), set()).add(r["block"])
+        if mine and mine[last := max(mine)] != set(self.blocks):
+            later = [r for r in rows if parse_cell(r["step"], int) >= last]
+            self.log.drop_after(last - 1)
+            for r in later:
+                if not (parse_cell(r["step"], int) == last and r["block"] in self.blocks):
+                    self.log.write(r)
+            del mine[last]
+        return set(mine)
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is a recording step not yet recorded."""

@@ -319,3 +319,41 @@ def test_recorder_logs_nan_rows_and_warns_at_a_nan_loss(tmp_path) -> None:
     assert rec.due(1) is False  # the nan step is recorded, not retried
     with pytest.raises(UsageError, match="unknown"):  # other probe errors still raise
         TrajectoryRecorder({"w": [lin.weight]}, every=1, norm="trac")
+
+
+def test_a_step_half_recorded_by_a_kill_is_recorded_again_whole(tmp_path) -> None:
+    """Killed after block a's row at step 4 (rows are flushed one at a time): the resumed
+    recorder drops that row and records step 4 again for both blocks, once each, and a
+    second recorder sharing the log keeps its own rows of step 4."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)
+    ).double()
+    xs, ys = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    loss_fn = lambda: ((model(xs) - ys) ** 2).mean()  # noqa: E731
+    blocks = {"a": list(model[0].parameters()), "b": list(model[2].parameters())}
+    whole = {"all": list(model.parameters())}
+    kw = dict(every=2, model=model, norm="trace", hvp="exact", num_vectors=3)
+
+    def rows():
+        with (tmp_path / "smoothness.csv").open() as fh:
+            return [(int(r["step"]), r["block"], r["estimate"]) for r in csv.DictReader(fh)]
+
+    w = TrajectoryRecorder(whole, out_dir=tmp_path, **kw)
+    rec = TrajectoryRecorder(blocks, log=w.log, **kw)
+    for s in range(5):
+        w.step(s, loss_fn)
+        rec.step(s, loss_fn)
+    w.close()
+    full = rows()
+    assert [(s, b) for s, b, _ in full][-3:] == [(4, "all"), (4, "a"), (4, "b")]
+    path = tmp_path / "smoothness.csv"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))  # kill
+    w = TrajectoryRecorder(whole, out_dir=tmp_path, resume_step=4, **kw)
+    rec = TrajectoryRecorder(blocks, log=w.log, **kw)
+    assert not w.due(4) and rec.due(4) and not rec.due(2)
+    assert w.step(4, loss_fn) is None
+    rec.step(4, loss_fn)
+    assert not rec.due(4)
+    w.close()
+    assert rows() == full  # the same rows, none twice (the probe is seeded by the step)
