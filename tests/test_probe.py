@@ -729,3 +729,37 @@ def test_public_entry_points_name_a_wrong_argument_type():
         pass
     with pytest.raises(UsageError, match="truncate_after must be an integer step or None, got '3'"):
         CsvLog("/tmp/never.csv", SMOOTHNESS_FIELDS, truncate_after="3")
+
+
+@pytest.mark.parametrize("name", ["spectral", "trace", "frobenius", "rms"])
+def test_plain_callable_over_a_float32_matrix(name):
+    """`lambda v: H @ v` with a float32 H: dtype= gives it float32 vectors and the estimate
+    matches the dense float64 truth; without dtype= the float64 vectors it is given make it
+    fail, and that is a UsageError saying to pass dtype=, not torch's addmv RuntimeError."""
+    from smoothlab.errors import UsageError
+    from smoothlab.estimators import hutchinson_frobenius, hutchinson_trace, lanczos, rms
+
+    fn = {"spectral": lanczos, "trace": hutchinson_trace, "frobenius": hutchinson_frobenius}
+    fn = fn.get(name, rms)
+    gen = torch.Generator().manual_seed(0)
+    eigs = torch.tensor([4.0, -3.0, 2.0, 1.0, 0.5, -0.25], dtype=torch.float64)
+    H = planted(eigs, gen)
+    truth = {
+        "spectral": 4.0,
+        "trace": float(eigs.sum()),
+        "frobenius": float(eigs.norm()),
+        "rms": float(eigs.norm()) / 6**0.5,
+    }[name]
+    H32 = H.float()
+    kw = {"max_iter": 6} if name == "spectral" else {"num_vectors": 400}
+    est = fn(lambda v: H32 @ v, torch.Generator().manual_seed(1), dim=6, dtype=torch.float32, **kw)
+    tol = 1e-5 * truth if name == "spectral" else 4 * est.stderr
+    assert abs(est.value - truth) <= tol, (est, truth)
+    with pytest.raises(UsageError, match=r"failed on its first vector.*pass dtype=.*float32"):
+        fn(lambda v: H32 @ v, torch.Generator().manual_seed(1), dim=6, **kw)
+    with pytest.raises(UsageError, match=r"returned torch\.float32 \(6,\)"):
+        fn(lambda v: (H @ v).float(), torch.Generator().manual_seed(1), dim=6, **kw)
+    with pytest.raises(UsageError, match=r"returned torch\.float64 \(5,\)"):
+        fn(lambda v: (H @ v)[:5], torch.Generator().manual_seed(1), dim=6, **kw)
+    with pytest.raises(UsageError, match=r"dtype=torch\.float32 given, but the dense H is"):
+        fn(H, torch.Generator().manual_seed(1), dtype=torch.float32, **kw)

@@ -68,10 +68,12 @@ def hutchinson_frobenius(
     min_vectors: int = MIN_VECTORS,
     callback: Callback | None = None,
     dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Estimate:
     """‖H‖_F = √(E‖Hv‖²) (see the module docstring)."""
     check_distribution(distribution)
-    op = as_operator(op, dim=dim)
+    op = as_operator(op, dim=dim, dtype=dtype, device=device)
     bufs = sample_buffers(op)
     return monte_carlo(
         op,

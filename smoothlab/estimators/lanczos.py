@@ -79,11 +79,14 @@ def lanczos(
     reorth: bool | None = None,
     callback: Callback | None = None,
     dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Estimate:
     """|θ_max| of H by Lanczos (see the module docstring). ``reorth``: None = automatic.
 
-    ``op``: an operator, a square tensor, or a callable ``v ↦ H v`` with ``dim=``."""
-    op = as_operator(op, dim=dim)
+    ``op``: an operator, a square tensor, or a callable ``v ↦ H v`` with ``dim=`` (and
+    ``dtype=``/``device=`` of the vectors it takes: float64 on CPU by default)."""
+    op = as_operator(op, dim=dim, dtype=dtype, device=device)
     n, dtype, device = op.dim, op.dtype, op.device
     k_max = min(max_iter, n)
     store = uses_reorth(n, k_max, reorth)

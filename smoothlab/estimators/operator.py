@@ -58,6 +58,7 @@ class LinearOperator:
         device: torch.device | str = "cpu",
         quad: Callable[[torch.Tensor], float] | None = None,
         kind: str = "operator",
+        checked: bool = False,
     ) -> None:
         if matvec is None and quad is None:
             raise UsageError("a LinearOperator needs matvec= or quad= (got neither)")
@@ -67,12 +68,32 @@ class LinearOperator:
         self.dim, self.dtype, self.device, self.kind = dim, dtype, torch.device(device), kind
         self.has_matvec = matvec is not None
         self.num_calls = 0
+        self.checked = checked  # a user's plain callable: check what it returns
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         if self._matvec is None:
             raise UsageError(f"operator {self.kind!r} gives quadratic forms vᵀHv only, not H v")
         self.num_calls += 1
-        return self._matvec(v)
+        if not self.checked:
+            return self._matvec(v)
+        try:
+            hv = self._matvec(v)
+        except RuntimeError as e:  # H of another dtype/device than v: torch's addmv error
+            if self.num_calls > 1:
+                raise
+            raise UsageError(self._refused(f"failed on its first vector ({e})")) from e
+        if not isinstance(hv, torch.Tensor) or hv.shape != v.shape or hv.dtype != v.dtype:
+            got = f"{hv.dtype} {tuple(hv.shape)}" if isinstance(hv, torch.Tensor) else type(hv)
+            raise UsageError(self._refused(f"returned {got}"))
+        return hv
+
+    def _refused(self, what: str) -> str:
+        return (
+            f"the callable v -> H v {what}; it is given {self.dtype} vectors of shape "
+            f"({self.dim},) on {self.device} and must return the same: pass dtype= and "
+            "device= to the estimator when H is of another dtype or device (e.g. "
+            "dtype=torch.float32 for a float32 H)"
+        )
 
     def quad(self, v: torch.Tensor) -> float:
         if self._quad is not None:
@@ -85,25 +106,42 @@ def as_operator(
     op: Any, *, dim: int | None = None, dtype: torch.dtype | None = None, device: Any = None
 ) -> Any:
     """``op`` if it already is an operator; a square tensor ``H`` → ``v ↦ H v``; a callable
-    ``v ↦ H v`` with ``dim=`` (and optionally ``dtype=``, default float64)."""
+    ``v ↦ H v`` with ``dim=`` (and ``dtype=``, default float64, and ``device=``, default
+    CPU: the vectors it is given). A callable that fails on its first vector or returns
+    another shape or dtype is a UsageError telling to pass ``dtype=``/``device=``; those
+    given for a tensor or an operator must match its own."""
     if isinstance(op, torch.Tensor):
         if op.ndim != 2 or op.shape[0] != op.shape[1]:
             raise UsageError(
                 f"a dense operator must be a square matrix, got shape {tuple(op.shape)}"
             )
+        _same(op, dtype, device, "the dense H")
         return LinearOperator(
             lambda v: op @ v, op.shape[0], dtype=op.dtype, device=op.device, kind="dense"
         )
     if hasattr(op, "dim") and (hasattr(op, "matvec") or hasattr(op, "quad")):
+        _same(op, dtype, device, "the operator")
         return op
     if callable(op):
         if dim is None:
             raise UsageError("a plain callable operator v -> H v needs dim=")
-        return LinearOperator(op, dim, dtype=dtype or torch.float64, device=device or "cpu")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise UsageError(f"dtype must be a torch dtype such as torch.float32, got {dtype!r}")
+        return LinearOperator(
+            op, dim, dtype=dtype or torch.float64, device=device or "cpu", checked=True
+        )
     raise TypeError(
         f"expected an operator (dim, dtype, device, matvec), a square tensor or a callable, "
         f"got {type(op).__name__}"
     )
+
+
+def _same(op: Any, dtype: Any, device: Any, what: str) -> None:
+    """UsageError when ``dtype=``/``device=`` were given and differ from ``op``'s own."""
+    if dtype is not None and dtype != op.dtype:
+        raise UsageError(f"dtype={dtype} given, but {what} is {op.dtype}; omit dtype=")
+    if device is not None and torch.device(device) != torch.device(op.device):
+        raise UsageError(f"device={device} given, but {what} is on {op.device}; omit device=")
 
 
 def has_matvec(op: Any) -> bool:

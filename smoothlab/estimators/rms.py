@@ -38,9 +38,11 @@ def rms(
     min_vectors: int = MIN_VECTORS,
     callback: Callback | None = None,
     dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Estimate:
     """‖H‖_F/√d = √(E‖Hu‖²) over unit u (see the module docstring)."""
-    op = as_operator(op, dim=dim)
+    op = as_operator(op, dim=dim, dtype=dtype, device=device)
     bufs = sample_buffers(op)
     return monte_carlo(
         op,

@@ -49,10 +49,12 @@ def hutchinson_trace(
     min_vectors: int = MIN_VECTORS,
     callback: Callback | None = None,
     dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Estimate:
     """tr H = E vᵀHv (see the module docstring). Uses ``op.quad`` when the operator has one."""
     check_distribution(distribution)
-    op = as_operator(op, dim=dim)
+    op = as_operator(op, dim=dim, dtype=dtype, device=device)
     buf = vector_buffer(op.dim, op.dtype, op.device)  # v is consumed by each sample
     return monte_carlo(
         op,

@@ -117,9 +117,11 @@ def _zo(
     min_vectors: int = MIN_VECTORS,
     callback: Callback | None = None,
     dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Estimate:
     """The body of :func:`zo_trace`, :func:`zo_frobenius` and :func:`zo_rms` (their keywords)."""
-    op = as_operator(op, dim=dim)
+    op = as_operator(op, dim=dim, dtype=dtype, device=device)
     check_distribution(
         distribution, ("gaussian", "rademacher") if norm == "trace" else ("gaussian",)
     )
@@ -160,7 +162,8 @@ def _zo(
 
 
 # The three public estimators take :func:`_zo`'s keywords: num_vectors=20,
-# distribution="gaussian", target_rel_stderr=None, min_vectors=MIN_VECTORS (10), callback=None, dim=None.
+# distribution="gaussian", target_rel_stderr=None, min_vectors=MIN_VECTORS (10), callback=None,
+# and, for a plain callable, dim=None, dtype=None (float64), device=None (CPU).
 def zo_trace(op: Any, gen: torch.Generator, **options: Any) -> Estimate:
     """tr H ≈ mean vᵀHv from quadratic forms (see the module docstring)."""
     return _zo("trace", op, gen, **options)
