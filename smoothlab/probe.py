@@ -25,7 +25,7 @@ from torch import nn
 from .blocks import Blocks, check_blocks, make_blocks
 from .errors import UsageError
 from .estimate import Estimate
-from .estimators import MIN_VECTORS, Options, estimate, validate
+from .estimators import MIN_VECTORS, Options, check_estimator_options, estimate, validate
 from .hvp import HVPS, Oracle, block_gradients, check_step
 from .perturb import outside_reads, param_seed
 
@@ -148,7 +148,9 @@ def probe(
             on-the-fly perturbation, dropout-off and the attention switch for ``exact``.
         progress: ``callback(block, done, total)``.
     """
-    _check_arguments(loss_fn, norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
+    _check_arguments(
+        loss_fn, norm, hvp, num_vectors, distribution, tol, target_rel_stderr, min_vectors
+    )
     seed = check_seed(seed)  # numpy integers too
     check_blocks(blocks)
     root = _owning_module(model, loss_fn)
@@ -205,10 +207,11 @@ def _check_arguments(
     distribution: str,
     tol: object,
     target_rel_stderr: object,
+    min_vectors: object,
 ) -> None:
     """probe()'s argument checks; norm/hvp/distribution pairs through the estimator registry."""
     check_loss_fn(loss_fn)
-    check_options(norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
+    check_options(norm, hvp, num_vectors, distribution, tol, target_rel_stderr, None, min_vectors)
 
 
 def check_options(
@@ -219,23 +222,18 @@ def check_options(
     tol: object = 1e-3,
     target_rel_stderr: object = None,
     h: object = None,
+    min_vectors: object = MIN_VECTORS,
 ) -> None:
     """UsageError naming the first bad :func:`probe` option (for callers that probe later,
-    such as the recorder, which checks at construction rather than at its first probe)."""
+    such as the recorder, which checks at construction rather than at its first probe).
+    The numbers go through the estimators' own check (:func:`check_estimator_options`)."""
     check_step(h)
     if hvp not in HVPS:
         raise UsageError(f"unknown hvp oracle {hvp!r}; accepted: {', '.join(HVPS)}")
-    if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or num_vectors < 1:
-        raise UsageError(f"num_vectors must be a positive integer, got {num_vectors!r}")
+    check_estimator_options(
+        num_vectors, tol=tol, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+    )
     validate(norm, hvp, distribution, num_vectors)
-    if not (isinstance(tol, int | float) and tol > 0):
-        raise UsageError(f"tol must be a positive float, got {tol!r}")
-    if target_rel_stderr is not None and not (
-        isinstance(target_rel_stderr, int | float) and target_rel_stderr > 0
-    ):
-        raise UsageError(
-            f"target_rel_stderr must be a positive float or None, got {target_rel_stderr!r}"
-        )
 
 
 def probe_model(

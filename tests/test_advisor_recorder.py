@@ -252,7 +252,8 @@ def test_recorder_log_argument_errors(tmp_path) -> None:
         ({"num_vectors": 0}, "num_vectors must be a positive integer, got 0"),
         ({"hvp": "fdd"}, "unknown hvp oracle 'fdd'"),
         ({"h": -1.0}, "h must be a positive finite float or None, got -1.0"),
-        ({"tol": 0}, "tol must be a positive float, got 0"),
+        ({"tol": 0}, "tol must be a positive finite float, got 0"),
+        ({"tol": math.inf}, "tol must be a positive finite float, got inf"),
     ],
 )
 def test_recorder_checks_its_probe_options_when_built(kw, words) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -138,7 +139,12 @@ def test_frobenius_of_a_zero_hessian_is_zero_with_zero_stderr():
 @pytest.mark.parametrize("norm", ["frobenius", "rms", "trace"])
 def test_stochastic_norms_within_stderr(norm, hvp, distribution):
     q = Quadratic(80, 30, dtype=torch.float64, seed=4)
-    est = probe(q, q.blocks, norm=norm, hvp=hvp, num_vectors=60, distribution=distribution, seed=5)
+    kw = dict(norm=norm, hvp=hvp, num_vectors=60, distribution=distribution, seed=5)
+    if norm == "rms" and distribution == "rademacher":  # unit vectors: no choice to ignore
+        with pytest.raises(ValueError, match="does not apply to norm='rms'"):
+            probe(q, q.blocks, **kw)
+        return
+    est = probe(q, q.blocks, **kw)
     for name, truth in q.truth(norm).items():
         e = est[name]
         assert e.num_hvp == 60 and len(e.samples) == 60
@@ -763,3 +769,60 @@ def test_plain_callable_over_a_float32_matrix(name):
         fn(lambda v: (H @ v)[:5], torch.Generator().manual_seed(1), dim=6, **kw)
     with pytest.raises(UsageError, match=r"dtype=torch\.float32 given, but the dense H is"):
         fn(H, torch.Generator().manual_seed(1), dtype=torch.float32, **kw)
+
+
+def test_public_estimators_check_their_options_as_probe_does():
+    """One check behind probe and every public estimator: a count of 0 returned nan (or
+    0.0 from lanczos, converged=False), 2.5 gave a TypeError, a negative or infinite tol was
+    taken, min_vectors went unchecked, and np.int64(5) vectors were refused by probe only."""
+    import numpy as np
+
+    from smoothlab.errors import UsageError
+    from smoothlab.estimators import (
+        hutchinson_frobenius,
+        hutchinson_trace,
+        lanczos,
+        rms,
+        zo_frobenius,
+        zo_trace,
+    )
+
+    H = torch.diag(torch.tensor([3.0, -5.0, 1.0], dtype=torch.float64))
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    sampling = (hutchinson_trace, hutchinson_frobenius, rms, zo_trace, zo_frobenius)
+    bad = [
+        ({"num_vectors": 0}, "num_vectors must be a positive integer, got 0"),
+        ({"num_vectors": 2.5}, "num_vectors must be a positive integer, got 2.5"),
+        ({"min_vectors": -5}, "min_vectors must be a positive integer, got -5"),
+        ({"min_vectors": "a"}, "min_vectors must be a positive integer, got 'a'"),
+        ({"target_rel_stderr": math.inf}, "target_rel_stderr must be a positive finite float"),
+    ]
+    for fn in sampling:
+        for kw, words in bad:
+            with pytest.raises(UsageError, match=re.escape(words)):
+                fn(H, gen(), **kw)
+    for kw, words in (
+        ({"max_iter": 0}, "max_iter must be a positive integer, got 0"),
+        ({"tol": -1.0}, "tol must be a positive finite float, got -1.0"),
+        ({"tol": math.inf}, "tol must be a positive finite float, got inf"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(words)):
+            lanczos(H, gen(), **kw)
+    x, f = _tiny()
+    for kw, words in (
+        ({"min_vectors": "a", "target_rel_stderr": 0.1}, "min_vectors must be a positive"),
+        ({"min_vectors": -5}, "min_vectors must be a positive integer, got -5"),
+        ({"tol": math.inf}, "tol must be a positive finite float, got inf"),
+        (
+            {"distribution": "rademacher"},
+            "distribution='rademacher' does not apply to norm='spectral'",
+        ),
+        ({"distribution": "rademacher", "norm": "rms"}, "does not apply to norm='rms'"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(words)):
+            probe(f, {"x": [x]}, **kw)
+    # numpy integers, like numpy seeds, are integers: the same estimate as the Python int
+    a = probe(f, {"x": [x]}, norm="trace", num_vectors=np.int64(5), min_vectors=np.int64(3))
+    b = probe(f, {"x": [x]}, norm="trace", num_vectors=5, min_vectors=3)
+    assert a["x"].value == b["x"].value and a["x"].num_hvp == 5
+    assert lanczos(H, gen(), max_iter=np.int64(3)).value == pytest.approx(5.0)

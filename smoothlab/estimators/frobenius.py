@@ -32,6 +32,7 @@ from .operator import (
     Callback,
     as_operator,
     check_distribution,
+    check_estimator_options,
     dot64,
     matvec_into,
     mean_sqrt,
@@ -72,6 +73,9 @@ def hutchinson_frobenius(
     device: torch.device | str | None = None,
 ) -> Estimate:
     """‖H‖_F = √(E‖Hv‖²) (see the module docstring)."""
+    check_estimator_options(
+        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+    )
     check_distribution(distribution)
     op = as_operator(op, dim=dim, dtype=dtype, device=device)
     bufs = sample_buffers(op)

@@ -21,6 +21,7 @@ plain callable ``v ↦ H v`` into one, so every estimator can be tested on ``lam
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -250,6 +251,28 @@ def matvec_into(op: Any, v: torch.Tensor, out: torch.Tensor | None) -> torch.Ten
     if out is not None and getattr(op, "matvec_out", False):
         return op.matvec(v, out=out)
     return op.matvec(v)
+
+
+def check_estimator_options(
+    num_vectors: object,
+    *,
+    tol: object = None,
+    target_rel_stderr: object = None,
+    min_vectors: object = 1,
+    count: str = "num_vectors",
+) -> None:
+    """UsageError naming the first bad estimator option: ``num_vectors`` (called ``count``,
+    e.g. ``max_iter``) and ``min_vectors`` positive integers (numpy integers too), ``tol``
+    and ``target_rel_stderr`` positive finite numbers (or None). The one check behind
+    :func:`smoothlab.probe.check_options` and every public estimator."""
+    for name, v in ((count, num_vectors), ("min_vectors", min_vectors)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
+    for name, v in (("tol", tol), ("target_rel_stderr", target_rel_stderr)):
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < math.inf
+        if v is not None and not ok:
+            none = " or None" if name == "target_rel_stderr" else ""
+            raise UsageError(f"{name} must be a positive finite float{none}, got {v!r}")
 
 
 def check_distribution(distribution: str, accepted: tuple[str, ...] = DISTRIBUTIONS) -> None:

@@ -26,7 +26,14 @@ import torch
 
 from ..estimate import Estimate
 from .frobenius import sample_buffers, squared_norms
-from .operator import MIN_VECTORS, Callback, as_operator, mean_sqrt, monte_carlo
+from .operator import (
+    MIN_VECTORS,
+    Callback,
+    as_operator,
+    check_estimator_options,
+    mean_sqrt,
+    monte_carlo,
+)
 
 
 def rms(
@@ -42,6 +49,9 @@ def rms(
     device: torch.device | str | None = None,
 ) -> Estimate:
     """‖H‖_F/√d = √(E‖Hu‖²) over unit u (see the module docstring)."""
+    check_estimator_options(
+        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+    )
     op = as_operator(op, dim=dim, dtype=dtype, device=device)
     bufs = sample_buffers(op)
     return monte_carlo(

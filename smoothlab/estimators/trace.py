@@ -31,6 +31,7 @@ from .operator import (
     Callback,
     as_operator,
     check_distribution,
+    check_estimator_options,
     mean_se,
     monte_carlo,
     quad_form,
@@ -53,6 +54,9 @@ def hutchinson_trace(
     device: torch.device | str | None = None,
 ) -> Estimate:
     """tr H = E vᵀHv (see the module docstring). Uses ``op.quad`` when the operator has one."""
+    check_estimator_options(
+        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+    )
     check_distribution(distribution)
     op = as_operator(op, dim=dim, dtype=dtype, device=device)
     buf = vector_buffer(op.dim, op.dtype, op.device)  # v is consumed by each sample

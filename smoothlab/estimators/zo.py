@@ -63,6 +63,7 @@ from .operator import (
     Callback,
     as_operator,
     check_distribution,
+    check_estimator_options,
     mean_se,
     monte_carlo,
     random_vector,
@@ -121,6 +122,9 @@ def _zo(
     device: torch.device | str | None = None,
 ) -> Estimate:
     """The body of :func:`zo_trace`, :func:`zo_frobenius` and :func:`zo_rms` (their keywords)."""
+    check_estimator_options(
+        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+    )
     op = as_operator(op, dim=dim, dtype=dtype, device=device)
     check_distribution(
         distribution, ("gaussian", "rademacher") if norm == "trace" else ("gaussian",)
