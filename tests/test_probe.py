@@ -826,3 +826,24 @@ def test_public_estimators_check_their_options_as_probe_does():
     b = probe(f, {"x": [x]}, norm="trace", num_vectors=5, min_vectors=3)
     assert a["x"].value == b["x"].value and a["x"].num_hvp == 5
     assert lanczos(H, gen(), max_iter=np.int64(3)).value == pytest.approx(5.0)
+
+
+def test_stderr_docs_give_the_student_t_factors():
+    """The stderr of a few vectors undercovers (Student t); the docs give ± t_{n−1}·stderr
+    with numbers that must be the t quantiles and the ± 1 stderr coverage."""
+    stats = pytest.importorskip("scipy.stats")
+    from smoothlab.estimators.operator import mean_se
+
+    doc = " ".join(mean_se.__doc__.split())
+    found = re.search(r"t = 12\.7 \(n = 2\), (.*?), against 1\.96", doc)
+    assert found, doc
+    pairs = [(2, 12.7)] + [
+        (int(n), float(t)) for t, n in re.findall(r"([\d.]+) \((\d+)\)", found.group(1))
+    ]
+    assert [n for n, _ in pairs] == [2, 3, 4, 5, 6, 8, 10, 20]
+    for n, t in pairs:
+        assert t == pytest.approx(stats.t.ppf(0.975, n - 1), abs=0.01), n  # as rounded
+    cover = dict((int(n), int(p)) for p, n in re.findall(r"(\d+)% at (?:n = )?(\d+)", doc))
+    assert cover == {2: 50, 5: 63, 10: 66}
+    for n, p in cover.items():
+        assert 100 * (2 * stats.t.cdf(1, n - 1) - 1) == pytest.approx(p, abs=0.5), n

@@ -9,6 +9,10 @@ Bias. m is unbiased for ‖H‖_F²/d; √m is biased low by O(1/n) (Jensen), as
 Variance. For u = g/‖g‖ with Gaussian g: Var‖Hu‖² = 2(d‖H²‖_F² − ‖H‖_F⁴)/(d²(d+2)),
 so rel. stderr of √m ≤ 1/√(2n).
 
+Standard error. ``stderr`` is a standard error, not an interval; at n < 10 vectors use
+± t_{n−1}·stderr (95%: t = 12.7, 4.30, 3.18, 2.78 at n = 2, 3, 4, 5; 2.26 at n = 10),
+see :func:`~smoothlab.estimators.operator.mean_se`.
+
 Citation. The paper's Appendix D.4; Hutchinson (1990) for the underlying identity.
 
 >>> import torch

@@ -8,6 +8,10 @@ Bias. None (for exact H v; the ``fd`` oracles add their O(h)/O(h²) truncation).
 Variance. Var(vᵀHv) = 2‖H‖_F² for Gaussian v and 2(‖H‖_F² − Σ_i H_ii²) for Rademacher v
 (±1 entries), so Rademacher is never worse; the estimate's variance is that over n.
 
+Standard error. ``stderr`` is a standard error, not an interval; at n < 10 vectors use
+± t_{n−1}·stderr (95%: t = 12.7, 4.30, 3.18, 2.78 at n = 2, 3, 4, 5; 2.26 at n = 10),
+see :func:`~smoothlab.estimators.operator.mean_se`.
+
 Citation. M. F. Hutchinson (1990), Commun. Stat. Simul. Comput. 19(2); H. Avron and
 S. Toledo (2011), J. ACM 58(2).
 

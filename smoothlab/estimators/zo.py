@@ -33,6 +33,10 @@ numerator f(x+sv) + f(x−sv) − 2f̂₀ spans fewer than 32 ulps of f (then th
 quantisation is correlated with the signal and can bias the estimate beyond its stderr): a
 larger step ``h`` or a float64 loss is needed for a trustworthy value.
 
+Standard error. ``stderr`` is a standard error, not an interval; at n < 10 vectors use
+± t_{n−1}·stderr (95%: t = 12.7, 4.30, 3.18, 2.78 at n = 2, 3, 4, 5; 2.26 at n = 10),
+see :func:`~smoothlab.estimators.operator.mean_se`.
+
 Citation. Hutchinson (1990); second differences: Nocedal and Wright, *Numerical
 Optimization* (2006) §8.1; MeZO: Malladi et al. (2023), NeurIPS.
 
