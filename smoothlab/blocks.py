@@ -10,8 +10,12 @@ overlap (a parameter belongs to at most one block). Presets:
 * ``hybrid-split``: as ``hybrid``, with a trained head (peft's ``modules_to_save``, e.g. a
   classifier) split from the adapter into its own block ``head``: ``base``/``peft``/``head``.
 * ``layers``: one block per transformer layer (``layer.0``, ``layer.1``, ...), plus
-  ``embeddings`` and ``other`` for what lies outside the layers.
-* ``kinds``: ``attention``, ``mlp``, ``embeddings``, ``norm``, ``other``.
+  ``embeddings`` and ``other`` for what lies outside the layers. A model with several
+  layer stacks (an encoder-decoder such as BART or T5) names each layer by its stack:
+  ``encoder.layer.0``, ..., ``decoder.layer.0``, ..., so that no block merges two layers.
+* ``kinds``: ``attention``, ``mlp``, ``embeddings``, ``norm``, ``other`` (names matched
+  case-insensitively; T5's ``SelfAttention``/``EncDecAttention``, ``DenseReluDense`` and
+  the ``shared`` embedding included).
 * ``all``: one block with every parameter.
 
 Custom blocks: ``{"name": "glob-or-regex", ...}``; a pattern is a regex when prefixed with
@@ -34,15 +38,24 @@ Blocks = dict[str, list[nn.Parameter]]
 PRESETS = ("hybrid", "base-peft", "hybrid-split", "layers", "kinds", "all")
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
-_EMBED_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
-_NORM_RE = re.compile(r"norm|LayerNorm|ln_\d|ln_f|\bln\b")
-_ATTN_RE = re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value")
-_MLP_RE = re.compile(r"mlp|intermediate|ffn|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|down_proj|c_fc")
+_I = re.IGNORECASE
+_EMBED_RE = re.compile(
+    r"embed|wte|wpe|word_embeddings|position_embeddings|token_type|(?:^|\.)shared(?:\.|$)", _I
+)
+_NORM_RE = re.compile(r"norm|ln_\d|ln_f|\bln\b", _I)
+_ATTN_RE = re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value", _I)
+_MLP_RE = re.compile(
+    r"mlp|intermediate|ffn|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|down_proj|c_fc|densereludense",
+    _I,
+)
 
 
-def _named(model: nn.Module, trainable_only: bool = False) -> list[tuple[str, nn.Parameter]]:
+def _named(
+    model: nn.Module, trainable_only: bool = False, aliases: bool = False
+) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` pairs; with ``aliases``, a shared (tied) parameter under each name."""
     out = []
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(remove_duplicate=not aliases):
         if trainable_only and not p.requires_grad:
             continue
         out.append((name, p))
@@ -87,11 +100,37 @@ def _kind(name: str) -> str:
     return "other"
 
 
-def _layer_block(name: str) -> str:
-    m = _LAYER_RE.search(name)
-    if m:
-        return f"layer.{int(m.group(1))}"
-    return "embeddings" if _EMBED_RE.search(name) else "other"
+def _layer_groups(named: list[tuple[str, nn.Parameter]]) -> Blocks:
+    """Preset ``layers``: parameter ``...<stack>.layer.N.…`` goes to block ``layer.N``.
+
+    The stack is the name before the layer index (``bert.encoder``, ``model.decoder``,
+    ``encoder``). With one stack the block is ``layer.N``; with several (encoder-decoder
+    models), ``<label>.layer.N``, the label being the stack's last name component
+    (``encoder``/``decoder``), or its whole name when those collide. Order: embeddings,
+    then the layers stack by stack (in order of appearance) and index, then ``other``.
+    """
+    stacks: dict[str, None] = {}
+    where: list[tuple[str, int] | None] = []
+    for n, _ in named:
+        m = _LAYER_RE.search(n)
+        where.append((n[: m.start()], int(m.group(1))) if m else None)
+        if m:
+            stacks.setdefault(n[: m.start()], None)
+    last = {s: s.rsplit(".", 1)[-1] for s in stacks}
+    label = last if len(set(last.values())) == len(last) else {s: s for s in stacks}
+    groups: dict[str, list[nn.Parameter]] = {}
+    order: dict[str, tuple] = {}
+    for (n, p), w in zip(named, where, strict=True):
+        if w is None:
+            key = "embeddings" if _EMBED_RE.search(n) else "other"
+            order[key] = (0,) if key == "embeddings" else (2,)
+        else:
+            stack, i = w
+            prefix = f"{label[stack]}." if len(stacks) > 1 and label[stack] else ""
+            key = f"{prefix}layer.{i}"
+            order[key] = (1, list(stacks).index(stack), i)
+        groups.setdefault(key, []).append(p)
+    return {k: groups[k] for k in sorted(groups, key=lambda k: order[k])}
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -101,14 +140,6 @@ def _compile(pattern: str) -> re.Pattern[str]:
         except re.error as e:
             raise UsageError(f"invalid regex {pattern!r}: {e}") from None
     return re.compile(fnmatch.translate(pattern))
-
-
-def _ordered(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> Blocks:
-    def key(k: str) -> tuple:
-        m = re.fullmatch(r"layer\.(\d+)", k)
-        return (1, int(m.group(1)), k) if m else ((0, 0, k) if k == "embeddings" else (2, 0, k))
-
-    return {k: [p for _, p in groups[k]] for k in sorted(groups, key=key) if groups[k]}
 
 
 def _peft_blocks(
@@ -144,9 +175,7 @@ def _preset_blocks(
         return _peft_blocks(model, spec, named, all_names)
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
     if spec == "layers":
-        for n, p in named:
-            groups.setdefault(_layer_block(n), []).append((n, p))
-        return _ordered(groups)
+        return _layer_groups(named)
     if spec == "kinds":
         for n, p in named:
             groups.setdefault(_kind(n), []).append((n, p))
@@ -159,24 +188,38 @@ def _preset_blocks(
     )
 
 
+def _patterns_of(block: str, patterns: object) -> list[str]:
+    """The pattern list of ``block``: one string or a non-empty iterable of non-empty strings."""
+    pats = [patterns] if isinstance(patterns, str) else patterns
+    if isinstance(pats, Iterable) and not isinstance(pats, bytes | Mapping):
+        pats = list(pats)
+        if pats and all(isinstance(p, str) and p for p in pats):
+            return pats
+    raise UsageError(
+        f"block {block!r}: {patterns!r} is not a pattern; accepted: a non-empty glob or "
+        "re:REGEX string, or a non-empty list of them"
+    )
+
+
 def _pattern_blocks(
-    spec: Mapping[str, str | Iterable[str]],
-    named: list[tuple[str, nn.Parameter]],
-    all_names: list[str],
+    spec: Mapping[str, str | Iterable[str]], named: list[tuple[str, nn.Parameter]]
 ) -> Blocks:
-    """Blocks of a mapping block name -> glob/regex pattern(s); no overlaps, no empty pattern."""
-    if not isinstance(spec, Mapping) or not spec:
-        raise TypeError(f"blocks spec must be a preset name or a non-empty mapping, got {spec!r}")
+    """Blocks of a mapping block name -> glob/regex pattern(s); no overlaps, no empty pattern.
+
+    ``named`` lists every name of every parameter (a tied weight under each of its names);
+    a block holds each matched parameter once, and a parameter in two blocks (under any of
+    its names) is an overlap.
+    """
+    all_names = [n for n, _ in named]
     blocks: Blocks = {}
-    owner: dict[str, str] = {}
+    owner: dict[int, tuple[str, str]] = {}
     for block, patterns in spec.items():
         if not isinstance(block, str) or not block.strip():
             raise UsageError(
                 f"block names must be non-empty strings, got {block!r} (patterns {patterns!r})"
             )
-        pats = [patterns] if isinstance(patterns, str) else list(patterns)
         chosen = []
-        for pat in pats:
+        for pat in _patterns_of(block, patterns):
             rx = _compile(pat)
             hits = [(n, p) for n, p in named if rx.fullmatch(n)]
             if not hits:
@@ -185,12 +228,14 @@ def _pattern_blocks(
                     f"Parameters examined ({len(all_names)}): {_preview(all_names)}"
                 )
             chosen.extend(hits)
-        for n, _ in chosen:
-            if n in owner and owner[n] != block:
+        for n, p in chosen:
+            if id(p) in owner and owner[id(p)][0] != block:
+                b0, n0 = owner[id(p)]
+                same = "" if n0 == n else f" (as {n0!r}; the two names share one tensor)"
                 raise UsageError(
-                    f"blocks overlap: parameter {n!r} is in both {owner[n]!r} and {block!r}"
+                    f"blocks overlap: parameter {n!r} is in both {b0!r}{same} and {block!r}"
                 )
-            owner[n] = block
+            owner.setdefault(id(p), (block, n))
         seen: set[int] = set()
         blocks[block] = [p for _, p in chosen if not (id(p) in seen or seen.add(id(p)))]
     return blocks
@@ -206,8 +251,10 @@ def make_blocks(
 
     ``spec``: one of :data:`PRESETS`, or a mapping block name -> pattern(s) (glob, or regex
     with a ``re:`` prefix). ``trainable_only`` keeps only ``requires_grad`` parameters.
-    Raises ``UsageError`` (a ValueError) when a pattern matches nothing or when blocks overlap, listing the
-    parameter names examined.
+    Patterns are matched against every name of a parameter, a tied weight's alias
+    included (``head.weight`` tied to ``emb.weight``). Raises ``UsageError`` (a
+    ValueError) for an empty mapping, an empty or non-string pattern, a pattern that
+    matches nothing (listing the parameter names examined) or overlapping blocks.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -218,7 +265,17 @@ def make_blocks(
 
     if isinstance(spec, str):
         return _preset_blocks(model, spec, named, all_names)
-    return _pattern_blocks(spec, named, all_names)
+    if not isinstance(spec, Mapping):
+        raise TypeError(
+            f"blocks spec must be a preset name ({', '.join(PRESETS)}) or a mapping of block "
+            f"name to glob/regex patterns, got {type(spec).__name__} {spec!r}"
+        )
+    if not spec:
+        raise UsageError(
+            "blocks spec is an empty mapping; give at least one block NAME -> pattern(s), "
+            f"or a preset name ({', '.join(PRESETS)})"
+        )
+    return _pattern_blocks(spec, _named(model, trainable_only, aliases=True))
 
 
 def parse_blocks_arg(text: str) -> str | dict[str, str]:

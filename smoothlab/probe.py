@@ -25,7 +25,7 @@ from torch import nn
 from .blocks import Blocks, check_blocks, make_blocks
 from .errors import UsageError
 from .estimate import Estimate
-from .estimators import MIN_VECTORS, Options, estimate, validate
+from .estimators import MIN_VECTORS, Options, check_estimator_options, estimate, validate
 from .hvp import HVPS, Oracle, block_gradients, check_step
 from .perturb import outside_reads, param_seed
 
@@ -77,7 +77,7 @@ class ModelLoss:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module | None) -> Iterator[None]:
     """Dropout off for the duration; every module's training flag restored after."""
-    if _module_or_none(model) is None:
+    if check_model(model) is None:
         yield
         return
     flags = [(m, m.training) for m in model.modules()]
@@ -89,11 +89,24 @@ def eval_mode(model: nn.Module | None) -> Iterator[None]:
             m.training = f
 
 
-def _module_or_none(model: object) -> nn.Module | None:
+def check_model(model: object) -> nn.Module | None:
     """``model`` itself; TypeError naming its type unless it is an ``nn.Module`` or None."""
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     return model
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as a Python int (numpy integers accepted); UsageError for anything else."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
+def check_loss_fn(loss_fn: object, what: str = "loss_fn") -> None:
+    """TypeError naming the type unless ``loss_fn`` is callable."""
+    if not callable(loss_fn):
+        raise TypeError(f"{what} must be a zero-argument callable, got {type(loss_fn).__name__}")
 
 
 def block_seed(seed: int, name: str) -> int:
@@ -135,10 +148,10 @@ def probe(
             on-the-fly perturbation, dropout-off and the attention switch for ``exact``.
         progress: ``callback(block, done, total)``.
     """
-    _check_arguments(loss_fn, norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise UsageError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed)  # numpy integers too
+    _check_arguments(
+        loss_fn, norm, hvp, num_vectors, distribution, tol, target_rel_stderr, min_vectors
+    )
+    seed = check_seed(seed)  # numpy integers too
     check_blocks(blocks)
     root = _owning_module(model, loss_fn)
 
@@ -180,7 +193,7 @@ def _owning_module(
 ) -> nn.Module | None:
     """``model`` (TypeError unless an ``nn.Module`` or None), else ``loss_fn.model``; None
     unless it is an ``nn.Module``."""
-    root = _module_or_none(model) if model is not None else getattr(loss_fn, "model", None)
+    root = check_model(model) if model is not None else getattr(loss_fn, "model", None)
     if root is not None and not isinstance(root, nn.Module):
         root = None
     return root
@@ -194,11 +207,11 @@ def _check_arguments(
     distribution: str,
     tol: object,
     target_rel_stderr: object,
+    min_vectors: object,
 ) -> None:
     """probe()'s argument checks; norm/hvp/distribution pairs through the estimator registry."""
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be a zero-argument callable, got {type(loss_fn).__name__}")
-    check_options(norm, hvp, num_vectors, distribution, tol, target_rel_stderr)
+    check_loss_fn(loss_fn)
+    check_options(norm, hvp, num_vectors, distribution, tol, target_rel_stderr, None, min_vectors)
 
 
 def check_options(
@@ -209,23 +222,18 @@ def check_options(
     tol: object = 1e-3,
     target_rel_stderr: object = None,
     h: object = None,
+    min_vectors: object = MIN_VECTORS,
 ) -> None:
     """UsageError naming the first bad :func:`probe` option (for callers that probe later,
-    such as the recorder, which checks at construction rather than at its first probe)."""
+    such as the recorder, which checks at construction rather than at its first probe).
+    The numbers go through the estimators' own check (:func:`check_estimator_options`)."""
     check_step(h)
     if hvp not in HVPS:
         raise UsageError(f"unknown hvp oracle {hvp!r}; accepted: {', '.join(HVPS)}")
-    if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or num_vectors < 1:
-        raise UsageError(f"num_vectors must be a positive integer, got {num_vectors!r}")
+    check_estimator_options(
+        num_vectors, tol=tol, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+    )
     validate(norm, hvp, distribution, num_vectors)
-    if not (isinstance(tol, int | float) and tol > 0):
-        raise UsageError(f"tol must be a positive float, got {tol!r}")
-    if target_rel_stderr is not None and not (
-        isinstance(target_rel_stderr, int | float) and target_rel_stderr > 0
-    ):
-        raise UsageError(
-            f"target_rel_stderr must be a positive float or None, got {target_rel_stderr!r}"
-        )
 
 
 def probe_model(

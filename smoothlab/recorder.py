@@ -12,14 +12,18 @@ visible against the training cost. Use it from any loop::
 
 or through :class:`~smoothlab.integrations` (HF ``Trainer``) or the hybrid engine's
 ``train(..., recorder=...)``. A resumed recorder (``resume_step``) drops rows logged after the
-checkpoint and never records a step twice.
+checkpoint and never records a step twice; a step that a kill left half-recorded (some
+blocks' rows only) is recorded again whole.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,8 +33,8 @@ from .blocks import check_blocks
 from .errors import UsageError
 from .estimate import Estimate
 from .hvp import block_gradients
-from .probe import check_options, eval_mode, probe
-from .runlog import SMOOTHNESS_FIELDS, CsvLog
+from .probe import check_loss_fn, check_model, check_options, check_seed, eval_mode, probe
+from .runlog import SMOOTHNESS_FIELDS, CsvLog, parse_cell
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -48,12 +52,12 @@ class TrajectoryRecorder:
         blocks: ``{name: [parameters]}`` to probe.
         every: probe when ``step % every == 0``.
         norm, hvp, num_vectors, h, tol: passed to :func:`smoothlab.probe`.
-        seed: base seed; the probe at step t uses ``seed + t``.
+        seed: base seed (an integer); the probe at step t uses ``seed + t``.
         out_dir: run folder for ``smoothness.csv`` (None: keep rows in memory only).
         log: an open ``smoothness.csv`` to write to instead of ``out_dir``'s, shared by
             several recorders (e.g. whole blocks and per-module blocks probed at the same
             steps); its owner closes it (:meth:`close` leaves it open). Steps it already
-            holds count as recorded.
+            holds rows for of this recorder's blocks count as recorded.
         model: module owning the parameters (on-the-fly perturbation, dropout off).
         probe_loss_fn: a fixed held-aside batch's loss; None probes the current batch.
         resume_step: drop logged rows with step > resume_step, then append.
@@ -77,7 +81,12 @@ class TrajectoryRecorder:
         log: CsvLog | None = None,
     ) -> None:
         check_blocks(blocks)
-        check_options(norm, hvp, num_vectors, tol=tol, h=h)  # now, not at the first probe
+        # every argument now, not at the first probe `every` steps into training
+        check_options(norm, hvp, num_vectors, tol=tol, h=h)
+        seed = check_seed(seed)
+        check_model(model)
+        if probe_loss_fn is not None:
+            check_loss_fn(probe_loss_fn, "probe_loss_fn")
         if log is not None and out_dir is not None:
             raise UsageError(
                 f"give out_dir or log, not both (got out_dir={str(out_dir)!r} and a log)"
@@ -104,7 +113,32 @@ class TrajectoryRecorder:
             raise UsageError(
                 f"log {log.path} has columns {list(log.fields)}, expected {list(SMOOTHNESS_FIELDS)}"
             )
-        self._done = self.log.steps() if self.log else set()
+        self._done = self._recorded_steps()
+
+    def _recorded_steps(self) -> set[int]:
+        """Steps the log holds a row for of some block of this recorder (another recorder's
+        rows in a shared log do not count). A kill between two rows of one step leaves
+        that step half-recorded as the last one logged: its rows of this recorder's blocks
+        are dropped (the other rows are kept, in order), so the step is recorded again
+        whole, without duplicate rows. Earlier steps missing a block (the block set changed
+        between runs) count as recorded: they are not revisited, and dropping them would
+        lose their rows."""
+        if self.log is None:
+            return set()
+        with self.log.path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        mine: dict[int, set[str]] = {}
+        for r in rows:
+            if r["block"] in self.blocks:
+                mine.setdefault(parse_cell(r["step"], int), set()).add(r["block"])
+        if mine and mine[last := max(mine)] != set(self.blocks):
+            later = [r for r in rows if parse_cell(r["step"], int) >= last]
+            self.log.drop_after(last - 1)
+            for r in later:
+                if not (parse_cell(r["step"], int) == last and r["block"] in self.blocks):
+                    self.log.write(r)
+            del mine[last]
+        return set(mine)
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is a recording step not yet recorded."""
@@ -129,7 +163,12 @@ class TrajectoryRecorder:
         lr_peft: float = math.nan,
         train_seconds: float = math.nan,
     ) -> dict[str, Estimate]:
-        """Probe every block now and log one row per block."""
+        """Probe every block now and log one row per block.
+
+        A non-finite loss at the probed point (a diverging run) logs rows with nan estimates
+        and warns (RuntimeWarning naming the step) instead of raising, so the training loop
+        goes on and the rows logged so far stay.
+        """
         fn = self.probe_loss_fn or loss_fn
         if fn is None:
             raise UsageError(
@@ -137,21 +176,22 @@ class TrajectoryRecorder:
             )
         model = self.model if self.model is not None else getattr(fn, "model", None)
         start = time.perf_counter()
-        ests = probe(fn, self.blocks, seed=self.seed + step, model=model, **self.kwargs)
+        ests = self._probe(step, fn, model)
         norms = {k: e.grad_norm for k, e in ests.items()}  # free with fd / exact oracles
         missing = {k: self.blocks[k] for k, v in norms.items() if not math.isfinite(v)}
         with eval_mode(model):
-            if missing:
+            if missing and all(math.isfinite(e.value) for e in ests.values()):
                 norms.update(block_grad_norms(fn, missing))
             if math.isnan(loss):
                 with torch.no_grad():
                     loss = float(fn())
         seconds = time.perf_counter() - start
         self.probe_seconds += seconds
+        shared = {"step": step, "epoch": epoch, "loss": loss, "lr_base": lr_base}
+        shared.update(lr_peft=lr_peft, probe_seconds=seconds, train_seconds=train_seconds)
         for name, est in ests.items():
             row = {
-                "step": step,
-                "epoch": epoch,
+                **shared,
                 "block": name,
                 "norm": est.norm,
                 "hvp": est.hvp,
@@ -159,17 +199,32 @@ class TrajectoryRecorder:
                 "stderr": est.stderr,
                 "num_hvp": est.num_hvp,
                 "grad_norm": norms[name],
-                "loss": loss,
-                "lr_base": lr_base,
-                "lr_peft": lr_peft,
-                "probe_seconds": seconds,
-                "train_seconds": train_seconds,
             }
             self.rows.append(row)
             if self.log:
                 self.log.write(row)
         self._done.add(step)
         return ests
+
+    def _probe(self, step: int, fn: LossFn, model: nn.Module | None) -> dict[str, Estimate]:
+        """:func:`probe` at ``step``; nan estimates (and a RuntimeWarning) when the loss at
+        the probed point is nan or inf, which the probe refuses."""
+        try:
+            return probe(fn, self.blocks, seed=self.seed + step, model=model, **self.kwargs)
+        except UsageError:
+            with eval_mode(model), torch.no_grad():
+                value = float(fn())
+            if math.isfinite(value):
+                raise
+        warnings.warn(
+            f"smoothness recorder: the loss is {value} at step {step}; logged nan estimates "
+            "for this step",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        norm, hvp = self.kwargs["norm"], self.kwargs["hvp"]
+        nan = Estimate(math.nan, norm=norm, hvp=hvp, converged=False)
+        return {k: replace(nan, dim=sum(p.numel() for p in v)) for k, v in self.blocks.items()}
 
     def rewind(self, step: int) -> None:
         """Forget the probes after ``step``, in memory and in the log, so that a loop

@@ -252,7 +252,8 @@ def test_recorder_log_argument_errors(tmp_path) -> None:
         ({"num_vectors": 0}, "num_vectors must be a positive integer, got 0"),
         ({"hvp": "fdd"}, "unknown hvp oracle 'fdd'"),
         ({"h": -1.0}, "h must be a positive finite float or None, got -1.0"),
-        ({"tol": 0}, "tol must be a positive float, got 0"),
+        ({"tol": 0}, "tol must be a positive finite float, got 0"),
+        ({"tol": math.inf}, "tol must be a positive finite float, got inf"),
     ],
 )
 def test_recorder_checks_its_probe_options_when_built(kw, words) -> None:
@@ -260,3 +261,100 @@ def test_recorder_checks_its_probe_options_when_built(kw, words) -> None:
     lin, _, _ = _quadratic_model()
     with pytest.raises(UsageError, match=re.escape(words)):
         TrajectoryRecorder({"w": [lin.weight]}, every=5, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw, error, words",
+    [
+        ({"seed": "x"}, UsageError, "seed must be an integer, got 'x'"),
+        ({"seed": 1.5}, UsageError, "seed must be an integer, got 1.5"),
+        ({"model": "m"}, TypeError, "model must be a torch.nn.Module or None, got str"),
+        ({"probe_loss_fn": 3}, TypeError, "probe_loss_fn must be a zero-argument callable"),
+    ],
+)
+def test_recorder_checks_seed_model_and_loss_when_built(kw, error, words) -> None:
+    """Before, these failed at the first probe, `every` steps into training (seed=1.5 as
+    'got 11.5', a value the user never passed)."""
+    lin, _, _ = _quadratic_model()
+    with pytest.raises(error, match=re.escape(words)):
+        TrajectoryRecorder({"w": [lin.weight]}, every=10, **kw)
+
+
+def test_recorder_accepts_a_numpy_seed() -> None:
+    np = pytest.importorskip("numpy")
+    lin, xs, ys = _quadratic_model()
+    loss_fn = lambda: torch.nn.functional.mse_loss(lin(xs), ys)  # noqa: E731
+    kw = dict(every=1, norm="trace", hvp="exact", num_vectors=3)
+    a = TrajectoryRecorder({"w": [lin.weight]}, seed=np.int64(7), **kw)
+    b = TrajectoryRecorder({"w": [lin.weight]}, seed=7, **kw)
+    assert a.step(3, loss_fn)["w"].value == b.step(3, loss_fn)["w"].value
+
+
+def test_recorder_logs_nan_rows_and_warns_at_a_nan_loss(tmp_path) -> None:
+    """A diverged loss at a recording step does not abort the loop: the step's rows hold nan
+    estimates, a RuntimeWarning names the step, and the next steps are recorded."""
+    lin, xs, ys = _quadratic_model()
+    broken = {"on": False}
+
+    def loss_fn():
+        loss = torch.nn.functional.mse_loss(lin(xs), ys)
+        return loss * math.nan if broken["on"] else loss
+
+    rec = TrajectoryRecorder(
+        {"w": [lin.weight]}, every=1, hvp="exact", num_vectors=6, out_dir=tmp_path
+    )
+    rec.step(0, loss_fn)
+    broken["on"] = True
+    with pytest.warns(RuntimeWarning, match=r"loss is nan at step 1; logged nan estimates"):
+        ests = rec.step(1, loss_fn)
+    assert math.isnan(ests["w"].value) and not ests["w"].converged
+    broken["on"] = False
+    rec.step(2, loss_fn)
+    rec.close()
+    with (tmp_path / "smoothness.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["step"], r["estimate"], r["loss"]) for r in rows][1] == ("1", "nan", "nan")
+    truth = float(torch.linalg.eigvalsh(2 * xs.T @ xs / len(xs)).max())  # MSE Hessian
+    for r in (rows[0], rows[2]):
+        assert float(r["estimate"]) == pytest.approx(truth, rel=1e-9)
+    assert rec.due(1) is False  # the nan step is recorded, not retried
+    with pytest.raises(UsageError, match="unknown"):  # other probe errors still raise
+        TrajectoryRecorder({"w": [lin.weight]}, every=1, norm="trac")
+
+
+def test_a_step_half_recorded_by_a_kill_is_recorded_again_whole(tmp_path) -> None:
+    """Killed after block a's row at step 4 (rows are flushed one at a time): the resumed
+    recorder drops that row and records step 4 again for both blocks, once each, and a
+    second recorder sharing the log keeps its own rows of step 4."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)
+    ).double()
+    xs, ys = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    loss_fn = lambda: ((model(xs) - ys) ** 2).mean()  # noqa: E731
+    blocks = {"a": list(model[0].parameters()), "b": list(model[2].parameters())}
+    whole = {"all": list(model.parameters())}
+    kw = dict(every=2, model=model, norm="trace", hvp="exact", num_vectors=3)
+
+    def rows():
+        with (tmp_path / "smoothness.csv").open() as fh:
+            return [(int(r["step"]), r["block"], r["estimate"]) for r in csv.DictReader(fh)]
+
+    w = TrajectoryRecorder(whole, out_dir=tmp_path, **kw)
+    rec = TrajectoryRecorder(blocks, log=w.log, **kw)
+    for s in range(5):
+        w.step(s, loss_fn)
+        rec.step(s, loss_fn)
+    w.close()
+    full = rows()
+    assert [(s, b) for s, b, _ in full][-3:] == [(4, "all"), (4, "a"), (4, "b")]
+    path = tmp_path / "smoothness.csv"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))  # kill
+    w = TrajectoryRecorder(whole, out_dir=tmp_path, resume_step=4, **kw)
+    rec = TrajectoryRecorder(blocks, log=w.log, **kw)
+    assert not w.due(4) and rec.due(4) and not rec.due(2)
+    assert w.step(4, loss_fn) is None
+    rec.step(4, loss_fn)
+    assert not rec.due(4)
+    w.close()
+    assert rows() == full  # the same rows, none twice (the probe is seeded by the step)

@@ -16,6 +16,7 @@ from torch import nn
 from smoothlab import ModelLoss, Oracle, block_sizes, make_blocks, peft_parameter_names, probe
 from smoothlab.blocks import PRESETS, check_blocks, parse_blocks_arg
 from smoothlab.errors import UsageError
+from tests.tiny_models import tiny_bart, tiny_t5
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -171,6 +172,55 @@ def test_layers_preset_orders_numerically():
     assert list(make_blocks(m, "layers")) == [f"layer.{i}" for i in range(11)] + ["other"]
 
 
+def _stacks_of(model, blocks):
+    """Block -> set of (stack, layer index) of its parameters' names."""
+    import re
+
+    rx = re.compile(r"(?:^|\.)(encoder|decoder)\.(?:layers|block)\.(\d+)\.")
+    out = {}
+    for k, ps in blocks.items():
+        out[k] = {m.groups() for n in names_of(model, ps) if (m := rx.search(n))}
+    return out
+
+
+@pytest.mark.parametrize("build", [tiny_bart, tiny_t5], ids=["bart", "t5"])
+def test_layers_preset_encoder_decoder(build):
+    """Encoder and decoder layer i are two layers: one block each, named by their stack."""
+    m = build()
+    blocks = make_blocks(m, "layers")
+    layers = [f"{s}.layer.{i}" for s in ("encoder", "decoder") for i in (0, 1)]
+    assert [k for k in blocks if "layer." in k] == layers
+    assert_partition(m, blocks, skip="<none>")
+    stacks = _stacks_of(m, blocks)
+    for k in layers:
+        stack, _, i = k.split(".")
+        assert stacks[k] == {(stack, i)}, k
+    assert any(n.endswith("shared.weight") for n in names_of(m, blocks["embeddings"]))
+
+
+def test_kinds_preset_t5_and_bart():
+    """T5's SelfAttention/EncDecAttention, DenseReluDense and the shared embedding are sorted
+    (case-insensitively), not left in ``other``."""
+    t5 = tiny_t5()
+    blocks = make_blocks(t5, "kinds")
+    assert_partition(t5, blocks, skip="<none>")
+    kinds = {k: names_of(t5, v) for k, v in blocks.items()}
+    assert kinds["embeddings"] == {"shared.weight"}
+    assert "other" not in kinds  # lm_head is tied to shared
+    for n, _ in t5.named_parameters():
+        if "Attention." in n:
+            assert n in kinds["attention"], n
+        elif "DenseReluDense." in n:
+            assert n in kinds["mlp"], n
+        elif "layer_norm" in n:
+            assert n in kinds["norm"], n
+    bart = tiny_bart()
+    kinds = {k: names_of(bart, v) for k, v in make_blocks(bart, "kinds").items()}
+    assert "model.shared.weight" in kinds["embeddings"]
+    assert "model.decoder.layers.0.encoder_attn.k_proj.weight" in kinds["attention"]
+    assert "model.encoder.layers.1.fc2.weight" in kinds["mlp"]
+
+
 def test_kinds_preset_bert():
     m = tiny_bert()
     blocks = make_blocks(m, "kinds")
@@ -252,10 +302,40 @@ def test_pattern_errors():
         make_blocks(m, {"a": "re:("})
     with pytest.raises(ValueError, match=r"unknown block preset 'layer'.*" + ", ".join(PRESETS)):
         make_blocks(m, "layer")
-    with pytest.raises(TypeError, match="non-empty mapping"):
+    with pytest.raises(UsageError, match="empty mapping.*preset name"):
         make_blocks(m, {})
+    with pytest.raises(TypeError, match="preset name.*or a mapping.*got list"):
+        make_blocks(m, ["classifier.*"])
+    # an empty or non-string pattern is refused up front, naming the block and what is accepted
+    accepted = "is not a pattern; accepted: a non-empty glob or re:REGEX string"
+    for bad in ([], "", 3, None, ["classifier.*", ""], ["classifier.*", 3], b"classifier.*"):
+        with pytest.raises(UsageError, match=rf"block 'a': .* {accepted}"):
+            make_blocks(m, {"a": bad, "b": "bert.pooler.*"})
     with pytest.raises(ValueError, match="no parameters"):
         make_blocks(nn.ReLU(), "all")
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_patterns_match_tied_aliases():
+    """named_parameters() lists a tied weight under its first name only; a pattern on the
+    other name (head.weight) finds it, and the same tensor under two names is one parameter
+    (once in a block, an overlap across blocks)."""
+    m = _Tied()
+    assert make_blocks(m, {"head": "head.weight"})["head"] == [m.emb.weight]
+    assert make_blocks(m, {"w": ["emb.*", "head.*"]})["w"] == [m.emb.weight]
+    with pytest.raises(UsageError, match=r"'head\.weight' is in both 'a' \(as 'emb\.weight'"):
+        make_blocks(m, {"a": "emb.weight", "b": "head.weight"})
+    with pytest.raises(UsageError, match=r"examined \(4\): emb\.weight, .*head\.weight"):
+        make_blocks(m, {"a": "nothing"})
+    assert list(make_blocks(m, "all")["all"]) == list(m.parameters())  # presets: once each
 
 
 def test_parse_blocks_arg_and_check_blocks():

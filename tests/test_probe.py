@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -138,7 +139,12 @@ def test_frobenius_of_a_zero_hessian_is_zero_with_zero_stderr():
 @pytest.mark.parametrize("norm", ["frobenius", "rms", "trace"])
 def test_stochastic_norms_within_stderr(norm, hvp, distribution):
     q = Quadratic(80, 30, dtype=torch.float64, seed=4)
-    est = probe(q, q.blocks, norm=norm, hvp=hvp, num_vectors=60, distribution=distribution, seed=5)
+    kw = dict(norm=norm, hvp=hvp, num_vectors=60, distribution=distribution, seed=5)
+    if norm == "rms" and distribution == "rademacher":  # unit vectors: no choice to ignore
+        with pytest.raises(ValueError, match="does not apply to norm='rms'"):
+            probe(q, q.blocks, **kw)
+        return
+    est = probe(q, q.blocks, **kw)
     for name, truth in q.truth(norm).items():
         e = est[name]
         assert e.num_hvp == 60 and len(e.samples) == 60
@@ -729,3 +735,115 @@ def test_public_entry_points_name_a_wrong_argument_type():
         pass
     with pytest.raises(UsageError, match="truncate_after must be an integer step or None, got '3'"):
         CsvLog("/tmp/never.csv", SMOOTHNESS_FIELDS, truncate_after="3")
+
+
+@pytest.mark.parametrize("name", ["spectral", "trace", "frobenius", "rms"])
+def test_plain_callable_over_a_float32_matrix(name):
+    """`lambda v: H @ v` with a float32 H: dtype= gives it float32 vectors and the estimate
+    matches the dense float64 truth; without dtype= the float64 vectors it is given make it
+    fail, and that is a UsageError saying to pass dtype=, not torch's addmv RuntimeError."""
+    from smoothlab.errors import UsageError
+    from smoothlab.estimators import hutchinson_frobenius, hutchinson_trace, lanczos, rms
+
+    fn = {"spectral": lanczos, "trace": hutchinson_trace, "frobenius": hutchinson_frobenius}
+    fn = fn.get(name, rms)
+    gen = torch.Generator().manual_seed(0)
+    eigs = torch.tensor([4.0, -3.0, 2.0, 1.0, 0.5, -0.25], dtype=torch.float64)
+    H = planted(eigs, gen)
+    truth = {
+        "spectral": 4.0,
+        "trace": float(eigs.sum()),
+        "frobenius": float(eigs.norm()),
+        "rms": float(eigs.norm()) / 6**0.5,
+    }[name]
+    H32 = H.float()
+    kw = {"max_iter": 6} if name == "spectral" else {"num_vectors": 400}
+    est = fn(lambda v: H32 @ v, torch.Generator().manual_seed(1), dim=6, dtype=torch.float32, **kw)
+    tol = 1e-5 * truth if name == "spectral" else 4 * est.stderr
+    assert abs(est.value - truth) <= tol, (est, truth)
+    with pytest.raises(UsageError, match=r"failed on its first vector.*pass dtype=.*float32"):
+        fn(lambda v: H32 @ v, torch.Generator().manual_seed(1), dim=6, **kw)
+    with pytest.raises(UsageError, match=r"returned torch\.float32 \(6,\)"):
+        fn(lambda v: (H @ v).float(), torch.Generator().manual_seed(1), dim=6, **kw)
+    with pytest.raises(UsageError, match=r"returned torch\.float64 \(5,\)"):
+        fn(lambda v: (H @ v)[:5], torch.Generator().manual_seed(1), dim=6, **kw)
+    with pytest.raises(UsageError, match=r"dtype=torch\.float32 given, but the dense H is"):
+        fn(H, torch.Generator().manual_seed(1), dtype=torch.float32, **kw)
+
+
+def test_public_estimators_check_their_options_as_probe_does():
+    """One check behind probe and every public estimator: a count of 0 returned nan (or
+    0.0 from lanczos, converged=False), 2.5 gave a TypeError, a negative or infinite tol was
+    taken, min_vectors went unchecked, and np.int64(5) vectors were refused by probe only."""
+    import numpy as np
+
+    from smoothlab.errors import UsageError
+    from smoothlab.estimators import (
+        hutchinson_frobenius,
+        hutchinson_trace,
+        lanczos,
+        rms,
+        zo_frobenius,
+        zo_trace,
+    )
+
+    H = torch.diag(torch.tensor([3.0, -5.0, 1.0], dtype=torch.float64))
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    sampling = (hutchinson_trace, hutchinson_frobenius, rms, zo_trace, zo_frobenius)
+    bad = [
+        ({"num_vectors": 0}, "num_vectors must be a positive integer, got 0"),
+        ({"num_vectors": 2.5}, "num_vectors must be a positive integer, got 2.5"),
+        ({"min_vectors": -5}, "min_vectors must be a positive integer, got -5"),
+        ({"min_vectors": "a"}, "min_vectors must be a positive integer, got 'a'"),
+        ({"target_rel_stderr": math.inf}, "target_rel_stderr must be a positive finite float"),
+    ]
+    for fn in sampling:
+        for kw, words in bad:
+            with pytest.raises(UsageError, match=re.escape(words)):
+                fn(H, gen(), **kw)
+    for kw, words in (
+        ({"max_iter": 0}, "max_iter must be a positive integer, got 0"),
+        ({"tol": -1.0}, "tol must be a positive finite float, got -1.0"),
+        ({"tol": math.inf}, "tol must be a positive finite float, got inf"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(words)):
+            lanczos(H, gen(), **kw)
+    x, f = _tiny()
+    for kw, words in (
+        ({"min_vectors": "a", "target_rel_stderr": 0.1}, "min_vectors must be a positive"),
+        ({"min_vectors": -5}, "min_vectors must be a positive integer, got -5"),
+        ({"tol": math.inf}, "tol must be a positive finite float, got inf"),
+        (
+            {"distribution": "rademacher"},
+            "distribution='rademacher' does not apply to norm='spectral'",
+        ),
+        ({"distribution": "rademacher", "norm": "rms"}, "does not apply to norm='rms'"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(words)):
+            probe(f, {"x": [x]}, **kw)
+    # numpy integers, like numpy seeds, are integers: the same estimate as the Python int
+    a = probe(f, {"x": [x]}, norm="trace", num_vectors=np.int64(5), min_vectors=np.int64(3))
+    b = probe(f, {"x": [x]}, norm="trace", num_vectors=5, min_vectors=3)
+    assert a["x"].value == b["x"].value and a["x"].num_hvp == 5
+    assert lanczos(H, gen(), max_iter=np.int64(3)).value == pytest.approx(5.0)
+
+
+def test_stderr_docs_give_the_student_t_factors():
+    """The stderr of a few vectors undercovers (Student t); the docs give ± t_{n−1}·stderr
+    with numbers that must be the t quantiles and the ± 1 stderr coverage."""
+    stats = pytest.importorskip("scipy.stats")
+    from smoothlab.estimators.operator import mean_se
+
+    doc = " ".join(mean_se.__doc__.split())
+    found = re.search(r"t = 12\.7 \(n = 2\), (.*?), against 1\.96", doc)
+    assert found, doc
+    pairs = [(2, 12.7)] + [
+        (int(n), float(t)) for t, n in re.findall(r"([\d.]+) \((\d+)\)", found.group(1))
+    ]
+    assert [n for n, _ in pairs] == [2, 3, 4, 5, 6, 8, 10, 20]
+    for n, t in pairs:
+        assert t == pytest.approx(stats.t.ppf(0.975, n - 1), abs=0.01), n  # as rounded
+    cover = dict((int(n), int(p)) for p, n in re.findall(r"(\d+)% at (?:n = )?(\d+)", doc))
+    assert cover == {2: 50, 5: 63, 10: 66}
+    for n, p in cover.items():
+        assert 100 * (2 * stats.t.cdf(1, n - 1) - 1) == pytest.approx(p, abs=0.5), n

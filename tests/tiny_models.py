@@ -12,7 +12,7 @@ from torch import nn
 from hybrid.models import resolve_model_path
 from hybrid.seeding import seeded_rng
 
-__all__ = ["tiny_causal_lm", "tiny_encoder"]
+__all__ = ["tiny_bart", "tiny_causal_lm", "tiny_encoder", "tiny_t5"]
 
 
 def _minilm_tokenizer() -> Any:
@@ -126,3 +126,35 @@ def tiny_encoder(
         model.save_pretrained(os.fspath(save_dir))
         tok.save_pretrained(os.fspath(save_dir))
     return model, tok
+
+
+def tiny_bart(seed: int = 0) -> nn.Module:
+    """A tiny random BART (d_model 8, 2 encoder and 2 decoder layers), from a config only."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=50,
+        d_model=8,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=8,
+        decoder_ffn_dim=8,
+        max_position_embeddings=16,
+    )
+    with seeded_rng(seed):
+        model = BartForConditionalGeneration(config)
+    return model.eval()
+
+
+def tiny_t5(seed: int = 0) -> nn.Module:
+    """A tiny random T5 (d_model 8, 2 encoder and 2 decoder blocks), from a config only."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=50, d_model=8, d_kv=4, d_ff=8, num_layers=2, num_decoder_layers=2, num_heads=2
+    )
+    with seeded_rng(seed):
+        model = T5ForConditionalGeneration(config)
+    return model.eval()

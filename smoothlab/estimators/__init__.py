@@ -31,6 +31,7 @@ from .operator import (
     LinearOperator,
     Operator,
     as_operator,
+    check_estimator_options,
     has_matvec,
     random_vector,
 )
@@ -81,6 +82,7 @@ class EstimatorEntry:
     run_zo: Callable[[Any, torch.Generator, Options], Estimate] | None
     zo_distributions: tuple[str, ...] = ("gaussian",)
     zo_min_vectors: int = 1
+    distributions: tuple[str, ...] = DISTRIBUTIONS  # with H v; ("gaussian",): not a choice
 
     @property
     def hvps(self) -> tuple[str, ...]:
@@ -98,6 +100,7 @@ ESTIMATORS: dict[str, EstimatorEntry] = {
                 op, gen, max_iter=o.num_vectors, tol=o.tol, callback=o.callback
             ),
             None,
+            distributions=("gaussian",),  # a random unit start vector
         ),
         EstimatorEntry(
             "frobenius",
@@ -112,6 +115,7 @@ ESTIMATORS: dict[str, EstimatorEntry] = {
             _mc(rms, False),
             _mc(zo_rms),
             zo_min_vectors=3,
+            distributions=("gaussian",),  # unit vectors (Gaussian ones normalised)
         ),
         EstimatorEntry(
             "trace",
@@ -146,6 +150,12 @@ def validate(
     if distribution not in DISTRIBUTIONS:
         raise UsageError(
             f"unknown distribution {distribution!r}; accepted: {', '.join(DISTRIBUTIONS)}"
+        )
+    if hvp != "zo" and distribution not in entry.distributions:
+        raise UsageError(
+            f"distribution={distribution!r} does not apply to norm={norm!r}, whose vectors are "
+            "not chosen (accepted: 'gaussian', the default); it applies to "
+            + ", ".join(n for n, e in ESTIMATORS.items() if len(e.distributions) > 1)
         )
     if hvp == "zo":
         if distribution not in entry.zo_distributions:
@@ -182,6 +192,7 @@ __all__ = [
     "Operator",
     "Options",
     "as_operator",
+    "check_estimator_options",
     "estimate",
     "get_estimator",
     "hutchinson_frobenius",

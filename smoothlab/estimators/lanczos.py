@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ..estimate import Estimate
-from .operator import Callback, as_operator, dot64, random_vector
+from .operator import Callback, as_operator, check_estimator_options, dot64, random_vector
 
 REORTH_LIMIT = 50_000_000
 
@@ -79,11 +79,15 @@ def lanczos(
     reorth: bool | None = None,
     callback: Callback | None = None,
     dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Estimate:
     """|θ_max| of H by Lanczos (see the module docstring). ``reorth``: None = automatic.
 
-    ``op``: an operator, a square tensor, or a callable ``v ↦ H v`` with ``dim=``."""
-    op = as_operator(op, dim=dim)
+    ``op``: an operator, a square tensor, or a callable ``v ↦ H v`` with ``dim=`` (and
+    ``dtype=``/``device=`` of the vectors it takes: float64 on CPU by default)."""
+    check_estimator_options(max_iter, tol=tol, count="max_iter")
+    op = as_operator(op, dim=dim, dtype=dtype, device=device)
     n, dtype, device = op.dim, op.dtype, op.device
     k_max = min(max_iter, n)
     store = uses_reorth(n, k_max, reorth)

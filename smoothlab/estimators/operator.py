@@ -21,6 +21,7 @@ plain callable ``v ↦ H v`` into one, so every estimator can be tested on ``lam
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -58,6 +59,7 @@ class LinearOperator:
         device: torch.device | str = "cpu",
         quad: Callable[[torch.Tensor], float] | None = None,
         kind: str = "operator",
+        checked: bool = False,
     ) -> None:
         if matvec is None and quad is None:
             raise UsageError("a LinearOperator needs matvec= or quad= (got neither)")
@@ -67,12 +69,32 @@ class LinearOperator:
         self.dim, self.dtype, self.device, self.kind = dim, dtype, torch.device(device), kind
         self.has_matvec = matvec is not None
         self.num_calls = 0
+        self.checked = checked  # a user's plain callable: check what it returns
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         if self._matvec is None:
             raise UsageError(f"operator {self.kind!r} gives quadratic forms vᵀHv only, not H v")
         self.num_calls += 1
-        return self._matvec(v)
+        if not self.checked:
+            return self._matvec(v)
+        try:
+            hv = self._matvec(v)
+        except RuntimeError as e:  # H of another dtype/device than v: torch's addmv error
+            if self.num_calls > 1:
+                raise
+            raise UsageError(self._refused(f"failed on its first vector ({e})")) from e
+        if not isinstance(hv, torch.Tensor) or hv.shape != v.shape or hv.dtype != v.dtype:
+            got = f"{hv.dtype} {tuple(hv.shape)}" if isinstance(hv, torch.Tensor) else type(hv)
+            raise UsageError(self._refused(f"returned {got}"))
+        return hv
+
+    def _refused(self, what: str) -> str:
+        return (
+            f"the callable v -> H v {what}; it is given {self.dtype} vectors of shape "
+            f"({self.dim},) on {self.device} and must return the same: pass dtype= and "
+            "device= to the estimator when H is of another dtype or device (e.g. "
+            "dtype=torch.float32 for a float32 H)"
+        )
 
     def quad(self, v: torch.Tensor) -> float:
         if self._quad is not None:
@@ -85,25 +107,42 @@ def as_operator(
     op: Any, *, dim: int | None = None, dtype: torch.dtype | None = None, device: Any = None
 ) -> Any:
     """``op`` if it already is an operator; a square tensor ``H`` → ``v ↦ H v``; a callable
-    ``v ↦ H v`` with ``dim=`` (and optionally ``dtype=``, default float64)."""
+    ``v ↦ H v`` with ``dim=`` (and ``dtype=``, default float64, and ``device=``, default
+    CPU: the vectors it is given). A callable that fails on its first vector or returns
+    another shape or dtype is a UsageError telling to pass ``dtype=``/``device=``; those
+    given for a tensor or an operator must match its own."""
     if isinstance(op, torch.Tensor):
         if op.ndim != 2 or op.shape[0] != op.shape[1]:
             raise UsageError(
                 f"a dense operator must be a square matrix, got shape {tuple(op.shape)}"
             )
+        _same(op, dtype, device, "the dense H")
         return LinearOperator(
             lambda v: op @ v, op.shape[0], dtype=op.dtype, device=op.device, kind="dense"
         )
     if hasattr(op, "dim") and (hasattr(op, "matvec") or hasattr(op, "quad")):
+        _same(op, dtype, device, "the operator")
         return op
     if callable(op):
         if dim is None:
             raise UsageError("a plain callable operator v -> H v needs dim=")
-        return LinearOperator(op, dim, dtype=dtype or torch.float64, device=device or "cpu")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise UsageError(f"dtype must be a torch dtype such as torch.float32, got {dtype!r}")
+        return LinearOperator(
+            op, dim, dtype=dtype or torch.float64, device=device or "cpu", checked=True
+        )
     raise TypeError(
         f"expected an operator (dim, dtype, device, matvec), a square tensor or a callable, "
         f"got {type(op).__name__}"
     )
+
+
+def _same(op: Any, dtype: Any, device: Any, what: str) -> None:
+    """UsageError when ``dtype=``/``device=`` were given and differ from ``op``'s own."""
+    if dtype is not None and dtype != op.dtype:
+        raise UsageError(f"dtype={dtype} given, but {what} is {op.dtype}; omit dtype=")
+    if device is not None and torch.device(device) != torch.device(op.device):
+        raise UsageError(f"device={device} given, but {what} is on {op.device}; omit device=")
 
 
 def has_matvec(op: Any) -> bool:
@@ -214,6 +253,28 @@ def matvec_into(op: Any, v: torch.Tensor, out: torch.Tensor | None) -> torch.Ten
     return op.matvec(v)
 
 
+def check_estimator_options(
+    num_vectors: object,
+    *,
+    tol: object = None,
+    target_rel_stderr: object = None,
+    min_vectors: object = 1,
+    count: str = "num_vectors",
+) -> None:
+    """UsageError naming the first bad estimator option: ``num_vectors`` (called ``count``,
+    e.g. ``max_iter``) and ``min_vectors`` positive integers (numpy integers too), ``tol``
+    and ``target_rel_stderr`` positive finite numbers (or None). The one check behind
+    :func:`smoothlab.probe.check_options` and every public estimator."""
+    for name, v in ((count, num_vectors), ("min_vectors", min_vectors)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
+    for name, v in (("tol", tol), ("target_rel_stderr", target_rel_stderr)):
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < math.inf
+        if v is not None and not ok:
+            none = " or None" if name == "target_rel_stderr" else ""
+            raise UsageError(f"{name} must be a positive finite float{none}, got {v!r}")
+
+
 def check_distribution(distribution: str, accepted: tuple[str, ...] = DISTRIBUTIONS) -> None:
     if distribution not in accepted:
         raise UsageError(f"unknown distribution {distribution!r}; accepted: {', '.join(accepted)}")
@@ -230,7 +291,15 @@ MIN_VECTORS = 10
 
 
 def mean_se(x: np.ndarray) -> tuple[float, float]:
-    """Sample mean and its standard error s/√n (nan for n < 2)."""
+    """Sample mean and its standard error s/√n (nan for n < 2).
+
+    A standard error, not an interval: s is itself estimated, so (mean − μ)/(s/√n) follows
+    Student's t with n − 1 degrees of freedom (for Gaussian samples), not N(0, 1). A 95%
+    interval is ± t_{n−1} · stderr: t = 12.7 (n = 2), 4.30 (3), 3.18 (4), 2.78 (5),
+    2.57 (6), 2.36 (8), 2.26 (10), 2.09 (20), against 1.96; ± 1 stderr holds the mean
+    with probability 50% at n = 2, 63% at 5 and 66% at 10 (68% as n → ∞). Hutchinson
+    samples are skewed, so small n does worse still (a Gaussian-vector trace at n = 2: 43%
+    within 1 stderr, 65% within 2)."""
     n = len(x)
     return float(x.mean()), (float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan)
 

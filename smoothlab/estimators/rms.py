@@ -9,6 +9,10 @@ Bias. m is unbiased for ‖H‖_F²/d; √m is biased low by O(1/n) (Jensen), as
 Variance. For u = g/‖g‖ with Gaussian g: Var‖Hu‖² = 2(d‖H²‖_F² − ‖H‖_F⁴)/(d²(d+2)),
 so rel. stderr of √m ≤ 1/√(2n).
 
+Standard error. ``stderr`` is a standard error, not an interval; at n < 10 vectors use
+± t_{n−1}·stderr (95%: t = 12.7, 4.30, 3.18, 2.78 at n = 2, 3, 4, 5; 2.26 at n = 10),
+see :func:`~smoothlab.estimators.operator.mean_se`.
+
 Citation. The paper's Appendix D.4; Hutchinson (1990) for the underlying identity.
 
 >>> import torch
@@ -26,7 +30,14 @@ import torch
 
 from ..estimate import Estimate
 from .frobenius import sample_buffers, squared_norms
-from .operator import MIN_VECTORS, Callback, as_operator, mean_sqrt, monte_carlo
+from .operator import (
+    MIN_VECTORS,
+    Callback,
+    as_operator,
+    check_estimator_options,
+    mean_sqrt,
+    monte_carlo,
+)
 
 
 def rms(
@@ -38,9 +49,14 @@ def rms(
     min_vectors: int = MIN_VECTORS,
     callback: Callback | None = None,
     dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Estimate:
     """‖H‖_F/√d = √(E‖Hu‖²) over unit u (see the module docstring)."""
-    op = as_operator(op, dim=dim)
+    check_estimator_options(
+        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+    )
+    op = as_operator(op, dim=dim, dtype=dtype, device=device)
     bufs = sample_buffers(op)
     return monte_carlo(
         op,

@@ -33,6 +33,10 @@ numerator f(x+sv) + f(x−sv) − 2f̂₀ spans fewer than 32 ulps of f (then th
 quantisation is correlated with the signal and can bias the estimate beyond its stderr): a
 larger step ``h`` or a float64 loss is needed for a trustworthy value.
 
+Standard error. ``stderr`` is a standard error, not an interval; at n < 10 vectors use
+± t_{n−1}·stderr (95%: t = 12.7, 4.30, 3.18, 2.78 at n = 2, 3, 4, 5; 2.26 at n = 10),
+see :func:`~smoothlab.estimators.operator.mean_se`.
+
 Citation. Hutchinson (1990); second differences: Nocedal and Wright, *Numerical
 Optimization* (2006) §8.1; MeZO: Malladi et al. (2023), NeurIPS.
 
@@ -63,6 +67,7 @@ from .operator import (
     Callback,
     as_operator,
     check_distribution,
+    check_estimator_options,
     mean_se,
     monte_carlo,
     random_vector,
@@ -117,9 +122,14 @@ def _zo(
     min_vectors: int = MIN_VECTORS,
     callback: Callback | None = None,
     dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Estimate:
     """The body of :func:`zo_trace`, :func:`zo_frobenius` and :func:`zo_rms` (their keywords)."""
-    op = as_operator(op, dim=dim)
+    check_estimator_options(
+        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+    )
+    op = as_operator(op, dim=dim, dtype=dtype, device=device)
     check_distribution(
         distribution, ("gaussian", "rademacher") if norm == "trace" else ("gaussian",)
     )
@@ -160,7 +170,8 @@ def _zo(
 
 
 # The three public estimators take :func:`_zo`'s keywords: num_vectors=20,
-# distribution="gaussian", target_rel_stderr=None, min_vectors=MIN_VECTORS (10), callback=None, dim=None.
+# distribution="gaussian", target_rel_stderr=None, min_vectors=MIN_VECTORS (10), callback=None,
+# and, for a plain callable, dim=None, dtype=None (float64), device=None (CPU).
 def zo_trace(op: Any, gen: torch.Generator, **options: Any) -> Estimate:
     """tr H ≈ mean vᵀHv from quadratic forms (see the module docstring)."""
     return _zo("trace", op, gen, **options)
