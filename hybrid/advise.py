@@ -356,12 +356,27 @@ def advise_config(
     return adv, curv
 
 
-def ratio_line(advice: Advice) -> str:
-    """η_y/η_x beside the paper's Table 2 range (1e3–1e4 on 7B models)."""
+def _missing_rate(advice: Advice, method: str | None) -> str:
+    """Why η_y/η_x is not available: which rate is missing, and why."""
+    m = get_method(method) if method is not None else None
+    trains_x = advice.d_x > 0 if m is None else m.has_zo
+    trains_y = math.isfinite(advice.L_y) if m is None else m.has_fo
+    if not (trains_x and trains_y):
+        block = "y (no PEFT block)" if trains_x else "x (no base block)"
+        return f"eta_y / eta_x: n/a (the method trains one block only: none for {block})"
+    if not math.isfinite(advice.eta_y):
+        why = "no L_y was measured (a zo probe measures x only; --hvp fd or exact measures y)"
+        return f"eta_y / eta_x: n/a (no eta_y: {why})"
+    return f"eta_y / eta_x: n/a (no eta_x: rule {advice.rule} lacks its inputs)"
+
+
+def ratio_line(advice: Advice, method: str | None = None) -> str:
+    """η_y/η_x beside the paper's Table 2 range (1e3–1e4 on 7B models); when one rate is
+    missing, which and why (``method``: the advised method, which says which blocks it trains)."""
     lo, hi = PAPER_TABLE2_RATIO
     r = advice.ratio
     if not math.isfinite(r):
-        return "eta_y / eta_x: n/a (the method trains one block only)"
+        return _missing_rate(advice, method)
     where = "inside" if lo <= r <= hi else ("below" if r < lo else "above")
     paper = advice.eta_y / advice.eta_x_paper if math.isfinite(advice.eta_x_paper) else math.nan
     return (

@@ -209,15 +209,21 @@ class Advice:
                 f"m1 = {pm(self.second_moment_x, self.second_moment_x_stderr)}, kappa = {self.kurtosis:g}"
                 + (" [trace floored at L_x]" if self.trace_floored else "")
             )
-        has_x = bool(self.d_x) and math.isfinite(self.L_x)
+        has_x = self.d_x > 0 and math.isfinite(self.eta_x)
         has_y = math.isfinite(self.L_y)
         if has_x:
+            rules = (
+                ("curvature (one step)", self.eta_x_curvature),
+                (f"random-walk cap over {self.steps} steps", self.eta_x_walk),
+                ("safe", self.eta_x_safe),
+                ("paper c_x/(L_x d_x)", self.eta_x_paper),
+            )  # a rule whose inputs are missing (a zo probe has no L_x) is left out
             lines += [
                 f"eta_x   : {pm(self.eta_x, self.eta_x_stderr)}  [rule {self.rule}]",
-                f"          curvature (one step) {self.eta_x_curvature:.4g}, random-walk cap over "
-                f"{self.steps} steps {self.eta_x_walk:.4g}, safe {self.eta_x_safe:.4g}, "
-                f"paper c_x/(L_x d_x) {self.eta_x_paper:.4g}",
+                "          " + ", ".join(f"{k} {v:.4g}" for k, v in rules if math.isfinite(v)),
             ]
+        elif self.d_x > 0:
+            lines.append(f"eta_x   : none (rule {self.rule} lacks its inputs)")
         else:
             lines.append("eta_x   : none (no base block x is trained)")
         if has_y:
@@ -226,7 +232,9 @@ class Advice:
                 f"paper c_y/L_y {self.eta_y_lemma:.4g}; 1/rho_y along g_y {self.eta_y_gradient:.4g})"
             )
         else:
-            lines.append("eta_y   : none (no PEFT block y is trained)")
+            lines.append(
+                "eta_y   : none (no L_y: no PEFT block y is trained, or the probe measured none)"
+            )
         if has_x and has_y:
             lines.append(
                 f"ratio   : eta_y / eta_x = {self.ratio:.4g}  (paper's Table 2: "

@@ -532,7 +532,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
         )
         print(_curvature_line(curv))
     print(advice.describe())
-    print(ratio_line(advice))
+    print(ratio_line(advice, train_cfg.method))
     if cfg.calibrate:
         advice = _calibrate(cfg, advice, train_cfg)
     elif cfg.out:

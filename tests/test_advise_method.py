@@ -167,3 +167,17 @@ def test_minibatch_gradient_statistics_match_explicit_gradients(enc: Path, tmp_p
     assert all(p.requires_grad is False for p in x)  # flags restored: x is ZO-trained
     with pytest.raises(ValueError, match="batches >= 3"):
         gradient_signal(bundle, cfg, splits, y, batches=2)
+
+
+def test_ratio_line_says_which_rate_is_missing_and_why() -> None:
+    """A zo probe of hybrid-lora gives eta_x but nothing for y: the ratio line said 'the
+    method trains one block only', which is wrong for a hybrid method."""
+    from smoothlab.advisor import advise
+
+    zo = advise(None, None, 1000, trace=5.0, rho_x=0.0, weight_norm_x=10.0, grad_rms_x=1.0, steps=9)
+    line = ratio_line(zo, "hybrid-lora")
+    assert "no eta_y" in line and "zo probe" in line and "one block only" not in line
+    assert "one block only: none for y" in ratio_line(zo, "zo-ft")
+    y_only = advise(None, 2.0, 0)
+    assert "one block only: none for x" in ratio_line(y_only, "fo-lora")
+    assert "one block only: none for x" in ratio_line(y_only)  # without the method: from d_x

@@ -321,8 +321,21 @@ def test_describe_names_an_absent_block_instead_of_printing_nan():
     """zo-ft trains x only, fo-lora y only: the terminal lines say so, with no nan rate or
     nan ratio."""
     x_only = advise(L_x=4.0, L_y=None, d_x=1000).describe()
-    assert "eta_y   : none (no PEFT block y is trained)" in x_only and "ratio" not in x_only
+    assert "eta_y   : none (no L_y: no PEFT block y is trained" in x_only and "ratio" not in x_only
     y_only = advise(L_x=None, L_y=2.0, d_x=0).describe()
     assert "eta_x   : none (no base block x is trained)" in y_only and "ratio" not in y_only
     both = advise(L_x=4.0, L_y=2.0, d_x=1000).describe()
     assert "ratio   : eta_y / eta_x = 2004" in both
+
+
+def test_describe_shows_eta_x_of_a_zo_probe_which_has_no_L_x():
+    """A zo probe gives a trace and the walk inputs but no L_x; eta_x is still advised, and
+    describe printed 'none (no base block x is trained)' beside a train command using it."""
+    adv = advise(
+        None, None, 1000, trace=5.0, rho_x=0.0, weight_norm_x=10.0, grad_rms_x=1.0, steps=100
+    )
+    walk = 0.125 * 10.0 / math.sqrt(100 * (1001 + 1))
+    assert adv.rule == "walk" and adv.eta_x == pytest.approx(walk)
+    text = adv.describe()
+    assert f"eta_x   : {walk:.4g}  [rule walk]" in text and "no base block" not in text
+    assert "paper" not in text.split("eta_x   :")[1]  # nan without L_x: left out, not 'nan'
