@@ -145,6 +145,7 @@ class Advice:
     rho_x: float = nan  # g_xᵀH_xx g_x / ‖g_x‖²
     rho_x_stderr: float = nan
     delta_x: float = nan  # Σ g_a² H_aa / ‖g‖² (enters only for κ ≠ 3)
+    delta_x_stderr: float = nan
     denominator_x: float = nan  # what η_x* = c_x q / denominator used (after the guards)
     trace_floored: bool = False
     rho_y: float = nan  # g_yᵀH_yy g_y / ‖g_y‖²
@@ -279,46 +280,61 @@ def curvature_rate(
     delta: float = nan,
     kurtosis: float = 3.0,
     L_x_stderr: float = nan,
+    delta_stderr: float = nan,
 ) -> tuple[float, float, float, bool]:
     """(η*, se(η*), denominator, trace floored?) of the curvature rule with c_x = 1.
 
     Denominator: m₁ + (q−1)ρ⁺ when the second moment m₁ is given, else
     max(tr H, L_x) + (q+1)ρ⁺ + (κ−3)δ. A missing ρ is replaced by its bound L_x; a missing δ
     by L_x·sign(κ−3) (the larger denominator). Without L_x (nan) no floor applies.
+
+    se(den) = √Σ (c_k se_k)² over the terms c_k v_k that enter it, the terms standing in for
+    L_x summed into one coefficient (they move together); nan when any of them has no
+    stderr (a Lanczos L_x has none: a denominator built on it has an unknown error, not 0).
     """
     have_L = math.isfinite(L_x) and L_x > 0
     r = max(rho, 0.0) if math.isfinite(rho) else (L_x if have_L else nan)
-    r_se = rho_stderr if math.isfinite(rho) else (L_x_stderr if have_L else nan)
+    in_L = 0.0  # the coefficient of L_x in the terms standing in for it
+    terms: list[tuple[float, float]] = []  # (coefficient, stderr) of each measured term
     if math.isfinite(second_moment):
         den = second_moment + (q - 1) * (r if q > 1 else 0.0)
-        var = second_moment_stderr**2 if math.isfinite(second_moment_stderr) else 0.0
-        var += ((q - 1) * r_se) ** 2 if q > 1 and math.isfinite(r_se) else 0.0
+        terms.append((1.0, second_moment_stderr))
         floored = False
     else:
         if not math.isfinite(trace):
             return nan, nan, nan, False
         floored = have_L and trace < L_x
-        t, t_se = (L_x, L_x_stderr) if floored else (trace, trace_stderr)
+        t = L_x if floored else trace
         d = (
             delta
             if math.isfinite(delta)
             else (math.copysign(L_x, kurtosis - 3.0) if have_L else 0.0)
         )
         den = t + (q + 1) * r + (kurtosis - 3.0) * d
-        # terms standing in for L_x move together: their stderr coefficients add up
-        in_L = (
-            (1.0 if floored else 0.0)
-            + (0.0 if math.isfinite(rho) else q + 1.0)
-            + (0.0 if math.isfinite(delta) else abs(kurtosis - 3.0))
-        )
-        own = (0.0 if floored else t_se, (q + 1) * rho_stderr if math.isfinite(rho) else 0.0)
-        var = sum(x * x for x in own if math.isfinite(x))
-        if have_L and in_L and math.isfinite(L_x_stderr):
-            var += (in_L * L_x_stderr) ** 2
+        in_L += 1.0 if floored else 0.0
+        terms.append((0.0 if floored else 1.0, trace_stderr))
+        if math.isfinite(delta):
+            terms.append((kurtosis - 3.0, delta_stderr))
+        else:
+            in_L += abs(kurtosis - 3.0)
+    rho_coef = (q - 1.0) if math.isfinite(second_moment) else (q + 1.0)
+    if math.isfinite(rho):
+        terms.append((rho_coef, rho_stderr))
+    else:
+        in_L += rho_coef
+    terms.append((in_L, L_x_stderr))
     if not (math.isfinite(den) and den > 0):
         return nan, nan, den, floored
     eta = q / den
-    return eta, eta * math.sqrt(var) / den, den, floored
+    return eta, eta * _quadrature(terms) / den, den, floored
+
+
+def _quadrature(terms: Sequence[tuple[float, float]]) -> float:
+    """√Σ (c·se)² over the terms with c ≠ 0; nan when one of them has no finite stderr."""
+    used = [(c, se) for c, se in terms if c]
+    if not all(math.isfinite(se) for _, se in used):
+        return nan
+    return math.sqrt(sum((c * se) ** 2 for c, se in used))
 
 
 def joint_change(
@@ -395,9 +411,11 @@ def _stderrs(
     second_moment_stderr: float,
     rho_x_stderr: float,
     signal_y_stderr: float = nan,
+    delta_x_stderr: float = nan,
 ) -> dict[str, float]:
     """The standard errors keyed by their :class:`Advice` field."""
     return dict(
+        delta_x_stderr=delta_x_stderr,
         signal_y_stderr=signal_y_stderr,
         L_x_stderr=L_x_stderr,
         L_y_stderr=L_y_stderr,
@@ -458,6 +476,7 @@ def _x_rates(
         delta=m["delta_x"],
         kurtosis=kurtosis,
         L_x_stderr=se["L_x_stderr"],
+        delta_stderr=se["delta_x_stderr"],
     )
     eta_c, se_c = c_x * eta_c, c_x * se_c
     safe_den = max(m["trace_x"], 0.0) + (q + 1 + abs(kurtosis - 3.0)) * Lx
@@ -578,6 +597,7 @@ def advise(
     rho_x: float | None = None,
     rho_x_stderr: float = nan,
     delta_x: float | None = None,
+    delta_x_stderr: float = nan,
     rho_y: float | None = None,
     signal_y: float | None = None,
     signal_y_stderr: float = nan,
@@ -614,7 +634,13 @@ def advise(
     if math.isfinite(m["signal_y"]) and not 0 < m["signal_y"] <= 1:
         raise UsageError(f"signal_y must be in (0, 1] (a fraction), got {signal_y!r}")
     se = _stderrs(
-        L_x_stderr, L_y_stderr, trace_stderr, second_moment_stderr, rho_x_stderr, signal_y_stderr
+        L_x_stderr,
+        L_y_stderr,
+        trace_stderr,
+        second_moment_stderr,
+        rho_x_stderr,
+        signal_y_stderr,
+        delta_x_stderr,
     )
     r = _x_rates(Lx, d_x, q, kurtosis, c_x, m, se, weight_norm_x, grad_rms_x, steps)
     rule = _resolve_rule(rule, x_gradient, r)

@@ -134,7 +134,11 @@ class Curvature:
         rho = 0.0 if self.hvp == "zo" else fin(self.rho_x)  # zo: omitted (see module docstring)
         kw.update(
             rho_x=rho,
+            # ρ_x from an HVP along g is exact on the probed batch (stderr 0); zo's 0 is an
+            # omission of unknown size, not a measurement (stderr nan)
+            rho_x_stderr=nan if self.hvp == "zo" or rho is None else 0.0,
             delta_x=fin(self.delta_x),
+            delta_x_stderr=self.delta_x_stderr,
             rho_y=fin(self.rho_y),
             grad_norm_x=fin(self.grad_norm_x) if self.d_x else None,
             weight_norm_x=fin(self.weight_norm_x) if self.d_x else None,

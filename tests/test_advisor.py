@@ -339,3 +339,24 @@ def test_describe_shows_eta_x_of_a_zo_probe_which_has_no_L_x():
     text = adv.describe()
     assert f"eta_x   : {walk:.4g}  [rule walk]" in text and "no base block" not in text
     assert "paper" not in text.split("eta_x   :")[1]  # nan without L_x: left out, not 'nan'
+
+
+def test_curvature_stderr_is_nan_when_a_term_of_the_denominator_has_none():
+    """A floored trace puts L_x in the denominator; a Lanczos L_x has no stderr, and the
+    variance summed to 0 ('± 0'). Every term's stderr is needed, else the stderr is nan."""
+    kw = dict(L_x=4.0, L_y=1.0, d_x=1000, trace=2.0, trace_stderr=3.0, rho_x=1.0, rule="curvature")
+    a = advise(**kw, rho_x_stderr=0.0)
+    assert a.trace_floored and a.eta_x == pytest.approx(1 / 6) and math.isnan(a.eta_x_stderr)
+    assert "eta_x   : 0.1667  [rule curvature]" in a.describe()  # no "± 0"
+    b = advise(**kw | {"L_x_stderr": 0.4}, rho_x_stderr=0.1)
+    assert b.eta_x_stderr == pytest.approx(b.eta_x * math.hypot(0.4, 2 * 0.1) / 6)
+    assert math.isnan(advise(**kw | {"L_x_stderr": 0.4}).eta_x_stderr)  # rho_x without one
+    # kappa != 3: the measured delta's stderr enters with coefficient kappa - 3
+    rad = dict(kw, trace=500.0, trace_stderr=50.0, kurtosis=1.0, delta_x=0.5, rho_x_stderr=0.2)
+    c = advise(**rad, delta_x_stderr=0.1)
+    assert c.eta_x == pytest.approx(1 / 501)
+    assert c.eta_x_stderr == pytest.approx(c.eta_x * math.hypot(50, 0.4, 2 * 0.1) / 501)
+    assert math.isnan(advise(**rad).eta_x_stderr)
+    # a second moment with q = 1 needs no rho: its own stderr is the whole error
+    m1 = advise(None, None, 10, second_moment=10.0, second_moment_stderr=1.0, rho_x=0.0)
+    assert m1.eta_x_stderr == pytest.approx(m1.eta_x * 0.1)
