@@ -89,6 +89,7 @@ inputs combined in quadrature; se(η_y)/η_y = se(L_y)/L_y ⊕ se(φ_y)/φ_y.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -249,8 +250,13 @@ class Advice:
         return "\n".join(lines)
 
 
+def _real(v: object) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _positive(name: str, v: float) -> float:
-    if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+    if not (_real(v) and math.isfinite(v) and v > 0):
         raise UsageError(f"{name} must be a positive finite number, got {v!r}")
     return float(v)
 
@@ -258,8 +264,20 @@ def _positive(name: str, v: float) -> float:
 def _optional(name: str, v: float | None) -> float:
     if v is None:
         return nan
-    if not isinstance(v, int | float) or isinstance(v, bool):
+    if not _real(v):
         raise UsageError(f"{name} must be a number or None, got {v!r}")
+    return float(v)
+
+
+def _optional_positive(name: str, v: float | None) -> float:
+    """nan for None, else ``v`` checked positive and finite (a norm, which 0 or -1 is not)."""
+    return nan if v is None else _positive(name, v)
+
+
+def _stderr(name: str, v: float) -> float:
+    """A standard error: a number >= 0, or nan (unknown)."""
+    if not (_real(v) and (math.isnan(v) or v >= 0)):
+        raise UsageError(f"{name} must be a number >= 0 or nan (unknown), got {v!r}")
     return float(v)
 
 
@@ -376,11 +394,11 @@ def _check_advise_args(
         raise UsageError(
             f"d_x must be a non-negative integer (parameters in the base block), got {d_x!r}"
         )
-    if not isinstance(q, int) or isinstance(q, bool) or q < 1:
+    if not isinstance(q, numbers.Integral) or isinstance(q, bool) or q < 1:
         raise UsageError(f"q must be an integer >= 1, got {q!r}")
-    if not (isinstance(kurtosis, int | float) and kurtosis >= 1):
+    if not (_real(kurtosis) and math.isfinite(kurtosis) and kurtosis >= 1):
         raise UsageError(
-            f"kurtosis must be a number >= 1 (E z^4 of a unit-variance z), got {kurtosis!r}"
+            f"kurtosis must be a finite number >= 1 (E z^4 of a unit-variance z), got {kurtosis!r}"
         )
     return Lx, Ly, c_x, c_y
 
@@ -413,8 +431,8 @@ def _stderrs(
     signal_y_stderr: float = nan,
     delta_x_stderr: float = nan,
 ) -> dict[str, float]:
-    """The standard errors keyed by their :class:`Advice` field."""
-    return dict(
+    """The standard errors keyed by their :class:`Advice` field (each >= 0 or nan)."""
+    given = dict(
         delta_x_stderr=delta_x_stderr,
         signal_y_stderr=signal_y_stderr,
         L_x_stderr=L_x_stderr,
@@ -423,6 +441,8 @@ def _stderrs(
         second_moment_x_stderr=second_moment_stderr,
         rho_x_stderr=rho_x_stderr,
     )
+    arg = {"trace_x_stderr": "trace_stderr", "second_moment_x_stderr": "second_moment_stderr"}
+    return {k: _stderr(arg.get(k, k), v) for k, v in given.items()}
 
 
 class _XRates(NamedTuple):
@@ -504,31 +524,45 @@ def _resolve_rule(rule: str, x_gradient: str, r: _XRates) -> str:
     return min(candidates)[1] if candidates else "paper"
 
 
+_NEEDS = {
+    "walk": "the weight norm |x|, a gradient norm of x and the planned steps "
+    "(weight_norm_x=, grad_norm_x= or grad_rms_x=, steps=)",
+    "curvature": "tr H_xx (trace=) or the second moment m1 (second_moment=), giving a positive "
+    "denominator",
+    "safe": "tr H_xx and L_x (trace=, L_x=)",
+    "paper": "L_x (L_x=; rule auto falls back to paper when neither curvature nor walk has its "
+    "inputs)",
+    "exact": "L_x (L_x=)",
+}
+_WHERE = "a zo probe measures no L_x (--hvp fd or exact do); a recorded run holds L_x only"
+
+
 def _x_rate(
     rule: str, r: _XRates, Lx: float, c_x: float, q: int, kurtosis: float, se: Mapping[str, float]
 ) -> tuple[float, float]:
-    """(η_x, se(η_x)) of the resolved rule, before the joint scaling."""
+    """(η_x, se(η_x)) of the resolved rule, before the joint scaling; :class:`UsageError`
+    naming what the rule needs when its inputs are missing."""
     L_x_stderr = se["L_x_stderr"]
-    if rule == "walk":
-        if not math.isfinite(r.walk):
-            raise UsageError("rule='walk' needs weight_norm_x=, grad_norm_x= and steps=")
-        # exact on the probed batch; batch-to-batch spread not modelled
-        return r.walk, nan
-    if rule == "exact":
-        return c_x / Lx, c_x / Lx * _rel(L_x_stderr, Lx)
-    if rule == "curvature":
-        if not math.isfinite(r.curvature):
-            raise UsageError(
-                "rule='curvature' needs trace= (with L_x) or second_moment=, and a positive denominator"
-            )
-        return r.curvature, r.curvature_stderr
-    if rule == "safe":
-        se_x = r.safe * math.hypot(
-            _rel(se["trace_x_stderr"], r.safe_den),
-            (q + 1 + abs(kurtosis - 3.0)) * Lx * _rel(L_x_stderr, Lx) / r.safe_den,
+    if rule == "walk":  # exact on the probed batch; batch-to-batch spread not modelled
+        eta, se_x = r.walk, nan
+    elif rule == "exact":
+        eta, se_x = c_x / Lx, c_x / Lx * _rel(L_x_stderr, Lx)
+    elif rule == "curvature":
+        eta, se_x = r.curvature, r.curvature_stderr
+    elif rule == "safe":
+        eta, se_x = (
+            r.safe,
+            r.safe
+            * math.hypot(
+                _rel(se["trace_x_stderr"], r.safe_den),
+                (q + 1 + abs(kurtosis - 3.0)) * Lx * _rel(L_x_stderr, Lx) / r.safe_den,
+            ),
         )
-        return r.safe, se_x
-    return r.paper, r.paper * _rel(L_x_stderr, Lx)
+    else:
+        eta, se_x = r.paper, r.paper * _rel(L_x_stderr, Lx)
+    if not math.isfinite(eta):
+        raise UsageError(f"rule {rule!r} needs {_NEEDS[rule]} for eta_x ({_WHERE})")
+    return eta, se_x
 
 
 def _scaled_rates(
@@ -546,13 +580,12 @@ def _scaled_rates(
     kurtosis: float,
 ) -> dict[str, float]:
     """η_x, η_y and their stderrs times the joint model's scale s, with Δ before and after."""
-    eta_x, se_x = _x_rate(rule, r, Lx, c_x, q, kurtosis, se)
+    # no x block (d_x = 0): no x rule applies, whichever was asked; η_y is still advised
+    eta_x, se_x = _x_rate(rule, r, Lx, c_x, q, kurtosis, se) if d_x else (nan, nan)
     phi = m["signal_y"]
     eta_y = c_y * (phi if math.isfinite(phi) else 1.0) / Ly
     rel_phi = _rel(se["signal_y_stderr"], phi) if math.isfinite(phi) else 0.0
     se_y = eta_y * math.hypot(_rel(se["L_y_stderr"], Ly), rel_phi)
-    if d_x == 0:
-        eta_x = se_x = nan
     rx = m["rho_x"]
     hx_per_g2 = {
         "curvature": r.denominator / q,
@@ -620,6 +653,9 @@ def advise(
     the joint model's Δ is computed and the pair scaled down if Δ > 0.
     """
     Lx, Ly, c_x, c_y = _check_advise_args(rule, x_gradient, L_x, L_y, c_x, c_y, d_x, q, kurtosis)
+    q, kurtosis = int(q), float(kurtosis)
+    weight_norm_x = _optional_positive("weight_norm_x", weight_norm_x)
+    grad_rms_x = _optional_positive("grad_rms_x", grad_rms_x)
     x_inputs = dict(L_x=L_x, trace=trace, second_moment=second_moment)
     given = [k for k, v in x_inputs.items() if v is not None]
     if d_x == 0 and given:  # d_x = 0 means no x block, which has no curvature to give

@@ -360,3 +360,61 @@ def test_curvature_stderr_is_nan_when_a_term_of_the_denominator_has_none():
     # a second moment with q = 1 needs no rho: its own stderr is the whole error
     m1 = advise(None, None, 10, second_moment=10.0, second_moment_stderr=1.0, rho_x=0.0)
     assert m1.eta_x_stderr == pytest.approx(m1.eta_x * 0.1)
+
+
+@pytest.mark.parametrize("rule", ["walk", "curvature", "safe", "paper", "exact"])
+def test_an_x_rule_does_not_stop_advice_for_a_method_without_x(rule: str) -> None:
+    """fo-lora has no x block: an x rule was applied anyway and its missing inputs raised
+    ("rule='walk' needs ..."), so eta_y was never advised."""
+    adv = advise(None, 2.0, 0, rule=rule, signal_y=0.5)
+    assert math.isnan(adv.eta_x) and adv.eta_y == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("rule", "kwargs", "needs"),
+    [
+        ("safe", {"L_x": 4.0}, "tr H_xx and L_x"),  # a recorded run: L_x, no trace
+        ("safe", {"trace": 5.0}, "tr H_xx and L_x"),  # a zo probe: trace, no L_x
+        ("paper", {"trace": 5.0}, "L_x"),
+        ("exact", {"trace": 5.0}, "L_x"),
+        ("walk", {"L_x": 4.0}, "weight norm"),
+        ("curvature", {"L_x": 4.0}, "tr H_xx"),
+        ("auto", {}, "L_x"),  # neither curvature nor walk: the paper fallback needs L_x
+    ],
+)
+def test_a_rule_without_its_inputs_is_refused_not_nan(rule: str, kwargs: dict, needs: str):
+    """safe, paper and exact returned eta_x = nan without their inputs (advice.json got nan,
+    exit 0); every rule now names what it needs, as walk and curvature did."""
+    with pytest.raises(
+        UsageError, match=rf"rule '{'paper' if rule == 'auto' else rule}' needs.*{needs}"
+    ):
+        advise(**({"L_x": None, "L_y": 1.0, "d_x": 1000} | kwargs), rule=rule)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"weight_norm_x": -1.0}, "weight_norm_x must be a positive"),
+        ({"weight_norm_x": 0.0}, "weight_norm_x must be a positive"),
+        ({"weight_norm_x": math.inf}, "weight_norm_x must be a positive"),
+        ({"grad_rms_x": -2.0}, "grad_rms_x must be a positive"),
+        ({"kurtosis": math.inf}, "kurtosis must be a finite"),
+        ({"kurtosis": math.nan}, "kurtosis must be a finite"),
+        ({"kurtosis": True}, "kurtosis must be a finite"),
+        ({"L_x_stderr": "a"}, "L_x_stderr must be a number >= 0 or nan"),
+        ({"trace_stderr": -1.0}, "trace_stderr must be a number >= 0 or nan"),
+        ({"rho_x_stderr": True}, "rho_x_stderr must be a number"),
+    ],
+)
+def test_meaningless_inputs_are_refused(kwargs: dict, needle: str) -> None:
+    """Each of these gave a number (weight_norm_x=-1: a negative eta_x; kurtosis=inf: 0.0;
+    grad_rms_x=-2: a silent fall back to the paper rule) or a TypeError."""
+    base = dict(L_x=4.0, L_y=1.0, d_x=1000, trace=10.0, grad_norm_x=1.0, steps=100)
+    base |= {"weight_norm_x": 10.0} if "weight_norm_x" not in kwargs else {}
+    with pytest.raises(UsageError, match=needle):
+        advise(**(base | kwargs))
+
+
+def test_numpy_integers_are_accepted_for_q_as_for_d_x_and_steps() -> None:
+    a = advise(4.0, 1.0, np.int64(1000), q=np.int64(2), steps=np.int64(5))
+    assert a.q == 2 and type(a.q) is int and a.eta_x == advise(4.0, 1.0, 1000, q=2).eta_x
