@@ -385,8 +385,29 @@ def ratio_line(advice: Advice, method: str | None = None) -> str:
     )
 
 
+def _flag_args(cfg: TrainConfig, skip: set[str]) -> list[str]:
+    """``smoothlab train`` flags for every field of ``cfg`` that differs from its default and
+    that the command accepts (bools as ``--x``/``--no-x``, tuples comma-joined, floats exact)."""
+    default, args = TrainConfig(), []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.name in skip or not f.metadata.get("cli", True) or value == getattr(default, f.name):
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        if value is None:
+            raise UsageError(f"train has no flag for {f.name}=None (its default is not None)")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            args += [flag, ",".join(map(str, value))]
+        else:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return args
+
+
 def train_command(advice: Advice, cfg: TrainConfig, *, program: str = "smoothlab train") -> str:
-    """The exact ``smoothlab train`` command line running ``cfg`` with the advised rates."""
+    """The exact ``smoothlab train`` command line running ``cfg`` with the advised rates: the
+    method, both rates, every other option that differs from train's default, and ``--out``."""
     m = get_method(cfg.method)
     lr_base = advice.eta_x if m.has_zo else 0.0
     lr_peft = advice.eta_y if m.has_fo else 0.0
@@ -394,45 +415,7 @@ def train_command(advice: Advice, cfg: TrainConfig, *, program: str = "smoothlab
         raise UsageError(
             f"the advice has no usable rate for {cfg.method!r}: eta_x={lr_base!r}, eta_y={lr_peft!r}"
         )
-    c = dataclasses.replace(cfg, lr_base=float(f"{lr_base:.3g}"), lr_peft=float(f"{lr_peft:.3g}"))
-    args = [
-        "--method",
-        c.method,
-        "--lr-base",
-        f"{c.lr_base:g}",
-        "--lr-peft",
-        f"{c.lr_peft:g}",
-        "--steps",
-        str(c.steps),
-        "--batch-size",
-        str(c.batch_size),
-        "--seed",
-        str(c.seed),
-        "--q",
-        str(c.q),
-        "--mu",
-        f"{c.mu:g}",
-        "--eval-every",
-        str(c.eval_every),
-        "--out",
-        c.out,
-    ]
-    d = TrainConfig()
-    for flag, key in (
-        ("--model", "model"),
-        ("--task", "task"),
-        ("--data", "data"),
-        ("--train-size", "train_size"),
-        ("--eval-size", "eval_size"),
-        ("--dev-size", "dev_size"),
-        ("--lora-r", "lora_r"),
-        ("--lora-alpha", "lora_alpha"),
-        ("--virtual-tokens", "num_virtual_tokens"),
-        ("--device", "device"),
-    ):
-        value = getattr(c, key)
-        if value is not None and value != getattr(d, key):
-            args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    if c.one_sided:
-        args.append("--one-sided")
+    args = ["--method", cfg.method, "--lr-base", f"{lr_base:.3g}", "--lr-peft", f"{lr_peft:.3g}"]
+    args += _flag_args(cfg, {"method", "lr_base", "lr_peft", "out", "extend_steps"})
+    args += ["--out", cfg.out]
     return program + " " + " ".join(shlex.quote(a) for a in args)

@@ -181,3 +181,31 @@ def test_ratio_line_says_which_rate_is_missing_and_why() -> None:
     y_only = advise(None, 2.0, 0)
     assert "one block only: none for x" in ratio_line(y_only, "fo-lora")
     assert "one block only: none for x" in ratio_line(y_only)  # without the method: from d_x
+
+
+def test_train_command_carries_every_option_that_differs_from_the_default() -> None:
+    """--z, --eval-data, --dev-data (and every field outside a fixed list) were dropped: a
+    command advised for Rademacher z (kappa 1) trained with the table (kappa 3)."""
+    import dataclasses
+
+    from smoothlab.advisor import advise
+    from smoothlab.cli import build_parser
+
+    cfg = TrainConfig(
+        method="zo-ft",
+        z="rademacher",
+        eval_data="e.tsv",
+        dev_data="d.tsv",
+        one_sided=True,
+        lr_base_budget=False,
+        mu=2.5e-4,
+        record_every=3,
+        weight_decay=0.125,
+        steps=77,
+        out="runs/x",
+    )
+    argv = shlex.split(train_command(advise(4.0, None, 1000), cfg))[1:]
+    ns = build_parser().parse_args(argv)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("lr_base", "lr_peft", "extra"):
+            assert getattr(ns, f.name, getattr(TrainConfig(), f.name)) == getattr(cfg, f.name), f
