@@ -414,7 +414,7 @@ def _read_run(run: str) -> tuple[dict, list[dict]]:
     """config.json and smoothness.csv of a recorded hybrid run (UsageError if it is not one);
     the rows are read as every run log is (:func:`smoothlab.runlog.read_log`): a torn last line
     (a killed writer) is dropped with a warning, a cell that does not parse reads as nan."""
-    from smoothlab.runlog import SMOOTHNESS, read_log
+    from smoothlab.runlog import SMOOTHNESS, RunLogWarning, read_log
 
     path = Path(run)
     cfg_path, sm_path = path / "config.json", path / "smoothness.csv"
@@ -431,9 +431,9 @@ def _read_run(run: str) -> tuple[dict, list[dict]]:
         raise UsageError(
             f"--run {run}: config.json has no block_sizes (not a run written by smoothlab train)"
         )
+    log = read_log(sm_path, SMOOTHNESS, warn=False)  # warned below, for a run it can use
     rows = [
-        r | {"estimate": math.nan if r["estimate"] is None else r["estimate"]}
-        for r in read_log(sm_path, SMOOTHNESS).rows
+        r | {"estimate": math.nan if r["estimate"] is None else r["estimate"]} for r in log.rows
     ]
     found = {r.get("block") for r in rows}
     if "base" not in sizes or not {"base", "peft"} <= found:
@@ -441,6 +441,8 @@ def _read_run(run: str) -> tuple[dict, list[dict]]:
             f"--run {run}: advice needs a recorded hybrid run with blocks 'base' and 'peft'; "
             f"this {cfg.get('method', 'run')!r} run has blocks {sorted(sizes)}"
         )
+    for problem in log.problems:
+        warnings.warn(f"{sm_path}: {problem}", RunLogWarning, stacklevel=2)
     return cfg, rows
 
 
