@@ -69,7 +69,7 @@ def measure_method(
     """:func:`smoothlab.curvature.measure` on the method's (x, y) blocks of ``bundle.model``.
 
     ``vectors``: Hutchinson vectors for tr H_xx and Lanczos iterations per block."""
-    m = get_method(method)  # UsageError-compatible ValueError naming the accepted methods
+    m = get_method(method)  # UsageError naming the accepted methods
     x, y = split_parameters(bundle.model, m.name)
     with eval_mode(bundle.model):
         return measure(
@@ -146,9 +146,7 @@ def advice_from_curvature(
     """The advice for ``method`` from measured curvature (see :func:`advise_method`);
     ``steps``: the planned run length, for the random-walk cap on η_x."""
     m = get_method(method)
-    kw = curv.advice_inputs()
-    if m.has_zo and kw["L_x"] is None and kw.get("second_moment") is None and rule != "paper":
-        kw["L_x"] = None  # zo probe: trace only; the advisor floors nothing without L_x
+    kw = curv.advice_inputs()  # a zo probe gives no L_x: the advisor then floors nothing
     return advise(
         **kw,
         q=q,

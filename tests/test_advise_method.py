@@ -298,3 +298,34 @@ def test_train_command_carries_every_option_that_differs_from_the_default() -> N
     for f in dataclasses.fields(TrainConfig):
         if f.name not in ("lr_base", "lr_peft", "extra"):
             assert getattr(ns, f.name, getattr(TrainConfig(), f.name)) == getattr(cfg, f.name), f
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"multipliers": ["a"]}, "multipliers must be positive numbers"),
+        ({"multipliers": [math.inf]}, "multipliers must be positive numbers"),
+        ({"multipliers": [True]}, "multipliers must be positive numbers"),
+        ({"pilot_steps": "100"}, "pilot_steps must be a positive integer"),
+        ({"pilot_steps": 1.5}, "pilot_steps must be a positive integer"),
+    ],
+)
+def test_calibrate_refuses_bad_options_before_any_pilot(kwargs, needle, tmp_path: Path) -> None:
+    """['a'] and '100' raised TypeError; 1.5, [inf] and [True] were accepted."""
+    from hybrid.calibrate import calibrate
+    from smoothlab.advisor import advise
+    from smoothlab.errors import UsageError
+
+    with pytest.raises(UsageError, match=needle):
+        calibrate(TrainConfig(), advise(4.0, 1.0, 100), tmp_path / "c", **kwargs)
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_unknown_method_is_a_usage_error() -> None:
+    """advice_from_curvature(curv, 'nope') raised a plain ValueError from get_method."""
+    from hybrid.advise import advice_from_curvature
+    from smoothlab.curvature import Curvature
+    from smoothlab.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown method 'nope'; accepted: .*hybrid-lora"):
+        advice_from_curvature(Curvature(hvp="exact", d_x=0, d_y=3, loss=1.0), "nope")
