@@ -42,7 +42,9 @@ Assumptions: the quadratic model holds over one step (a step moves x by η‖ĝ�
 μ → 0 (the O(μ²) bias of the difference quotient is ignored); g and H are those of the batch
 the step sees (minibatch noise is not modelled: with E_ξ over batches the numerator would be
 ‖∇F‖² instead of ‖g_ξ‖², a smaller rate when the gradient noise dominates).
-Guards (see :func:`advise`): the trace is floored at L_x (tr H ≥ λ_max for H ⪰ 0; a trace
+Guards (see :func:`advise`): the trace is floored at L_x when L_x is known (a ``zo`` probe
+gives none; its trace is used as measured, with a warning when its stderr exceeds its value)
+(tr H ≥ λ_max for H ⪰ 0; a trace
 estimate below L_x, or negative, is rounding/sampling noise or a saddle, and a step sized
 by a near-zero trace would be unbounded), ρ at 0. Effective dimension r_x = tr H / L_x.
 
@@ -90,6 +92,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -510,6 +513,26 @@ def _x_rates(
     return _XRates(paper, eta_c, se_c, den, floored, safe, safe_den, walk)
 
 
+def _warn_unresolved(r: _XRates, m: Mapping[str, float], se: Mapping[str, float]) -> None:
+    """A warning when the curvature rule's main input, m₁ or the unfloored trace (a ``zo``
+    probe has no L_x to floor it at), has a stderr above its value: η_x* is then noise."""
+    if math.isfinite(m["second_moment_x"]):
+        name, v, s = "m1", m["second_moment_x"], se["second_moment_x_stderr"]
+    elif not r.floored:
+        name, v, s = "tr H_xx", m["trace_x"], se["trace_x_stderr"]
+    else:
+        return
+    if math.isfinite(s) and s > abs(v):
+        warnings.warn(
+            f"the curvature rule's {name} = {v:.3g} ± {s:.2g} is not resolved (its stderr "
+            f"exceeds its value), so eta_x curvature = {r.curvature:.3g} is noise: measure "
+            "more vectors, probe with --hvp fd or exact (L_x floors the trace), or use the "
+            "walk rule",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _resolve_rule(rule: str, x_gradient: str, r: _XRates) -> str:
     """``auto`` → ``exact`` for a first-order x; else the smaller of ``curvature`` and ``walk``
     (whichever have their inputs: a recorded trajectory holds L only, so there the cap alone
@@ -680,6 +703,8 @@ def advise(
     )
     r = _x_rates(Lx, d_x, q, kurtosis, c_x, m, se, weight_norm_x, grad_rms_x, steps)
     rule = _resolve_rule(rule, x_gradient, r)
+    if rule == "curvature" and d_x:
+        _warn_unresolved(r, m, se)
     block = dict(Lx=Lx, Ly=Ly, c_x=c_x, c_y=c_y, d_x=d_x, q=q, kurtosis=kurtosis)
     echo = dict(one_sided=one_sided, x_gradient=x_gradient, source=source, steps=steps)
     return _advice(rule, r, m, se, block, echo, weight_norm_x, grad_rms_x)

@@ -418,3 +418,20 @@ def test_meaningless_inputs_are_refused(kwargs: dict, needle: str) -> None:
 def test_numpy_integers_are_accepted_for_q_as_for_d_x_and_steps() -> None:
     a = advise(4.0, 1.0, np.int64(1000), q=np.int64(2), steps=np.int64(5))
     assert a.q == 2 and type(a.q) is int and a.eta_x == advise(4.0, 1.0, 1000, q=2).eta_x
+
+
+def test_an_unresolved_trace_without_a_floor_warns():
+    """A zo probe has no L_x, so its trace is not floored; at a few vectors tr H_xx = 0.94 ±
+    45 gave eta_x = 1.06 (the exact probe: 0.042) without a word."""
+    kw = dict(L_x=None, L_y=None, d_x=1000, trace=0.94, rho_x=0.0, rule="curvature")
+    with pytest.warns(UserWarning, match=r"tr H_xx = 0.94 ± 45 is not resolved"):
+        a = advise(**kw, trace_stderr=45.0)
+    assert a.eta_x == pytest.approx(1 / 0.94)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        advise(**kw, trace_stderr=0.1)  # resolved: no warning
+        advise(**kw | {"L_x": 4.0}, trace_stderr=45.0)  # floored at L_x: no warning
+    with pytest.warns(UserWarning, match=r"m1 = 2 ± 3"):
+        advise(None, None, 10, second_moment=2.0, second_moment_stderr=3.0, rho_x=0.0)
