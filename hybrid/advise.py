@@ -69,7 +69,7 @@ def measure_method(
     """:func:`smoothlab.curvature.measure` on the method's (x, y) blocks of ``bundle.model``.
 
     ``vectors``: Hutchinson vectors for tr H_xx and Lanczos iterations per block."""
-    m = get_method(method)  # UsageError-compatible ValueError naming the accepted methods
+    m = get_method(method)  # UsageError naming the accepted methods
     x, y = split_parameters(bundle.model, m.name)
     with eval_mode(bundle.model):
         return measure(
@@ -146,9 +146,7 @@ def advice_from_curvature(
     """The advice for ``method`` from measured curvature (see :func:`advise_method`);
     ``steps``: the planned run length, for the random-walk cap on η_x."""
     m = get_method(method)
-    kw = curv.advice_inputs()
-    if m.has_zo and kw["L_x"] is None and kw.get("second_moment") is None and rule != "paper":
-        kw["L_x"] = None  # zo probe: trace only; the advisor floors nothing without L_x
+    kw = curv.advice_inputs()  # a zo probe gives no L_x: the advisor then floors nothing
     return advise(
         **kw,
         q=q,
@@ -356,12 +354,27 @@ def advise_config(
     return adv, curv
 
 
-def ratio_line(advice: Advice) -> str:
-    """η_y/η_x beside the paper's Table 2 range (1e3–1e4 on 7B models)."""
+def _missing_rate(advice: Advice, method: str | None) -> str:
+    """Why η_y/η_x is not available: which rate is missing, and why."""
+    m = get_method(method) if method is not None else None
+    trains_x = advice.d_x > 0 if m is None else m.has_zo
+    trains_y = math.isfinite(advice.L_y) if m is None else m.has_fo
+    if not (trains_x and trains_y):
+        block = "y (no PEFT block)" if trains_x else "x (no base block)"
+        return f"eta_y / eta_x: n/a (the method trains one block only: none for {block})"
+    if not math.isfinite(advice.eta_y):
+        why = "no L_y was measured (a zo probe measures x only; --hvp fd or exact measures y)"
+        return f"eta_y / eta_x: n/a (no eta_y: {why})"
+    return f"eta_y / eta_x: n/a (no eta_x: rule {advice.rule} lacks its inputs)"
+
+
+def ratio_line(advice: Advice, method: str | None = None) -> str:
+    """η_y/η_x beside the paper's Table 2 range (1e3–1e4 on 7B models); when one rate is
+    missing, which and why (``method``: the advised method, which says which blocks it trains)."""
     lo, hi = PAPER_TABLE2_RATIO
     r = advice.ratio
     if not math.isfinite(r):
-        return "eta_y / eta_x: n/a (the method trains one block only)"
+        return _missing_rate(advice, method)
     where = "inside" if lo <= r <= hi else ("below" if r < lo else "above")
     paper = advice.eta_y / advice.eta_x_paper if math.isfinite(advice.eta_x_paper) else math.nan
     return (
@@ -370,8 +383,29 @@ def ratio_line(advice: Advice) -> str:
     )
 
 
+def _flag_args(cfg: TrainConfig, skip: set[str]) -> list[str]:
+    """``smoothlab train`` flags for every field of ``cfg`` that differs from its default and
+    that the command accepts (bools as ``--x``/``--no-x``, tuples comma-joined, floats exact)."""
+    default, args = TrainConfig(), []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.name in skip or not f.metadata.get("cli", True) or value == getattr(default, f.name):
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        if value is None:
+            raise UsageError(f"train has no flag for {f.name}=None (its default is not None)")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            args += [flag, ",".join(map(str, value))]
+        else:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return args
+
+
 def train_command(advice: Advice, cfg: TrainConfig, *, program: str = "smoothlab train") -> str:
-    """The exact ``smoothlab train`` command line running ``cfg`` with the advised rates."""
+    """The exact ``smoothlab train`` command line running ``cfg`` with the advised rates: the
+    method, both rates, every other option that differs from train's default, and ``--out``."""
     m = get_method(cfg.method)
     lr_base = advice.eta_x if m.has_zo else 0.0
     lr_peft = advice.eta_y if m.has_fo else 0.0
@@ -379,45 +413,7 @@ def train_command(advice: Advice, cfg: TrainConfig, *, program: str = "smoothlab
         raise UsageError(
             f"the advice has no usable rate for {cfg.method!r}: eta_x={lr_base!r}, eta_y={lr_peft!r}"
         )
-    c = dataclasses.replace(cfg, lr_base=float(f"{lr_base:.3g}"), lr_peft=float(f"{lr_peft:.3g}"))
-    args = [
-        "--method",
-        c.method,
-        "--lr-base",
-        f"{c.lr_base:g}",
-        "--lr-peft",
-        f"{c.lr_peft:g}",
-        "--steps",
-        str(c.steps),
-        "--batch-size",
-        str(c.batch_size),
-        "--seed",
-        str(c.seed),
-        "--q",
-        str(c.q),
-        "--mu",
-        f"{c.mu:g}",
-        "--eval-every",
-        str(c.eval_every),
-        "--out",
-        c.out,
-    ]
-    d = TrainConfig()
-    for flag, key in (
-        ("--model", "model"),
-        ("--task", "task"),
-        ("--data", "data"),
-        ("--train-size", "train_size"),
-        ("--eval-size", "eval_size"),
-        ("--dev-size", "dev_size"),
-        ("--lora-r", "lora_r"),
-        ("--lora-alpha", "lora_alpha"),
-        ("--virtual-tokens", "num_virtual_tokens"),
-        ("--device", "device"),
-    ):
-        value = getattr(c, key)
-        if value is not None and value != getattr(d, key):
-            args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    if c.one_sided:
-        args.append("--one-sided")
+    args = ["--method", cfg.method, "--lr-base", f"{lr_base:.3g}", "--lr-peft", f"{lr_peft:.3g}"]
+    args += _flag_args(cfg, {"method", "lr_base", "lr_peft", "out", "extend_steps"})
+    args += ["--out", cfg.out]
     return program + " " + " ".join(shlex.quote(a) for a in args)

@@ -32,6 +32,7 @@ from smoothlab.errors import UsageError
 from smoothlab.methods import get_method
 from smoothlab.runlog import final_loss, write_json
 
+from .config import positive_floats, positive_int
 from .train import TrainConfig, train
 
 MULTIPLIERS = (0.125, 0.5, 1.0, 2.0, 8.0)
@@ -145,10 +146,8 @@ def _check_calibrate_args(x_pilots: str, multipliers: Sequence[float], pilot_ste
     """Validate :func:`calibrate`'s options."""
     if x_pilots not in ("zo", "method"):
         raise UsageError(f"x_pilots must be 'zo' or 'method', got {x_pilots!r}")
-    if not multipliers or any(not (m > 0) for m in multipliers):
-        raise UsageError(f"multipliers must be positive numbers, got {list(multipliers)!r}")
-    if pilot_steps < 1:
-        raise UsageError(f"pilot_steps must be >= 1, got {pilot_steps!r}")
+    positive_floats("multipliers", multipliers)  # the config's checks: finite, > 0, no bool
+    positive_int("pilot_steps", pilot_steps)
 
 
 def _scaled_advice(

@@ -42,7 +42,9 @@ Assumptions: the quadratic model holds over one step (a step moves x by η‖ĝ�
 μ → 0 (the O(μ²) bias of the difference quotient is ignored); g and H are those of the batch
 the step sees (minibatch noise is not modelled: with E_ξ over batches the numerator would be
 ‖∇F‖² instead of ‖g_ξ‖², a smaller rate when the gradient noise dominates).
-Guards (see :func:`advise`): the trace is floored at L_x (tr H ≥ λ_max for H ⪰ 0; a trace
+Guards (see :func:`advise`): the trace is floored at L_x when L_x is known (a ``zo`` probe
+gives none; its trace is used as measured, with a warning when its stderr exceeds its value)
+(tr H ≥ λ_max for H ⪰ 0; a trace
 estimate below L_x, or negative, is rounding/sampling noise or a saddle, and a step sized
 by a near-zero trace would be unbounded), ρ at 0. Effective dimension r_x = tr H / L_x.
 
@@ -89,6 +91,8 @@ inputs combined in quadrature; se(η_y)/η_y = se(L_y)/L_y ⊕ se(φ_y)/φ_y.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -145,6 +149,7 @@ class Advice:
     rho_x: float = nan  # g_xᵀH_xx g_x / ‖g_x‖²
     rho_x_stderr: float = nan
     delta_x: float = nan  # Σ g_a² H_aa / ‖g‖² (enters only for κ ≠ 3)
+    delta_x_stderr: float = nan
     denominator_x: float = nan  # what η_x* = c_x q / denominator used (after the guards)
     trace_floored: bool = False
     rho_y: float = nan  # g_yᵀH_yy g_y / ‖g_y‖²
@@ -209,15 +214,21 @@ class Advice:
                 f"m1 = {pm(self.second_moment_x, self.second_moment_x_stderr)}, kappa = {self.kurtosis:g}"
                 + (" [trace floored at L_x]" if self.trace_floored else "")
             )
-        has_x = bool(self.d_x) and math.isfinite(self.L_x)
+        has_x = self.d_x > 0 and math.isfinite(self.eta_x)
         has_y = math.isfinite(self.L_y)
         if has_x:
+            rules = (
+                ("curvature (one step)", self.eta_x_curvature),
+                (f"random-walk cap over {self.steps} steps", self.eta_x_walk),
+                ("safe", self.eta_x_safe),
+                ("paper c_x/(L_x d_x)", self.eta_x_paper),
+            )  # a rule whose inputs are missing (a zo probe has no L_x) is left out
             lines += [
                 f"eta_x   : {pm(self.eta_x, self.eta_x_stderr)}  [rule {self.rule}]",
-                f"          curvature (one step) {self.eta_x_curvature:.4g}, random-walk cap over "
-                f"{self.steps} steps {self.eta_x_walk:.4g}, safe {self.eta_x_safe:.4g}, "
-                f"paper c_x/(L_x d_x) {self.eta_x_paper:.4g}",
+                "          " + ", ".join(f"{k} {v:.4g}" for k, v in rules if math.isfinite(v)),
             ]
+        elif self.d_x > 0:
+            lines.append(f"eta_x   : none (rule {self.rule} lacks its inputs)")
         else:
             lines.append("eta_x   : none (no base block x is trained)")
         if has_y:
@@ -226,7 +237,9 @@ class Advice:
                 f"paper c_y/L_y {self.eta_y_lemma:.4g}; 1/rho_y along g_y {self.eta_y_gradient:.4g})"
             )
         else:
-            lines.append("eta_y   : none (no PEFT block y is trained)")
+            lines.append(
+                "eta_y   : none (no L_y: no PEFT block y is trained, or the probe measured none)"
+            )
         if has_x and has_y:
             lines.append(
                 f"ratio   : eta_y / eta_x = {self.ratio:.4g}  (paper's Table 2: "
@@ -240,8 +253,13 @@ class Advice:
         return "\n".join(lines)
 
 
+def _real(v: object) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _positive(name: str, v: float) -> float:
-    if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+    if not (_real(v) and math.isfinite(v) and v > 0):
         raise UsageError(f"{name} must be a positive finite number, got {v!r}")
     return float(v)
 
@@ -249,8 +267,20 @@ def _positive(name: str, v: float) -> float:
 def _optional(name: str, v: float | None) -> float:
     if v is None:
         return nan
-    if not isinstance(v, int | float) or isinstance(v, bool):
+    if not _real(v):
         raise UsageError(f"{name} must be a number or None, got {v!r}")
+    return float(v)
+
+
+def _optional_positive(name: str, v: float | None) -> float:
+    """nan for None, else ``v`` checked positive and finite (a norm, which 0 or -1 is not)."""
+    return nan if v is None else _positive(name, v)
+
+
+def _stderr(name: str, v: float) -> float:
+    """A standard error: a number >= 0, or nan (unknown)."""
+    if not (_real(v) and (math.isnan(v) or v >= 0)):
+        raise UsageError(f"{name} must be a number >= 0 or nan (unknown), got {v!r}")
     return float(v)
 
 
@@ -271,46 +301,61 @@ def curvature_rate(
     delta: float = nan,
     kurtosis: float = 3.0,
     L_x_stderr: float = nan,
+    delta_stderr: float = nan,
 ) -> tuple[float, float, float, bool]:
     """(η*, se(η*), denominator, trace floored?) of the curvature rule with c_x = 1.
 
     Denominator: m₁ + (q−1)ρ⁺ when the second moment m₁ is given, else
     max(tr H, L_x) + (q+1)ρ⁺ + (κ−3)δ. A missing ρ is replaced by its bound L_x; a missing δ
     by L_x·sign(κ−3) (the larger denominator). Without L_x (nan) no floor applies.
+
+    se(den) = √Σ (c_k se_k)² over the terms c_k v_k that enter it, the terms standing in for
+    L_x summed into one coefficient (they move together); nan when any of them has no
+    stderr (a Lanczos L_x has none: a denominator built on it has an unknown error, not 0).
     """
     have_L = math.isfinite(L_x) and L_x > 0
     r = max(rho, 0.0) if math.isfinite(rho) else (L_x if have_L else nan)
-    r_se = rho_stderr if math.isfinite(rho) else (L_x_stderr if have_L else nan)
+    in_L = 0.0  # the coefficient of L_x in the terms standing in for it
+    terms: list[tuple[float, float]] = []  # (coefficient, stderr) of each measured term
     if math.isfinite(second_moment):
         den = second_moment + (q - 1) * (r if q > 1 else 0.0)
-        var = second_moment_stderr**2 if math.isfinite(second_moment_stderr) else 0.0
-        var += ((q - 1) * r_se) ** 2 if q > 1 and math.isfinite(r_se) else 0.0
+        terms.append((1.0, second_moment_stderr))
         floored = False
     else:
         if not math.isfinite(trace):
             return nan, nan, nan, False
         floored = have_L and trace < L_x
-        t, t_se = (L_x, L_x_stderr) if floored else (trace, trace_stderr)
+        t = L_x if floored else trace
         d = (
             delta
             if math.isfinite(delta)
             else (math.copysign(L_x, kurtosis - 3.0) if have_L else 0.0)
         )
         den = t + (q + 1) * r + (kurtosis - 3.0) * d
-        # terms standing in for L_x move together: their stderr coefficients add up
-        in_L = (
-            (1.0 if floored else 0.0)
-            + (0.0 if math.isfinite(rho) else q + 1.0)
-            + (0.0 if math.isfinite(delta) else abs(kurtosis - 3.0))
-        )
-        own = (0.0 if floored else t_se, (q + 1) * rho_stderr if math.isfinite(rho) else 0.0)
-        var = sum(x * x for x in own if math.isfinite(x))
-        if have_L and in_L and math.isfinite(L_x_stderr):
-            var += (in_L * L_x_stderr) ** 2
+        in_L += 1.0 if floored else 0.0
+        terms.append((0.0 if floored else 1.0, trace_stderr))
+        if math.isfinite(delta):
+            terms.append((kurtosis - 3.0, delta_stderr))
+        else:
+            in_L += abs(kurtosis - 3.0)
+    rho_coef = (q - 1.0) if math.isfinite(second_moment) else (q + 1.0)
+    if math.isfinite(rho):
+        terms.append((rho_coef, rho_stderr))
+    else:
+        in_L += rho_coef
+    terms.append((in_L, L_x_stderr))
     if not (math.isfinite(den) and den > 0):
         return nan, nan, den, floored
     eta = q / den
-    return eta, eta * math.sqrt(var) / den, den, floored
+    return eta, eta * _quadrature(terms) / den, den, floored
+
+
+def _quadrature(terms: Sequence[tuple[float, float]]) -> float:
+    """√Σ (c·se)² over the terms with c ≠ 0; nan when one of them has no finite stderr."""
+    used = [(c, se) for c, se in terms if c]
+    if not all(math.isfinite(se) for _, se in used):
+        return nan
+    return math.sqrt(sum((c * se) ** 2 for c, se in used))
 
 
 def joint_change(
@@ -352,11 +397,11 @@ def _check_advise_args(
         raise UsageError(
             f"d_x must be a non-negative integer (parameters in the base block), got {d_x!r}"
         )
-    if not isinstance(q, int) or isinstance(q, bool) or q < 1:
+    if not isinstance(q, numbers.Integral) or isinstance(q, bool) or q < 1:
         raise UsageError(f"q must be an integer >= 1, got {q!r}")
-    if not (isinstance(kurtosis, int | float) and kurtosis >= 1):
+    if not (_real(kurtosis) and math.isfinite(kurtosis) and kurtosis >= 1):
         raise UsageError(
-            f"kurtosis must be a number >= 1 (E z^4 of a unit-variance z), got {kurtosis!r}"
+            f"kurtosis must be a finite number >= 1 (E z^4 of a unit-variance z), got {kurtosis!r}"
         )
     return Lx, Ly, c_x, c_y
 
@@ -387,9 +432,11 @@ def _stderrs(
     second_moment_stderr: float,
     rho_x_stderr: float,
     signal_y_stderr: float = nan,
+    delta_x_stderr: float = nan,
 ) -> dict[str, float]:
-    """The standard errors keyed by their :class:`Advice` field."""
-    return dict(
+    """The standard errors keyed by their :class:`Advice` field (each >= 0 or nan)."""
+    given = dict(
+        delta_x_stderr=delta_x_stderr,
         signal_y_stderr=signal_y_stderr,
         L_x_stderr=L_x_stderr,
         L_y_stderr=L_y_stderr,
@@ -397,6 +444,8 @@ def _stderrs(
         second_moment_x_stderr=second_moment_stderr,
         rho_x_stderr=rho_x_stderr,
     )
+    arg = {"trace_x_stderr": "trace_stderr", "second_moment_x_stderr": "second_moment_stderr"}
+    return {k: _stderr(arg.get(k, k), v) for k, v in given.items()}
 
 
 class _XRates(NamedTuple):
@@ -450,6 +499,7 @@ def _x_rates(
         delta=m["delta_x"],
         kurtosis=kurtosis,
         L_x_stderr=se["L_x_stderr"],
+        delta_stderr=se["delta_x_stderr"],
     )
     eta_c, se_c = c_x * eta_c, c_x * se_c
     safe_den = max(m["trace_x"], 0.0) + (q + 1 + abs(kurtosis - 3.0)) * Lx
@@ -461,6 +511,26 @@ def _x_rates(
         _optional("weight_norm_x", weight_norm_x), g_noise, steps, d_x, q, kurtosis
     )  # c_x scales every rate, so ``auto`` compares like with like
     return _XRates(paper, eta_c, se_c, den, floored, safe, safe_den, walk)
+
+
+def _warn_unresolved(r: _XRates, m: Mapping[str, float], se: Mapping[str, float]) -> None:
+    """A warning when the curvature rule's main input, m₁ or the unfloored trace (a ``zo``
+    probe has no L_x to floor it at), has a stderr above its value: η_x* is then noise."""
+    if math.isfinite(m["second_moment_x"]):
+        name, v, s = "m1", m["second_moment_x"], se["second_moment_x_stderr"]
+    elif not r.floored:
+        name, v, s = "tr H_xx", m["trace_x"], se["trace_x_stderr"]
+    else:
+        return
+    if math.isfinite(s) and s > abs(v):
+        warnings.warn(
+            f"the curvature rule's {name} = {v:.3g} ± {s:.2g} is not resolved (its stderr "
+            f"exceeds its value), so eta_x curvature = {r.curvature:.3g} is noise: measure "
+            "more vectors, probe with --hvp fd or exact (L_x floors the trace), or use the "
+            "walk rule",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _resolve_rule(rule: str, x_gradient: str, r: _XRates) -> str:
@@ -477,31 +547,45 @@ def _resolve_rule(rule: str, x_gradient: str, r: _XRates) -> str:
     return min(candidates)[1] if candidates else "paper"
 
 
+_NEEDS = {
+    "walk": "the weight norm |x|, a gradient norm of x and the planned steps "
+    "(weight_norm_x=, grad_norm_x= or grad_rms_x=, steps=)",
+    "curvature": "tr H_xx (trace=) or the second moment m1 (second_moment=), giving a positive "
+    "denominator",
+    "safe": "tr H_xx and L_x (trace=, L_x=)",
+    "paper": "L_x (L_x=; rule auto falls back to paper when neither curvature nor walk has its "
+    "inputs)",
+    "exact": "L_x (L_x=)",
+}
+_WHERE = "a zo probe measures no L_x (--hvp fd or exact do); a recorded run holds L_x only"
+
+
 def _x_rate(
     rule: str, r: _XRates, Lx: float, c_x: float, q: int, kurtosis: float, se: Mapping[str, float]
 ) -> tuple[float, float]:
-    """(η_x, se(η_x)) of the resolved rule, before the joint scaling."""
+    """(η_x, se(η_x)) of the resolved rule, before the joint scaling; :class:`UsageError`
+    naming what the rule needs when its inputs are missing."""
     L_x_stderr = se["L_x_stderr"]
-    if rule == "walk":
-        if not math.isfinite(r.walk):
-            raise UsageError("rule='walk' needs weight_norm_x=, grad_norm_x= and steps=")
-        # exact on the probed batch; batch-to-batch spread not modelled
-        return r.walk, nan
-    if rule == "exact":
-        return c_x / Lx, c_x / Lx * _rel(L_x_stderr, Lx)
-    if rule == "curvature":
-        if not math.isfinite(r.curvature):
-            raise UsageError(
-                "rule='curvature' needs trace= (with L_x) or second_moment=, and a positive denominator"
-            )
-        return r.curvature, r.curvature_stderr
-    if rule == "safe":
-        se_x = r.safe * math.hypot(
-            _rel(se["trace_x_stderr"], r.safe_den),
-            (q + 1 + abs(kurtosis - 3.0)) * Lx * _rel(L_x_stderr, Lx) / r.safe_den,
+    if rule == "walk":  # exact on the probed batch; batch-to-batch spread not modelled
+        eta, se_x = r.walk, nan
+    elif rule == "exact":
+        eta, se_x = c_x / Lx, c_x / Lx * _rel(L_x_stderr, Lx)
+    elif rule == "curvature":
+        eta, se_x = r.curvature, r.curvature_stderr
+    elif rule == "safe":
+        eta, se_x = (
+            r.safe,
+            r.safe
+            * math.hypot(
+                _rel(se["trace_x_stderr"], r.safe_den),
+                (q + 1 + abs(kurtosis - 3.0)) * Lx * _rel(L_x_stderr, Lx) / r.safe_den,
+            ),
         )
-        return r.safe, se_x
-    return r.paper, r.paper * _rel(L_x_stderr, Lx)
+    else:
+        eta, se_x = r.paper, r.paper * _rel(L_x_stderr, Lx)
+    if not math.isfinite(eta):
+        raise UsageError(f"rule {rule!r} needs {_NEEDS[rule]} for eta_x ({_WHERE})")
+    return eta, se_x
 
 
 def _scaled_rates(
@@ -519,13 +603,12 @@ def _scaled_rates(
     kurtosis: float,
 ) -> dict[str, float]:
     """η_x, η_y and their stderrs times the joint model's scale s, with Δ before and after."""
-    eta_x, se_x = _x_rate(rule, r, Lx, c_x, q, kurtosis, se)
+    # no x block (d_x = 0): no x rule applies, whichever was asked; η_y is still advised
+    eta_x, se_x = _x_rate(rule, r, Lx, c_x, q, kurtosis, se) if d_x else (nan, nan)
     phi = m["signal_y"]
     eta_y = c_y * (phi if math.isfinite(phi) else 1.0) / Ly
     rel_phi = _rel(se["signal_y_stderr"], phi) if math.isfinite(phi) else 0.0
     se_y = eta_y * math.hypot(_rel(se["L_y_stderr"], Ly), rel_phi)
-    if d_x == 0:
-        eta_x = se_x = nan
     rx = m["rho_x"]
     hx_per_g2 = {
         "curvature": r.denominator / q,
@@ -570,6 +653,7 @@ def advise(
     rho_x: float | None = None,
     rho_x_stderr: float = nan,
     delta_x: float | None = None,
+    delta_x_stderr: float = nan,
     rho_y: float | None = None,
     signal_y: float | None = None,
     signal_y_stderr: float = nan,
@@ -592,6 +676,9 @@ def advise(
     the joint model's Δ is computed and the pair scaled down if Δ > 0.
     """
     Lx, Ly, c_x, c_y = _check_advise_args(rule, x_gradient, L_x, L_y, c_x, c_y, d_x, q, kurtosis)
+    q, kurtosis = int(q), float(kurtosis)
+    weight_norm_x = _optional_positive("weight_norm_x", weight_norm_x)
+    grad_rms_x = _optional_positive("grad_rms_x", grad_rms_x)
     x_inputs = dict(L_x=L_x, trace=trace, second_moment=second_moment)
     given = [k for k, v in x_inputs.items() if v is not None]
     if d_x == 0 and given:  # d_x = 0 means no x block, which has no curvature to give
@@ -606,10 +693,18 @@ def advise(
     if math.isfinite(m["signal_y"]) and not 0 < m["signal_y"] <= 1:
         raise UsageError(f"signal_y must be in (0, 1] (a fraction), got {signal_y!r}")
     se = _stderrs(
-        L_x_stderr, L_y_stderr, trace_stderr, second_moment_stderr, rho_x_stderr, signal_y_stderr
+        L_x_stderr,
+        L_y_stderr,
+        trace_stderr,
+        second_moment_stderr,
+        rho_x_stderr,
+        signal_y_stderr,
+        delta_x_stderr,
     )
     r = _x_rates(Lx, d_x, q, kurtosis, c_x, m, se, weight_norm_x, grad_rms_x, steps)
     rule = _resolve_rule(rule, x_gradient, r)
+    if rule == "curvature" and d_x:
+        _warn_unresolved(r, m, se)
     block = dict(Lx=Lx, Ly=Ly, c_x=c_x, c_y=c_y, d_x=d_x, q=q, kurtosis=kurtosis)
     echo = dict(one_sided=one_sided, x_gradient=x_gradient, source=source, steps=steps)
     return _advice(rule, r, m, se, block, echo, weight_norm_x, grad_rms_x)

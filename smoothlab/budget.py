@@ -111,8 +111,17 @@ class WalkBudget:
     def step(self, t: int, terms: Sequence[tuple[int, float]]) -> float:
         """The rate of step t, whose SPSA coefficients ``terms`` ((seed, c_i) pairs) are
         known before its update: their cost joins m̂ first (one step with a 100x gradient
-        cannot spend a hundred steps' budget at the old rate), then the step is charged."""
-        step_cost = self.d_x * sum(c * c for _, c in terms)
+        cannot spend a hundred steps' budget at the old rate), then the step is charged.
+
+        A non-finite coefficient (a nan or inf loss difference, or one whose c² overflows)
+        is skipped: it is neither charged nor counted in m̂ (it made the spent walk nan for
+        good, and min(η_max, nan) returned η_max at every later step; the diverging loss is
+        the engine's to stop). A step with no finite coefficient adds no cost and gets the
+        rate of :meth:`rate`."""
+        finite = [c for _, c in terms if math.isfinite(c * c)]  # c² may overflow
+        step_cost = self.d_x * sum(c * c for c in finite)
+        if (terms and not finite) or not math.isfinite(step_cost):  # d_x·Σc² overflowed
+            return self.rate(t)
         self.costs.append(step_cost)
         eta = self.rate(t)
         self.spent += eta * eta * step_cost

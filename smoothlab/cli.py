@@ -416,8 +416,10 @@ def cmd_figure1(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- advise
 def _read_run(run: str) -> tuple[dict, list[dict]]:
-    """config.json and smoothness.csv of a recorded hybrid run (UsageError if it is not one)."""
-    import csv
+    """config.json and smoothness.csv of a recorded hybrid run (UsageError if it is not one);
+    the rows are read as every run log is (:func:`smoothlab.runlog.read_log`): a torn last line
+    (a killed writer) is dropped with a warning, a cell that does not parse reads as nan."""
+    from smoothlab.runlog import SMOOTHNESS, RunLogWarning, read_log
 
     path = Path(run)
     cfg_path, sm_path = path / "config.json", path / "smoothness.csv"
@@ -434,14 +436,18 @@ def _read_run(run: str) -> tuple[dict, list[dict]]:
         raise UsageError(
             f"--run {run}: config.json has no block_sizes (not a run written by smoothlab train)"
         )
-    with sm_path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    log = read_log(sm_path, SMOOTHNESS, warn=False)  # warned below, for a run it can use
+    rows = [
+        r | {"estimate": math.nan if r["estimate"] is None else r["estimate"]} for r in log.rows
+    ]
     found = {r.get("block") for r in rows}
     if "base" not in sizes or not {"base", "peft"} <= found:
         raise UsageError(
             f"--run {run}: advice needs a recorded hybrid run with blocks 'base' and 'peft'; "
             f"this {cfg.get('method', 'run')!r} run has blocks {sorted(sizes)}"
         )
+    for problem in log.problems:
+        warnings.warn(f"{sm_path}: {problem}", RunLogWarning, stacklevel=2)
     return cfg, rows
 
 
@@ -491,19 +497,41 @@ def _curvature_line(curv: Any) -> str:
     )
 
 
+# advise --run: the flags that act on advice from a recorded run; --steps (the walk cap's
+# horizon) and --device replace the run's own, the rest below describe the run being advised
+_RUN_FLAGS = {"run", "rule", "hvp", "quantile", "print_command", "calibrate", "pilot_steps"}
+_RUN_FLAGS |= {"multipliers", "out", "steps", "device"}
+
+
+def _refuse_run_flags(cfg: Any, args: argparse.Namespace, run_cfg: dict) -> None:
+    """UsageError naming the flags typed with ``--run`` that the run's own config overrides
+    (they were silently ignored: the trajectory was recorded with the run's q, z, batch...)."""
+    from hybrid.config import AdviseConfig
+
+    typed = [f.name for f in dataclasses.fields(AdviseConfig) if hasattr(args, f.name)]
+    if "method" in typed and run_cfg.get("method") in (None, cfg.method):
+        typed.remove("method")  # the run's own method: nothing is ignored
+    ignored = [n for n in typed if n not in _RUN_FLAGS]
+    if ignored:
+        flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+        raise UsageError(
+            f"{flags}: advice from --run {cfg.run} is for the run as recorded (the run's own "
+            f"method {run_cfg.get('method')!r}, its q, z, batch size, data...); drop {flags}"
+        )
+
+
 def _advise_run(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
-    """Advice from a recorded run's trajectory, and the run's own TrainConfig."""
+    """Advice from a recorded run's trajectory, and the run's TrainConfig with ``--steps`` and
+    ``--device`` applied when given (the walk cap is for the run being planned)."""
     from hybrid.advise import minibatch_inputs
     from hybrid.train import load_config
     from smoothlab.advisor import advise_from_rows
 
     run_cfg, rows = _read_run(cfg.run)
-    if hasattr(args, "method") and run_cfg.get("method") not in (None, cfg.method):
-        raise UsageError(
-            f"--method {cfg.method}: advice from --run {cfg.run} is for the run's own method "
-            f"{run_cfg['method']!r}; drop --method"
-        )
-    train_cfg = load_config(cfg.run)  # the trajectory holds L only: add the minibatch inputs
+    _refuse_run_flags(cfg, args, run_cfg)
+    over = {k: getattr(cfg, k) for k in ("steps", "device") if hasattr(args, k)}
+    train_cfg = dataclasses.replace(load_config(cfg.run), **over)
+    # the trajectory holds L only: add the minibatch inputs
     advice = advise_from_rows(
         rows,
         int(run_cfg["block_sizes"]["base"]),
@@ -513,7 +541,10 @@ def _advise_run(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
         rule=cfg.rule,
         **minibatch_inputs(train_cfg, zo=cfg.hvp == "zo"),
     )
-    return advice, train_cfg
+    # a command for the advised run must not write into the recorded one (refused, and
+    # --restart would delete the trajectory the advice came from)
+    out = str(Path(cfg.run)).rstrip("/") + "-advised"
+    return advice, dataclasses.replace(train_cfg, out=out)
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
@@ -537,7 +568,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
         )
         print(_curvature_line(curv))
     print(advice.describe())
-    print(ratio_line(advice))
+    print(ratio_line(advice, train_cfg.method))
     if cfg.calibrate:
         advice = _calibrate(cfg, advice, train_cfg)
     elif cfg.out:

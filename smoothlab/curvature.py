@@ -28,6 +28,7 @@ Every parameter is bit-identical afterwards (the oracles and the probe guarantee
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -35,11 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .blocks import check_blocks
 from .errors import UsageError
 from .estimate import Estimate
 from .estimators.operator import dot64
-from .hvp import HVPS, Oracle, default_step
-from .probe import eval_mode, probe
+from .hvp import HVPS, Oracle, check_step, default_step
+from .probe import _owning_module, eval_mode, probe
 
 Z_KINDS = {"gaussian": 3.0, "rademacher": 1.0}
 
@@ -134,7 +136,11 @@ class Curvature:
         rho = 0.0 if self.hvp == "zo" else fin(self.rho_x)  # zo: omitted (see module docstring)
         kw.update(
             rho_x=rho,
+            # ρ_x from an HVP along g is exact on the probed batch (stderr 0); zo's 0 is an
+            # omission of unknown size, not a measurement (stderr nan)
+            rho_x_stderr=nan if self.hvp == "zo" or rho is None else 0.0,
             delta_x=fin(self.delta_x),
+            delta_x_stderr=self.delta_x_stderr,
             rho_y=fin(self.rho_y),
             grad_norm_x=fin(self.grad_norm_x) if self.d_x else None,
             weight_norm_x=fin(self.weight_norm_x) if self.d_x else None,
@@ -265,12 +271,34 @@ def _zo_terms(
 
 
 def _params(name: str, ps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``ps`` as a list of tensors. A bare tensor or module is refused: ``list()`` of a
+    Parameter is its 0-d slices, which are not leaves, so the measurement was silently 0."""
+    if isinstance(ps, torch.Tensor | nn.Module) or not isinstance(ps, Sequence):
+        raise UsageError(
+            f"{name} must be a list of tensors (parameters), got a {type(ps).__name__}; "
+            f"pass [p] for one tensor, list(m.parameters()) for a module"
+        )
     ps = list(ps)
     if not all(isinstance(p, torch.Tensor) for p in ps):
         raise UsageError(
             f"{name} must be a list of tensors (parameters), got {[type(p).__name__ for p in ps][:3]}"
         )
     return ps
+
+
+def _check_blocks_and_model(
+    x: list[torch.Tensor], y: list[torch.Tensor], model: object, loss_fn: object, seed: object
+) -> nn.Module | None:
+    """The checks :func:`probe` makes, as UsageError: x and y share no parameter
+    (:func:`check_blocks`), ``model`` is a module or None (:func:`_owning_module`; the owning
+    module, else ``loss_fn.model``, is returned), ``seed`` an integer (numpy's too)."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    check_blocks({k: v for k, v in (("x_params", x), ("y_params", y)) if v})
+    try:
+        return _owning_module(model, loss_fn)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_measure_args(
@@ -281,9 +309,10 @@ def _check_measure_args(
         raise UsageError(f"unknown hvp {hvp!r}; accepted: {', '.join(HVPS)}")
     z = _sampling_kind(z)
     for name, v in (("trace_vectors", trace_vectors), ("spectral_iters", spectral_iters)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
             raise UsageError(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(second_moment_samples, int) or second_moment_samples < 0:
+    n = second_moment_samples
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
         raise UsageError(
             f"second_moment_samples must be an integer >= 0, got {second_moment_samples!r}"
         )
@@ -333,12 +362,6 @@ def _trace_x(
     )["x"]
 
 
-def _root_module(model: nn.Module | None, loss_fn: Callable[[], torch.Tensor]) -> nn.Module | None:
-    """``model``, else ``loss_fn.model``, when it is an ``nn.Module`` (for eval mode)."""
-    root = model if model is not None else getattr(loss_fn, "model", None)
-    return root if isinstance(root, nn.Module) else None
-
-
 def weight_norm(x: Sequence[torch.Tensor]) -> float:
     """‖x‖₂ over all base-block tensors, accumulated in float64."""
     return math.sqrt(
@@ -373,10 +396,14 @@ def measure(
     import time
 
     z = _check_measure_args(hvp, z, trace_vectors, spectral_iters, second_moment_samples)
+    check_step(h)
+    trace_vectors, spectral_iters = int(trace_vectors), int(spectral_iters)  # numpy's too
+    second_moment_samples = int(second_moment_samples)
     x, y = _params("x_params", x_params), _params("y_params", y_params)
     if not x and not y:
         raise UsageError("both x_params and y_params are empty: nothing to measure")
-    root = _root_module(model, loss_fn)
+    root = _check_blocks_and_model(x, y, model, loss_fn, seed)
+    seed = int(seed)
     d_x, d_y = sum(p.numel() for p in x), sum(p.numel() for p in y)
     kappa = Z_KINDS[z]
     start = time.perf_counter()

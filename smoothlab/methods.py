@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import UsageError
+
 __all__ = ["METHODS", "Method", "get_method", "method_names", "peft_kinds", "register"]
 
 # Okabe & Ito (2008) colors, repeated here only by value so this module stays dependency-free.
@@ -75,11 +77,12 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    """The registered method ``name``; ``ValueError`` naming the accepted ones otherwise."""
+    """The registered method ``name``; :class:`UsageError` (a ValueError) naming the accepted
+    ones otherwise (a bad method is the user's input: the CLI prints it as one line)."""
     try:
         return METHODS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}") from None
+        raise UsageError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}") from None
 
 
 def method_names() -> tuple[str, ...]:

@@ -167,3 +167,165 @@ def test_minibatch_gradient_statistics_match_explicit_gradients(enc: Path, tmp_p
     assert all(p.requires_grad is False for p in x)  # flags restored: x is ZO-trained
     with pytest.raises(ValueError, match="batches >= 3"):
         gradient_signal(bundle, cfg, splits, y, batches=2)
+
+
+def test_ratio_line_says_which_rate_is_missing_and_why() -> None:
+    """A zo probe of hybrid-lora gives eta_x but nothing for y: the ratio line said 'the
+    method trains one block only', which is wrong for a hybrid method."""
+    from smoothlab.advisor import advise
+
+    zo = advise(None, None, 1000, trace=5.0, rho_x=0.0, weight_norm_x=10.0, grad_rms_x=1.0, steps=9)
+    line = ratio_line(zo, "hybrid-lora")
+    assert "no eta_y" in line and "zo probe" in line and "one block only" not in line
+    assert "one block only: none for y" in ratio_line(zo, "zo-ft")
+    y_only = advise(None, 2.0, 0)
+    assert "one block only: none for x" in ratio_line(y_only, "fo-lora")
+    assert "one block only: none for x" in ratio_line(y_only)  # without the method: from d_x
+
+
+# --------------------------------------------------------------------------- advise --run
+@pytest.fixture(scope="module")
+def recorded(enc: Path, tmp_path_factory) -> Path:
+    """A 6-step hybrid-lora run recorded every 2 steps, with options away from the defaults
+    (which the printed command must carry over)."""
+    from smoothlab.cli import main
+
+    out = tmp_path_factory.mktemp("adv_runs") / "h"
+    argv = ["train", "--model", str(enc), "--method", "hybrid-lora", "--task", "synthetic"]
+    argv += ["--steps", "6", "--batch-size", "4", "--eval-every", "3", "--train-size", "24"]
+    argv += ["--eval-size", "8", "--dev-size", "8", "--lr-base", "1e-3", "--lr-peft", "1e-2"]
+    argv += ["--record-every", "2", "--record-vectors", "3", "--lora-r", "2", "--z", "hash"]
+    argv += ["--mu", "2e-3", "--out", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+def _one_line_exit_2(argv: list[str], capsys) -> str:
+    from smoothlab.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _command(out: str) -> list[str]:
+    line = next(ln for ln in out.splitlines() if ln.startswith("command : "))
+    return shlex.split(line[len("command : ") :])[2:]
+
+
+def test_advise_run_command_writes_a_new_folder_with_the_runs_options(
+    recorded: Path, capsys
+) -> None:
+    """The printed command wrote into the recorded run's own folder (refused when run; its
+    suggested --restart would delete the trajectory) and dropped --z, --mu, --record-*."""
+    import json
+
+    from smoothlab.cli import main
+
+    before = (recorded / "smoothness.csv").read_text()
+    assert main(["advise", "--run", str(recorded), "--print-command"]) == 0
+    argv = _command(capsys.readouterr().out)
+    out = argv[argv.index("--out") + 1]
+    assert out == str(recorded) + "-advised"
+    assert main(["train", *argv]) == 0
+    assert (recorded / "smoothness.csv").read_text() == before
+    run = json.loads((recorded / "config.json").read_text())
+    new = json.loads(Path(out, "config.json").read_text())
+    for key in ("z", "mu", "record_every", "record_vectors", "lora_r", "task", "eval_every"):
+        assert new[key] == run[key], key
+
+
+def test_advise_run_survives_a_torn_smoothness_row(recorded: Path, tmp_path: Path, capsys):
+    """A killed writer leaves a torn last line; advise --run crashed with a traceback."""
+    import shutil
+
+    from smoothlab.cli import main
+
+    run = tmp_path / "torn"
+    shutil.copytree(recorded, run)
+    with (run / "smoothness.csv").open("a") as fh:
+        fh.write("6,0,head,sp")
+    assert main(["advise", "--run", str(run), "--out", str(tmp_path / "a")]) == 0
+    assert "dropped" in capsys.readouterr().err  # the torn line, with a warning
+    assert (tmp_path / "a" / "advice.json").is_file()
+
+
+def test_advise_run_applies_steps_and_refuses_flags_it_would_ignore(
+    recorded: Path, tmp_path: Path, capsys
+) -> None:
+    """--steps was ignored (the walk cap used the recorded run's 6 steps), and --q, --z,
+    --batch-size, --one-sided silently did nothing."""
+    import json
+
+    from smoothlab.cli import main
+
+    caps = {}
+    for steps in ("6", "600"):
+        out = tmp_path / steps
+        assert main(["advise", "--run", str(recorded), "--steps", steps, "--out", str(out)]) == 0
+        caps[steps] = json.loads((out / "advice.json").read_text())
+    assert caps["600"]["steps"] == 600 and caps["6"]["steps"] == 6
+    assert caps["600"]["eta_x_walk"] == pytest.approx(caps["6"]["eta_x_walk"] / 10, rel=1e-9)
+    for flag in (["--q", "2"], ["--z", "gaussian"], ["--batch-size", "8"], ["--one-sided"]):
+        err = _one_line_exit_2(["advise", "--run", str(recorded), *flag], capsys)
+        assert f"{flag[0]}: advice from --run" in err and f"drop {flag[0]}" in err
+
+
+def test_train_command_carries_every_option_that_differs_from_the_default() -> None:
+    """--z, --eval-data, --dev-data (and every field outside a fixed list) were dropped: a
+    command advised for Rademacher z (kappa 1) trained with the table (kappa 3)."""
+    import dataclasses
+
+    from smoothlab.advisor import advise
+    from smoothlab.cli import build_parser
+
+    cfg = TrainConfig(
+        method="zo-ft",
+        z="rademacher",
+        eval_data="e.tsv",
+        dev_data="d.tsv",
+        one_sided=True,
+        lr_base_budget=False,
+        mu=2.5e-4,
+        record_every=3,
+        weight_decay=0.125,
+        steps=77,
+        out="runs/x",
+    )
+    argv = shlex.split(train_command(advise(4.0, None, 1000), cfg))[1:]
+    ns = build_parser().parse_args(argv)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("lr_base", "lr_peft", "extra"):
+            assert getattr(ns, f.name, getattr(TrainConfig(), f.name)) == getattr(cfg, f.name), f
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"multipliers": ["a"]}, "multipliers must be positive numbers"),
+        ({"multipliers": [math.inf]}, "multipliers must be positive numbers"),
+        ({"multipliers": [True]}, "multipliers must be positive numbers"),
+        ({"pilot_steps": "100"}, "pilot_steps must be a positive integer"),
+        ({"pilot_steps": 1.5}, "pilot_steps must be a positive integer"),
+    ],
+)
+def test_calibrate_refuses_bad_options_before_any_pilot(kwargs, needle, tmp_path: Path) -> None:
+    """['a'] and '100' raised TypeError; 1.5, [inf] and [True] were accepted."""
+    from hybrid.calibrate import calibrate
+    from smoothlab.advisor import advise
+    from smoothlab.errors import UsageError
+
+    with pytest.raises(UsageError, match=needle):
+        calibrate(TrainConfig(), advise(4.0, 1.0, 100), tmp_path / "c", **kwargs)
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_unknown_method_is_a_usage_error() -> None:
+    """advice_from_curvature(curv, 'nope') raised a plain ValueError from get_method."""
+    from hybrid.advise import advice_from_curvature
+    from smoothlab.curvature import Curvature
+    from smoothlab.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown method 'nope'; accepted: .*hybrid-lora"):
+        advice_from_curvature(Curvature(hvp="exact", d_x=0, d_y=3, loss=1.0), "nope")

@@ -321,8 +321,117 @@ def test_describe_names_an_absent_block_instead_of_printing_nan():
     """zo-ft trains x only, fo-lora y only: the terminal lines say so, with no nan rate or
     nan ratio."""
     x_only = advise(L_x=4.0, L_y=None, d_x=1000).describe()
-    assert "eta_y   : none (no PEFT block y is trained)" in x_only and "ratio" not in x_only
+    assert "eta_y   : none (no L_y: no PEFT block y is trained" in x_only and "ratio" not in x_only
     y_only = advise(L_x=None, L_y=2.0, d_x=0).describe()
     assert "eta_x   : none (no base block x is trained)" in y_only and "ratio" not in y_only
     both = advise(L_x=4.0, L_y=2.0, d_x=1000).describe()
     assert "ratio   : eta_y / eta_x = 2004" in both
+
+
+def test_describe_shows_eta_x_of_a_zo_probe_which_has_no_L_x():
+    """A zo probe gives a trace and the walk inputs but no L_x; eta_x is still advised, and
+    describe printed 'none (no base block x is trained)' beside a train command using it."""
+    adv = advise(
+        None, None, 1000, trace=5.0, rho_x=0.0, weight_norm_x=10.0, grad_rms_x=1.0, steps=100
+    )
+    walk = 0.125 * 10.0 / math.sqrt(100 * (1001 + 1))
+    assert adv.rule == "walk" and adv.eta_x == pytest.approx(walk)
+    text = adv.describe()
+    assert f"eta_x   : {walk:.4g}  [rule walk]" in text and "no base block" not in text
+    assert "paper" not in text.split("eta_x   :")[1]  # nan without L_x: left out, not 'nan'
+
+
+def test_curvature_stderr_is_nan_when_a_term_of_the_denominator_has_none():
+    """A floored trace puts L_x in the denominator; a Lanczos L_x has no stderr, and the
+    variance summed to 0 ('± 0'). Every term's stderr is needed, else the stderr is nan."""
+    kw = dict(L_x=4.0, L_y=1.0, d_x=1000, trace=2.0, trace_stderr=3.0, rho_x=1.0, rule="curvature")
+    a = advise(**kw, rho_x_stderr=0.0)
+    assert a.trace_floored and a.eta_x == pytest.approx(1 / 6) and math.isnan(a.eta_x_stderr)
+    assert "eta_x   : 0.1667  [rule curvature]" in a.describe()  # no "± 0"
+    b = advise(**kw | {"L_x_stderr": 0.4}, rho_x_stderr=0.1)
+    assert b.eta_x_stderr == pytest.approx(b.eta_x * math.hypot(0.4, 2 * 0.1) / 6)
+    assert math.isnan(advise(**kw | {"L_x_stderr": 0.4}).eta_x_stderr)  # rho_x without one
+    # kappa != 3: the measured delta's stderr enters with coefficient kappa - 3
+    rad = dict(kw, trace=500.0, trace_stderr=50.0, kurtosis=1.0, delta_x=0.5, rho_x_stderr=0.2)
+    c = advise(**rad, delta_x_stderr=0.1)
+    assert c.eta_x == pytest.approx(1 / 501)
+    assert c.eta_x_stderr == pytest.approx(c.eta_x * math.hypot(50, 0.4, 2 * 0.1) / 501)
+    assert math.isnan(advise(**rad).eta_x_stderr)
+    # a second moment with q = 1 needs no rho: its own stderr is the whole error
+    m1 = advise(None, None, 10, second_moment=10.0, second_moment_stderr=1.0, rho_x=0.0)
+    assert m1.eta_x_stderr == pytest.approx(m1.eta_x * 0.1)
+
+
+@pytest.mark.parametrize("rule", ["walk", "curvature", "safe", "paper", "exact"])
+def test_an_x_rule_does_not_stop_advice_for_a_method_without_x(rule: str) -> None:
+    """fo-lora has no x block: an x rule was applied anyway and its missing inputs raised
+    ("rule='walk' needs ..."), so eta_y was never advised."""
+    adv = advise(None, 2.0, 0, rule=rule, signal_y=0.5)
+    assert math.isnan(adv.eta_x) and adv.eta_y == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("rule", "kwargs", "needs"),
+    [
+        ("safe", {"L_x": 4.0}, "tr H_xx and L_x"),  # a recorded run: L_x, no trace
+        ("safe", {"trace": 5.0}, "tr H_xx and L_x"),  # a zo probe: trace, no L_x
+        ("paper", {"trace": 5.0}, "L_x"),
+        ("exact", {"trace": 5.0}, "L_x"),
+        ("walk", {"L_x": 4.0}, "weight norm"),
+        ("curvature", {"L_x": 4.0}, "tr H_xx"),
+        ("auto", {}, "L_x"),  # neither curvature nor walk: the paper fallback needs L_x
+    ],
+)
+def test_a_rule_without_its_inputs_is_refused_not_nan(rule: str, kwargs: dict, needs: str):
+    """safe, paper and exact returned eta_x = nan without their inputs (advice.json got nan,
+    exit 0); every rule now names what it needs, as walk and curvature did."""
+    with pytest.raises(
+        UsageError, match=rf"rule '{'paper' if rule == 'auto' else rule}' needs.*{needs}"
+    ):
+        advise(**({"L_x": None, "L_y": 1.0, "d_x": 1000} | kwargs), rule=rule)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"weight_norm_x": -1.0}, "weight_norm_x must be a positive"),
+        ({"weight_norm_x": 0.0}, "weight_norm_x must be a positive"),
+        ({"weight_norm_x": math.inf}, "weight_norm_x must be a positive"),
+        ({"grad_rms_x": -2.0}, "grad_rms_x must be a positive"),
+        ({"kurtosis": math.inf}, "kurtosis must be a finite"),
+        ({"kurtosis": math.nan}, "kurtosis must be a finite"),
+        ({"kurtosis": True}, "kurtosis must be a finite"),
+        ({"L_x_stderr": "a"}, "L_x_stderr must be a number >= 0 or nan"),
+        ({"trace_stderr": -1.0}, "trace_stderr must be a number >= 0 or nan"),
+        ({"rho_x_stderr": True}, "rho_x_stderr must be a number"),
+    ],
+)
+def test_meaningless_inputs_are_refused(kwargs: dict, needle: str) -> None:
+    """Each of these gave a number (weight_norm_x=-1: a negative eta_x; kurtosis=inf: 0.0;
+    grad_rms_x=-2: a silent fall back to the paper rule) or a TypeError."""
+    base = dict(L_x=4.0, L_y=1.0, d_x=1000, trace=10.0, grad_norm_x=1.0, steps=100)
+    base |= {"weight_norm_x": 10.0} if "weight_norm_x" not in kwargs else {}
+    with pytest.raises(UsageError, match=needle):
+        advise(**(base | kwargs))
+
+
+def test_numpy_integers_are_accepted_for_q_as_for_d_x_and_steps() -> None:
+    a = advise(4.0, 1.0, np.int64(1000), q=np.int64(2), steps=np.int64(5))
+    assert a.q == 2 and type(a.q) is int and a.eta_x == advise(4.0, 1.0, 1000, q=2).eta_x
+
+
+def test_an_unresolved_trace_without_a_floor_warns():
+    """A zo probe has no L_x, so its trace is not floored; at a few vectors tr H_xx = 0.94 ±
+    45 gave eta_x = 1.06 (the exact probe: 0.042) without a word."""
+    kw = dict(L_x=None, L_y=None, d_x=1000, trace=0.94, rho_x=0.0, rule="curvature")
+    with pytest.warns(UserWarning, match=r"tr H_xx = 0.94 ± 45 is not resolved"):
+        a = advise(**kw, trace_stderr=45.0)
+    assert a.eta_x == pytest.approx(1 / 0.94)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        advise(**kw, trace_stderr=0.1)  # resolved: no warning
+        advise(**kw | {"L_x": 4.0}, trace_stderr=45.0)  # floored at L_x: no warning
+    with pytest.warns(UserWarning, match=r"m1 = 2 ± 3"):
+        advise(None, None, 10, second_moment=2.0, second_moment_stderr=3.0, rho_x=0.0)

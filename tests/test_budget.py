@@ -89,3 +89,24 @@ def test_state_dict_continues_identically_and_from_advice_needs_the_walk_inputs(
 def test_bad_arguments_name_the_value(kw, match):
     with pytest.raises(UsageError, match=match):
         _budget(**kw)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan, 1e200])
+def test_a_non_finite_coefficient_is_skipped_not_charged(bad: float) -> None:
+    """One inf/nan coefficient made the spent walk nan; min(eta_max, nan) is eta_max, so
+    every later step ran at eta_max, and the nan was saved in the checkpoint. Now the step
+    is skipped: the run continues as if it had not happened (1e200: c² overflows to inf)."""
+    ref, b = _budget(eta_max=1e-3), _budget(eta_max=1e-3)
+    g = [0.5, 0.7, 20.0, 0.9]
+    steps = [0, 2, 3, 4]  # b also sees step 1, with the bad coefficient
+    expected = [ref.step(t, [(t, gt)]) for t, gt in zip(steps, g)]
+    got = [b.step(0, [(0, g[0])])]
+    preview = b.rate(1)
+    assert b.step(1, [(1, bad)]) == preview  # no cost, the rate the budget gives now
+    got += [b.step(t, [(t, gt)]) for t, gt in zip(steps[1:], g[1:])]
+    assert got == expected and expected[2] < 1e-3  # the 20x gradient still lowers the rate
+    assert b.spent == ref.spent and math.isfinite(b.state_dict()["spent"])
+    # a finite coefficient beside a bad one (q = 2) is charged alone
+    pair, one = _budget(q=2), _budget(q=2)
+    assert pair.step(0, [(0, 0.5), (1, bad)]) == one.step(0, [(0, 0.5)])
+    assert pair.spent == one.spent

@@ -711,7 +711,8 @@ def test_advise_run_prints_ratio_and_command(recorded_run: Path, capsys) -> None
     assert "eta_y / eta_x = " in out and "Table 2 range" in out
     tcfg = _config(build_parser().parse_args(_printed_command(out)), TrainConfig, TrainConfig())
     run = json.loads((recorded_run / "config.json").read_text())
-    assert (tcfg.method, tcfg.steps, tcfg.out) == (run["method"], run["steps"], run["out"])
+    assert (tcfg.method, tcfg.steps) == (run["method"], run["steps"])
+    assert tcfg.out == str(recorded_run) + "-advised"  # never the recorded run's own folder
     # --method cannot re-label a recorded run
     err = _one_line_exit_2(["advise", "--run", str(recorded_run), "--method", "zo-ft"], capsys)
     assert "the run's own method 'hybrid-lora'" in err

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from smoothlab.advisor import advise
 from smoothlab.curvature import measure
+from smoothlab.errors import UsageError
 
 DX, DY = 14, 6
 
@@ -94,3 +96,41 @@ def test_measure_errors() -> None:
         measure(loss, [x], [y], z="uniform")
     with pytest.raises(ValueError, match="empty"):
         measure(loss, [], [])
+
+
+def test_measure_refuses_a_bare_tensor_instead_of_measuring_its_slices() -> None:
+    """list(x) of a Parameter is its 0-d slices, which are not leaves: measure(f, x, [y])
+    returned L_x = 0 and tr H_xx = 0 (truth: the dense Hessian's) without a word."""
+    loss, x, y, h, _ = _problem()
+    hxx = h[:DX, :DX]
+    for bad in (x, torch.nn.Linear(2, 2)):
+        with pytest.raises(UsageError, match="x_params must be a list of tensors"):
+            measure(loss, bad, [y], hvp="exact")
+    c = measure(loss, [x], [y], hvp="exact", trace_vectors=np.int64(4), seed=np.int64(3))
+    assert c.L_x.value == pytest.approx(float(torch.linalg.eigvalsh(hxx).abs().max()), rel=1e-6)
+    assert c.advice_inputs()["rho_x_stderr"] == 0.0  # an HVP along g: exact on the batch
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"seed": "a"}, "seed must be an integer"),
+        ({"seed": True}, "seed must be an integer"),
+        ({"model": "m"}, "model must be a torch.nn.Module"),
+        ({"h": -1.0}, "h must be"),
+        ({"second_moment_samples": True}, "second_moment_samples must be"),
+        ({"y_params": "x"}, "y_params must be a list"),
+    ],
+)
+def test_measure_checks_its_arguments_as_probe_does(kwargs: dict, needle: str) -> None:
+    """seed=1.5 or 'a' crashed inside torch; model='m' was ignored (probe refuses it)."""
+    loss, x, y, *_ = _problem()
+    with pytest.raises(UsageError, match=needle):
+        measure(loss, [x], **({"y_params": [y], "hvp": "exact"} | kwargs))
+
+
+def test_measure_refuses_a_parameter_in_both_blocks() -> None:
+    loss, x, y, *_ = _problem()
+    with pytest.raises(UsageError, match="blocks overlap"):
+        measure(loss, [x, y], [y], hvp="exact")
