@@ -712,10 +712,6 @@ class Trainer:
             between = None if self.world.distributed else self.guard.stop_if_pending
             res = self.engine.step(loss_fn, reduce=reduce, zo_rate=rate, between=between)
             self.elapsed += time.perf_counter() - t0
-            if self.seedlog is not None and res.terms:
-                self.seedlog.append(
-                    self.t, res.terms, self.engine.lr("base"), self.cfg.weight_decay
-                )
             self.t += 1
             self.last_loss = res.loss
             self.loss_fn = D.sharded_loss_fn(loss_fn, n, total)
@@ -730,13 +726,30 @@ class Trainer:
             }
             due_eval = self.t % self.cfg.eval_every == 0 or self.t == self.cfg.steps
             self.pending = (["eval"] if due_eval else []) + ["row", "probe"]
-            rates = {k: self.row[k] for k in ("lr_base", "lr_peft")}
-            try:
-                self.divergence.check(self.t, res.loss, rates)
-            except Diverged:
-                if self.metrics is not None:
-                    self.metrics.write(self.row)
-                raise
+            self._check_divergence(res.loss, res.terms)
+            if self.seedlog is not None and res.terms:
+                self.seedlog.append(t, res.terms, self.engine.lr("base"), self.cfg.weight_decay)
+
+    def _check_divergence(self, loss: float, terms: tuple[tuple[int, float], ...]) -> None:
+        """:class:`Diverged` (step ``t``'s row logged first) when the loss diverged
+        (:class:`~hybrid.faults.DivergenceGuard`) or an SPSA coefficient g_i/q is not
+        finite (f(x ± μz) overflowed while f(x) did not). Runs before the step's seed-log
+        entry is appended, so a log never holds a non-finite coefficient."""
+        rates = {k: self.row[k] for k in ("lr_base", "lr_peft")}
+        try:
+            self.divergence.check(self.t, loss, rates)
+            bad = [c for _, c in terms if not math.isfinite(c)]
+            if bad:
+                shown = ", ".join(f"{k} {v:g}" for k, v in rates.items())
+                raise Diverged(
+                    f"the SPSA coefficient became {bad[0]} at step {self.t} (the loss at "
+                    f"x ± μz overflowed; {shown}); lower the learning rates (then rerun with "
+                    "--restart or another --out)"
+                )
+        except Diverged:
+            if self.metrics is not None:
+                self.metrics.write(self.row)
+            raise
 
     def evaluate(self, row: dict[str, Any]) -> None:
         """Eval and dev accuracy into ``row``; ``best.pt`` on a new best dev accuracy."""
