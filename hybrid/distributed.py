@@ -232,7 +232,10 @@ def shard(batch_indices: Sequence[int], rank: int, world_size: int) -> list[int]
     """Rank ``rank``'s contiguous part of a global minibatch.
 
     Sizes differ by at most one (the first ``N mod W`` ranks get ⌈N/W⌉), the parts are
-    disjoint, in order, and their concatenation over ranks is ``batch_indices``.
+    disjoint, in order, and their concatenation over ranks is ``batch_indices``. With
+    N < W the last W − N parts are empty (the last batch of an epoch, a small eval set): such
+    a rank's share n_r/N is 0, and the caller computes a stand-in value it weights by 0
+    (:meth:`hybrid.train.Trainer._local`), so Σ_r (n_r/N) f_r is still the global mean.
     """
     n = len(batch_indices)
     if not (
@@ -243,11 +246,6 @@ def shard(batch_indices: Sequence[int], rank: int, world_size: int) -> list[int]
     ):
         raise UsageError(
             f"rank {rank!r} of world size {world_size!r} is not valid; need 0 <= rank < world_size"
-        )
-    if n < world_size:
-        raise UsageError(
-            f"a global batch of {n} examples cannot be split over {world_size} ranks; "
-            f"use a batch size >= {world_size}"
         )
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)

@@ -635,9 +635,9 @@ class Trainer:
         probe_fn = None
         if cfg.record_batch == "fixed":
             examples = self.splits.dev[: cfg.batch_size]
-            mine = self._shard(examples)
+            mine, n = self._local(list(examples))
             held = bundle.encode(mine, cfg.max_length)
-            probe_fn = D.sharded_loss_fn(lambda: bundle.loss(held), len(mine), len(examples))
+            probe_fn = D.sharded_loss_fn(lambda: bundle.loss(held), n, len(examples))
         kw = dict(
             every=cfg.record_every,
             norm=cfg.record_norm,
@@ -658,17 +658,29 @@ class Trainer:
         self.probed = list(seen.values())
 
     def _shard(self, items: list) -> list:
-        """This rank's contiguous part of ``items`` (all of them in one process)."""
+        """This rank's contiguous part of ``items`` (all of them in one process; may be
+        empty under torchrun when ``len(items)`` < the number of ranks)."""
         if not self.world.distributed:
             return items
         return D.shard(items, self.world.rank, self.world.world_size)
 
+    def _local(self, items: list) -> tuple[list, int]:
+        """(what this rank computes its loss on, n_r): its shard, or for an empty shard
+        (N < W) the first item as a stand-in with n_r = 0. The stand-in keeps the shard loss
+        finite (a mean over no examples is nan, and 0·nan = nan) and the graph the same on
+        every rank; its weight n_r/N = 0 removes it from Σ_r (n_r/N) f_r and from the
+        gradients, so the sums equal one process's values."""
+        mine = self._shard(items)
+        if mine or not items:
+            return mine, len(mine)
+        return items[:1], 0
+
     def _batch(self, step: int) -> tuple[Any, int, int]:
         """Minibatch ``step``: this rank's shard encoded, its size n_r and the global N."""
         idx = self.sampler.batch(step)
-        mine = self._shard(list(idx))
+        mine, n = self._local(list(idx))
         batch = self.bundle.encode([self.splits.train[i] for i in mine], self.cfg.max_length)
-        return batch, len(mine), len(idx)
+        return batch, n, len(idx)
 
     def _probe_fn(self, step: int) -> Callable[[], torch.Tensor]:
         """The global-batch loss of minibatch ``step`` for probes: each call all-reduces
@@ -772,9 +784,10 @@ class Trainer:
         if not self.world.distributed:
             return [self.bundle.accuracy(examples, max_length=n) for examples in sets]
         counts = []
-        for examples in sets:
+        for examples in sets:  # a rank with an empty shard (fewer examples than ranks) adds 0
             part = self._shard(list(examples))
-            counts.append(round(self.bundle.accuracy(part, max_length=n) * len(part)))
+            acc = self.bundle.accuracy(part, max_length=n) if part else 0.0
+            counts.append(round(acc * len(part)))
         totals = D.allreduce_sum(counts)
         return [c / len(examples) for c, examples in zip(totals, sets)]
 

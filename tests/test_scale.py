@@ -138,13 +138,27 @@ def parallel(enc, tmp_path_factory):
         "zo-ft": _cfg(enc, root / "two" / "zo", method="zo-ft", checkpoint="full"),
         "hybrid-lora": _cfg(enc, root / "two" / "hl", method="hybrid-lora", **rec),
         "seeds": _cfg(enc, root / "two" / "seeds", method="zo-ft", checkpoint="seeds", steps=6),
+        # batches of 16 and 1 (17 examples), eval and dev sets of 1: rank 1's shards are empty
+        "short": _cfg(enc, root / "two" / "short", **SHORT),
     }
     codes = _two_ranks(list(jobs.values()))
     assert codes == [0, 0]
     one = {}
     for k in ("zo-ft", "hybrid-lora"):
         one[k] = _train(_cfg(enc, root / "one" / k, **_over(jobs[k])))
+    one["short"] = _train(_cfg(enc, root / "one" / "short", **SHORT))
     return {"two": {k: Path(c.out) for k, c in jobs.items()}, "one": one, "root": root}
+
+
+SHORT = {
+    "method": "hybrid-lora",
+    "train_size": 17,
+    "eval_size": 1,
+    "dev_size": 1,
+    "steps": 3,
+    "record_every": 3,
+    "record_vectors": 2,
+}
 
 
 def _over(cfg: TrainConfig) -> dict:
@@ -173,6 +187,25 @@ def test_two_ranks_of_8_match_one_process_of_16(parallel, method) -> None:
     config = json.loads((two / "config.json").read_text())
     assert config["world_size"] == 2 and config["batch_size"] == 16
     assert not list(two.parent.glob("rank*.err"))
+
+
+def test_a_rank_with_an_empty_shard_adds_nothing(parallel) -> None:
+    """Step 2's batch, the eval set, the dev set and the fixed probe batch hold one example:
+    rank 1's shard is empty (it used to stop both ranks with exit 2 after step 1). Its share
+    is 0, so the run matches one process as closely as the even split does."""
+    one, two = parallel["one"]["short"], parallel["two"]["short"]
+    r1, r2 = _rows(one), _rows(two)
+    assert [r["step"] for r in r2] == ["1", "2", "3"]
+    dl = max(abs(float(a["loss"]) / float(b["loss"]) - 1) for a, b in zip(r1, r2))
+    w1, w2 = _state(one), _state(two)
+    dw = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert dl <= 1e-5 and dw <= 1e-5, (dl, dw)
+    assert [(a["eval_acc"], a["dev_acc"]) for a in r1] == [
+        (b["eval_acc"], b["dev_acc"]) for b in r2
+    ]
+    s1, s2 = _rows(one, "smoothness.csv"), _rows(two, "smoothness.csv")
+    assert len(s1) == len(s2) > 0
+    assert all(abs(float(a["loss"]) / float(b["loss"]) - 1) <= 1e-5 for a, b in zip(s1, s2))
 
 
 def test_recorder_under_two_ranks_matches_one_process(parallel) -> None:
