@@ -57,7 +57,7 @@ from .data import EpochSampler, Splits, Task, load_task_data
 from .engine import HybridEngine, table_of, zo_updater
 from .faults import Diverged, DivergenceGuard, RunLock, SignalGuard, check_resume, clear_run
 from .models import ModelBundle, attach_peft, load_model
-from .seedlog import SeedHeader, SeedLog, replay
+from .seedlog import SeedHeader, SeedLog, replay, weights_hash
 
 __all__ = [
     "PHASES",
@@ -291,9 +291,11 @@ def restore_weights(
             "(restart it with --restart)"
         )
     steps = int(state["seed_steps"])
+    log = SeedLog(path)
+    _check_frozen(model, zo, set(state["trained"]), log)
     if zo:
         table = table_of(state.get("engine", {}), zo)
-        replay(zo, SeedLog(path), zo_updater(zo, seed=cfg.seed, z=cfg.z, table=table), upto=steps)
+        replay(zo, log, zo_updater(zo, seed=cfg.seed, z=cfg.z, table=table), upto=steps)
     params = dict(model.named_parameters())
     unknown = sorted(set(state["trained"]) - set(params))
     if unknown:
@@ -301,6 +303,33 @@ def restore_weights(
     with torch.no_grad():
         for name, value in state["trained"].items():
             params[name].copy_(value)
+
+
+def frozen_weights(
+    model: nn.Module, zo: list[nn.Parameter], trained: set[str]
+) -> dict[str, torch.Tensor]:
+    """The weights a ``seeds`` checkpoint neither replays (x, ``zo``) nor saves (y, the
+    names in ``trained``): frozen base weights, a fresh head's initial values, peft's
+    inactive copies. They must be the same at replay as in training."""
+    ids = {id(p) for p in zo}
+    return {n: p for n, p in model.named_parameters() if id(p) not in ids and n not in trained}
+
+
+def _check_frozen(
+    model: nn.Module, zo: list[nn.Parameter], trained: set[str], log: SeedLog
+) -> None:
+    """UsageError when the weights neither replayed nor saved hash to something other
+    than the log header's ``frozen_hash`` (absent in logs written before it existed)."""
+    want = log.header.extra.get("frozen_hash")
+    if want is None:
+        return
+    have = weights_hash(frozen_weights(model, zo, trained))
+    if have != want:
+        raise UsageError(
+            f"cannot replay {log.path}: its frozen (untrained) weights hash to {want} "
+            f"(model {log.header.model!r}) but the model given has {have}; load the same "
+            "initial model (name, revision, seed of any fresh head)"
+        )
 
 
 DATA_FIELDS = ("data", "eval_data", "dev_data")  # the config's data files
@@ -616,10 +645,17 @@ class Trainer:
         path = self.out / "seeds.jsonl"
         if self.start == 0:
             path.unlink(missing_ok=True)  # a log without a checkpoint is redone from step 0
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            frozen = frozen_weights(self.model, self.zo, {names[id(p)] for p in self.fo})
             header = SeedHeader.of(
                 self.cfg.model or self.bundle.name,
                 self.zo,
-                extra={"method": self.cfg.method, "seed": self.cfg.seed, "z": self.cfg.z},
+                extra={
+                    "method": self.cfg.method,
+                    "seed": self.cfg.seed,
+                    "z": self.cfg.z,
+                    "frozen_hash": weights_hash(frozen),
+                },
             )
             self.seedlog = SeedLog(path, header)
         else:
@@ -893,8 +929,6 @@ class Trainer:
     def _check_replicas(self) -> None:
         """Every rank holds the same configuration, weights and step (else a
         :class:`UsageError` naming each rank's value; a missing rank: :class:`RankFailure`)."""
-        from .seedlog import weights_hash
-
         D.check_same("the configuration", json.dumps(dataclasses.asdict(self.cfg), default=str))
         D.check_same("the resumed step", str(self.start))
         D.check_same("the weights", weights_hash(self.model))

@@ -21,6 +21,7 @@ tests/test_distributed.py (rank 0's 8 examples alone).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -310,6 +311,23 @@ def test_seed_checkpoint_refuses_other_initial_weights(enc, tmp_path) -> None:
         )
     with pytest.raises(UsageError, match="cannot replay"):
         load_trained(tmp_path / "r")
+
+
+def test_seed_checkpoint_of_a_first_order_method_checks_the_frozen_base(tmp_path) -> None:
+    """fo-lora trains no ZO weights: its log's weights_hash is of nothing, and the frozen
+    base was neither saved nor hashed (an export from swapped weights differed by 0.14)."""
+    from tests.tiny_models import tiny_encoder
+
+    model = tmp_path / "model"
+    tiny_encoder(seed=0, save_dir=model)
+    cfg = _cfg(model, tmp_path / "r", method="fo-lora", checkpoint="seeds", steps=2)
+    _train(cfg)
+    load_trained(tmp_path / "r")  # the same model: fine
+    tiny_encoder(seed=1, save_dir=model)
+    with pytest.raises(UsageError, match="cannot replay .* frozen"):
+        load_trained(tmp_path / "r")
+    with pytest.raises(UsageError, match="cannot replay .* frozen"):
+        _train(dataclasses.replace(cfg, steps=3))
 
 
 def test_checkpoint_kind_cannot_change_on_resume(seed_runs, enc, tmp_path) -> None:
