@@ -58,6 +58,7 @@ from .engine import HybridEngine, table_of, zo_updater
 from .faults import Diverged, DivergenceGuard, RunLock, SignalGuard, check_resume, clear_run
 from .models import ModelBundle, attach_peft, load_model
 from .seedlog import SeedHeader, SeedLog, replay, weights_hash
+from .seedlog import digest as log_digest
 
 __all__ = [
     "PHASES",
@@ -277,31 +278,58 @@ def restore_weights(
 
     ``full``: its state dict. ``seeds``: x_0 (the model as built, which must hash to the
     log's ``weights_hash``, else :class:`UsageError`) is replayed through the first
-    ``seed_steps`` entries of ``run_dir/seeds.jsonl`` with the engine's own update
+    ``seed_steps`` entries of ``run_dir/seeds.jsonl`` (whose bytes must hash to the
+    checkpoint's ``seeds_digest``, :func:`hybrid.seedlog.digest`) with the engine's own update
     (:func:`hybrid.engine.zo_updater`): bit-identical to the trained x. Then the saved
     first-order weights (``trained``, by name) are copied in.
     """
     if state.get("checkpoint", "full") == "full":
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except (KeyError, RuntimeError) as e:  # another model or method, a damaged file
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else repr(e)
+            raise UsageError(
+                f"{run_dir}/checkpoint.pt does not fit the model its config.json builds "
+                f"({reason}); restart the run with --restart"
+            ) from None
         return
+    _replay_seeds(model, zo, cfg, state, Path(run_dir))
+
+
+def _replay_seeds(
+    model: nn.Module, zo: list[nn.Parameter], cfg: TrainConfig, state: dict[str, Any], run_dir: Path
+) -> None:
+    """The ``seeds`` half of :func:`restore_weights`: checks, replay, first-order weights."""
     path = Path(run_dir) / "seeds.jsonl"
     if not path.is_file():
         raise UsageError(
             f"{run_dir} holds a seeds checkpoint but no seeds.jsonl; the run cannot be rebuilt "
             "(restart it with --restart)"
         )
-    steps = int(state["seed_steps"])
+    steps, trained = state.get("seed_steps"), state.get("trained")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not isinstance(trained, dict):
+        raise UsageError(
+            f"{run_dir}/checkpoint.pt is a damaged seeds checkpoint (no seed_steps or trained "
+            "weights in it); restart the run with --restart"
+        )
     log = SeedLog(path)
-    _check_frozen(model, zo, set(state["trained"]), log)
+    saved = state.get("seeds_digest")  # absent in checkpoints written before it existed
+    if saved is not None and log_digest(path, steps) != saved:
+        raise UsageError(
+            f"cannot replay {path}: its header or first {steps} entries are not those the "
+            f"checkpoint was saved with ({saved} then, {log_digest(path, steps)} now); the log was "
+            "edited or replaced: restore it, or rerun with --restart"
+        )
+    _check_frozen(model, zo, set(trained), log)
     if zo:
         table = table_of(state.get("engine", {}), zo)
         replay(zo, log, zo_updater(zo, seed=cfg.seed, z=cfg.z, table=table), upto=steps)
     params = dict(model.named_parameters())
-    unknown = sorted(set(state["trained"]) - set(params))
+    unknown = sorted(set(trained) - set(params))
     if unknown:
         raise UsageError(f"{run_dir}: the checkpoint has weights this model lacks: {unknown[:3]}")
     with torch.no_grad():
-        for name, value in state["trained"].items():
+        for name, value in trained.items():
             params[name].copy_(value)
 
 
@@ -834,7 +862,11 @@ class Trainer:
             return {"model": self.model.state_dict()}
         names = {id(p): n for n, p in self.model.named_parameters()}
         trained = {names[id(p)]: p.detach().clone() for p in self.fo}
-        return {"trained": trained, "seed_steps": self.engine.t if self.zo else 0}
+        steps = self.engine.t if self.zo else 0
+        out = {"trained": trained, "seed_steps": steps}
+        if self.seedlog is not None:  # the writer's: the entries this checkpoint covers
+            out["seeds_digest"] = log_digest(self.seedlog.path, steps)
+        return out
 
     def log(self, row: dict[str, Any]) -> None:
         """Write ``row`` to ``metrics.csv`` (atomic with respect to signals)."""

@@ -281,6 +281,31 @@ def test_seed_checkpoint_replays_bit_identically_to_a_full_one(seed_runs, method
         assert small < big / 100
 
 
+@pytest.mark.parametrize("edit", ["coefficient", "header"])
+def test_an_edited_seed_log_is_refused(seed_runs, enc, tmp_path, edit) -> None:
+    """A log whose bytes differ from those its checkpoint covered (one coefficient edited:
+    the export differed by 0.026, silently) is refused by export and resume alike."""
+    import shutil
+
+    _, runs = seed_runs
+    run = tmp_path / "run"
+    shutil.copytree(runs["zo-ft", "seeds"], run)
+    lines = (run / "seeds.jsonl").read_text().splitlines(keepends=True)
+    if edit == "coefficient":
+        rec = json.loads(lines[3])
+        rec["terms"][0][1] *= 1.5
+        lines[3] = json.dumps(rec) + "\n"
+    else:
+        rec = json.loads(lines[0])
+        rec["model"] = "other"
+        lines[0] = json.dumps(rec) + "\n"
+    (run / "seeds.jsonl").write_text("".join(lines))
+    with pytest.raises(UsageError, match="cannot replay .* edited or replaced"):
+        load_trained(run)
+    with pytest.raises(UsageError, match="cannot replay .* edited or replaced"):
+        _train(_cfg(enc, run, method="zo-ft", checkpoint="seeds", steps=7))
+
+
 def test_seed_checkpoint_resumes_by_replay(seed_runs, enc, tmp_path) -> None:
     """Stopped at step 3 (then the log is torn mid-line, as a crash leaves it), resumed to 6:
     bit-identical to the uninterrupted seeds run and to the full one."""
