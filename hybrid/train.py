@@ -52,7 +52,7 @@ from smoothlab.runlog import (
 )
 
 from . import distributed as D
-from .config import AUTO, TrainConfig, resolve_device, user_input
+from .config import AUTO, TrainConfig, check_fields, resolve_device, user_input
 from .data import EpochSampler, Splits, Task, load_task_data
 from .engine import HybridEngine, table_of, zo_updater
 from .faults import Diverged, DivergenceGuard, RunLock, SignalGuard, check_resume, clear_run
@@ -283,7 +283,13 @@ def restore_weights(
     (:func:`hybrid.engine.zo_updater`): bit-identical to the trained x. Then the saved
     first-order weights (``trained``, by name) are copied in.
     """
-    if state.get("checkpoint", "full") == "full":
+    kind = state.get("checkpoint", "full")
+    if kind not in ("full", "seeds"):
+        raise UsageError(
+            f"{run_dir}/checkpoint.pt is damaged: it holds a {kind!r} checkpoint (accepted: "
+            "'full', 'seeds'); restart the run with --restart"
+        )
+    if kind == "full":
         try:
             model.load_state_dict(state["model"])
         except (KeyError, RuntimeError) as e:  # another model or method, a damaged file
@@ -423,6 +429,12 @@ def load_trained(run_dir: str | Path, *, device: str | None = None) -> ModelBund
     bundle, _, _ = build(cfg)
     zo, _ = split_parameters(bundle.model, cfg.method)
     state = read_checkpoint(path, bundle.device, "the run's last checkpoint is damaged")
+    saved = state["config"].get("method") if isinstance(state["config"], dict) else None
+    if saved != cfg.method:
+        raise UsageError(
+            f"{path} is of a {saved!r} run but {run_dir}/config.json says {cfg.method!r}; "
+            "the folder mixes two runs: export the run that wrote the checkpoint"
+        )
     restore_weights(bundle.model, zo, cfg, state, Path(run_dir))
     bundle.model.eval()
     return bundle
@@ -1046,7 +1058,17 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise UsageError(f"{run_dir} is not a run folder: no config.json")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not a readable run config ({e})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a run config: a JSON object was expected")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     # config.json holds the target in effect: an extension is already in ``steps``
-    return TrainConfig(**{k: v for k, v in data.items() if k in names} | {"extend_steps": 0})
+    cfg = TrainConfig(**{k: v for k, v in data.items() if k in names} | {"extend_steps": 0})
+    try:
+        check_fields(cfg)  # every option as a run would accept it (the device is checked later)
+    except UsageError as e:
+        raise UsageError(f"{path} is damaged: {e}") from None
+    return cfg

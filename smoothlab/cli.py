@@ -569,6 +569,16 @@ def _export_device(run: Path, device: str | None) -> str:
         raise UsageError(f"{run} was trained on {e}; pass --device to export on another") from None
 
 
+def _check_apart(run: Path, out: Path) -> None:
+    """UsageError when the export folder is the run folder, inside it or holds it: an
+    export writes config.json, which would replace the run's own (``--overwrite``)."""
+    a, b = run.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise UsageError(
+            f"--out {out} overlaps the run folder {run}; export to a folder outside the run"
+        )
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from hybrid.config import check_out
     from hybrid.export import check_export_target, export
@@ -578,6 +588,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not (run / "config.json").is_file():
         raise UsageError(f"{run} is not a run folder (no config.json)")
     check_out(args.out, "--out", kind="dir")
+    _check_apart(run, Path(args.out))
     # every check before the model is built (minutes for a large one)
     check_export_target(args.out, overwrite=args.overwrite, flag="--overwrite")
     device = _export_device(run, args.device)

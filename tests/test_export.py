@@ -198,7 +198,33 @@ def test_export_into_a_non_empty_folder_names_the_flag(tmp_path, capsys) -> None
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("{not json", "is not a readable run config"),
+        ("[1]", "a JSON object was expected"),
+        ('{"method": "nope"}', "method 'nope' is not accepted"),
+        ('{"lora_r": "abc"}', "lora_r must be a positive integer"),
+    ],
+)
+def test_export_cli_of_a_damaged_config_is_one_line(tmp_path, capsys, text, words) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    err = _one_line_exit_2(["export", str(run), "--out", str(tmp_path / "hf")], capsys)
+    assert words in err
+
+
+def test_export_cli_refuses_the_run_folder_as_target(tmp_path, capsys) -> None:
+    """``export run --out run --overwrite`` replaced the run's config.json with the HF one."""
+    run = _run_folder(tmp_path / "run")
+    for out in (run, f"{run}/hf", str(tmp_path)):
+        err = _one_line_exit_2(["export", run, "--out", out, "--overwrite"], capsys)
+        assert "overlaps the run folder" in err
+    assert (tmp_path / "run" / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "method", "kind", "state"])
 def test_export_cli_of_a_damaged_checkpoint_is_one_line(tiny_dir, tmp_path, capsys, damage):
     """checkpoint.pt of 9 garbage bytes, or cut short: one line naming the file (read by
     hybrid.train.load_trained), not torch's zip-reader traceback."""
@@ -225,6 +251,23 @@ def test_export_cli_of_a_damaged_checkpoint_is_one_line(tiny_dir, tmp_path, caps
         train(cfg, progress=False)
     ckpt = run / "checkpoint.pt"
     data = ckpt.read_bytes()
-    ckpt.write_bytes(b"garbage!!" if damage == "garbage" else data[: len(data) // 2])
+    if damage in ("garbage", "truncated"):
+        ckpt.write_bytes(b"garbage!!" if damage == "garbage" else data[: len(data) // 2])
+        words = f"{ckpt} is not a readable checkpoint"
+    elif damage == "method":  # config.json of another run beside this checkpoint
+        import json
+
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps(config | {"method": "fo-prompt"}))
+        words = "is of a 'fo-lora' run but"
+    else:
+        state = torch.load(ckpt, weights_only=False)
+        if damage == "kind":
+            state["checkpoint"] = "weird"
+            words = "holds a 'weird' checkpoint"
+        else:
+            del state["model"]
+            words = "does not fit the model"
+        torch.save(state, ckpt)
     err = _one_line_exit_2(["export", str(run), "--out", str(tmp_path / "hf")], capsys)
-    assert f"{ckpt} is not a readable checkpoint" in err
+    assert words in err
