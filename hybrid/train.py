@@ -416,10 +416,13 @@ def read_checkpoint(path: Path, device: torch.device, hint: str) -> dict[str, An
     return state
 
 
-def load_trained(run_dir: str | Path, *, device: str | None = None) -> ModelBundle:
+def load_trained(
+    run_dir: str | Path, *, device: str | None = None, info: dict[str, Any] | None = None
+) -> ModelBundle:
     """The fine-tuned model of a run folder: built from its ``config.json`` as training
     built it, then the weights of ``checkpoint.pt`` restored (:func:`restore_weights`;
-    a ``seeds`` checkpoint is replayed). ``device`` overrides the run's device."""
+    a ``seeds`` checkpoint is replayed). ``device`` overrides the run's device. ``info``,
+    if given, receives ``step`` (the checkpoint's) and ``steps`` (the run's target)."""
     cfg = load_config(run_dir)
     if device is not None:
         cfg = dataclasses.replace(cfg, device=resolve_device(device))
@@ -436,6 +439,8 @@ def load_trained(run_dir: str | Path, *, device: str | None = None) -> ModelBund
             "the folder mixes two runs: export the run that wrote the checkpoint"
         )
     restore_weights(bundle.model, zo, cfg, state, Path(run_dir))
+    if info is not None:
+        info.update(step=state.get("step"), steps=cfg.steps)
     bundle.model.eval()
     return bundle
 

@@ -593,13 +593,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_export_target(args.out, overwrite=args.overwrite, flag="--overwrite")
     device = _export_device(run, args.device)
     t0 = time.perf_counter()
-    bundle = load_trained(run, device=device)
+    info: dict[str, Any] = {}
+    bundle = load_trained(run, device=device, info=info)
     result = export(bundle, args.out, overwrite=args.overwrite)
     how = "LoRA merged into the weights" if result.merged else "weights as trained"
     if result.adapter_dir is not None:
         how = f"base model; the adapter in {result.adapter_dir} (PeftModel.from_pretrained)"
-    print(f"exported {run} ({how}) -> {result.path} in {time.perf_counter() - t0:.1f} s")
+    at = f"step {info['step']} of {info['steps']}"
+    print(f"exported {run} at {at} ({how}) -> {result.path} in {time.perf_counter() - t0:.1f} s")
+    _warn_unfinished(run, info["step"], info["steps"])
     return 0
+
+
+def _warn_unfinished(run: Path, step: int, steps: int) -> None:
+    """One ``smoothlab: warning:`` line when the exported checkpoint is not a finished run's:
+    no ``summary.json`` (interrupted, crashed or diverged; diverged when metrics.csv logs a
+    non-finite loss or a step past the checkpoint's), or a checkpoint before the target."""
+    from smoothlab.runlog import METRICS, read_log
+
+    rows = read_log(run / "metrics.csv", METRICS, warn=False).rows
+    last = rows[-1] if rows else {}
+    loss = last.get("loss")
+    diverged = (isinstance(loss, float) and not math.isfinite(loss)) or (last.get("step", 0) > step)
+    if diverged:
+        why = f"the run diverged at step {last.get('step')} (see metrics.csv)"
+    elif not (run / "summary.json").is_file():
+        why = "the run did not finish (no summary.json: interrupted or crashed)"
+    elif step < steps:
+        why = f"the run stopped before its {steps} steps"
+    else:
+        return
+    print(
+        f"smoothlab: warning: {why}; what was exported is its checkpoint at step {step} of "
+        f"{steps}, not the fine-tuned model",
+        file=sys.stderr,
+    )
 
 
 # --------------------------------------------------------------------------- report

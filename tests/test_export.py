@@ -271,3 +271,57 @@ def test_export_cli_of_a_damaged_checkpoint_is_one_line(tiny_dir, tmp_path, caps
         torch.save(state, ckpt)
     err = _one_line_exit_2(["export", str(run), "--out", str(tmp_path / "hf")], capsys)
     assert words in err
+
+
+def test_export_of_an_unfinished_or_diverged_run_warns(tiny_dir, tmp_path, capsys) -> None:
+    """An interrupted run exported silently as the fine-tuned model ("weights as trained",
+    rc 0); so did a diverged one's last checkpoint. Now the step is printed and a warning
+    line says so; a finished run gets no warning."""
+    import json
+    import warnings
+
+    from hybrid.train import TrainConfig, train
+    from smoothlab.cli import main
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(
+        model=tiny_dir,
+        method="zo-ft",
+        steps=3,
+        eval_every=1,
+        train_size=8,
+        eval_size=4,
+        dev_size=4,
+        batch_size=4,
+        max_length=16,
+        out=str(run),
+    )
+
+    def stop(t, row):
+        if t == 1:
+            raise KeyboardInterrupt
+
+    def export_(name: str) -> tuple[int, str, str]:
+        rc = main(["export", str(run), "--out", str(tmp_path / name)])
+        out = capsys.readouterr()  # (transformers' loading bars aside)
+        return rc, out.out, "".join(x for x in out.err.splitlines(True) if "smoothlab" in x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False, on_step=stop)
+        rc, out, err = export_("a")
+        assert rc == 0 and "at step 1 of 3" in out
+        assert err.startswith("smoothlab: warning: the run did not finish") and err.count("\n") == 1
+        train(cfg, progress=False)
+        rc, out, err = export_("b")
+        assert rc == 0 and "at step 3 of 3" in out and err == ""
+        # the same folder as a diverged run leaves it: a nan row past the checkpoint
+        (run / "summary.json").unlink()
+        with (run / "metrics.csv").open("a") as fh:
+            fh.write("4,0,nan,nan,0.001,0.0,,,1.0\n")
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps(config | {"steps": 10}))
+        rc, out, err = export_("c")
+        assert rc == 0 and "at step 3 of 10" in out
+        assert "warning: the run diverged at step 4" in err
