@@ -84,6 +84,7 @@ __all__ = [
 ]
 
 LossFn = Callable[[], torch.Tensor]
+TIMEOUT_RANGE = (1.0, 7 * 24 * 3600.0)  # seconds a rank may wait for the others
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -181,8 +182,16 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> World:
     On CUDA the process's device is set to ``LOCAL_RANK``.
     """
     global _world
-    if not (isinstance(timeout_s, int | float) and timeout_s > 0):
-        raise UsageError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    lo, hi = TIMEOUT_RANGE
+    if not (
+        isinstance(timeout_s, int | float)
+        and not isinstance(timeout_s, bool)
+        and lo <= timeout_s <= hi
+    ):
+        raise UsageError(
+            f"timeout_s (--dist-timeout) must be a number of seconds from {lo:g} to {hi:g} "
+            f"(a week), got {timeout_s!r}"
+        )
     if "WORLD_SIZE" not in os.environ or _env_int("WORLD_SIZE") == 1:
         _world = World(timeout_s=float(timeout_s))
         return _world
@@ -197,7 +206,7 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> World:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        _join(backend, timeout_s)
     _world = World(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -206,6 +215,22 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> World:
         timeout_s=float(timeout_s),
     )
     return _world
+
+
+def _join(backend: str, timeout_s: float) -> None:
+    """``init_process_group``; a rendezvous that fails (a peer that never joins within
+    ``timeout_s``, an unreachable MASTER_ADDR:MASTER_PORT) is a one-line :class:`RankFailure`."""
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError, OSError, dist.DistError) as exc:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise RankFailure(
+            f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: joining the "
+            f"process group at {where} failed within the {timeout_s:g} s timeout "
+            f"({type(exc).__name__}: {first}); start every rank (or raise --dist-timeout) and "
+            "re-run the same command"
+        ) from exc
 
 
 def shutdown(*, wait: bool = True) -> None:

@@ -218,7 +218,21 @@ def test_single_process_is_a_no_op(monkeypatch) -> None:
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(UsageError, match="MASTER_PORT"):
         D.init()
-    with pytest.raises(UsageError, match="timeout_s"):
-        D.init(timeout_s=0)
+    for bad in (0, 1e-9, 0.001, 1e300, float("nan"), True):  # 1e300: OverflowError per rank
+        with pytest.raises(UsageError, match="from 1 to 604800"):
+            D.init(timeout_s=bad)
     with pytest.raises(ValueError, match="n_local"):
         D.weighted_sum([1.0], 9, 8)
+
+
+def test_a_peer_that_never_joins_is_a_one_line_rank_failure(monkeypatch) -> None:
+    """Rank 0 of 2 alone: init_process_group's DistStoreError (a traceback per rank before)
+    becomes RankFailure after the timeout."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with pytest.raises(D.RankFailure, match="rank 0 of 2: joining the process group") as info:
+        D.init("gloo", timeout_s=1)
+    assert "\n" not in str(info.value) and "re-run the same command" in str(info.value)
+    assert not torch.distributed.is_initialized()
