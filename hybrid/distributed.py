@@ -66,6 +66,7 @@ __all__ = [
     "CommStats",
     "RankFailure",
     "World",
+    "agreed",
     "allreduce_",
     "allreduce_grads_",
     "allreduce_sum",
@@ -495,6 +496,34 @@ def barrier(what: str = "barrier", *, timeout_s: float | None = None) -> None:
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True)
         else:
             dist.barrier()
+
+
+@contextlib.contextmanager
+def agreed(what: str) -> Iterator[None]:
+    """Run the body on every rank, then let every rank learn whether any refused it: a
+    :class:`UsageError` on some ranks (rank 0's run-folder lock, a log header only rank 0
+    reads) is raised on all of them, the lowest failing rank's message first (named when it
+    is not this rank's), instead of the others failing later in a collective with a
+    misleading "another rank died" message. One all-gather; a no-op single-process.
+    Other exceptions propagate as they are (the peers then see a :class:`RankFailure`)."""
+    mine: UsageError | None = None
+    try:
+        yield
+    except UsageError as e:
+        mine = e
+    if not _active():
+        if mine is not None:
+            raise mine
+        return
+    values: list[object] = [None] * dist.get_world_size()
+    with _collective(f"{what} (agreeing on refusals)"):
+        dist.all_gather_object(values, None if mine is None else str(mine))
+    failed = [(r, m) for r, m in enumerate(values) if m is not None]
+    if mine is not None:
+        raise mine
+    if failed:
+        rank, msg = failed[0]
+        raise UsageError(f"rank {rank}: {msg}")
 
 
 def check_same(name: str, value: str) -> None:

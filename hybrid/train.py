@@ -1013,15 +1013,18 @@ class Trainer:
         SIGTERM stop it as a ``KeyboardInterrupt`` (:class:`~hybrid.faults.Interrupted`),
         never inside an update or a write, after saving a checkpoint at the current step.
         """
-        lock = RunLock(self.out) if self.writer else contextlib.nullcontext()
-        with self.guard, lock:
-            if resume:
-                self.resume()
-            elif self.writer:
-                clear_run(self.out)
+        with self.guard, contextlib.ExitStack() as stack:
+            with D.agreed("starting the run"):  # the lock and the logs: rank 0 sees them
+                if self.writer:
+                    stack.enter_context(RunLock(self.out))
+                if resume:
+                    self.resume()
+                elif self.writer:
+                    clear_run(self.out)
             if self.world.distributed:
                 self._check_replicas()
-            self.open()
+            with D.agreed("opening the run folder"):  # rank 0 checks the logs' headers
+                self.open()
             try:
                 if self.recorders and self.start == 0:
                     self.record_start()

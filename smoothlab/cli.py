@@ -772,8 +772,8 @@ def _rank_failure(e: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``smoothlab`` console script: 0 on success, 2 (one line on stderr)
-    on a :class:`UsageError`, 1 (one line) when a distributed rank failed
+    """Entry point of the ``smoothlab`` console script: 0 on success, 2 (one line on stderr,
+    printed by rank 0 alone under torchrun) on a :class:`UsageError`, 1 (one line) when a distributed rank failed
     (``hybrid.distributed.RankFailure``); any other exception propagates with its traceback
     (status 1). Run-log problems (``RunLogWarning``) are one ``smoothlab: warning:`` line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -791,7 +791,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _quiet_transformers()
             return int(args.func(args) or 0)
         except UsageError as e:
-            print(_one_line(e), file=sys.stderr)
+            if not _other_rank():  # under torchrun every rank refuses; rank 0 says why
+                print(_one_line(e), file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
             # SIGINT or SIGTERM (hybrid.faults.Interrupted): 128 + the signal, like a shell
@@ -806,6 +807,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(_one_line(e), file=sys.stderr)
             return 1
+
+
+def _other_rank() -> bool:
+    """True in a torchrun rank other than 0 (``RANK`` > 0 of ``WORLD_SIZE`` > 1). Its
+    UsageErrors stay unprinted: every rank raises the same refusal (the run shares them
+    across ranks, :func:`hybrid.distributed.agreed`), and rank 0 prints it once."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ["RANK"]) > 0
+    except (KeyError, ValueError):
+        return False
 
 
 def _runlog_warning() -> type:

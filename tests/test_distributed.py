@@ -103,6 +103,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result = {name: run(name, w.rank, w.world_size) for name in CONFIGS}
         result["writer"] = D.is_writer()
         D.check_same("weights", str([p.sum().item() for p in result["hybrid-32"]["weights"]]))
+        try:  # a refusal only rank 0 sees (its run-folder lock): every rank learns it
+            with D.agreed("starting"):
+                if rank == 0:
+                    raise UsageError("run folder in use")
+            result["refusal"] = None
+        except UsageError as exc:
+            result["refusal"] = str(exc)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         # then rank 1 vanishes: rank 0 must get a clear RankFailure, not hang
         if rank == 1:
@@ -236,3 +243,23 @@ def test_a_peer_that_never_joins_is_a_one_line_rank_failure(monkeypatch) -> None
         D.init("gloo", timeout_s=1)
     assert "\n" not in str(info.value) and "re-run the same command" in str(info.value)
     assert not torch.distributed.is_initialized()
+
+
+def test_a_refusal_on_one_rank_reaches_every_rank(two_ranks) -> None:
+    """Rank 0 alone refused (a locked run folder): rank 1 used to fail in the next
+    collective with "another rank died or stalled ... re-run the same command"."""
+    _, out = two_ranks
+    got = [torch.load(out / f"rank{r}.pt", weights_only=False)["refusal"] for r in range(2)]
+    assert got == ["run folder in use", "rank 0: run folder in use"]
+
+
+def test_cli_prints_a_usage_error_on_rank_0_only(monkeypatch, tmp_path, capsys) -> None:
+    from smoothlab.cli import main
+
+    argv = ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "hf")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert ("is not a run folder" in err) == printed and "Traceback" not in err
