@@ -55,7 +55,15 @@ from . import distributed as D
 from .config import AUTO, TrainConfig, check_fields, resolve_device, user_input
 from .data import EpochSampler, Splits, Task, load_task_data
 from .engine import HybridEngine, table_of, zo_updater
-from .faults import Diverged, DivergenceGuard, RunLock, SignalGuard, check_resume, clear_run
+from .faults import (
+    INERT,
+    Diverged,
+    DivergenceGuard,
+    RunLock,
+    SignalGuard,
+    check_resume,
+    clear_run,
+)
 from .models import ModelBundle, attach_peft, load_model
 from .seedlog import SeedHeader, SeedLog, replay, weights_hash
 from .seedlog import digest as log_digest
@@ -590,9 +598,12 @@ class Trainer:
             for f in dataclasses.fields(TrainConfig)
             if f.default is not dataclasses.MISSING
         }
-        check_resume(
-            self.out, saved, dataclasses.asdict(self.cfg), done=state["step"], defaults=defaults
-        )
+        # the checkpoint kind in effect (None: the method's default), not the raw option;
+        # options the method never reads cannot change its trajectory
+        current = dataclasses.asdict(self.cfg) | {"checkpoint": self.ckpt_kind}
+        then = dict(saved) | {"checkpoint": state.get("checkpoint", "full")}
+        inert = INERT | self.cfg.unused_fields()
+        check_resume(self.out, then, current, done=state["step"], defaults=defaults, inert=inert)
         self._restore(state)
         self.engine.load_state_dict(state["engine"])
         self.start, self.best_dev, self.elapsed = state["step"], state["best_dev"], state["seconds"]

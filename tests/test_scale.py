@@ -368,6 +368,21 @@ def test_checkpoint_kind_cannot_change_on_resume(seed_runs, enc, tmp_path) -> No
         TrainConfig(checkpoint="weights").validate()
 
 
+def test_resume_compares_what_takes_effect(seed_runs, enc, tmp_path) -> None:
+    """A zo-ft run saved with checkpoint 'seeds' resumes with the default (None, which means
+    seeds for zo-ft) and with a LoRA rank zo-ft never reads; both were refused. A field
+    zo-ft does read (mu) is still refused."""
+    import shutil
+
+    _, runs = seed_runs
+    shutil.copytree(runs["zo-ft", "seeds"], tmp_path / "r")
+    same = _cfg(enc, tmp_path / "r", method="zo-ft", checkpoint=None, lora_r=8, steps=7)
+    with pytest.raises(UsageError, match="mu: 0.001 -> 0.002"):
+        _train(dataclasses.replace(same, mu=2e-3))
+    _train(same)
+    assert [r["step"] for r in _rows(tmp_path / "r")][-1] == "7"
+
+
 def test_cli_defaults_to_seeds_for_zo_ft_and_exports(seed_runs, enc, tmp_path) -> None:
     from transformers import AutoModelForSequenceClassification
 
