@@ -598,7 +598,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export(bundle, args.out, overwrite=args.overwrite)
     how = "LoRA merged into the weights" if result.merged else "weights as trained"
     if result.adapter_dir is not None:
-        how = f"base model; the adapter in {result.adapter_dir} (PeftModel.from_pretrained)"
+        how = f"base model; the adapter in {result.adapter_dir} (load it with {result.loader})"
     at = f"step {info['step']} of {info['steps']}"
     print(f"exported {run} at {at} ({how}) -> {result.path} in {time.perf_counter() - t0:.1f} s")
     _warn_unfinished(run, info["step"], info["steps"])

@@ -84,6 +84,27 @@ def test_prompt_export_keeps_adapter_next_to_loadable_base(tiny_dir, tmp_path) -
         torch.testing.assert_close(tuned(**x).logits, want, rtol=0, atol=0)
 
 
+def test_encoder_prefix_export_names_the_loader_that_works(tiny_dir, tmp_path) -> None:
+    """peft's from_pretrained refuses encoder prefix tuning ("Model does not support past
+    key values"); the export said to use it. It now names load_encoder_prefix, in its
+    result and in adapter/LOADING.md, and that loader gives the tuned logits exactly."""
+    from hybrid.encoder_prefix import load_encoder_prefix
+
+    bundle = _tuned(tiny_dir, "prefix")
+    x = _inputs(bundle.tokenizer)
+    with torch.no_grad():
+        want = bundle.model(**x).logits
+    res = export(bundle, tmp_path / "out")
+    assert res.loader == "hybrid.encoder_prefix.load_encoder_prefix"
+    assert "load_encoder_prefix" in (res.adapter_dir / "LOADING.md").read_text()
+    tuned = load_encoder_prefix(load_model(tmp_path / "out", TASK), res.adapter_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.model.eval()(**x).logits, want, rtol=0, atol=0)
+    assert export(_tuned(tiny_dir, "prompt"), tmp_path / "p").loader == (
+        "peft.PeftModel.from_pretrained"
+    )
+
+
 def test_plain_model_and_refusals(tiny_dir, tmp_path) -> None:
     from transformers import AutoModelForSequenceClassification
 
