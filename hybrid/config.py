@@ -626,6 +626,25 @@ class TrainConfig(ModelConfig):
                 f"record_blocks {self.record_blocks!r} needs record_every > 0 (the recorder is off)"
             )
 
+    def unused_fields(self) -> frozenset[str]:
+        """The options ``method`` never reads, so that no value of them changes its run:
+        LoRA's rank and alpha without LoRA, the virtual tokens without prompt or prefix
+        tuning, the SPSA options (μ, q, one-sided, z, η_x and its budget) without ZO
+        weights, η_y without first-order weights, ``fo_at_perturbed`` unless both."""
+        m = get_method(self.method)
+        out: set[str] = set()
+        if m.peft != "lora":
+            out |= {"lora_r", "lora_alpha"}
+        if m.peft not in ("prompt", "prefix"):
+            out.add("num_virtual_tokens")
+        if not m.has_zo:
+            out |= {"mu", "q", "one_sided", "z", "lr_base", "lr_base_budget"}
+        if not m.has_fo:
+            out.add("lr_peft")
+        if not (m.has_zo and m.has_fo):
+            out.add("fo_at_perturbed")
+        return frozenset(out)
+
     @property
     def checkpoint_kind(self) -> str:
         """``checkpoint`` resolved: a seed log where every weight is ZO (zo-ft), else full."""

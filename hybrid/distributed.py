@@ -66,6 +66,7 @@ __all__ = [
     "CommStats",
     "RankFailure",
     "World",
+    "agreed",
     "allreduce_",
     "allreduce_grads_",
     "allreduce_sum",
@@ -84,6 +85,7 @@ __all__ = [
 ]
 
 LossFn = Callable[[], torch.Tensor]
+TIMEOUT_RANGE = (1.0, 7 * 24 * 3600.0)  # seconds a rank may wait for the others
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -181,8 +183,16 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> World:
     On CUDA the process's device is set to ``LOCAL_RANK``.
     """
     global _world
-    if not (isinstance(timeout_s, int | float) and timeout_s > 0):
-        raise UsageError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    lo, hi = TIMEOUT_RANGE
+    if not (
+        isinstance(timeout_s, int | float)
+        and not isinstance(timeout_s, bool)
+        and lo <= timeout_s <= hi
+    ):
+        raise UsageError(
+            f"timeout_s (--dist-timeout) must be a number of seconds from {lo:g} to {hi:g} "
+            f"(a week), got {timeout_s!r}"
+        )
     if "WORLD_SIZE" not in os.environ or _env_int("WORLD_SIZE") == 1:
         _world = World(timeout_s=float(timeout_s))
         return _world
@@ -197,7 +207,7 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> World:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        _join(backend, timeout_s)
     _world = World(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -206,6 +216,22 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> World:
         timeout_s=float(timeout_s),
     )
     return _world
+
+
+def _join(backend: str, timeout_s: float) -> None:
+    """``init_process_group``; a rendezvous that fails (a peer that never joins within
+    ``timeout_s``, an unreachable MASTER_ADDR:MASTER_PORT) is a one-line :class:`RankFailure`."""
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError, OSError, dist.DistError) as exc:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise RankFailure(
+            f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: joining the "
+            f"process group at {where} failed within the {timeout_s:g} s timeout "
+            f"({type(exc).__name__}: {first}); start every rank (or raise --dist-timeout) and "
+            "re-run the same command"
+        ) from exc
 
 
 def shutdown(*, wait: bool = True) -> None:
@@ -232,7 +258,10 @@ def shard(batch_indices: Sequence[int], rank: int, world_size: int) -> list[int]
     """Rank ``rank``'s contiguous part of a global minibatch.
 
     Sizes differ by at most one (the first ``N mod W`` ranks get ⌈N/W⌉), the parts are
-    disjoint, in order, and their concatenation over ranks is ``batch_indices``.
+    disjoint, in order, and their concatenation over ranks is ``batch_indices``. With
+    N < W the last W − N parts are empty (the last batch of an epoch, a small eval set): such
+    a rank's share n_r/N is 0, and the caller computes a stand-in value it weights by 0
+    (:meth:`hybrid.train.Trainer._local`), so Σ_r (n_r/N) f_r is still the global mean.
     """
     n = len(batch_indices)
     if not (
@@ -243,11 +272,6 @@ def shard(batch_indices: Sequence[int], rank: int, world_size: int) -> list[int]
     ):
         raise UsageError(
             f"rank {rank!r} of world size {world_size!r} is not valid; need 0 <= rank < world_size"
-        )
-    if n < world_size:
-        raise UsageError(
-            f"a global batch of {n} examples cannot be split over {world_size} ranks; "
-            f"use a batch size >= {world_size}"
         )
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
@@ -472,6 +496,34 @@ def barrier(what: str = "barrier", *, timeout_s: float | None = None) -> None:
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True)
         else:
             dist.barrier()
+
+
+@contextlib.contextmanager
+def agreed(what: str) -> Iterator[None]:
+    """Run the body on every rank, then let every rank learn whether any refused it: a
+    :class:`UsageError` on some ranks (rank 0's run-folder lock, a log header only rank 0
+    reads) is raised on all of them, the lowest failing rank's message first (named when it
+    is not this rank's), instead of the others failing later in a collective with a
+    misleading "another rank died" message. One all-gather; a no-op single-process.
+    Other exceptions propagate as they are (the peers then see a :class:`RankFailure`)."""
+    mine: UsageError | None = None
+    try:
+        yield
+    except UsageError as e:
+        mine = e
+    if not _active():
+        if mine is not None:
+            raise mine
+        return
+    values: list[object] = [None] * dist.get_world_size()
+    with _collective(f"{what} (agreeing on refusals)"):
+        dist.all_gather_object(values, None if mine is None else str(mine))
+    failed = [(r, m) for r, m in enumerate(values) if m is not None]
+    if mine is not None:
+        raise mine
+    if failed:
+        rank, msg = failed[0]
+        raise UsageError(f"rank {rank}: {msg}")
 
 
 def check_same(name: str, value: str) -> None:

@@ -10,7 +10,11 @@ loads the fine-tuned model with no smoothlab or peft code:
 * prompt / prefix tuning cannot be folded into the weights (the virtual tokens are extra
   inputs, not a weight delta): the base model (with the trained copy of its head) is
   written to ``out_dir`` and the adapter to ``out_dir/adapter``;
-  ``PeftModel.from_pretrained(base, out_dir/"adapter")`` restores the tuned model exactly.
+  ``PeftModel.from_pretrained(base, out_dir/"adapter")`` restores the tuned model exactly,
+  except for prefix tuning of an encoder (:class:`hybrid.encoder_prefix.EncoderPrefixModel`:
+  peft refuses it, "Model does not support past key values"), which needs smoothlab's
+  :func:`hybrid.encoder_prefix.load_encoder_prefix` (``ExportResult.loader``; the adapter
+  folder holds a ``LOADING.md`` saying how).
 
 The model is deep-copied before merging unless ``inplace=True`` (which saves one model's
 memory and leaves the given PeftModel unusable afterwards).
@@ -44,6 +48,23 @@ class ExportResult:
     merged: bool
     adapter_dir: Path | None
     tokenizer_saved: bool
+    loader: str | None = None  # what loads the adapter in adapter_dir
+
+
+ENCODER_PREFIX_NOTE = """# Loading this adapter
+
+Encoder prefix tuning: `peft.PeftModel.from_pretrained` cannot load it ("Model does not
+support past key values"). Load it with smoothlab:
+
+    from hybrid.models import load_model
+    from hybrid.encoder_prefix import load_encoder_prefix
+    from hybrid.tasks import get_task  # the task the run was trained on
+
+    base = load_model("{base}", get_task("TASK"))
+    bundle = load_encoder_prefix(base, "{adapter}")
+
+`bundle.model` then gives the trained model's logits.
+"""
 
 
 def _unwrap(model_or_bundle: Any, tokenizer: Any) -> tuple[nn.Module, Any]:
@@ -107,7 +128,7 @@ def export(
         raise UsageError(
             f"cannot export a {type(model).__name__}: it is not a transformers or peft model"
         )
-    merged, adapter_dir, state = False, None, None
+    merged, adapter_dir, state, loader = False, None, None, None
     try:
         from peft import PeftModel
     except ImportError:  # peft absent: the model cannot be a PeftModel
@@ -120,6 +141,11 @@ def export(
         else:  # virtual tokens: not a weight delta; keep the adapter next to the base model
             adapter_dir = out / "adapter"
             model.save_pretrained(os.fspath(adapter_dir))
+            loader = "peft.PeftModel.from_pretrained"
+            if type(model).__name__ == "EncoderPrefixModel":  # peft cannot load it
+                loader = "hybrid.encoder_prefix.load_encoder_prefix"
+                note = ENCODER_PREFIX_NOTE.format(base=out, adapter=adapter_dir)
+                (adapter_dir / "LOADING.md").write_text(note)
             state = _base_state(model)
             model = model.get_base_model()
     out.mkdir(parents=True, exist_ok=True)
@@ -127,5 +153,9 @@ def export(
     if tok is not None:
         tok.save_pretrained(os.fspath(out))
     return ExportResult(
-        path=out, merged=merged, adapter_dir=adapter_dir, tokenizer_saved=tok is not None
+        path=out,
+        merged=merged,
+        adapter_dir=adapter_dir,
+        tokenizer_saved=tok is not None,
+        loader=loader,
     )

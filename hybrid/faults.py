@@ -251,11 +251,14 @@ def check_resume(
     *,
     done: int,
     defaults: Mapping[str, Any] | None = None,
+    inert: frozenset[str] = INERT,
 ) -> None:
     """:class:`UsageError` if ``current`` would not continue the run ``saved`` describes:
-    a trajectory field changed (all are named with both values), or ``current["steps"]`` is
-    below the ``done`` steps already run."""
-    diff = config_diff(saved, current, defaults=defaults)
+    a trajectory field outside ``inert`` changed (all are named with both values), or
+    ``current["steps"]`` is below the ``done`` steps already run. Callers pass the values
+    as they take effect (e.g. a default ``checkpoint`` resolved to its kind) and add to
+    ``inert`` the fields the run's method does not read."""
+    diff = config_diff(saved, current, defaults=defaults, inert=inert)
     if diff:
         shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff)
         raise UsageError(

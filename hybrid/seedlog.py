@@ -43,7 +43,7 @@ from torch import nn
 
 from smoothlab.errors import UsageError
 
-__all__ = ["FORMAT", "SeedEntry", "SeedHeader", "SeedLog", "replay", "weights_hash"]
+__all__ = ["FORMAT", "SeedEntry", "SeedHeader", "SeedLog", "digest", "replay", "weights_hash"]
 
 FORMAT = "smoothlab-seeds"
 VERSION = 1
@@ -134,20 +134,77 @@ class SeedEntry:
     wd: float
 
 
+SEED_LIMIT = 1 << 63  # perturbation seeds are 63-bit (smoothlab.perturb.param_seed)
+HEADER_KEYS = ("model", "weights_hash", "num_params")
+
+
 def _check_terms(terms: Terms) -> list[list]:
+    """``terms`` as ``[[seed, coef], ...]``: a non-empty list of pairs, each seed an int in
+    [0, 2⁶³) and each coefficient a finite number; else TypeError / ValueError."""
+    if isinstance(terms, str | bytes | dict) or not isinstance(terms, Sequence) or not terms:
+        raise TypeError(f"the ZO terms are a non-empty list of (seed, coefficient), got {terms!r}")
     out = []
     for pair in terms:
-        if len(pair) != 2:
+        if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise TypeError(f"a ZO term is a (seed, coefficient) pair, got {pair!r}")
         seed, coef = pair
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise TypeError(f"a ZO seed must be a non-negative int, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+            raise TypeError(f"a ZO seed must be an int in [0, 2**63), got {seed!r}")
+        if isinstance(coef, bool) or not isinstance(coef, int | float):
+            raise TypeError(f"ZO coefficient {coef!r} of seed {seed} is not a number")
         if not math.isfinite(float(coef)):
             raise ValueError(
                 f"ZO coefficient {coef!r} of seed {seed} is not finite: the loss diverged; lower the learning rates"
             )
         out.append([int(seed), float(coef)])
     return out
+
+
+def _number(rec: dict, key: str) -> float:
+    """``rec[key]`` as a finite float (a JSON number; a string such as "inf" is refused)."""
+    v = rec[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError(f"{key} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _entry(raw: bytes) -> SeedEntry:
+    """One entry line, checked as :meth:`SeedLog.append` checks what it writes."""
+    rec = json.loads(raw)
+    if not isinstance(rec, dict):
+        raise TypeError(f"an entry is a JSON object, got {type(rec).__name__}")
+    step = rec["step"]
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an integer, got {step!r}")
+    terms = _check_terms(rec["terms"])
+    return SeedEntry(
+        step=step,
+        lr=_number(rec, "lr"),
+        wd=_number(rec, "wd"),
+        terms=tuple((s, c) for s, c in terms),
+    )
+
+
+def _header(path: Path, head: dict) -> SeedHeader:
+    """The header object, every key it needs present and typed (else UsageError)."""
+    for key in HEADER_KEYS:
+        if key not in head:
+            raise UsageError(f"{path} is not a usable seed log: its header has no {key!r}")
+    ok = (
+        isinstance(head["weights_hash"], str)
+        and isinstance(head["num_params"], int)
+        and not isinstance(head["num_params"], bool)
+        and isinstance(head.get("extra") or {}, dict)
+    )
+    if not ok:
+        raise UsageError(f"{path} is not a usable seed log: its header has a malformed field")
+    return SeedHeader(
+        model=head["model"],
+        weights_hash=head["weights_hash"],
+        num_params=head["num_params"],
+        revision=head.get("revision"),
+        extra=head.get("extra") or {},
+    )
 
 
 def _parse(path: Path) -> tuple[SeedHeader, list[SeedEntry], int]:
@@ -159,7 +216,7 @@ def _parse(path: Path) -> tuple[SeedHeader, list[SeedEntry], int]:
         raise UsageError(f"{path} is not a seed log: it has no complete header line")
     try:
         head = json.loads(lines[0])
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path} is not a seed log: bad header ({exc})") from None
     if not isinstance(head, dict) or head.get("format") != FORMAT:
         raise UsageError(f"{path} is not a seed log: its header has no format={FORMAT!r}")
@@ -167,24 +224,12 @@ def _parse(path: Path) -> tuple[SeedHeader, list[SeedEntry], int]:
         raise UsageError(
             f"{path}: seed log version {head.get('version')!r} is not supported; accepted: {VERSION}"
         )
-    header = SeedHeader(
-        model=head["model"],
-        weights_hash=head["weights_hash"],
-        num_params=int(head["num_params"]),
-        revision=head.get("revision"),
-        extra=head.get("extra") or {},
-    )
+    header = _header(path, head)
     entries = []
     for k, raw in enumerate(lines[1:], start=2):
         try:
-            rec = json.loads(raw)
-            entry = SeedEntry(
-                step=int(rec["step"]),
-                lr=float(rec["lr"]),
-                wd=float(rec["wd"]),
-                terms=tuple((int(s), float(c)) for s, c in rec["terms"]),
-            )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            entry = _entry(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"{path}, line {k}: corrupt seed-log entry ({exc})") from None
         if entry.step != len(entries):
             raise UsageError(
@@ -192,6 +237,20 @@ def _parse(path: Path) -> tuple[SeedHeader, list[SeedEntry], int]:
             )
         entries.append(entry)
     return header, entries, end
+
+
+def digest(path: str | os.PathLike[str], steps: int) -> str:
+    """``"sha256:<hex>"`` of the header line and the first ``steps`` entry lines of a log,
+    as bytes. A checkpoint stores it for the entries it covers; a replay recomputes it, so
+    any edit of those lines (a coefficient, a seed, the header's hash) is detected."""
+    data = Path(path).read_bytes()
+    cut = 0
+    for _ in range(steps + 1):
+        nl = data.find(b"\n", cut)
+        if nl < 0:
+            break
+        cut = nl + 1
+    return "sha256:" + hashlib.sha256(data[:cut]).hexdigest()
 
 
 class SeedLog:

@@ -53,12 +53,21 @@ from smoothlab.runlog import (
 )
 
 from . import distributed as D
-from .config import AUTO, TrainConfig, resolve_device, user_input
+from .config import AUTO, TrainConfig, check_fields, resolve_device, user_input
 from .data import EpochSampler, Splits, Task, load_task_data
 from .engine import HybridEngine, table_of, zo_updater
-from .faults import Diverged, DivergenceGuard, RunLock, SignalGuard, check_resume, clear_run
+from .faults import (
+    INERT,
+    Diverged,
+    DivergenceGuard,
+    RunLock,
+    SignalGuard,
+    check_resume,
+    clear_run,
+)
 from .models import ModelBundle, attach_peft, load_model
-from .seedlog import SeedHeader, SeedLog, replay
+from .seedlog import SeedHeader, SeedLog, replay, weights_hash
+from .seedlog import digest as log_digest
 
 __all__ = [
     "PHASES",
@@ -278,30 +287,92 @@ def restore_weights(
 
     ``full``: its state dict. ``seeds``: x_0 (the model as built, which must hash to the
     log's ``weights_hash``, else :class:`UsageError`) is replayed through the first
-    ``seed_steps`` entries of ``run_dir/seeds.jsonl`` with the engine's own update
+    ``seed_steps`` entries of ``run_dir/seeds.jsonl`` (whose bytes must hash to the
+    checkpoint's ``seeds_digest``, :func:`hybrid.seedlog.digest`) with the engine's own update
     (:func:`hybrid.engine.zo_updater`): bit-identical to the trained x. Then the saved
     first-order weights (``trained``, by name) are copied in.
     """
-    if state.get("checkpoint", "full") == "full":
-        model.load_state_dict(state["model"])
+    kind = state.get("checkpoint", "full")
+    if kind not in ("full", "seeds"):
+        raise UsageError(
+            f"{run_dir}/checkpoint.pt is damaged: it holds a {kind!r} checkpoint (accepted: "
+            "'full', 'seeds'); restart the run with --restart"
+        )
+    if kind == "full":
+        try:
+            model.load_state_dict(state["model"])
+        except (KeyError, RuntimeError) as e:  # another model or method, a damaged file
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else repr(e)
+            raise UsageError(
+                f"{run_dir}/checkpoint.pt does not fit the model its config.json builds "
+                f"({reason}); restart the run with --restart"
+            ) from None
         return
+    _replay_seeds(model, zo, cfg, state, Path(run_dir))
+
+
+def _replay_seeds(
+    model: nn.Module, zo: list[nn.Parameter], cfg: TrainConfig, state: dict[str, Any], run_dir: Path
+) -> None:
+    """The ``seeds`` half of :func:`restore_weights`: checks, replay, first-order weights."""
     path = Path(run_dir) / "seeds.jsonl"
     if not path.is_file():
         raise UsageError(
             f"{run_dir} holds a seeds checkpoint but no seeds.jsonl; the run cannot be rebuilt "
             "(restart it with --restart)"
         )
-    steps = int(state["seed_steps"])
+    steps, trained = state.get("seed_steps"), state.get("trained")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not isinstance(trained, dict):
+        raise UsageError(
+            f"{run_dir}/checkpoint.pt is a damaged seeds checkpoint (no seed_steps or trained "
+            "weights in it); restart the run with --restart"
+        )
+    log = SeedLog(path)
+    saved = state.get("seeds_digest")  # absent in checkpoints written before it existed
+    if saved is not None and log_digest(path, steps) != saved:
+        raise UsageError(
+            f"cannot replay {path}: its header or first {steps} entries are not those the "
+            f"checkpoint was saved with ({saved} then, {log_digest(path, steps)} now); the log was "
+            "edited or replaced: restore it, or rerun with --restart"
+        )
+    _check_frozen(model, zo, set(trained), log)
     if zo:
         table = table_of(state.get("engine", {}), zo)
-        replay(zo, SeedLog(path), zo_updater(zo, seed=cfg.seed, z=cfg.z, table=table), upto=steps)
+        replay(zo, log, zo_updater(zo, seed=cfg.seed, z=cfg.z, table=table), upto=steps)
     params = dict(model.named_parameters())
-    unknown = sorted(set(state["trained"]) - set(params))
+    unknown = sorted(set(trained) - set(params))
     if unknown:
         raise UsageError(f"{run_dir}: the checkpoint has weights this model lacks: {unknown[:3]}")
     with torch.no_grad():
-        for name, value in state["trained"].items():
+        for name, value in trained.items():
             params[name].copy_(value)
+
+
+def frozen_weights(
+    model: nn.Module, zo: list[nn.Parameter], trained: set[str]
+) -> dict[str, torch.Tensor]:
+    """The weights a ``seeds`` checkpoint neither replays (x, ``zo``) nor saves (y, the
+    names in ``trained``): frozen base weights, a fresh head's initial values, peft's
+    inactive copies. They must be the same at replay as in training."""
+    ids = {id(p) for p in zo}
+    return {n: p for n, p in model.named_parameters() if id(p) not in ids and n not in trained}
+
+
+def _check_frozen(
+    model: nn.Module, zo: list[nn.Parameter], trained: set[str], log: SeedLog
+) -> None:
+    """UsageError when the weights neither replayed nor saved hash to something other
+    than the log header's ``frozen_hash`` (absent in logs written before it existed)."""
+    want = log.header.extra.get("frozen_hash")
+    if want is None:
+        return
+    have = weights_hash(frozen_weights(model, zo, trained))
+    if have != want:
+        raise UsageError(
+            f"cannot replay {log.path}: its frozen (untrained) weights hash to {want} "
+            f"(model {log.header.model!r}) but the model given has {have}; load the same "
+            "initial model (name, revision, seed of any fresh head)"
+        )
 
 
 DATA_FIELDS = ("data", "eval_data", "dev_data")  # the config's data files
@@ -354,10 +425,13 @@ def read_checkpoint(path: Path, device: torch.device, hint: str) -> dict[str, An
     return state
 
 
-def load_trained(run_dir: str | Path, *, device: str | None = None) -> ModelBundle:
+def load_trained(
+    run_dir: str | Path, *, device: str | None = None, info: dict[str, Any] | None = None
+) -> ModelBundle:
     """The fine-tuned model of a run folder: built from its ``config.json`` as training
     built it, then the weights of ``checkpoint.pt`` restored (:func:`restore_weights`;
-    a ``seeds`` checkpoint is replayed). ``device`` overrides the run's device."""
+    a ``seeds`` checkpoint is replayed). ``device`` overrides the run's device. ``info``,
+    if given, receives ``step`` (the checkpoint's) and ``steps`` (the run's target)."""
     cfg = load_config(run_dir)
     if device is not None:
         cfg = dataclasses.replace(cfg, device=resolve_device(device))
@@ -367,7 +441,15 @@ def load_trained(run_dir: str | Path, *, device: str | None = None) -> ModelBund
     bundle, _, _ = build(cfg)
     zo, _ = split_parameters(bundle.model, cfg.method)
     state = read_checkpoint(path, bundle.device, "the run's last checkpoint is damaged")
+    saved = state["config"].get("method") if isinstance(state["config"], dict) else None
+    if saved != cfg.method:
+        raise UsageError(
+            f"{path} is of a {saved!r} run but {run_dir}/config.json says {cfg.method!r}; "
+            "the folder mixes two runs: export the run that wrote the checkpoint"
+        )
     restore_weights(bundle.model, zo, cfg, state, Path(run_dir))
+    if info is not None:
+        info.update(step=state.get("step"), steps=cfg.steps)
     bundle.model.eval()
     return bundle
 
@@ -523,9 +605,12 @@ class Trainer:
             for f in dataclasses.fields(TrainConfig)
             if f.default is not dataclasses.MISSING
         }
-        check_resume(
-            self.out, saved, dataclasses.asdict(self.cfg), done=state["step"], defaults=defaults
-        )
+        # the checkpoint kind in effect (None: the method's default), not the raw option;
+        # options the method never reads cannot change its trajectory
+        current = dataclasses.asdict(self.cfg) | {"checkpoint": self.ckpt_kind}
+        then = dict(saved) | {"checkpoint": state.get("checkpoint", "full")}
+        inert = INERT | self.cfg.unused_fields()
+        check_resume(self.out, then, current, done=state["step"], defaults=defaults, inert=inert)
         self._restore(state)
         self.engine.load_state_dict(state["engine"])
         self.start, self.best_dev, self.elapsed = state["step"], state["best_dev"], state["seconds"]
@@ -623,10 +708,17 @@ class Trainer:
         path = self.out / "seeds.jsonl"
         if self.start == 0:
             path.unlink(missing_ok=True)  # a log without a checkpoint is redone from step 0
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            frozen = frozen_weights(self.model, self.zo, {names[id(p)] for p in self.fo})
             header = SeedHeader.of(
                 self.cfg.model or self.bundle.name,
                 self.zo,
-                extra={"method": self.cfg.method, "seed": self.cfg.seed, "z": self.cfg.z},
+                extra={
+                    "method": self.cfg.method,
+                    "seed": self.cfg.seed,
+                    "z": self.cfg.z,
+                    "frozen_hash": weights_hash(frozen),
+                },
             )
             self.seedlog = SeedLog(path, header)
         else:
@@ -642,9 +734,9 @@ class Trainer:
         probe_fn = None
         if cfg.record_batch == "fixed":
             examples = self.splits.dev[: cfg.batch_size]
-            mine = self._shard(examples)
+            mine, n = self._local(list(examples))
             held = bundle.encode(mine, cfg.max_length)
-            probe_fn = D.sharded_loss_fn(lambda: bundle.loss(held), len(mine), len(examples))
+            probe_fn = D.sharded_loss_fn(lambda: bundle.loss(held), n, len(examples))
         kw = dict(
             every=cfg.record_every,
             norm=cfg.record_norm,
@@ -665,17 +757,29 @@ class Trainer:
         self.probed = list(seen.values())
 
     def _shard(self, items: list) -> list:
-        """This rank's contiguous part of ``items`` (all of them in one process)."""
+        """This rank's contiguous part of ``items`` (all of them in one process; may be
+        empty under torchrun when ``len(items)`` < the number of ranks)."""
         if not self.world.distributed:
             return items
         return D.shard(items, self.world.rank, self.world.world_size)
 
+    def _local(self, items: list) -> tuple[list, int]:
+        """(what this rank computes its loss on, n_r): its shard, or for an empty shard
+        (N < W) the first item as a stand-in with n_r = 0. The stand-in keeps the shard loss
+        finite (a mean over no examples is nan, and 0·nan = nan) and the graph the same on
+        every rank; its weight n_r/N = 0 removes it from Σ_r (n_r/N) f_r and from the
+        gradients, so the sums equal one process's values."""
+        mine = self._shard(items)
+        if mine or not items:
+            return mine, len(mine)
+        return items[:1], 0
+
     def _batch(self, step: int) -> tuple[Any, int, int]:
         """Minibatch ``step``: this rank's shard encoded, its size n_r and the global N."""
         idx = self.sampler.batch(step)
-        mine = self._shard(list(idx))
+        mine, n = self._local(list(idx))
         batch = self.bundle.encode([self.splits.train[i] for i in mine], self.cfg.max_length)
-        return batch, len(mine), len(idx)
+        return batch, n, len(idx)
 
     def _probe_fn(self, step: int) -> Callable[[], torch.Tensor]:
         """The global-batch loss of minibatch ``step`` for probes: each call all-reduces
@@ -719,10 +823,6 @@ class Trainer:
             between = None if self.world.distributed else self.guard.stop_if_pending
             res = self.engine.step(loss_fn, reduce=reduce, zo_rate=rate, between=between)
             self.elapsed += time.perf_counter() - t0
-            if self.seedlog is not None and res.terms:
-                self.seedlog.append(
-                    self.t, res.terms, self.engine.lr("base"), self.cfg.weight_decay
-                )
             self.t += 1
             self.last_loss = res.loss
             self.loss_fn = D.sharded_loss_fn(loss_fn, n, total)
@@ -737,13 +837,30 @@ class Trainer:
             }
             due_eval = self.t % self.cfg.eval_every == 0 or self.t == self.cfg.steps
             self.pending = (["eval"] if due_eval else []) + ["row", "probe"]
-            rates = {k: self.row[k] for k in ("lr_base", "lr_peft")}
-            try:
-                self.divergence.check(self.t, res.loss, rates)
-            except Diverged:
-                if self.metrics is not None:
-                    self.metrics.write(self.row)
-                raise
+            self._check_divergence(res.loss, res.terms)
+            if self.seedlog is not None and res.terms:
+                self.seedlog.append(t, res.terms, self.engine.lr("base"), self.cfg.weight_decay)
+
+    def _check_divergence(self, loss: float, terms: tuple[tuple[int, float], ...]) -> None:
+        """:class:`Diverged` (step ``t``'s row logged first) when the loss diverged
+        (:class:`~hybrid.faults.DivergenceGuard`) or an SPSA coefficient g_i/q is not
+        finite (f(x ± μz) overflowed while f(x) did not). Runs before the step's seed-log
+        entry is appended, so a log never holds a non-finite coefficient."""
+        rates = {k: self.row[k] for k in ("lr_base", "lr_peft")}
+        try:
+            self.divergence.check(self.t, loss, rates)
+            bad = [c for _, c in terms if not math.isfinite(c)]
+            if bad:
+                shown = ", ".join(f"{k} {v:g}" for k, v in rates.items())
+                raise Diverged(
+                    f"the SPSA coefficient became {bad[0]} at step {self.t} (the loss at "
+                    f"x ± μz overflowed; {shown}); lower the learning rates (then rerun with "
+                    "--restart or another --out)"
+                )
+        except Diverged:
+            if self.metrics is not None:
+                self.metrics.write(self.row)
+            raise
 
     def evaluate(self, row: dict[str, Any]) -> None:
         """Eval and dev accuracy into ``row``; ``best.pt`` on a new best dev accuracy."""
@@ -766,9 +883,10 @@ class Trainer:
         if not self.world.distributed:
             return [self.bundle.accuracy(examples, max_length=n) for examples in sets]
         counts = []
-        for examples in sets:
+        for examples in sets:  # a rank with an empty shard (fewer examples than ranks) adds 0
             part = self._shard(list(examples))
-            counts.append(round(self.bundle.accuracy(part, max_length=n) * len(part)))
+            acc = self.bundle.accuracy(part, max_length=n) if part else 0.0
+            counts.append(round(acc * len(part)))
         totals = D.allreduce_sum(counts)
         return [c / len(examples) for c, examples in zip(totals, sets)]
 
@@ -779,7 +897,11 @@ class Trainer:
             return {"model": self.model.state_dict()}
         names = {id(p): n for n, p in self.model.named_parameters()}
         trained = {names[id(p)]: p.detach().clone() for p in self.fo}
-        return {"trained": trained, "seed_steps": self.engine.t if self.zo else 0}
+        steps = self.engine.t if self.zo else 0
+        out = {"trained": trained, "seed_steps": steps}
+        if self.seedlog is not None:  # the writer's: the entries this checkpoint covers
+            out["seeds_digest"] = log_digest(self.seedlog.path, steps)
+        return out
 
     def log(self, row: dict[str, Any]) -> None:
         """Write ``row`` to ``metrics.csv`` (atomic with respect to signals)."""
@@ -874,8 +996,6 @@ class Trainer:
     def _check_replicas(self) -> None:
         """Every rank holds the same configuration, weights and step (else a
         :class:`UsageError` naming each rank's value; a missing rank: :class:`RankFailure`)."""
-        from .seedlog import weights_hash
-
         D.check_same("the configuration", json.dumps(dataclasses.asdict(self.cfg), default=str))
         D.check_same("the resumed step", str(self.start))
         D.check_same("the weights", weights_hash(self.model))
@@ -911,15 +1031,18 @@ class Trainer:
         SIGTERM stop it as a ``KeyboardInterrupt`` (:class:`~hybrid.faults.Interrupted`),
         never inside an update or a write, after saving a checkpoint at the current step.
         """
-        lock = RunLock(self.out) if self.writer else contextlib.nullcontext()
-        with self.guard, lock:
-            if resume:
-                self.resume()
-            elif self.writer:
-                clear_run(self.out)
+        with self.guard, contextlib.ExitStack() as stack:
+            with D.agreed("starting the run"):  # the lock and the logs: rank 0 sees them
+                if self.writer:
+                    stack.enter_context(RunLock(self.out))
+                if resume:
+                    self.resume()
+                elif self.writer:
+                    clear_run(self.out)
             if self.world.distributed:
                 self._check_replicas()
-            self.open()
+            with D.agreed("opening the run folder"):  # rank 0 checks the logs' headers
+                self.open()
             try:
                 if self.recorders and self.start == 0:
                     self.record_start()
@@ -961,7 +1084,17 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise UsageError(f"{run_dir} is not a run folder: no config.json")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not a readable run config ({e})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a run config: a JSON object was expected")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     # config.json holds the target in effect: an extension is already in ``steps``
-    return TrainConfig(**{k: v for k, v in data.items() if k in names} | {"extend_steps": 0})
+    cfg = TrainConfig(**{k: v for k, v in data.items() if k in names} | {"extend_steps": 0})
+    try:
+        check_fields(cfg)  # every option as a run would accept it (the device is checked later)
+    except UsageError as e:
+        raise UsageError(f"{path} is damaged: {e}") from None
+    return cfg

@@ -605,6 +605,16 @@ def _export_device(run: Path, device: str | None) -> str:
         raise UsageError(f"{run} was trained on {e}; pass --device to export on another") from None
 
 
+def _check_apart(run: Path, out: Path) -> None:
+    """UsageError when the export folder is the run folder, inside it or holds it: an
+    export writes config.json, which would replace the run's own (``--overwrite``)."""
+    a, b = run.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise UsageError(
+            f"--out {out} overlaps the run folder {run}; export to a folder outside the run"
+        )
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from hybrid.config import check_out
     from hybrid.export import check_export_target, export
@@ -614,17 +624,46 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not (run / "config.json").is_file():
         raise UsageError(f"{run} is not a run folder (no config.json)")
     check_out(args.out, "--out", kind="dir")
+    _check_apart(run, Path(args.out))
     # every check before the model is built (minutes for a large one)
     check_export_target(args.out, overwrite=args.overwrite, flag="--overwrite")
     device = _export_device(run, args.device)
     t0 = time.perf_counter()
-    bundle = load_trained(run, device=device)
+    info: dict[str, Any] = {}
+    bundle = load_trained(run, device=device, info=info)
     result = export(bundle, args.out, overwrite=args.overwrite)
     how = "LoRA merged into the weights" if result.merged else "weights as trained"
     if result.adapter_dir is not None:
-        how = f"base model; the adapter in {result.adapter_dir} (PeftModel.from_pretrained)"
-    print(f"exported {run} ({how}) -> {result.path} in {time.perf_counter() - t0:.1f} s")
+        how = f"base model; the adapter in {result.adapter_dir} (load it with {result.loader})"
+    at = f"step {info['step']} of {info['steps']}"
+    print(f"exported {run} at {at} ({how}) -> {result.path} in {time.perf_counter() - t0:.1f} s")
+    _warn_unfinished(run, info["step"], info["steps"])
     return 0
+
+
+def _warn_unfinished(run: Path, step: int, steps: int) -> None:
+    """One ``smoothlab: warning:`` line when the exported checkpoint is not a finished run's:
+    no ``summary.json`` (interrupted, crashed or diverged; diverged when metrics.csv logs a
+    non-finite loss or a step past the checkpoint's), or a checkpoint before the target."""
+    from smoothlab.runlog import METRICS, read_log
+
+    rows = read_log(run / "metrics.csv", METRICS, warn=False).rows
+    last = rows[-1] if rows else {}
+    loss = last.get("loss")
+    diverged = (isinstance(loss, float) and not math.isfinite(loss)) or (last.get("step", 0) > step)
+    if diverged:
+        why = f"the run diverged at step {last.get('step')} (see metrics.csv)"
+    elif not (run / "summary.json").is_file():
+        why = "the run did not finish (no summary.json: interrupted or crashed)"
+    elif step < steps:
+        why = f"the run stopped before its {steps} steps"
+    else:
+        return
+    print(
+        f"smoothlab: warning: {why}; what was exported is its checkpoint at step {step} of "
+        f"{steps}, not the fine-tuned model",
+        file=sys.stderr,
+    )
 
 
 # --------------------------------------------------------------------------- report
@@ -769,8 +808,8 @@ def _rank_failure(e: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``smoothlab`` console script: 0 on success, 2 (one line on stderr)
-    on a :class:`UsageError`, 1 (one line) when a distributed rank failed
+    """Entry point of the ``smoothlab`` console script: 0 on success, 2 (one line on stderr,
+    printed by rank 0 alone under torchrun) on a :class:`UsageError`, 1 (one line) when a distributed rank failed
     (``hybrid.distributed.RankFailure``); any other exception propagates with its traceback
     (status 1). Run-log problems (``RunLogWarning``) are one ``smoothlab: warning:`` line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -788,7 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _quiet_transformers()
             return int(args.func(args) or 0)
         except UsageError as e:
-            print(_one_line(e), file=sys.stderr)
+            if not _other_rank():  # under torchrun every rank refuses; rank 0 says why
+                print(_one_line(e), file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
             # SIGINT or SIGTERM (hybrid.faults.Interrupted): 128 + the signal, like a shell
@@ -803,6 +843,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(_one_line(e), file=sys.stderr)
             return 1
+
+
+def _other_rank() -> bool:
+    """True in a torchrun rank other than 0 (``RANK`` > 0 of ``WORLD_SIZE`` > 1). Its
+    UsageErrors stay unprinted: every rank raises the same refusal (the run shares them
+    across ranks, :func:`hybrid.distributed.agreed`), and rank 0 prints it once."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ["RANK"]) > 0
+    except (KeyError, ValueError):
+        return False
 
 
 def _runlog_warning() -> type:

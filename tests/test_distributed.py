@@ -103,6 +103,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result = {name: run(name, w.rank, w.world_size) for name in CONFIGS}
         result["writer"] = D.is_writer()
         D.check_same("weights", str([p.sum().item() for p in result["hybrid-32"]["weights"]]))
+        try:  # a refusal only rank 0 sees (its run-folder lock): every rank learns it
+            with D.agreed("starting"):
+                if rank == 0:
+                    raise UsageError("run folder in use")
+            result["refusal"] = None
+        except UsageError as exc:
+            result["refusal"] = str(exc)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         # then rank 1 vanishes: rank 0 must get a clear RankFailure, not hang
         if rank == 1:
@@ -191,16 +198,13 @@ def test_a_dead_rank_stops_the_others_with_a_clear_message(two_ranks) -> None:
 
 
 def test_shard_splits_every_batch_exactly() -> None:
-    for n in (2, 7, 16, 33):
+    for n in (0, 1, 2, 7, 16, 33):
         for world in (1, 2, 3):
-            if n < world:
-                continue
             parts = [D.shard(list(range(100, 100 + n)), r, world) for r in range(world)]
             assert sum(parts, []) == list(range(100, 100 + n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
     assert D.shard(range(5), 0, 2) == [0, 1, 2] and D.shard(range(5), 1, 2) == [3, 4]
-    with pytest.raises(UsageError, match="cannot be split over 4 ranks"):
-        D.shard([1, 2, 3], 0, 4)
+    assert [D.shard([1, 2, 3], r, 4) for r in range(4)] == [[1], [2], [3], []]
     with pytest.raises(UsageError, match="rank 2 of world size 2"):
         D.shard([1, 2, 3], 2, 2)
 
@@ -221,7 +225,41 @@ def test_single_process_is_a_no_op(monkeypatch) -> None:
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(UsageError, match="MASTER_PORT"):
         D.init()
-    with pytest.raises(UsageError, match="timeout_s"):
-        D.init(timeout_s=0)
+    for bad in (0, 1e-9, 0.001, 1e300, float("nan"), True):  # 1e300: OverflowError per rank
+        with pytest.raises(UsageError, match="from 1 to 604800"):
+            D.init(timeout_s=bad)
     with pytest.raises(ValueError, match="n_local"):
         D.weighted_sum([1.0], 9, 8)
+
+
+def test_a_peer_that_never_joins_is_a_one_line_rank_failure(monkeypatch) -> None:
+    """Rank 0 of 2 alone: init_process_group's DistStoreError (a traceback per rank before)
+    becomes RankFailure after the timeout."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with pytest.raises(D.RankFailure, match="rank 0 of 2: joining the process group") as info:
+        D.init("gloo", timeout_s=1)
+    assert "\n" not in str(info.value) and "re-run the same command" in str(info.value)
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_refusal_on_one_rank_reaches_every_rank(two_ranks) -> None:
+    """Rank 0 alone refused (a locked run folder): rank 1 used to fail in the next
+    collective with "another rank died or stalled ... re-run the same command"."""
+    _, out = two_ranks
+    got = [torch.load(out / f"rank{r}.pt", weights_only=False)["refusal"] for r in range(2)]
+    assert got == ["run folder in use", "rank 0: run folder in use"]
+
+
+def test_cli_prints_a_usage_error_on_rank_0_only(monkeypatch, tmp_path, capsys) -> None:
+    from smoothlab.cli import main
+
+    argv = ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "hf")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert ("is not a run folder" in err) == printed and "Traceback" not in err

@@ -84,6 +84,27 @@ def test_prompt_export_keeps_adapter_next_to_loadable_base(tiny_dir, tmp_path) -
         torch.testing.assert_close(tuned(**x).logits, want, rtol=0, atol=0)
 
 
+def test_encoder_prefix_export_names_the_loader_that_works(tiny_dir, tmp_path) -> None:
+    """peft's from_pretrained refuses encoder prefix tuning ("Model does not support past
+    key values"); the export said to use it. It now names load_encoder_prefix, in its
+    result and in adapter/LOADING.md, and that loader gives the tuned logits exactly."""
+    from hybrid.encoder_prefix import load_encoder_prefix
+
+    bundle = _tuned(tiny_dir, "prefix")
+    x = _inputs(bundle.tokenizer)
+    with torch.no_grad():
+        want = bundle.model(**x).logits
+    res = export(bundle, tmp_path / "out")
+    assert res.loader == "hybrid.encoder_prefix.load_encoder_prefix"
+    assert "load_encoder_prefix" in (res.adapter_dir / "LOADING.md").read_text()
+    tuned = load_encoder_prefix(load_model(tmp_path / "out", TASK), res.adapter_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.model.eval()(**x).logits, want, rtol=0, atol=0)
+    assert export(_tuned(tiny_dir, "prompt"), tmp_path / "p").loader == (
+        "peft.PeftModel.from_pretrained"
+    )
+
+
 def test_plain_model_and_refusals(tiny_dir, tmp_path) -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -198,7 +219,33 @@ def test_export_into_a_non_empty_folder_names_the_flag(tmp_path, capsys) -> None
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("{not json", "is not a readable run config"),
+        ("[1]", "a JSON object was expected"),
+        ('{"method": "nope"}', "method 'nope' is not accepted"),
+        ('{"lora_r": "abc"}', "lora_r must be a positive integer"),
+    ],
+)
+def test_export_cli_of_a_damaged_config_is_one_line(tmp_path, capsys, text, words) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    err = _one_line_exit_2(["export", str(run), "--out", str(tmp_path / "hf")], capsys)
+    assert words in err
+
+
+def test_export_cli_refuses_the_run_folder_as_target(tmp_path, capsys) -> None:
+    """``export run --out run --overwrite`` replaced the run's config.json with the HF one."""
+    run = _run_folder(tmp_path / "run")
+    for out in (run, f"{run}/hf", str(tmp_path)):
+        err = _one_line_exit_2(["export", run, "--out", out, "--overwrite"], capsys)
+        assert "overlaps the run folder" in err
+    assert (tmp_path / "run" / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "method", "kind", "state"])
 def test_export_cli_of_a_damaged_checkpoint_is_one_line(tiny_dir, tmp_path, capsys, damage):
     """checkpoint.pt of 9 garbage bytes, or cut short: one line naming the file (read by
     hybrid.train.load_trained), not torch's zip-reader traceback."""
@@ -225,6 +272,77 @@ def test_export_cli_of_a_damaged_checkpoint_is_one_line(tiny_dir, tmp_path, caps
         train(cfg, progress=False)
     ckpt = run / "checkpoint.pt"
     data = ckpt.read_bytes()
-    ckpt.write_bytes(b"garbage!!" if damage == "garbage" else data[: len(data) // 2])
+    if damage in ("garbage", "truncated"):
+        ckpt.write_bytes(b"garbage!!" if damage == "garbage" else data[: len(data) // 2])
+        words = f"{ckpt} is not a readable checkpoint"
+    elif damage == "method":  # config.json of another run beside this checkpoint
+        import json
+
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps(config | {"method": "fo-prompt"}))
+        words = "is of a 'fo-lora' run but"
+    else:
+        state = torch.load(ckpt, weights_only=False)
+        if damage == "kind":
+            state["checkpoint"] = "weird"
+            words = "holds a 'weird' checkpoint"
+        else:
+            del state["model"]
+            words = "does not fit the model"
+        torch.save(state, ckpt)
     err = _one_line_exit_2(["export", str(run), "--out", str(tmp_path / "hf")], capsys)
-    assert f"{ckpt} is not a readable checkpoint" in err
+    assert words in err
+
+
+def test_export_of_an_unfinished_or_diverged_run_warns(tiny_dir, tmp_path, capsys) -> None:
+    """An interrupted run exported silently as the fine-tuned model ("weights as trained",
+    rc 0); so did a diverged one's last checkpoint. Now the step is printed and a warning
+    line says so; a finished run gets no warning."""
+    import json
+    import warnings
+
+    from hybrid.train import TrainConfig, train
+    from smoothlab.cli import main
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(
+        model=tiny_dir,
+        method="zo-ft",
+        steps=3,
+        eval_every=1,
+        train_size=8,
+        eval_size=4,
+        dev_size=4,
+        batch_size=4,
+        max_length=16,
+        out=str(run),
+    )
+
+    def stop(t, row):
+        if t == 1:
+            raise KeyboardInterrupt
+
+    def export_(name: str) -> tuple[int, str, str]:
+        rc = main(["export", str(run), "--out", str(tmp_path / name)])
+        out = capsys.readouterr()  # (transformers' loading bars aside)
+        return rc, out.out, "".join(x for x in out.err.splitlines(True) if "smoothlab" in x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False, on_step=stop)
+        rc, out, err = export_("a")
+        assert rc == 0 and "at step 1 of 3" in out
+        assert err.startswith("smoothlab: warning: the run did not finish") and err.count("\n") == 1
+        train(cfg, progress=False)
+        rc, out, err = export_("b")
+        assert rc == 0 and "at step 3 of 3" in out and err == ""
+        # the same folder as a diverged run leaves it: a nan row past the checkpoint
+        (run / "summary.json").unlink()
+        with (run / "metrics.csv").open("a") as fh:
+            fh.write("4,0,nan,nan,0.001,0.0,,,1.0\n")
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps(config | {"steps": 10}))
+        rc, out, err = export_("c")
+        assert rc == 0 and "at step 3 of 10" in out
+        assert "warning: the run diverged at step 4" in err

@@ -21,6 +21,7 @@ tests/test_distributed.py (rank 0's 8 examples alone).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -138,13 +139,27 @@ def parallel(enc, tmp_path_factory):
         "zo-ft": _cfg(enc, root / "two" / "zo", method="zo-ft", checkpoint="full"),
         "hybrid-lora": _cfg(enc, root / "two" / "hl", method="hybrid-lora", **rec),
         "seeds": _cfg(enc, root / "two" / "seeds", method="zo-ft", checkpoint="seeds", steps=6),
+        # batches of 16 and 1 (17 examples), eval and dev sets of 1: rank 1's shards are empty
+        "short": _cfg(enc, root / "two" / "short", **SHORT),
     }
     codes = _two_ranks(list(jobs.values()))
     assert codes == [0, 0]
     one = {}
     for k in ("zo-ft", "hybrid-lora"):
         one[k] = _train(_cfg(enc, root / "one" / k, **_over(jobs[k])))
+    one["short"] = _train(_cfg(enc, root / "one" / "short", **SHORT))
     return {"two": {k: Path(c.out) for k, c in jobs.items()}, "one": one, "root": root}
+
+
+SHORT = {
+    "method": "hybrid-lora",
+    "train_size": 17,
+    "eval_size": 1,
+    "dev_size": 1,
+    "steps": 3,
+    "record_every": 3,
+    "record_vectors": 2,
+}
 
 
 def _over(cfg: TrainConfig) -> dict:
@@ -173,6 +188,25 @@ def test_two_ranks_of_8_match_one_process_of_16(parallel, method) -> None:
     config = json.loads((two / "config.json").read_text())
     assert config["world_size"] == 2 and config["batch_size"] == 16
     assert not list(two.parent.glob("rank*.err"))
+
+
+def test_a_rank_with_an_empty_shard_adds_nothing(parallel) -> None:
+    """Step 2's batch, the eval set, the dev set and the fixed probe batch hold one example:
+    rank 1's shard is empty (it used to stop both ranks with exit 2 after step 1). Its share
+    is 0, so the run matches one process as closely as the even split does."""
+    one, two = parallel["one"]["short"], parallel["two"]["short"]
+    r1, r2 = _rows(one), _rows(two)
+    assert [r["step"] for r in r2] == ["1", "2", "3"]
+    dl = max(abs(float(a["loss"]) / float(b["loss"]) - 1) for a, b in zip(r1, r2))
+    w1, w2 = _state(one), _state(two)
+    dw = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert dl <= 1e-5 and dw <= 1e-5, (dl, dw)
+    assert [(a["eval_acc"], a["dev_acc"]) for a in r1] == [
+        (b["eval_acc"], b["dev_acc"]) for b in r2
+    ]
+    s1, s2 = _rows(one, "smoothness.csv"), _rows(two, "smoothness.csv")
+    assert len(s1) == len(s2) > 0
+    assert all(abs(float(a["loss"]) / float(b["loss"]) - 1) <= 1e-5 for a, b in zip(s1, s2))
 
 
 def test_recorder_under_two_ranks_matches_one_process(parallel) -> None:
@@ -247,6 +281,31 @@ def test_seed_checkpoint_replays_bit_identically_to_a_full_one(seed_runs, method
         assert small < big / 100
 
 
+@pytest.mark.parametrize("edit", ["coefficient", "header"])
+def test_an_edited_seed_log_is_refused(seed_runs, enc, tmp_path, edit) -> None:
+    """A log whose bytes differ from those its checkpoint covered (one coefficient edited:
+    the export differed by 0.026, silently) is refused by export and resume alike."""
+    import shutil
+
+    _, runs = seed_runs
+    run = tmp_path / "run"
+    shutil.copytree(runs["zo-ft", "seeds"], run)
+    lines = (run / "seeds.jsonl").read_text().splitlines(keepends=True)
+    if edit == "coefficient":
+        rec = json.loads(lines[3])
+        rec["terms"][0][1] *= 1.5
+        lines[3] = json.dumps(rec) + "\n"
+    else:
+        rec = json.loads(lines[0])
+        rec["model"] = "other"
+        lines[0] = json.dumps(rec) + "\n"
+    (run / "seeds.jsonl").write_text("".join(lines))
+    with pytest.raises(UsageError, match="cannot replay .* edited or replaced"):
+        load_trained(run)
+    with pytest.raises(UsageError, match="cannot replay .* edited or replaced"):
+        _train(_cfg(enc, run, method="zo-ft", checkpoint="seeds", steps=7))
+
+
 def test_seed_checkpoint_resumes_by_replay(seed_runs, enc, tmp_path) -> None:
     """Stopped at step 3 (then the log is torn mid-line, as a crash leaves it), resumed to 6:
     bit-identical to the uninterrupted seeds run and to the full one."""
@@ -279,6 +338,23 @@ def test_seed_checkpoint_refuses_other_initial_weights(enc, tmp_path) -> None:
         load_trained(tmp_path / "r")
 
 
+def test_seed_checkpoint_of_a_first_order_method_checks_the_frozen_base(tmp_path) -> None:
+    """fo-lora trains no ZO weights: its log's weights_hash is of nothing, and the frozen
+    base was neither saved nor hashed (an export from swapped weights differed by 0.14)."""
+    from tests.tiny_models import tiny_encoder
+
+    model = tmp_path / "model"
+    tiny_encoder(seed=0, save_dir=model)
+    cfg = _cfg(model, tmp_path / "r", method="fo-lora", checkpoint="seeds", steps=2)
+    _train(cfg)
+    load_trained(tmp_path / "r")  # the same model: fine
+    tiny_encoder(seed=1, save_dir=model)
+    with pytest.raises(UsageError, match="cannot replay .* frozen"):
+        load_trained(tmp_path / "r")
+    with pytest.raises(UsageError, match="cannot replay .* frozen"):
+        _train(dataclasses.replace(cfg, steps=3))
+
+
 def test_checkpoint_kind_cannot_change_on_resume(seed_runs, enc, tmp_path) -> None:
     import shutil
 
@@ -290,6 +366,21 @@ def test_checkpoint_kind_cannot_change_on_resume(seed_runs, enc, tmp_path) -> No
         UsageError, match="checkpoint 'weights' is not accepted; accepted: seeds, full"
     ):
         TrainConfig(checkpoint="weights").validate()
+
+
+def test_resume_compares_what_takes_effect(seed_runs, enc, tmp_path) -> None:
+    """A zo-ft run saved with checkpoint 'seeds' resumes with the default (None, which means
+    seeds for zo-ft) and with a LoRA rank zo-ft never reads; both were refused. A field
+    zo-ft does read (mu) is still refused."""
+    import shutil
+
+    _, runs = seed_runs
+    shutil.copytree(runs["zo-ft", "seeds"], tmp_path / "r")
+    same = _cfg(enc, tmp_path / "r", method="zo-ft", checkpoint=None, lora_r=8, steps=7)
+    with pytest.raises(UsageError, match="mu: 0.001 -> 0.002"):
+        _train(dataclasses.replace(same, mu=2e-3))
+    _train(same)
+    assert [r["step"] for r in _rows(tmp_path / "r")][-1] == "7"
 
 
 def test_cli_defaults_to_seeds_for_zo_ft_and_exports(seed_runs, enc, tmp_path) -> None:

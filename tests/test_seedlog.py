@@ -252,7 +252,43 @@ def test_refusals_name_both_hashes(tmp_path) -> None:
     with pytest.raises(UsageError, match="not a seed log"):
         SeedLog(tmp_path / "bad.jsonl")
     (tmp_path / "gap.jsonl").write_text(
-        json.dumps(_header().to_json()) + '\n{"step": 1, "lr": 0.1, "wd": 0, "terms": []}\n'
+        json.dumps(_header().to_json()) + '\n{"step": 1, "lr": 0.1, "wd": 0, "terms": [[1, 0.5]]}\n'
     )
     with pytest.raises(UsageError, match="step 1 where step 0"):
         SeedLog(tmp_path / "gap.jsonl")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        '{"step": 0, "lr": 0.1, "wd": 0.0, "terms": [[-5, 0.5]]}',
+        '{"step": 0, "lr": 0.1, "wd": 0.0, "terms": [[' + str(2**70) + ", 0.5]]}",
+        '{"step": 0, "lr": 0.1, "wd": 0.0, "terms": [[1.7, 0.5]]}',
+        '{"step": 0, "lr": 0.1, "wd": 0.0, "terms": [[true, 0.5]]}',
+        '{"step": 0, "lr": 0.1, "wd": 0.0, "terms": [[1, NaN]]}',
+        '{"step": 0, "lr": 0.1, "wd": 0.0, "terms": [[1, "0.5"]]}',
+        '{"step": 0, "lr": 0.1, "wd": 0.0, "terms": []}',
+        '{"step": 0, "lr": 0.1, "wd": 0.0, "terms": 5}',
+        '{"step": 0, "lr": "inf", "wd": 0.0, "terms": [[1, 0.5]]}',
+        '{"step": 0, "lr": Infinity, "wd": 0.0, "terms": [[1, 0.5]]}',
+        '{"step": 0.0, "lr": 0.1, "wd": 0.0, "terms": [[1, 0.5]]}',
+        "[0, 0.1, 0.0]",
+    ],
+)
+def test_reading_checks_entries_as_append_does(tmp_path, entry) -> None:
+    """What append refuses to write, reading refuses too (it used to replay a nan or inf
+    coefficient into non-finite weights, and truncate a seed of 1.7 to 1)."""
+    path = tmp_path / "seeds.jsonl"
+    path.write_text(json.dumps(_header().to_json()) + "\n" + entry + "\n")
+    with pytest.raises(UsageError, match="line 2: corrupt seed-log entry"):
+        SeedLog(path)
+
+
+@pytest.mark.parametrize("key", ["model", "weights_hash", "num_params"])
+def test_a_header_without_a_key_names_it(tmp_path, key) -> None:
+    head = _header().to_json()
+    del head[key]
+    path = tmp_path / "seeds.jsonl"
+    path.write_text(json.dumps(head) + "\n")
+    with pytest.raises(UsageError, match=f"no {key!r}"):
+        SeedLog(path)

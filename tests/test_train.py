@@ -357,6 +357,29 @@ def test_divergence_is_a_usage_error_that_calibration_can_catch(models, tmp_path
     assert loss == "" or not math.isfinite(float(loss))
 
 
+@pytest.mark.parametrize("checkpoint", ["seeds", "full"])
+def test_a_nan_loss_with_a_seed_log_is_diverged_and_logged(models, tmp_path, checkpoint):
+    """zo-ft at lr 1e8: the loss becomes nan within a few steps. With a seed log the step's
+    entry was appended (and refused as a plain ValueError) before the divergence check."""
+    cfg = TrainConfig(
+        method="zo-ft",
+        model=str(models["enc"]),
+        steps=40,
+        eval_every=40,
+        checkpoint=checkpoint,
+        diverge_factor=0.0,
+        out=str(tmp_path / "r"),
+        **(SMALL | {"lr_base": 1e8}),
+    )
+    with pytest.raises(Diverged, match="lower the learning rates"):
+        train(cfg, progress=False)
+    rows = _rows(tmp_path / "r" / "metrics.csv")
+    assert rows[-1]["loss"] == "" or not math.isfinite(float(rows[-1]["loss"]))
+    if checkpoint == "seeds":  # header + one entry per finite step, none for the diverged one
+        lines = (tmp_path / "r" / "seeds.jsonl").read_text().splitlines()
+        assert len(lines) == len(rows) and "NaN" not in lines[-1]
+
+
 def test_eval_and_dev_files_are_passed_to_the_data_loader(monkeypatch, models, tmp_path):
     import hybrid.train as ht
 
