@@ -41,7 +41,7 @@ from .errors import UsageError
 from .estimate import Estimate
 from .estimators.operator import dot64
 from .hvp import HVPS, Oracle, check_step, default_step
-from .probe import _owning_module, eval_mode, probe
+from .probe import _owning_module, check_seed, eval_mode, probe
 
 Z_KINDS = {"gaussian": 3.0, "rademacher": 1.0}
 
@@ -292,8 +292,7 @@ def _check_blocks_and_model(
     """The checks :func:`probe` makes, as UsageError: x and y share no parameter
     (:func:`check_blocks`), ``model`` is a module or None (:func:`_owning_module`; the owning
     module, else ``loss_fn.model``, is returned), ``seed`` an integer (numpy's too)."""
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise UsageError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     check_blocks({k: v for k, v in (("x_params", x), ("y_params", y)) if v})
     try:
         return _owning_module(model, loss_fn)  # type: ignore[arg-type]
