@@ -176,8 +176,9 @@ class ModelBundle:
     def encode(self, examples: Sequence[Example], max_length: int = 128) -> Batch:
         """Tokenise ``examples`` once and move them to :attr:`device`.
 
-        Encoder: ``[B, T]`` (classification) or the flattened (context, candidate) pairs
-        ``[B·C, T]`` (multiple choice), truncated to ``max_length``. Causal: for each
+        Encoder: ``[B, T]`` (classification: ``text`` and ``text_pair`` as a pair, with a
+        target ``word`` (WiC) leading the first as ``"{word}: {text}"``) or the flattened
+        (context, candidate) pairs ``[B·C, T]`` (multiple choice), truncated to ``max_length``. Causal: for each
         (example, option) the sequence ``[bos] + context + continuation`` (``Task.scoring_pairs``:
         context = prompt and continuation = option, unless the task scores partially) with
         the context left-truncated so the sequence fits in ``max_length``, right-padded, ``[B·C, T]``.
@@ -263,7 +264,8 @@ class ModelBundle:
     ) -> Batch:
         tok = self.tokenizer
         if self.task.kind == "classification":
-            texts = [ex.text for ex in examples]
+            # a target word (WiC) leads the first text: the encoder must see which word
+            texts = [ex.text if ex.word is None else f"{ex.word}: {ex.text}" for ex in examples]
             pairs = [ex.text_pair for ex in examples]
             if any(p is not None for p in pairs):
                 enc = tok(

@@ -284,6 +284,28 @@ def _pick_column(
     )
 
 
+_SECOND_TEXT_COLUMNS = ("sentence2", "text_pair", "text2", "question2", "hypothesis")
+
+
+def _check_single_text(task: Task, records: Records) -> None:
+    """A single-text file has one text column: two candidates (``text`` and ``sentence``)
+    would be picked between silently, and a second sentence (``sentence2``) would be
+    dropped silently, the task reading one text per example."""
+    texts = [c for c in _TEXT_COLUMNS if c in records.columns]
+    if len(texts) > 1:
+        raise UsageError(
+            f"{records.source}: several text columns {texts}; keep one (rename the others) "
+            f"so that it is clear which one task {task.name!r} reads"
+        )
+    second = [c for c in _SECOND_TEXT_COLUMNS if c in records.columns]
+    if second:
+        raise UsageError(
+            f"{records.source}: column {second[0]!r} holds a second text, which task "
+            f"{task.name!r} (one text per example) would not read; drop or rename the column "
+            "to train on the first text alone"
+        )
+
+
 # --------------------------------------------------------------------------- parsers
 
 
@@ -293,6 +315,8 @@ def parse_classification(
     """Single-text classification: a text column (``text``, ``sentence`` or ``sentence1``,
     or ``text_column``) and a ``label`` column (or ``label_column``) holding a class index
     or an alias such as ``negative``/``positive`` (:attr:`Task.label_aliases`)."""
+    if text_column is None:
+        _check_single_text(task, records)
     text_col = _pick_column(records, text_column, _TEXT_COLUMNS, "text", "text_column")
     label_col = _pick_column(records, label_column, _LABEL_COLUMNS, "label", "label_column")
     out: list[Example] = []

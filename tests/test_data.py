@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from hybrid import data as D
 from hybrid import readers, sampling
@@ -719,6 +720,41 @@ def test_non_utf8_file_is_named(tmp_path: Path, name: str) -> None:
     p.write_bytes(rows.encode("latin-1"))
     with pytest.raises(UsageError, match=re.escape(name) + r": not UTF-8 .*0xe9 on line \d.*UTF-8"):
         load_examples(p, "sst2")
+
+
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [
+        ("sentence1\tsentence2\tlabel", ["column 'sentence2' holds a second text", "'sst2'"]),
+        ("premise\thypothesis\tsentence\tlabel", ["column 'hypothesis'"]),
+        ("text\tsentence\tlabel", ["several text columns ['text', 'sentence']"]),
+    ],
+)
+def test_a_second_or_a_doubtful_text_column_is_refused(
+    tmp_path: Path, header: str, words: list[str]
+) -> None:
+    """A pair file loaded as single-text classification silently dropped its second
+    sentence, and with both text and sentence columns one was picked without a word."""
+    path = tmp_path / "pairs.tsv"
+    width = header.count("\t")
+    path.write_text(header + "\n" + "\t".join(["A man plays."] * width + ["1"]) + "\n")
+    with pytest.raises(UsageError) as info:
+        readers.load_examples(path, "sst2")
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+def test_an_encoder_sees_the_target_word_of_wic() -> None:
+    """The encoder input carried the two sentences only: WiC's target word, the whole
+    question, reached the causal template alone."""
+    from hybrid.models import load_model
+
+    bundle = load_model(None, D.get_task("wic"))
+    pair = dict(text="He sat by the bank.", label=1, text_pair="The bank closed.")
+    a, b = (D.Example(**pair, word=w) for w in ("bank", "river"))
+    ids = bundle.encode([a, b]).inputs["input_ids"]
+    assert not torch.equal(ids[0], ids[1])
+    assert bundle.tokenizer.decode(ids[0]).startswith("[CLS] bank : he sat by the bank.")
 
 
 def test_wrong_column_hint_names_found_and_expected_columns(tmp_path: Path) -> None:
