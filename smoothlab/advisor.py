@@ -200,7 +200,12 @@ class Advice:
 
     def describe(self) -> str:
         """A few lines for a terminal: the formula, the inputs and both rules' results."""
-        pm = lambda v, s: f"{v:.4g}" + (f" ± {s:.2g}" if math.isfinite(s) else "")  # noqa: E731
+
+        def pm(v: float, s: float) -> str:  # a zero stderr: exact for this batch
+            return f"{v:.4g}" + (
+                (" (exact on the batch)" if s == 0 else f" ± {s:.2g}") if math.isfinite(s) else ""
+            )
+
         lines = [
             f"formula : {self.formula}",
             f"inputs  : L_x = {pm(self.L_x, self.L_x_stderr)}, L_y = {pm(self.L_y, self.L_y_stderr)}, "

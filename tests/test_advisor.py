@@ -348,6 +348,8 @@ def test_curvature_stderr_is_nan_when_a_term_of_the_denominator_has_none():
     a = advise(**kw, rho_x_stderr=0.0)
     assert a.trace_floored and a.eta_x == pytest.approx(1 / 6) and math.isnan(a.eta_x_stderr)
     assert "eta_x   : 0.1667  [rule curvature]" in a.describe()  # no "± 0"
+    exact = advise(L_x=4, L_y=1, d_x=1000, trace=20, trace_stderr=3, rho_x=1, rho_x_stderr=0.0)
+    assert "rho_x = 1 (exact on the batch)" in exact.describe()  # a zero stderr, in words
     b = advise(**kw | {"L_x_stderr": 0.4}, rho_x_stderr=0.1)
     assert b.eta_x_stderr == pytest.approx(b.eta_x * math.hypot(0.4, 2 * 0.1) / 6)
     assert math.isnan(advise(**kw | {"L_x_stderr": 0.4}).eta_x_stderr)  # rho_x without one
