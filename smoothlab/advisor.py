@@ -246,9 +246,15 @@ class Advice:
                 "eta_y   : none (no L_y: no PEFT block y is trained, or the probe measured none)"
             )
         if has_x and has_y:
+            lo, hi = PAPER_TABLE2_RATIO
+            where = (
+                "inside" if lo <= self.ratio <= hi else ("below" if self.ratio < lo else "above")
+            )
+            paper = self.eta_y / self.eta_x_paper if self.eta_x_paper > 0 else math.nan
             lines.append(
-                f"ratio   : eta_y / eta_x = {self.ratio:.4g}  (paper's Table 2: "
-                f"{PAPER_TABLE2_RATIO[0]:.0e}..{PAPER_TABLE2_RATIO[1]:.0e})"
+                f"ratio   : eta_y / eta_x = {self.ratio:.4g}  ({where} the paper's Table 2 range "
+                f"{lo:.0e}..{hi:.0e}"
+                + (f"; with the paper's eta_x: {paper:.3g})" if math.isfinite(paper) else ")")
             )
         if math.isfinite(self.predicted_change):
             lines.append(

@@ -310,7 +310,8 @@ def _print_rate_advice(cfg: Any, record: dict) -> None:
     names = {f.name for f in dataclasses.fields(Advice)}
     advice = Advice(**{k: v for k, v in record.items() if k in names})
     print(advice.describe())
-    print(ratio_line(advice))
+    if not math.isfinite(advice.ratio):  # describe() gives a finite ratio; else say why not
+        print(ratio_line(advice))
     print(f"auto rates: {rates} (written to {Path(cfg.out) / 'config.json'} under 'advice')")
     if "lr_base" in auto and cfg.lr_base_budget and cfg.lr_base > 0:
         print(
@@ -568,7 +569,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
         )
         print(_curvature_line(curv))
     print(advice.describe())
-    print(ratio_line(advice, train_cfg.method))
+    if not math.isfinite(advice.ratio):  # describe() gives a finite ratio; else say why not
+        print(ratio_line(advice, train_cfg.method))
     if cfg.calibrate:
         advice = _calibrate(cfg, advice, train_cfg)
     elif cfg.out:
