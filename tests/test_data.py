@@ -753,3 +753,41 @@ def test_user_input_errors_are_usage_errors(tmp_path: Path) -> None:
     for case in cases:
         with pytest.raises(UsageError):
             case()
+
+
+# --------------------------------------------------------------------------- CLI wording
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from smoothlab.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    return err
+
+
+def test_probe_too_few_examples_names_batch_size(tmp_path, capsys) -> None:
+    """A probe draws --batch-size examples: the message names that flag, not train/eval/dev."""
+    data = tmp_path / "three.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(3)))
+    err = _cli_error(["probe", "--data", str(data), "--batch-size", "5"], capsys)
+    assert "only 3 examples, but 5 asked (--batch-size 5)" in err, err
+    assert "lower --batch-size" in err and "train=" not in err and "eval" not in err, err
+    err = _cli_error(
+        ["train", "--data", str(data), "--train-size", "2", "--eval-size", "2", "--out",
+         str(tmp_path / "run")],
+        capsys,
+    )  # fmt: skip
+    assert "(--train-size 2 + --eval-size 2 + --dev-size 100)" in err, err
+
+
+def test_task_without_data_names_the_data_flag(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    for argv in (["probe"], ["train", "--out", str(tmp_path / "run")]):
+        err = _cli_error([*argv, "--task", "copa"], capsys)
+        assert "'copa'" in err and "with --data" in err and "path=" not in err, err
+    with pytest.raises(UsageError, match=r"with path="):  # the Python API names its argument
+        load_task_data("copa")
+    with pytest.raises(UsageError, match=r"but 7 asked \(train=3 \+ dev=4\); lower train or dev"):
+        sample_splits([Example("t", 0)] * 5, train=3, eval=0, dev=4)
