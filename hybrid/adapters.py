@@ -55,22 +55,91 @@ def _wrap(bundle: ModelBundle, config: Any, seed: int) -> ModelBundle:
     return dataclasses.replace(bundle, model=peft_model)
 
 
+_LORA_FALLBACK = (
+    "q_lin",
+    "v_lin",
+    "query",
+    "value",
+    "q_proj",
+    "v_proj",
+    "query_proj",
+    "value_proj",
+)
+"""Attention query/value layer names LoRA targets in an architecture peft has no default for."""
+
+
+def _model_type(bundle: ModelBundle) -> str:
+    return str(getattr(bundle.model.config, "model_type", "") or "?")
+
+
+def _lora_targets(bundle: ModelBundle, given: Sequence[str] | None) -> list[str] | None:
+    """The LoRA target module names: ``given``; ``["query", "value"]`` for BERT-like encoders;
+    ``None`` (peft's own default) where peft knows the architecture; otherwise the names,
+    among :data:`_LORA_FALLBACK`, of the model's ``nn.Linear`` layers (DistilBERT: ``q_lin``,
+    ``v_lin``). An architecture with none of them is a :class:`UsageError`."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as known
+    from torch import nn
+
+    if given is not None:
+        return list(given)
+    model_type = _model_type(bundle)
+    if model_type in _BERT_LIKE:
+        return ["query", "value"]
+    if model_type in known:
+        return None
+    found = {
+        name.rsplit(".", 1)[-1]
+        for name, module in bundle.model.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    targets = [t for t in _LORA_FALLBACK if t in found]
+    if not targets:
+        raise UsageError(
+            f"LoRA cannot find the attention layers of model {bundle.name!r} (model type "
+            f"{model_type!r}): supported are the model types peft knows "
+            f"({', '.join(sorted(known))}) and models whose attention query/value Linear "
+            f"layers are named one of {', '.join(_LORA_FALLBACK)}"
+        )
+    return targets
+
+
 def _attach_lora(bundle: ModelBundle, opts: PeftOptions) -> ModelBundle:
-    """LoRA: ``W + (alpha/r)·B A`` with ``B = 0`` at init; targets default to peft's
-    per-architecture defaults, ``["query", "value"]`` for BERT-like encoders."""
+    """LoRA: ``W + (alpha/r)·B A`` with ``B = 0`` at init; targets as :func:`_lora_targets`
+    picks them (peft's per-architecture defaults, ``["query", "value"]`` for BERT-like
+    encoders, the query/value layers found by name otherwise)."""
     from peft import LoraConfig
 
-    targets = list(opts.target_modules) if opts.target_modules is not None else None
-    if targets is None and getattr(bundle.model.config, "model_type", "") in _BERT_LIKE:
-        targets = ["query", "value"]
     config = LoraConfig(
         task_type=_task_type(bundle),
         r=opts.r,
         lora_alpha=opts.alpha,
         lora_dropout=opts.dropout,
-        target_modules=targets,
+        target_modules=_lora_targets(bundle, opts.target_modules),
     )
     return _wrap(bundle, config, opts.seed)
+
+
+def _prompt_dims(bundle: ModelBundle) -> dict[str, int]:
+    """What peft's prompt learning needs from the model, read through the config's attribute
+    aliases (DistilBERT's ``dim``, ``n_layers``, ``n_heads``), which peft's own lookup misses:
+    ``token_dim`` is the input embedding's width, as the virtual tokens are concatenated to
+    the input embeddings."""
+    config = bundle.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    embedding = bundle.model.get_input_embeddings()
+    dims = {
+        "token_dim": getattr(embedding, "embedding_dim", None),
+        "num_layers": getattr(text, "num_hidden_layers", None),
+        "num_attention_heads": getattr(text, "num_attention_heads", None),
+    }
+    missing = [k for k, v in dims.items() if not isinstance(v, int)]
+    if missing:
+        raise UsageError(
+            f"prompt tuning cannot read {', '.join(missing)} of model {bundle.name!r} (model "
+            f"type {_model_type(bundle)!r}): supported are models with an nn.Embedding input "
+            "embedding whose config names num_hidden_layers and num_attention_heads"
+        )
+    return dims
 
 
 def _attach_prompt(bundle: ModelBundle, opts: PeftOptions) -> ModelBundle:
@@ -78,7 +147,10 @@ def _attach_prompt(bundle: ModelBundle, opts: PeftOptions) -> ModelBundle:
     from peft import PromptTuningConfig
 
     config = PromptTuningConfig(
-        task_type=_task_type(bundle), num_virtual_tokens=opts.num_virtual_tokens
+        task_type=_task_type(bundle),
+        num_virtual_tokens=opts.num_virtual_tokens,
+        num_transformer_submodules=1,
+        **_prompt_dims(bundle),
     )
     return _wrap(bundle, config, opts.seed)
 
@@ -125,7 +197,9 @@ def attach_peft(
     bundle around the wrapped model.
 
     ``"lora"`` (``W + (alpha/r)·B A``, B = 0 at init; targets default to peft's
-    per-architecture defaults, ``["query", "value"]`` for BERT-like encoders), ``"prompt"``
+    per-architecture defaults, ``["query", "value"]`` for BERT-like encoders, and otherwise
+    the attention query/value Linear layers found by name, e.g. DistilBERT's ``q_lin``,
+    ``v_lin``), ``"prompt"``
     (``num_virtual_tokens`` trainable input embeddings prepended to the sequence) or
     ``"prefix"`` (trainable key/value prefixes in every attention layer). Task type for
     peft: ``SEQ_CLS`` for encoders, whose classification head is put in ``modules_to_save``

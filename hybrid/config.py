@@ -84,6 +84,21 @@ def positive_float(name: str, v: Any) -> None:
         raise UsageError(f"{name} must be a positive finite number, got {v!r}")
 
 
+DIST_TIMEOUT_RANGE = (1.0, 7 * 24 * 3600.0)
+"""Seconds a rank may wait in a collective for the others: 1 s to a week."""
+
+
+def dist_timeout_seconds(name: str, v: Any) -> None:
+    """``v`` is a number of seconds in :data:`DIST_TIMEOUT_RANGE` (a huge one overflows
+    ``datetime.timedelta``); the one check of ``--dist-timeout`` and
+    :func:`hybrid.distributed.init`'s ``timeout_s``."""
+    lo, hi = DIST_TIMEOUT_RANGE
+    if not (_number(v) and lo <= v <= hi):
+        raise UsageError(
+            f"{name} must be a number of seconds from {lo:g} to {hi:g} (a week), got {v!r}"
+        )
+
+
 def unit_interval(name: str, v: Any) -> None:
     """``v`` is a number in [0, 1]."""
     if not (_number(v) and 0 <= v <= 1):
@@ -604,9 +619,9 @@ class TrainConfig(ModelConfig):
     )
     dist_timeout: float = opt(
         600.0,
-        "under torchrun: seconds a rank waits in a collective for the others before it stops "
-        "with a one-line rank-failure message",
-        check=positive_float,
+        "under torchrun: seconds (1 to 604800, a week) a rank waits in a collective for the "
+        "others before it stops with a one-line rank-failure message",
+        check=dist_timeout_seconds,
     )
     out: str = opt(
         "runs/run",

@@ -62,6 +62,8 @@ import torch.distributed as dist
 from smoothlab.errors import UsageError
 from smoothlab.hvp import gradient_reduction
 
+from .config import dist_timeout_seconds
+
 __all__ = [
     "CommStats",
     "RankFailure",
@@ -85,7 +87,6 @@ __all__ = [
 ]
 
 LossFn = Callable[[], torch.Tensor]
-TIMEOUT_RANGE = (1.0, 7 * 24 * 3600.0)  # seconds a rank may wait for the others
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -179,20 +180,12 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> World:
 
     Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) nothing is initialised. ``backend``:
     ``"gloo"``, ``"nccl"`` or None (nccl when CUDA is available, else gloo). ``timeout_s``
-    bounds every collective: a rank whose peers died or hang gets :class:`RankFailure`.
+    (1 s to a week, checked by :func:`hybrid.config.dist_timeout_seconds`, the check of
+    ``--dist-timeout``) bounds every collective: a rank whose peers died or hang gets :class:`RankFailure`.
     On CUDA the process's device is set to ``LOCAL_RANK``.
     """
     global _world
-    lo, hi = TIMEOUT_RANGE
-    if not (
-        isinstance(timeout_s, int | float)
-        and not isinstance(timeout_s, bool)
-        and lo <= timeout_s <= hi
-    ):
-        raise UsageError(
-            f"timeout_s (--dist-timeout) must be a number of seconds from {lo:g} to {hi:g} "
-            f"(a week), got {timeout_s!r}"
-        )
+    dist_timeout_seconds("timeout_s (--dist-timeout)", timeout_s)
     if "WORLD_SIZE" not in os.environ or _env_int("WORLD_SIZE") == 1:
         _world = World(timeout_s=float(timeout_s))
         return _world

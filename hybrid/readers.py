@@ -60,14 +60,15 @@ def _field_size_limit(limit: int) -> Iterator[None]:
 
 def _read_delimited(path: Path) -> Records:
     suffix = path.suffix.lower()
-    fh = io.StringIO(_read_text(path), newline="")
+    text = _read_text(path)
+    fh = io.StringIO(text, newline="")
     if suffix == ".tsv":
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         reader = csv.reader(fh)
     try:
         with _field_size_limit(FIELD_LIMIT):
-            return _delimited_records(path, reader)
+            return _delimited_records(path, reader, None if suffix == ".tsv" else text)
     except csv.Error as err:
         raise UsageError(
             f"{path}: line {reader.line_num}: {err} (the field size limit is {FIELD_LIMIT:,} "
@@ -75,23 +76,64 @@ def _read_delimited(path: Path) -> Records:
         ) from None
 
 
-def _delimited_records(path: Path, reader: Any) -> Records:
+def _check_header(path: Path, header: list[str]) -> None:
+    """A column named twice would be read from its last occurrence only: refused."""
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise UsageError(
+                f"{path}: the header names column {name!r} twice ({header}); rename or drop "
+                "one of them"
+            )
+        seen.add(name)
+
+
+def _unclosed_quote(text: str, start: int) -> bool:
+    """Whether the CSV ``text`` from line ``start`` on ends inside a quoted field: the csv
+    module (not strict) reads such a field to the end of the file, as one row."""
+    tail = "".join(io.StringIO(text, newline="").readlines()[start - 1 :])
+    try:
+        for _ in csv.reader(io.StringIO(tail, newline=""), strict=True):
+            pass
+    except csv.Error as err:
+        return "unexpected end of data" in str(err)
+    return False
+
+
+def _check_quotes(path: Path, text: str | None, start: int, end: int) -> None:
+    """A CSV row read from lines ``start`` to ``end`` that is an unterminated quote: refused."""
+    if text is not None and start < end and _unclosed_quote(text, start):
+        raise UsageError(
+            f"{path}: line {start} opens a quoted field that never closes (it runs to the end "
+            f'of the file, line {end}); close the quote, or write a quote inside a field as ""'
+        )
+
+
+def _delimited_records(path: Path, reader: Any, text: str | None) -> Records:
+    """The rows of a TSV/CSV ``reader`` under its header; ``text`` (CSV only) is the file's
+    text, read again to tell an unterminated quote from a wrong delimiter."""
     header = next(reader, None)
     if header is None:
         return Records(path, [], [])
     header = [h.strip() for h in header]
+    _check_header(path, header)
     width = len(header)
     rows: list[tuple[int, dict[str, Any]]] = []
+    start = end = reader.line_num
     for row in reader:
+        start, end = end + 1, reader.line_num
         if not row:
             continue
         if len(row) != width:
+            _check_quotes(path, text, start, end)
             delimiter = "tab" if path.suffix.lower() == ".tsv" else "comma"
             raise UsageError(
                 f"{path}: line {reader.line_num} has {len(row)} fields, the header has {width} "
                 f"({header}); check the delimiter ({delimiter} for {path.suffix} files)"
             )
         rows.append((reader.line_num, dict(zip(header, row, strict=True))))
+    if rows and rows[-1][0] == end:
+        _check_quotes(path, text, start, end)
     return Records(path, header, rows)
 
 

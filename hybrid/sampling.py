@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +31,24 @@ class Splits:
     dev: list[Example]
 
 
+def _name(flags: Mapping[str, str] | None, argument: str) -> str:
+    """How the caller's user names ``argument``: ``flags[argument]`` (the CLI passes its
+    flags, e.g. ``--batch-size`` for ``train``), else the Python argument ``argument=``."""
+    if flags is not None and argument in flags:
+        return flags[argument]
+    return f"{argument}="
+
+
+def _asked(flags: Mapping[str, str] | None, **sizes: int) -> tuple[str, str]:
+    """The sizes the user set, as ``--train-size 16 + --eval-size 4`` (or ``train=16``), and
+    their names joined by ``or``; a size absent from a given ``flags`` is not the user's."""
+    named = {k: v for k, v in sizes.items() if flags is None or k in flags}
+    shown = {k: v for k, v in named.items() if v} or named
+    names = [_name(flags, k) for k in shown]
+    terms = [n + str(v) if n.endswith("=") else f"{n} {v}" for n, v in zip(names, shown.values())]
+    return " + ".join(terms), " or ".join(n.rstrip("=") for n in names)
+
+
 def _check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -44,19 +62,22 @@ def sample_splits(
     eval: int = 1000,
     dev: int = 100,
     seed: int = 0,
+    flags: Mapping[str, str] | None = None,
 ) -> Splits:
     """The paper's sampling: ``train + eval + dev`` distinct examples drawn without
     replacement with ``random.Random(seed)``, cut into three disjoint splits.
 
     Raises ``UsageError`` (a ``ValueError``) if ``examples`` holds fewer than
-    ``train + eval + dev``.
+    ``train + eval + dev``, naming the non-zero sizes as ``flags`` names them (see
+    :func:`load_task_data`).
     """
     _check_sizes(train=train, eval=eval, dev=dev)
     total = train + eval + dev
     if len(examples) < total:
+        terms, names = _asked(flags, train=train, eval=eval, dev=dev)
         raise UsageError(
-            f"only {len(examples)} examples, but {total} asked "
-            f"(train={train} + eval={eval} + dev={dev})"
+            f"only {len(examples)} examples, but {total} asked ({terms}); "
+            f"lower {names} or give more examples"
         )
     chosen = random.Random(seed).sample(range(len(examples)), total)
     picked = [examples[i] for i in chosen]
@@ -65,7 +86,7 @@ def sample_splits(
     )
 
 
-def _load_hub(task: Task) -> list[Example]:
+def _load_hub(task: Task, flags: Mapping[str, str] | None) -> list[Example]:
     """Examples of ``task``'s hub dataset (``train`` split), via the ``datasets`` package."""
     try:
         import datasets  # optional, imported lazily
@@ -73,7 +94,7 @@ def _load_hub(task: Task) -> list[Example]:
         raise UsageError(
             f"task {task.name!r} has no built-in data and the `datasets` package is not "
             f"installed, so {task.hub_path}/{task.hub_name} cannot be loaded from the hub; "
-            "pass path= to a local .tsv/.csv/.jsonl file"
+            f"give a local .tsv/.csv/.jsonl file with {_name(flags, 'path')}"
         ) from None
     ds = datasets.load_dataset(task.hub_path, task.hub_name, split="train")
     rows = [(i, dict(rec)) for i, rec in enumerate(ds, start=1)]
@@ -85,24 +106,29 @@ def _load_hub(task: Task) -> list[Example]:
 MAX_BUILTIN = 1_000_000  # generated in memory: a typo'd size must not exhaust RAM
 
 
-def _default_examples(task: Task, n: int, seed: int) -> list[Example]:
-    """Examples of ``task`` without a file: its built-in set (``n`` of them), else its hub
-    dataset."""
+def _default_examples(
+    task: Task, sizes: dict[str, int], seed: int, flags: Mapping[str, str] | None
+) -> list[Example]:
+    """Examples of ``task`` without a file: its built-in set (as many as ``sizes`` add up
+    to), else its hub dataset."""
+    n = sum(sizes.values())
     if task.builtin is not None:
         if n > MAX_BUILTIN:
+            terms, names = _asked(flags, **sizes)
             raise UsageError(
                 f"task {task.name!r} generates at most {MAX_BUILTIN:,} built-in examples, but "
-                f"train + eval + dev sizes ask for {n:,}; use smaller sizes or pass a data file"
+                f"{n:,} asked ({terms}); lower {names} or give a data file with "
+                f"{_name(flags, 'path')}"
             )
         if task.builtin_note:
             warnings.warn(task.builtin_note, UserWarning, stacklevel=3)
         return task.builtin(n, seed)
     if task.hub_path is None:
         raise UsageError(
-            f"task {task.name!r} has neither built-in data nor a hub dataset; pass path= to "
-            "a local .tsv/.csv/.jsonl file"
+            f"task {task.name!r} has neither built-in data nor a hub dataset; give a local "
+            f".tsv/.csv/.jsonl file with {_name(flags, 'path')}"
         )
-    return _load_hub(task)
+    return _load_hub(task, flags)
 
 
 def _cap(examples: list[Example], n: int, seed: int) -> list[Example]:
@@ -123,6 +149,7 @@ def load_task_data(
     seed: int = 0,
     eval_data: str | Path | None = None,
     dev_data: str | Path | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> tuple[Task, Splits]:
     """The task and its seeded splits.
 
@@ -136,6 +163,11 @@ def load_task_data(
     the file has more than ``eval`` (``dev``) examples, that many drawn with
     ``random.Random(seed)``; the main source then supplies only the other splits (so a file
     given for both eval and dev serves both, overlapping).
+
+    ``flags``: how the caller's user names the arguments ``path``, ``train``, ``eval`` and
+    ``dev``, for error messages (the CLI passes its flags, e.g. ``{"path": "--data",
+    "train": "--batch-size"}`` for a probe); an argument not in it is named ``argument=``,
+    and a size not in a given ``flags`` is one the user does not set.
     """
     task = get_task(task_name)
     _check_sizes(train=train, eval=eval, dev=dev)
@@ -144,8 +176,9 @@ def load_task_data(
     if path is not None:
         examples = load_examples(path, task)
     else:
-        examples = _default_examples(task, train + n_eval + n_dev, seed)
-    splits = sample_splits(examples, train=train, eval=n_eval, dev=n_dev, seed=seed)
+        sizes = {"train": train, "eval": n_eval, "dev": n_dev}
+        examples = _default_examples(task, sizes, seed, flags)
+    splits = sample_splits(examples, train=train, eval=n_eval, dev=n_dev, seed=seed, flags=flags)
     if eval_data is not None:
         splits = replace(splits, eval=_cap(load_examples(eval_data, task), eval, seed))
     if dev_data is not None:

@@ -113,6 +113,15 @@ def split_parameters(
     return base, peft
 
 
+_DATA_FLAGS = {
+    "path": "--data",
+    "train": "--train-size",
+    "eval": "--eval-size",
+    "dev": "--dev-size",
+}
+"""The options :func:`load_task_data`'s messages name (the CLI's flags for the config fields)."""
+
+
 def build(cfg: TrainConfig) -> tuple[ModelBundle, Task, Splits]:
     """Load data and model and attach the method's PEFT module."""
     files = {k: getattr(cfg, k) for k in ("eval_data", "dev_data") if getattr(cfg, k) is not None}
@@ -124,6 +133,7 @@ def build(cfg: TrainConfig) -> tuple[ModelBundle, Task, Splits]:
             eval=cfg.eval_size,
             dev=cfg.dev_size,
             seed=cfg.data_seed,
+            flags=_DATA_FLAGS,
             **files,
         )
     with user_input(f"model {cfg.model or 'default'!r}"):

@@ -159,7 +159,13 @@ def _load_bundle(cfg: Any, peft: str) -> Any:
 
     with user_input(f"--data {cfg.data or cfg.task}"):
         task, splits = load_task_data(
-            cfg.task, cfg.data, train=cfg.batch_size, eval=0, dev=0, seed=cfg.seed
+            cfg.task,
+            cfg.data,
+            train=cfg.batch_size,
+            eval=0,
+            dev=0,
+            seed=cfg.seed,
+            flags={"path": "--data", "train": "--batch-size"},
         )
     with user_input(f"--model {cfg.model or 'default'}"):
         bundle = load_model(cfg.model, task, device=cfg.device, seed=cfg.seed)

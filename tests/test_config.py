@@ -191,3 +191,30 @@ def test_rates_accept_auto_and_record_blocks_are_checked() -> None:
     # Figure1 passes record_blocks to both of its runs
     runs = figure1_runs(dataclasses.replace(Figure1Config(), record_blocks="kinds"))
     assert {r.record_blocks for r in runs.values()} == {"kinds"}
+
+
+def test_dist_timeout_range_is_the_options_check(tmp_path: Path, capsys, monkeypatch) -> None:
+    """--dist-timeout is checked by its config field (CLI, config files, the API) and the help
+    states the range; hybrid.distributed.init uses that same check, not a copy."""
+    from hybrid import config as C
+    from hybrid import distributed as D
+    from smoothlab.cli import main
+
+    for bad in (0.5, 604801, float("inf"), True):
+        with pytest.raises(UsageError, match=r"dist_timeout must be .* from 1 to 604800"):
+            TrainConfig(dist_timeout=bad).validate()
+    TrainConfig(dist_timeout=1).validate()
+    TrainConfig(dist_timeout=604800).validate()
+    (tmp_path / "c.json").write_text(json.dumps({"dist_timeout": 1e9}))
+    assert main(["train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path)]) == 2
+    assert "from 1 to 604800" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(1 to 604800, a week)" in " ".join(capsys.readouterr().out.split())
+    calls = []
+    monkeypatch.setattr(D, "dist_timeout_seconds", lambda *a: calls.append(a))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(D, "_world", D._world)  # restored after the test
+    assert D.init(timeout_s=5).timeout_s == 5.0
+    assert calls == [("timeout_s (--dist-timeout)", 5)]
+    assert C.DIST_TIMEOUT_RANGE == (1.0, 604800.0)

@@ -789,3 +789,78 @@ def test_user_input_errors_are_usage_errors(tmp_path: Path) -> None:
     for case in cases:
         with pytest.raises(UsageError):
             case()
+
+
+# --------------------------------------------------------------------------- CLI wording
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from smoothlab.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    return err
+
+
+def test_probe_too_few_examples_names_batch_size(tmp_path, capsys) -> None:
+    """A probe draws --batch-size examples: the message names that flag, not train/eval/dev."""
+    data = tmp_path / "three.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(3)))
+    err = _cli_error(["probe", "--data", str(data), "--batch-size", "5"], capsys)
+    assert "only 3 examples, but 5 asked (--batch-size 5)" in err, err
+    assert "lower --batch-size" in err and "train=" not in err and "eval" not in err, err
+    err = _cli_error(
+        ["train", "--data", str(data), "--train-size", "2", "--eval-size", "2", "--out",
+         str(tmp_path / "run")],
+        capsys,
+    )  # fmt: skip
+    assert "(--train-size 2 + --eval-size 2 + --dev-size 100)" in err, err
+
+
+def test_task_without_data_names_the_data_flag(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    for argv in (["probe"], ["train", "--out", str(tmp_path / "run")]):
+        err = _cli_error([*argv, "--task", "copa"], capsys)
+        assert "'copa'" in err and "with --data" in err and "path=" not in err, err
+    with pytest.raises(UsageError, match=r"with path="):  # the Python API names its argument
+        load_task_data("copa")
+    with pytest.raises(UsageError, match=r"but 7 asked \(train=3 \+ dev=4\); lower train or dev"):
+        sample_splits([Example("t", 0)] * 5, train=3, eval=0, dev=4)
+
+
+# --------------------------------------------------------------------------- CSV quotes, headers
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '"unterminated,1\nok,0\n',  # the row swallows the rest: 1 field, the header has 2
+        'ok,"unterminated\nsecond,0\nthird,1\n',  # 2 fields, as the header: read silently before
+    ],
+)
+def test_csv_unterminated_quote_is_named(tmp_path: Path, body: str) -> None:
+    p = tmp_path / "q.csv"
+    p.write_text("sentence,label\n" + body, encoding="utf-8")
+    with pytest.raises(UsageError, match=r"q\.csv: line 2 opens a quoted field that never close"):
+        load_examples(p, "sst2")
+
+
+def test_csv_quotes_that_close_are_still_read(tmp_path: Path) -> None:
+    p = tmp_path / "ok.csv"
+    p.write_text('sentence,label\n"multi\nline",1\n"a ""b"", c",0\n', encoding="utf-8")
+    assert load_examples(p, "sst2") == [Example("multi\nline", 1), Example('a "b", c', 0)]
+    p.write_text('sentence,label\n"a"b,c,1\n', encoding="utf-8")  # 3 fields, no open quote
+    with pytest.raises(UsageError, match=r"line 2 has 3 fields.*check the delimiter"):
+        load_examples(p, "sst2")
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_duplicate_header_column_is_refused(tmp_path: Path, suffix: str) -> None:
+    sep = "\t" if suffix == ".tsv" else ","
+    p = tmp_path / f"dup{suffix}"
+    p.write_text(sep.join(["sentence", "label", " sentence"]) + "\n" + sep.join("x1y") + "\n")
+    with pytest.raises(UsageError) as info:
+        load_examples(p, "sst2")
+    msg = str(info.value)
+    assert str(p) in msg and "column 'sentence' twice" in msg, msg

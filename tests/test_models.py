@@ -517,3 +517,55 @@ def test_model_folder_without_tokenizer_files_is_refused(tiny_dirs, tmp_path, wh
         M.load_model(str(folder), CLS_TASK)
     msg = str(info.value)
     assert "lacks its tokenizer files" in msg and str(folder) in msg, msg
+
+
+# --------------------------------------------------------------------------- unknown architectures
+
+
+@pytest.fixture(scope="module")
+def distilbert_dir(tmp_path_factory) -> str:
+    """A tiny random DistilBERT (dim 32, 2 layers, 2 heads), an architecture peft has no LoRA
+    default for and whose config names its sizes ``dim``/``n_layers``/``n_heads``."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from hybrid.seeding import seeded_rng
+
+    tok = AutoTokenizer.from_pretrained(M.resolve_model_path(None))
+    config = DistilBertConfig(
+        vocab_size=len(tok), dim=32, n_layers=2, n_heads=2, hidden_dim=64, dropout=0.0
+    )
+    with seeded_rng(0):
+        model = DistilBertForSequenceClassification(config)
+    folder = str(tmp_path_factory.mktemp("distilbert"))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_lora_on_distilbert_targets_its_query_and_value_layers(distilbert_dir) -> None:
+    pb = M.attach_peft(M.load_model(distilbert_dir, CLS_TASK), "lora", r=2)
+    adapter = {n for n in _trainable(pb.model) if "lora_" in n}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapter} == {"q_lin", "v_lin"}
+    assert len(adapter) == 2 * 2 * 2  # layers × {q_lin, v_lin} × {A, B}
+    pb.model.eval()
+    _check_peft_forward(pb, CLS_EXAMPLES, 2)
+
+
+def test_prompt_tuning_on_distilbert_reads_its_config_aliases(distilbert_dir) -> None:
+    pb = M.attach_peft(M.load_model(distilbert_dir, CLS_TASK), "prompt", num_virtual_tokens=3)
+    embedding = pb.model.prompt_encoder["default"].embedding.weight
+    assert embedding.shape == (3, 32) and embedding.requires_grad
+    pb.model.eval()
+    _check_peft_forward(pb, CLS_EXAMPLES, 2)
+
+
+def test_an_architecture_without_attention_layers_by_name_is_refused(distilbert_dir) -> None:
+    bundle = M.load_model(distilbert_dir, CLS_TASK)
+    for layer in bundle.model.distilbert.transformer.layer:  # hide the names LoRA looks for
+        attention = layer.attention
+        attention.q_renamed, attention.v_renamed = attention.q_lin, attention.v_lin
+        del attention.q_lin, attention.v_lin
+    with pytest.raises(UsageError) as info:
+        M.attach_peft(bundle, "lora")
+    msg = str(info.value)
+    assert "'distilbert'" in msg and "q_lin" in msg and "llama" in msg, msg

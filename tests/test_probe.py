@@ -847,3 +847,33 @@ def test_stderr_docs_give_the_student_t_factors():
     assert cover == {2: 50, 5: 63, 10: 66}
     for n, p in cover.items():
         assert 100 * (2 * stats.t.cdf(1, n - 1) - 1) == pytest.approx(p, abs=0.5), n
+
+
+def test_public_estimators_refuse_a_gen_that_is_not_a_generator() -> None:
+    """None would silently draw from torch's global RNG (and change it); an int seed would
+    be a TypeError deep inside: both are a UsageError naming the type and the remedy."""
+    from smoothlab.errors import UsageError
+    from smoothlab.estimators import (
+        hutchinson_frobenius,
+        hutchinson_trace,
+        lanczos,
+        rms,
+        zo_frobenius,
+        zo_rms,
+        zo_trace,
+    )
+    from smoothlab.estimators.operator import LinearOperator
+
+    H = torch.diag(torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64))
+    estimators = (lanczos, hutchinson_trace, hutchinson_frobenius, rms)
+    estimators += (zo_trace, zo_frobenius, zo_rms)
+    for estimator in estimators:
+        op = LinearOperator(lambda v: H @ v, 3, quad=lambda v: float(v @ H @ v))
+        before = torch.get_rng_state()
+        for bad, kind in ((None, "NoneType"), (0, "int")):
+            with pytest.raises(UsageError, match=rf"gen must be a torch\.Generator, got {kind}"):
+                estimator(op, bad)
+        assert torch.equal(before, torch.get_rng_state()), estimator.__name__
+        with pytest.raises(UsageError, match=r"torch\.Generator\(\)\.manual_seed\(s\)"):
+            estimator(op, 7)
+        assert math.isfinite(estimator(op, torch.Generator().manual_seed(0)).value)

@@ -78,7 +78,7 @@ def hutchinson_frobenius(
 ) -> Estimate:
     """‖H‖_F = √(E‖Hv‖²) (see the module docstring)."""
     check_estimator_options(
-        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, gen=gen
     )
     check_distribution(distribution)
     op = as_operator(op, dim=dim, dtype=dtype, device=device)

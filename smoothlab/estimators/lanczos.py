@@ -86,7 +86,7 @@ def lanczos(
 
     ``op``: an operator, a square tensor, or a callable ``v ↦ H v`` with ``dim=`` (and
     ``dtype=``/``device=`` of the vectors it takes: float64 on CPU by default)."""
-    check_estimator_options(max_iter, tol=tol, count="max_iter")
+    check_estimator_options(max_iter, tol=tol, count="max_iter", gen=gen)
     op = as_operator(op, dim=dim, dtype=dtype, device=device)
     n, dtype, device = op.dim, op.dtype, op.device
     k_max = min(max_iter, n)

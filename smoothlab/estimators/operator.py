@@ -253,6 +253,9 @@ def matvec_into(op: Any, v: torch.Tensor, out: torch.Tensor | None) -> torch.Ten
     return op.matvec(v)
 
 
+_NO_GEN = object()  # check_estimator_options' default: no generator to check
+
+
 def check_estimator_options(
     num_vectors: object,
     *,
@@ -260,11 +263,19 @@ def check_estimator_options(
     target_rel_stderr: object = None,
     min_vectors: object = 1,
     count: str = "num_vectors",
+    gen: object = _NO_GEN,
 ) -> None:
     """UsageError naming the first bad estimator option: ``num_vectors`` (called ``count``,
     e.g. ``max_iter``) and ``min_vectors`` positive integers (numpy integers too), ``tol``
-    and ``target_rel_stderr`` positive finite numbers (or None). The one check behind
+    and ``target_rel_stderr`` positive finite numbers (or None), and ``gen``, when given, a
+    ``torch.Generator`` (randomness goes through a generator the caller seeds: None would
+    silently use torch's global RNG). The one check behind
     :func:`smoothlab.probe.check_options` and every public estimator."""
+    if gen is not _NO_GEN and not isinstance(gen, torch.Generator):
+        raise UsageError(
+            f"gen must be a torch.Generator, got {type(gen).__name__} {gen!r:.40}; pass "
+            "torch.Generator().manual_seed(s) (on the operator's device)"
+        )
     for name, v in ((count, num_vectors), ("min_vectors", min_vectors)):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
             raise UsageError(f"{name} must be a positive integer, got {v!r}")

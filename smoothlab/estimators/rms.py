@@ -54,7 +54,7 @@ def rms(
 ) -> Estimate:
     """‖H‖_F/√d = √(E‖Hu‖²) over unit u (see the module docstring)."""
     check_estimator_options(
-        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, gen=gen
     )
     op = as_operator(op, dim=dim, dtype=dtype, device=device)
     bufs = sample_buffers(op)

@@ -59,7 +59,7 @@ def hutchinson_trace(
 ) -> Estimate:
     """tr H = E vᵀHv (see the module docstring). Uses ``op.quad`` when the operator has one."""
     check_estimator_options(
-        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, gen=gen
     )
     check_distribution(distribution)
     op = as_operator(op, dim=dim, dtype=dtype, device=device)

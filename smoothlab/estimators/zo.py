@@ -127,7 +127,7 @@ def _zo(
 ) -> Estimate:
     """The body of :func:`zo_trace`, :func:`zo_frobenius` and :func:`zo_rms` (their keywords)."""
     check_estimator_options(
-        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors
+        num_vectors, target_rel_stderr=target_rel_stderr, min_vectors=min_vectors, gen=gen
     )
     op = as_operator(op, dim=dim, dtype=dtype, device=device)
     check_distribution(
