@@ -124,6 +124,14 @@ def test_plain_model_and_refusals(tiny_dir, tmp_path) -> None:
         export(torch.nn.Linear(2, 2), tmp_path / "lin")
 
 
+def _tiny_config(tiny_dir, run, **changes):
+    """A run of a few steps on 8 examples of the tiny encoder, evaluated every step."""
+    from hybrid.train import TrainConfig
+
+    base = dict(eval_every=1, train_size=8, eval_size=4, dev_size=4, batch_size=4, max_length=16)
+    return TrainConfig(model=tiny_dir, out=str(run), **(base | changes))
+
+
 def test_export_of_a_seeds_run_of_hybrid_lora_loads_with_from_pretrained(tiny_dir, tmp_path):
     """The CLI path: a hybrid-lora run with a checkpoint of seeds (base weights replayed,
     LoRA and head from the checkpoint, LoRA merged) gives the trained model's logits."""
@@ -251,25 +259,12 @@ def test_export_cli_of_a_damaged_checkpoint_is_one_line(tiny_dir, tmp_path, caps
     hybrid.train.load_trained), not torch's zip-reader traceback."""
     import warnings
 
-    from hybrid.train import TrainConfig, train
+    from hybrid.train import train
 
     run = tmp_path / "run"
-    cfg = TrainConfig(
-        model=tiny_dir,
-        method="fo-lora",
-        steps=1,
-        eval_every=1,
-        train_size=8,
-        eval_size=4,
-        dev_size=4,
-        batch_size=4,
-        max_length=16,
-        lora_r=2,
-        out=str(run),
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train(cfg, progress=False)
+        train(_tiny_config(tiny_dir, run, method="fo-lora", steps=1, lora_r=2), progress=False)
     ckpt = run / "checkpoint.pt"
     data = ckpt.read_bytes()
     if damage in ("garbage", "truncated"):
@@ -301,22 +296,11 @@ def test_export_of_an_unfinished_or_diverged_run_warns(tiny_dir, tmp_path, capsy
     import json
     import warnings
 
-    from hybrid.train import TrainConfig, train
+    from hybrid.train import train
     from smoothlab.cli import main
 
     run = tmp_path / "run"
-    cfg = TrainConfig(
-        model=tiny_dir,
-        method="zo-ft",
-        steps=3,
-        eval_every=1,
-        train_size=8,
-        eval_size=4,
-        dev_size=4,
-        batch_size=4,
-        max_length=16,
-        out=str(run),
-    )
+    cfg = _tiny_config(tiny_dir, run, method="zo-ft", steps=3)
 
     def stop(t, row):
         if t == 1:
