@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -77,11 +78,21 @@ def fig1a(
             ax.set_ylabel(_ylabel(df))
             if block != "model":
                 ax.set_title(f"block: {block}", loc="left")
-            ax.set_ylim(bottom=0)
+            _scale(ax, d["estimate"].to_numpy(dtype="float64"))
             fig.tight_layout()
             return savefig(fig, out_stem)
         finally:
             plt.close(fig)
+
+
+def _scale(ax: Any, values: np.ndarray) -> None:
+    """A log axis when every value is positive and they span more than two decades;
+    otherwise linear, from 0 when none is negative (a negative trace stays in view)."""
+    finite = values[np.isfinite(values)]
+    if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 100:
+        ax.set_yscale("log")
+    elif len(finite) and finite.min() >= 0:
+        ax.set_ylim(bottom=0)
 
 
 def fig1b(
@@ -115,17 +126,12 @@ def fig1b(
                 _band(ax, d, block_color(b), lab)
             ax.set_xlabel("training step")
             ax.set_ylabel(_ylabel(df))
-            ax.legend(loc="center left", bbox_to_anchor=(0.0, 0.62))
-            ax.text(
-                0.03,
-                0.36,
-                f"median $L_x/L_y$ = {ratio['median']:.3g}\n"
-                f"IQR [{ratio['q25']:.3g}, {ratio['q75']:.3g}], {ratio['n']} probes",
-                transform=ax.transAxes,
-                ha="left",
-                va="center",
-                fontsize=7,
-                bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.8", "lw": 0.5},
+            # the ratio heads the legend, which matplotlib places where the curves are not
+            ax.legend(
+                loc="best",
+                title=f"median $L_x/L_y$ = {ratio['median']:.3g} "
+                f"(IQR {ratio['q25']:.3g}–{ratio['q75']:.3g}, {ratio['n']} probes)",
+                title_fontsize=7,
             )
             fig.tight_layout()
             return savefig(fig, out_stem)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis.runs import Run
 from figures._common import metrics_by_label, require_frame, smooth
-from figures.style import COLUMN_WIDTH, method_color, paper_style, savefig
+from figures.style import COLUMN_WIDTH, distinct_colors, paper_style, savefig
 from smoothlab.errors import UsageError
 
 __all__ = ["fig2"]
@@ -40,6 +40,7 @@ def fig2(
     Returns the written paths.
     """
     frames, keys = metrics_by_label(runs)
+    colors = distinct_colors(keys)
     if not frames:
         raise UsageError("fig2: no runs given")
     for label, df in frames.items():
@@ -48,7 +49,7 @@ def fig2(
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.3))
         try:
             for label, df in frames.items():
-                color = method_color(keys[label])
+                color = colors[label]
                 d = df[["step", "loss"]].sort_values("step")
                 finite = np.isfinite(d["loss"].to_numpy(dtype="float64"))
                 diverged = not finite.all()

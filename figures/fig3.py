@@ -13,7 +13,7 @@ import pandas as pd
 
 from analysis.runs import Run
 from figures._common import metrics_by_label, require_frame, smooth
-from figures.style import TEXT_WIDTH, method_color, paper_style, savefig
+from figures.style import TEXT_WIDTH, distinct_colors, paper_style, savefig
 from smoothlab.errors import UsageError
 
 __all__ = ["fig3"]
@@ -64,6 +64,7 @@ def fig3(
     Returns the written paths.
     """
     frames, keys = metrics_by_label(runs)
+    colors = distinct_colors(keys)
     if not frames:
         raise UsageError("fig3: no runs given")
     for label, df in frames.items():
@@ -73,7 +74,7 @@ def fig3(
         try:
             any_acc = False
             for label, df in frames.items():
-                color = method_color(keys[label])
+                color = colors[label]
                 d = df.sort_values("step")
                 _plot_loss(ax_loss, d, color, label, smooth_window, logy)
                 if _plot_acc(ax_acc, d, acc, color, label):

@@ -63,6 +63,8 @@ def _draw_fit(ax, g: pd.DataFrame, fit, kind: FitKind, color) -> None:
         )
         return
     xs = g["grad_norm"].to_numpy(dtype="float64")
+    if kind == "power":  # the points the power fit used: a log-log line needs g > 0
+        xs = xs[(xs > 0) & (g["estimate"].to_numpy(dtype="float64") > 0)]
     lo, hi = float(np.nanmin(xs)), float(np.nanmax(xs))
     grid = np.geomspace(lo, hi, 100) if kind == "power" else np.linspace(lo, hi, 100)
     ax.plot(grid, fit.predict(grid), color=color, lw=1.0)

@@ -78,6 +78,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
 
 
+def _slugs(names: Sequence[str]) -> list[str]:
+    """One file-name stem per run, distinct even where :func:`_slug` maps two names to one
+    (non-ASCII names all become ``run``): later ones get ``-2``, ``-3``, ..."""
+    out: list[str] = []
+    for name in names:
+        base, k = _slug(name), 1
+        while (slug := base if k == 1 else f"{base}-{k}") in out:
+            k += 1
+        out.append(slug)
+    return out
+
+
 def _unique(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
@@ -274,6 +286,12 @@ def _ratio_text(run: Run, sm: pd.DataFrame) -> tuple[str, str]:
         f"{format_number(ratio['q75'])}, {ratio['n']} probe steps)."
     )
     d_x = run.block_sizes.get("base")
+    if not ratio["median"] > 0:
+        return (
+            text + " It is not positive (some estimates are ≤ 0: a trace or an "
+            "indefinite block), so it gives no learning-rate ratio.",
+            "note",
+        )
     if d_x:
         text += (
             f" With d_x = {format_number(d_x)}, the theory's rates "
@@ -301,6 +319,9 @@ def _smoothness_section(rep: Report, run: Run, stem: Path) -> None:
         "d_b = parameters in the block.",
     )
     blocks = [str(b) for b in bs["block"].unique()]
+    if not blocks:
+        rep.p("No block has a finite smoothness estimate: nothing to plot.", css="note")
+        return
     has_pair = "base" in blocks and "peft" in blocks
     if has_pair:
         rep.p(*_ratio_text(run, sm))
@@ -387,9 +408,9 @@ def _curves_section(rep: Report, run: Run, stem: Path, level: int) -> None:
     )
 
 
-def _run_section(rep: Report, run: Run, fig_dir: Path, multi: bool) -> None:
+def _run_section(rep: Report, run: Run, fig_dir: Path, multi: bool, slug: str) -> None:
     lvl = 2 if multi else 1
-    stem = fig_dir / _slug(run.name)
+    stem = fig_dir / slug
     if multi:
         rep.h(1, f"Run {run.name}")
         rep.p(f"`{run.path}` — method **{run.method}**, model `{run.model}`, task `{run.task}`.")
@@ -529,8 +550,8 @@ def write_report(
     if multi:
         _comparison_section(rep, runs, target_acc, fig_dir)
 
-    for run in runs:
-        _run_section(rep, run, fig_dir, multi)
+    for run, slug in zip(runs, _slugs([r.name for r in runs]), strict=True):
+        _run_section(rep, run, fig_dir, multi, slug)
 
     md_path = out / "report.md"
     html_path = out / "report.html"

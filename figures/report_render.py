@@ -109,7 +109,14 @@ class Report:
     explained_fit: bool = False
 
     def h(self, level: int, text: str) -> None:
-        anchor = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+        """A heading, with an anchor unique in the report (``-2``, ``-3``, ... on a repeat:
+        two runs with non-ASCII names both gave ``run``)."""
+        base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+        used = {e.anchor for e in self.elements if isinstance(e, _Heading)}
+        anchor, k = base, 1
+        while anchor in used:
+            k += 1
+            anchor = f"{base}-{k}"
         self.elements.append(_Heading(level, text, anchor))
 
     def p(self, text: str, css: str = "") -> None:

@@ -10,7 +10,7 @@ figure and every process (Python's ``hash`` is salted per process, so it is not 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +30,7 @@ __all__ = [
     "PALETTE",
     "TEXT_WIDTH",
     "block_color",
+    "distinct_colors",
     "method_color",
     "paper_style",
     "savefig",
@@ -138,6 +139,20 @@ def method_color(method: str) -> str:
         if key.startswith(known + " ") or key.startswith(known + "/"):
             return color
     return _hashed(key)
+
+
+def distinct_colors(keys: Mapping[str, str]) -> dict[str, str]:
+    """``{label: color}`` for the curves of one figure: each label's :func:`method_color`
+    (of its key, e.g. the method), unless an earlier label took it, in which case the first
+    colour of the cycle not yet used (two runs of one method, or two labels whose hashed
+    colours collide, would otherwise be two lines alike). Past seven curves colours repeat."""
+    out: dict[str, str] = {}
+    for label, key in keys.items():
+        color = method_color(key)
+        if color in out.values():
+            color = next((c for c in _CYCLE if c not in out.values()), color)
+        out[label] = color
+    return out
 
 
 def block_color(block: str) -> str:

@@ -57,12 +57,16 @@ LossFn = Callable[[], torch.Tensor]
 Reduce = Callable[[list[float]], list[float]]
 
 
+def check_nonneg(what: str, v: object) -> None:
+    """UsageError unless ``v`` is a finite number >= 0, not a bool (``what`` names it: a
+    rate, the weight decay)."""
+    if not (isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 and math.isfinite(v)):
+        raise UsageError(f"{what} must be a finite float >= 0, got {v!r}")
+
+
 def check_rate(group: object, lr: object) -> None:
     """UsageError unless ``lr`` is a finite number >= 0 (the rate of ``group``)."""
-    if not (isinstance(lr, int | float) and lr >= 0 and math.isfinite(lr)):
-        raise UsageError(
-            f"learning rate of group {group!r} must be a finite float >= 0, got {lr!r}"
-        )
+    check_nonneg(f"learning rate of group {group!r}", lr)
 
 
 class TwoRateSGD(torch.optim.Optimizer):
@@ -77,6 +81,7 @@ class TwoRateSGD(torch.optim.Optimizer):
     def __init__(self, groups: list[dict], weight_decay: float = 0.0) -> None:
         for g in groups:
             check_rate(g.get("name"), g.get("lr"))
+        check_nonneg("weight_decay", weight_decay)  # nan/inf made every weight nan/inf
         super().__init__(groups, {"lr": 0.0, "zo": False, "weight_decay": weight_decay, "name": ""})
 
     @torch.no_grad()
@@ -300,15 +305,7 @@ def _check_engine_args(
         raise UsageError(f"q must be an integer >= 1, got {q!r}")
     for name, group, lr in (("lr_zo", "base", lr_zo), ("lr_fo", "peft", lr_fo)):
         # checked even when the group is absent: a bad rate is a caller error either way
-        if not (
-            isinstance(lr, int | float)
-            and not isinstance(lr, bool)
-            and lr >= 0
-            and math.isfinite(lr)
-        ):
-            raise UsageError(
-                f"{name} (learning rate of group {group!r}) must be a finite float >= 0, got {lr!r}"
-            )
+        check_nonneg(f"{name} (learning rate of group {group!r})", lr)
     ids = {id(p) for p in zo_params}
     if any(id(p) in ids for p in fo_params):
         raise UsageError("a parameter is in both the zeroth-order and the first-order set")

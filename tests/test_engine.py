@@ -641,6 +641,12 @@ def test_mezo_style_in_place_perturbation_drifts_in_bf16():
         ({"lr_zo": -1.0}, ["lr_zo", "base", "-1.0", ">= 0"]),
         ({"lr_fo": -0.5}, ["lr_fo", "peft", "-0.5", ">= 0"]),
         ({"lr_fo": float("inf")}, ["peft", "inf", "finite"]),
+        # weight decay was never checked: a string failed at the first step, nan made
+        # every weight nan, a negative one was taken
+        ({"weight_decay": "0.1"}, ["weight_decay", "'0.1'", "finite float >= 0"]),
+        ({"weight_decay": float("nan")}, ["weight_decay", "nan"]),
+        ({"weight_decay": -5.0}, ["weight_decay", "-5.0"]),
+        ({"weight_decay": True}, ["weight_decay", "True"]),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_value(kwargs, words):

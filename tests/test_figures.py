@@ -198,3 +198,68 @@ def test_savefig_writes_both_formats(tmp_path):
         plt.close(fig)
     assert [p.name for p in paths] == ["line.png", "line.pdf"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_curves_of_one_method_or_colliding_labels_get_distinct_colors():
+    """Two runs of one method shared a colour, and so did labels whose hashed colours
+    collide ("seed 1", "seed 2"): two lines alike under two legend entries."""
+    from figures.style import distinct_colors
+
+    assert method_color("seed 1") == method_color("seed 2")  # the collision itself
+    colors = distinct_colors({"seed 1": "seed 1", "seed 2": "seed 2", "a": "a", "b": "b"})
+    assert len(set(colors.values())) == 4
+    same = distinct_colors({"hybrid-lora (r1)": "hybrid-lora", "hybrid-lora (r2)": "hybrid-lora"})
+    assert same["hybrid-lora (r1)"] == method_color("hybrid-lora")
+    assert same["hybrid-lora (r2)"] != same["hybrid-lora (r1)"]
+
+
+def test_fig1a_keeps_negative_values_in_view_and_logs_decades(tmp_path):
+    """fig1a pinned its axis at 0 (negative traces fell off the plot) and had no log scale
+    (values over eight decades drew a flat line and a spike)."""
+    import matplotlib.pyplot as plt
+
+    def frame(values):
+        n = len(values)
+        return pd.DataFrame(
+            {
+                "step": range(n),
+                "block": "model",
+                "estimate": values,
+                "stderr": 0.0,
+                "norm": "trace",
+                "hvp": "fd",
+            }
+        )
+
+    seen = {}
+    real_savefig = savefig
+
+    def spy(fig, stem):
+        ax = fig.axes[0]
+        seen[Path(stem).name] = (ax.get_yscale(), ax.get_ylim())
+        return real_savefig(fig, stem)
+
+    import figures.fig1 as F1
+
+    F1.savefig, old = spy, F1.savefig
+    try:
+        fig1a(frame([-50.0, -20.0, 10.0, 30.0, -5.0]), tmp_path / "neg")
+        fig1a(frame([1e-2, 1.0, 1e3, 1e6]), tmp_path / "dec")
+        fig1a(frame([3.0, 4.0, 5.0]), tmp_path / "plain")
+    finally:
+        F1.savefig = old
+        plt.close("all")
+    assert seen["neg"][0] == "linear" and seen["neg"][1][0] <= -50
+    assert seen["dec"][0] == "log"
+    assert seen["plain"][0] == "linear" and seen["plain"][1][0] == 0
+
+
+def test_power_fit_figure_with_a_zero_gradient_norm(tmp_path):
+    """The power fit drops g <= 0, but its drawing grid started at the smallest g of all
+    points: np.geomspace(0, ...) raised."""
+    from runfolders import default_smoothness
+
+    sm = default_smoothness()
+    sm.loc[sm["block"] == "peft", "grad_norm"] = [0.0, 1.0, 2.0, 3.0]
+    paths = fig_fit(sm, tmp_path / "fit", kind="power")
+    assert all(p.exists() for p in paths)

@@ -209,3 +209,32 @@ def test_report_writes_a_diverged_final_loss_out(tmp_path):
         if ln[:4] in ("| a ", "| b ")
     }
     assert "nan (diverged)" in rows["a"] and "nan (diverged)" not in rows["b"]
+
+
+def test_report_of_runs_with_no_finite_estimate_or_non_ascii_names(tmp_path):
+    """All-nan estimates (a probe that failed every time) crashed the report with an
+    IndexError; two runs whose names have no ASCII letters wrote the same figure files,
+    so one run's section showed the other's data, and shared one heading anchor."""
+    import numpy as np
+    from runfolders import default_smoothness
+
+    nan = write_run(tmp_path / "nan", smoothness=default_smoothness().assign(estimate=np.nan))
+    assert "No block has a finite smoothness estimate" in _report_text(nan)
+    a = write_run(tmp_path / "u1", name="训练")
+    b = write_run(tmp_path / "u2", name="实验")
+    _, html = write_report([a, b], tmp_path / "rep")
+    pngs = sorted(p.name for p in (tmp_path / "rep" / "figures").glob("*_fig1b.png"))
+    assert pngs == ["run-2_fig1b.png", "run_fig1b.png"]
+    anchors = re.findall(r'<h2 id="([^"]+)">Run ', html.read_text())
+    assert len(anchors) == 2 and len(set(anchors)) == 2, anchors
+
+
+def test_a_non_positive_ratio_gives_no_rate_ratio(tmp_path):
+    """A median L_base / L_peft <= 0 (trace norms, an indefinite block) gave the sentence
+    'η_x/η_y ∝ -5.3e-08'; the report now says why it gives none."""
+    from runfolders import default_smoothness
+
+    sm = default_smoothness()
+    sm.loc[sm["block"] == "base", "estimate"] = [-10.0, 0.0, -5.0, 3.0, -1.0]
+    text = _report_text(write_run(tmp_path / "neg", smoothness=sm))
+    assert "so it gives no learning-rate ratio" in text and "η_x/η_y ∝" not in text
