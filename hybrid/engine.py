@@ -22,8 +22,9 @@ update ``x ← x − η Σ_i c_i z_i`` (one in-place pass per term). With the de
 source no z is ever generated: it is a slice of the run's noise table.
 
 ``fo_at_perturbed=True`` takes ∇_y f at (x + μz_1, y) from the first perturbed forward
-instead of a separate forward at (x, y): one forward fewer per step, at the price of a
-gradient evaluated a distance μ‖z‖ away (a bias of order μ‖∇²_yx f‖‖z‖).
+instead of a separate forward at (x, y): one forward fewer per two-sided step, at the price
+of a gradient evaluated a distance μ‖z‖ away (a bias of order μ‖∇²_yx f‖‖z‖). A one-sided
+step evaluates f(x, y) anyway, so there it saves nothing and only adds the bias.
 """
 
 from __future__ import annotations
