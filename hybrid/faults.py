@@ -299,7 +299,7 @@ class DivergenceGuard:
 
     def check(self, step: int, loss: float, rates: Mapping[str, float]) -> None:
         """Update the counters with step ``step``'s loss; :class:`Diverged` if it diverged."""
-        shown = ", ".join(f"{k} {v:g}" for k, v in rates.items())
+        shown = ", ".join(f"{k} {v:g}" for k, v in rates.items() if v is not None)
         if not math.isfinite(loss):
             raise Diverged(
                 f"loss became {loss} at step {step} ({shown}); lower the learning rates "

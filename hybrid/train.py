@@ -65,7 +65,7 @@ from .faults import (
     check_resume,
     clear_run,
 )
-from .models import ModelBundle, attach_peft, load_model
+from .models import DEFAULT_MODEL, ModelBundle, attach_peft, load_model
 from .seedlog import SeedHeader, SeedLog, replay, weights_hash
 from .seedlog import digest as log_digest
 
@@ -616,9 +616,16 @@ class Trainer:
             if f.default is not dataclasses.MISSING
         }
         # the checkpoint kind in effect (None: the method's default), not the raw option;
-        # options the method never reads cannot change its trajectory
-        current = dataclasses.asdict(self.cfg) | {"checkpoint": self.ckpt_kind}
-        then = dict(saved) | {"checkpoint": state.get("checkpoint", "full")}
+        # the model likewise (None is the default model, which config.json names); options
+        # the method never reads cannot change its trajectory
+        current = dataclasses.asdict(self.cfg) | {
+            "checkpoint": self.ckpt_kind,
+            "model": self.cfg.model or DEFAULT_MODEL,
+        }
+        then = dict(saved) | {
+            "checkpoint": state.get("checkpoint", "full"),
+            "model": saved.get("model") or DEFAULT_MODEL,
+        }
         inert = INERT | self.cfg.unused_fields()
         check_resume(self.out, then, current, done=state["step"], defaults=defaults, inert=inert)
         self._restore(state)
@@ -841,8 +848,9 @@ class Trainer:
                 "epoch": epoch,
                 "loss": res.loss,
                 "proj_grad": res.proj_grad if self.engine.zo_params else None,  # n/a, not nan
-                "lr_base": self.engine.lr("base"),
-                "lr_peft": self.engine.lr("peft"),
+                # a block the method does not train has no rate: an empty cell, not 0
+                "lr_base": self.engine.lr("base") if self.engine.zo_params else None,
+                "lr_peft": self.engine.lr("peft") if self.engine.fo_params else None,
                 "seconds": self.elapsed,
             }
             due_eval = self.t % self.cfg.eval_every == 0 or self.t == self.cfg.steps

@@ -186,7 +186,12 @@ class Advice:
             "curvature": "eta_x = c_x * q / (max(tr H_xx, L_x) + (q+1) rho_x + (kappa-3) delta_x)",
             "safe": "eta_x = c_x * q / (max(tr H_xx, 0) + (q+1+|kappa-3|) L_x)",
             "walk": f"eta_x = c_x * {WALK_C:g} |x| / (|g_x| sqrt(T ((d_x+kappa-2)/q + 1)))"
-            "  (random-walk cap; below the one-step curvature rate)",
+            "  (random-walk cap"
+            + (
+                "; below the one-step curvature rate)"
+                if math.isfinite(self.eta_x_curvature)
+                else ")"
+            ),
         }[self.rule]
         fy = "c_y * phi_y / L_y" if math.isfinite(self.signal_y) else "c_y / L_y"
         return f"{fx};  eta_y = {fy}"

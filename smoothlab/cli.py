@@ -274,7 +274,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if cfg.norm == "spectral":
         print(
             "spectral = largest |eigenvalue| of the block's Hessian: the local smoothness L of f along that block;"
-            " r = Lanczos residual |Hu - θu|, a bound on the estimate's error."
+            " r = Lanczos residual |Hu - θu|, which bounds the distance from the estimate to some"
+            " eigenvalue (not necessarily the largest: the estimate is a lower bound of L)."
         )
     if "base" in ests and "peft" in ests:
         print(f"L_base / L_peft = {ests['base'].value / ests['peft'].value:.4g}")

@@ -999,3 +999,16 @@ def test_a_runs_config_json_continues_the_run(recorded_run: Path, tmp_path: Path
     assert rc == 0, capsys.readouterr().err
     steps = [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open())]
     assert steps[-1] == 7
+
+
+def test_a_default_model_runs_config_json_continues_it(tmp_path: Path, capsys) -> None:
+    """With the default model, config.json names it ('minilm') where the checkpoint holds
+    None: `train --config run/config.json --steps N` was refused as another model."""
+    out = tmp_path / "d"
+    small = ["--train-size", "8", "--eval-size", "4", "--dev-size", "4", "--batch-size", "4"]
+    argv = ["train", "--method", "fo-lora", "--steps", "1", "--eval-every", "1", *small]
+    assert main(argv + ["--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model"] == "minilm"
+    rc = main(["train", "--config", str(out / "config.json"), "--steps", "2"])
+    assert rc == 0, capsys.readouterr().err
+    assert [int(r["step"]) for r in csv.DictReader((out / "metrics.csv").open())][-1] == 2
