@@ -65,8 +65,9 @@ def module_frame(
 
     Columns ``side`` (``"x"``/``"y"``), ``module``, ``block``, ``step``, ``estimate`` (mean
     ``L`` over the probes at that step) and ``stderr`` (``sqrt(Σ se_i²)/k``, the standard
-    error of that mean); rows sorted by side, module (:func:`natural_key`) and step. Only
-    finite estimates are used; the frame is empty when no block is a module.
+    error of that mean, nan if any se_i is missing); rows sorted by side, module
+    (:func:`natural_key`) and step. Only finite estimates are used; the frame is empty when
+    no block is a module.
     """
     cols = ["side", "module", "block", "step", "estimate", "stderr"]
     df = smoothness
@@ -86,7 +87,8 @@ def module_frame(
         n_se=("se2", "count"),
         k=("estimate", "size"),
     )
-    agg["stderr"] = np.where(agg["n_se"] > 0, np.sqrt(agg["se2"]) / agg["k"], np.nan)
+    # the mean's stderr needs every probe's: a missing one is unknown, not 0
+    agg["stderr"] = np.where(agg["n_se"] == agg["k"], np.sqrt(agg["se2"]) / agg["k"], np.nan)
     out = agg.reset_index()
     out["side"] = [sides[b][0] for b in out["block"]]
     out["module"] = [sides[b][1] for b in out["block"]]

@@ -42,7 +42,7 @@ def per_step(df: pd.DataFrame, block: str) -> pd.DataFrame:
     """One block's probes, averaged per step: columns ``step, estimate, stderr``.
 
     With several probes at one step the standard errors combine as
-    ``sqrt(Σ se_i²) / k`` (the standard error of their mean).
+    ``sqrt(Σ se_i²) / k`` (the standard error of their mean; nan if any se_i is missing).
     """
     g = df[df["block"] == block]
     g = g[np.isfinite(g["estimate"].astype("float64"))]
@@ -54,8 +54,8 @@ def per_step(df: pd.DataFrame, block: str) -> pd.DataFrame:
         estimate=("estimate", "mean"), se2=("se2", "sum"), k=("estimate", "size")
     )
     agg["stderr"] = np.sqrt(agg["se2"]) / agg["k"]
-    # sum() of all-NaN is 0: restore NaN where no probe had a stderr
-    has_se = tmp.groupby("step", sort=True)["se2"].count() > 0
+    # the mean's stderr needs every probe's (sum() skips NaN, as if a missing one were 0)
+    has_se = tmp.groupby("step", sort=True)["se2"].count() == agg["k"]
     agg.loc[~has_se, "stderr"] = np.nan
     return agg.reset_index()[["step", "estimate", "stderr"]]
 

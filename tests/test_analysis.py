@@ -346,3 +346,25 @@ def test_lazy_smoothlab_still_exports_on_attribute_access():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.split() == ["True", "Estimate"]
+
+
+def test_a_missing_stderr_makes_the_steps_mean_stderr_unknown() -> None:
+    """Two probes at one step with se 0.3 and a missing one: the mean's stderr is unknown
+    (nan), not sqrt(0.3²)/2 = 0.15 as if the missing one were 0."""
+    from figures._common import per_step
+
+    df = pd.DataFrame(
+        {
+            "step": [0, 0, 1, 1],
+            "block": "b",
+            "estimate": [1.0, 2.0, 3.0, 4.0],
+            "stderr": [0.3, np.nan, 0.3, 0.4],
+        }
+    )
+    d = per_step(df, "b")
+    assert np.isnan(d["stderr"][0]) and d["stderr"][1] == pytest.approx(0.25)
+    from analysis.modules import module_frame
+
+    df["block"] = "base.layer.0"
+    m = module_frame(df)
+    assert np.isnan(m["stderr"].iloc[0]) and m["stderr"].iloc[1] == pytest.approx(0.25)
