@@ -64,7 +64,11 @@ def fig2(
                 if smooth_window and smooth_window > 1:
                     ax.plot(d["step"], d["loss"], color=color, alpha=0.2, linewidth=0.6)
                 ax.plot(
-                    d["step"], y, color=color, label=label + (" (diverged)" if diverged else "")
+                    d["step"],
+                    y,
+                    color=color,
+                    label=label + (" (diverged)" if diverged else ""),
+                    marker="o" if len(d) == 1 else None,  # one row: a point, not an empty line
                 )
                 if diverged:
                     ax.plot(d["step"].iloc[-1], y.iloc[-1], "x", color=color, markersize=5)

@@ -28,7 +28,10 @@ def _plot_loss(ax_loss, d: pd.DataFrame, color, label: str, smooth_window, logy:
     w = max(1, len(loss) // 50) if smooth_window == "auto" else smooth_window
     if w and w > 1:
         ax_loss.plot(loss["step"], loss["loss"], color=color, alpha=0.18, lw=0.5)
-    ax_loss.plot(loss["step"], smooth(loss["loss"], w), color=color, label=label)
+    one = len(loss) == 1  # one row: a point, not an empty line
+    ax_loss.plot(
+        loss["step"], smooth(loss["loss"], w), color=color, label=label, marker="o" if one else None
+    )
 
 
 def _plot_acc(ax_acc, d: pd.DataFrame, acc: str, color, label: str) -> bool:

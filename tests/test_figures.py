@@ -263,3 +263,19 @@ def test_power_fit_figure_with_a_zero_gradient_norm(tmp_path):
     sm.loc[sm["block"] == "peft", "grad_norm"] = [0.0, 1.0, 2.0, 3.0]
     paths = fig_fit(sm, tmp_path / "fit", kind="power")
     assert all(p.exists() for p in paths)
+
+
+def test_a_one_row_run_is_drawn_as_a_point():
+    """A run with one logged row drew a line of one point: nothing visible but its legend."""
+    import importlib
+
+    import matplotlib.pyplot as plt
+
+    F3 = importlib.import_module("figures.fig3")  # the package exports the function fig3
+    m = pd.DataFrame({"step": [5], "loss": [0.7], "eval_acc": [np.nan]})
+    fig, ax = plt.subplots()
+    try:
+        F3._plot_loss(ax, m, "#000000", "one", None, False)
+        assert ax.lines[-1].get_marker() == "o"
+    finally:
+        plt.close(fig)
