@@ -100,8 +100,8 @@ def fig_module_heatmap(
     norm: str | None = None,
 ) -> list[Path]:
     """Heat maps of ``log10 L`` with modules (layers) down and probe steps across, one per
-    side that has modules (:func:`~analysis.modules.module_matrix`); unprobed cells are
-    blank. ``ValueError`` when no side has modules. Returns the written paths."""
+    side that has modules (:func:`~analysis.modules.module_matrix`); unprobed cells and
+    L <= 0 are blank (a panel with no positive L says so). ``ValueError`` when no side has modules. Returns the written paths."""
     df = require_frame(
         smoothness_df, "fig_module_heatmap: smoothness frame", ("step", "block", "estimate")
     )
@@ -122,6 +122,9 @@ def fig_module_heatmap(
                 steps = mat.columns.to_numpy(dtype="float64")
                 im = ax.imshow(np.ma.masked_invalid(logv), aspect="auto", cmap="magma",
                                interpolation="nearest")  # fmt: skip
+                if not np.isfinite(logv).any():  # a log scale shows nothing of L <= 0
+                    ax.text(0.5, 0.5, "no positive L to show on a log scale",
+                            transform=ax.transAxes, ha="center", va="center", color="0.4")  # fmt: skip
                 ticks = np.unique(
                     np.linspace(0, len(steps) - 1, min(6, len(steps))).round().astype(int)
                 )

@@ -125,6 +125,17 @@ def test_module_figures(tmp_path):
         fig_modules(whole, tmp_path / "none")
     with pytest.raises(ValueError, match="no per-module blocks"):
         fig_module_heatmap(whole, tmp_path / "none")
+    # L <= 0 everywhere (trace norms): a log heat map would be blank without a word
+    import matplotlib.pyplot as plt
+
+    texts: list[str] = []
+    real = plt.Axes.text
+    plt.Axes.text = lambda ax, *a, **k: texts.append(a[2]) or real(ax, *a, **k)
+    try:
+        fig_module_heatmap(only_x.assign(estimate=-1.0), tmp_path / "neg")
+    finally:
+        plt.Axes.text = real
+    assert "no positive L to show on a log scale" in texts
 
 
 def test_report_draws_per_module_curves(tmp_path):
