@@ -203,6 +203,17 @@ class Advice:
         )
         return d
 
+    def _ratio_line(self) -> str:
+        """η_y/η_x against the paper's Table 2 range, and with the paper's η_x."""
+        lo, hi = PAPER_TABLE2_RATIO
+        where = "inside" if lo <= self.ratio <= hi else ("below" if self.ratio < lo else "above")
+        paper = self.eta_y / self.eta_x_paper if self.eta_x_paper > 0 else math.nan
+        return (
+            f"ratio   : eta_y / eta_x = {self.ratio:.4g}  ({where} the paper's Table 2 range "
+            f"{lo:.0e}..{hi:.0e}"
+            + (f"; with the paper's eta_x: {paper:.3g})" if math.isfinite(paper) else ")")
+        )
+
     def describe(self) -> str:
         """A few lines for a terminal: the formula, the inputs and both rules' results."""
 
@@ -251,16 +262,7 @@ class Advice:
                 "eta_y   : none (no L_y: no PEFT block y is trained, or the probe measured none)"
             )
         if has_x and has_y:
-            lo, hi = PAPER_TABLE2_RATIO
-            where = (
-                "inside" if lo <= self.ratio <= hi else ("below" if self.ratio < lo else "above")
-            )
-            paper = self.eta_y / self.eta_x_paper if self.eta_x_paper > 0 else math.nan
-            lines.append(
-                f"ratio   : eta_y / eta_x = {self.ratio:.4g}  ({where} the paper's Table 2 range "
-                f"{lo:.0e}..{hi:.0e}"
-                + (f"; with the paper's eta_x: {paper:.3g})" if math.isfinite(paper) else ")")
-            )
+            lines.append(self._ratio_line())
         if math.isfinite(self.predicted_change):
             lines.append(
                 f"joint   : predicted one-step change {self.predicted_change:.4g} (cross term "
@@ -647,6 +649,17 @@ def _scaled_rates(
     )
 
 
+def _check_no_x_curvature(d_x: int, **x_inputs: float | None) -> None:
+    """d_x = 0 means no x block, which has no curvature to give: refuse any that is."""
+    given = [k for k, v in x_inputs.items() if v is not None]
+    if d_x == 0 and given:
+        raise UsageError(
+            f"d_x must be a positive integer (parameters in the base block) when "
+            f"{'/'.join(given)} is given, got {d_x!r}; d_x=0 means no x block: then pass "
+            f"{'=None, '.join(given)}=None"
+        )
+
+
 def advise(
     L_x: float | None,
     L_y: float | None,
@@ -686,23 +699,17 @@ def advise(
     ``L_x``), ``paper`` (``L_x``, ``d_x``), ``exact`` (first-order x: c_x/L_x) or ``auto``:
     ``exact`` if ``x_gradient="exact"``, else ``curvature`` when its inputs are given, else
     ``paper``, capped by ``walk`` when ``weight_norm_x``, ``grad_norm_x`` and ``steps`` are
-    given (the random-walk cap, see the module docstring). ``L_x=None`` (no x block, or a ``zo`` probe without L) or ``L_y=None`` (no y
-    block) give nan for what needs them. ``d_x=0`` means no x block: ``L_x``, ``trace`` and
-    ``second_moment`` must then be None (:class:`UsageError` otherwise). With the gradient norms, ``rho_y`` and ``cross``
-    the joint model's Δ is computed and the pair scaled down if Δ > 0.
+    given (the random-walk cap, see the module docstring). ``L_x=None`` (no x block, or a
+    ``zo`` probe without L) or ``L_y=None`` (no y block) give nan for what needs them.
+    ``d_x=0`` means no x block: ``L_x``, ``trace`` and ``second_moment`` must then be None
+    (:class:`UsageError` otherwise). With the gradient norms, ``rho_y`` and ``cross`` the
+    joint model's Δ is computed and the pair scaled down if Δ > 0.
     """
     Lx, Ly, c_x, c_y = _check_advise_args(rule, x_gradient, L_x, L_y, c_x, c_y, d_x, q, kurtosis)
     q, kurtosis = int(q), float(kurtosis)
     weight_norm_x = _optional_positive("weight_norm_x", weight_norm_x)
     grad_rms_x = _optional_positive("grad_rms_x", grad_rms_x)
-    x_inputs = dict(L_x=L_x, trace=trace, second_moment=second_moment)
-    given = [k for k, v in x_inputs.items() if v is not None]
-    if d_x == 0 and given:  # d_x = 0 means no x block, which has no curvature to give
-        raise UsageError(
-            f"d_x must be a positive integer (parameters in the base block) when "
-            f"{'/'.join(given)} is given, got {d_x!r}; d_x=0 means no x block: then pass "
-            f"{'=None, '.join(given)}=None"
-        )
+    _check_no_x_curvature(d_x, L_x=L_x, trace=trace, second_moment=second_moment)
     m = _measured(
         trace, second_moment, rho_x, delta_x, rho_y, signal_y, grad_norm_x, grad_norm_y, cross
     )
