@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from smoothlab.advisor import PAPER_TABLE2_RATIO, Advice, advise
+from smoothlab.advisor import Advice, advise
 from smoothlab.curvature import Curvature, measure, weight_norm
 from smoothlab.errors import UsageError
 from smoothlab.methods import get_method
@@ -371,16 +371,9 @@ def _missing_rate(advice: Advice, method: str | None) -> str:
 def ratio_line(advice: Advice, method: str | None = None) -> str:
     """η_y/η_x beside the paper's Table 2 range (1e3–1e4 on 7B models); when one rate is
     missing, which and why (``method``: the advised method, which says which blocks it trains)."""
-    lo, hi = PAPER_TABLE2_RATIO
-    r = advice.ratio
-    if not math.isfinite(r):
+    if not math.isfinite(advice.ratio):
         return _missing_rate(advice, method)
-    where = "inside" if lo <= r <= hi else ("below" if r < lo else "above")
-    paper = advice.eta_y / advice.eta_x_paper if math.isfinite(advice.eta_x_paper) else math.nan
-    return (
-        f"eta_y / eta_x = {r:.3g} ({where} the paper's Table 2 range {lo:.0e}..{hi:.0e}); "
-        f"with the paper's eta_x: {paper:.3g}"
-    )
+    return advice.ratio_text().removeprefix("ratio   : ")  # Advice.describe's own line
 
 
 def _flag_args(cfg: TrainConfig, skip: set[str]) -> list[str]:

@@ -203,7 +203,7 @@ class Advice:
         )
         return d
 
-    def _ratio_line(self) -> str:
+    def ratio_text(self) -> str:
         """η_y/η_x against the paper's Table 2 range, and with the paper's η_x."""
         lo, hi = PAPER_TABLE2_RATIO
         where = "inside" if lo <= self.ratio <= hi else ("below" if self.ratio < lo else "above")
@@ -262,7 +262,7 @@ class Advice:
                 "eta_y   : none (no L_y: no PEFT block y is trained, or the probe measured none)"
             )
         if has_x and has_y:
-            lines.append(self._ratio_line())
+            lines.append(self.ratio_text())
         if math.isfinite(self.predicted_change):
             lines.append(
                 f"joint   : predicted one-step change {self.predicted_change:.4g} (cross term "
