@@ -228,10 +228,13 @@ class ModelBundle:
             for i in range(0, len(examples), 256)
         )
 
-    def truncation_note(self, examples: Sequence[Example], max_length: int, what: str) -> str:
+    def truncation_note(
+        self, examples: Sequence[Example], max_length: int, what: str, *, cut: int | None = None
+    ) -> str:
         """One line for the user when :meth:`encode` cuts some of ``examples`` (``what``
-        names them, e.g. "training examples"); empty when it cuts none."""
-        n = self.count_truncated(examples, max_length)
+        names them, e.g. "training examples"); empty when it cuts none. ``cut``: the count
+        when the caller has it (an encoded batch's ``truncated``), else it is counted."""
+        n = self.count_truncated(examples, max_length) if cut is None else cut
         if not n:
             return ""
         limit = self.position_limit()

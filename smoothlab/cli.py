@@ -200,7 +200,7 @@ def _probe_bundle(
     batch = bundle.encode(list(examples), cfg.max_length)
     if batch.truncated:
         print(
-            bundle.truncation_note(list(examples), cfg.max_length, "probe examples"),
+            bundle.truncation_note(examples, cfg.max_length, "probe examples", cut=batch.truncated),
             file=sys.stderr,
         )
     with user_input(f"--blocks {blocks_spec}"):
