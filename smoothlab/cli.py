@@ -304,9 +304,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- train
+def _print_advice(advice: Any, method: str | None = None) -> None:
+    """The advice's lines; its ratio line, or why there is none (``method`` says which
+    blocks the advised method trains)."""
+    from hybrid.advise import ratio_line
+
+    print(advice.describe())
+    if not math.isfinite(advice.ratio):  # describe() gives a finite ratio; else say why not
+        print(ratio_line(advice, method))
+
+
 def _print_rate_advice(cfg: Any, record: dict) -> None:
     """What ``train --lr-base/--lr-peft auto`` resolved, from the advice record."""
-    from hybrid.advise import ratio_line
     from smoothlab.advisor import Advice
 
     auto = record.get("auto", [])
@@ -316,9 +325,7 @@ def _print_rate_advice(cfg: Any, record: dict) -> None:
         return
     names = {f.name for f in dataclasses.fields(Advice)}
     advice = Advice(**{k: v for k, v in record.items() if k in names})
-    print(advice.describe())
-    if not math.isfinite(advice.ratio):  # describe() gives a finite ratio; else say why not
-        print(ratio_line(advice))
+    _print_advice(advice)
     print(f"auto rates: {rates} (written to {Path(cfg.out) / 'config.json'} under 'advice')")
     if "lr_base" in auto and cfg.lr_base_budget and cfg.lr_base > 0:
         print(
@@ -556,7 +563,7 @@ def _advise_run(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
-    from hybrid.advise import advise_config, ratio_line, train_command
+    from hybrid.advise import advise_config, train_command
     from hybrid.config import AdviseConfig
 
     cfg = _config(args, AdviseConfig, AdviseConfig())
@@ -575,9 +582,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
             second_moment_samples=cfg.second_moment_samples,
         )
         print(_curvature_line(curv))
-    print(advice.describe())
-    if not math.isfinite(advice.ratio):  # describe() gives a finite ratio; else say why not
-        print(ratio_line(advice, train_cfg.method))
+    _print_advice(advice, train_cfg.method)
     if cfg.calibrate:
         advice = _calibrate(cfg, advice, train_cfg)
     elif cfg.out:
