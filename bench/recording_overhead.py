@@ -6,17 +6,77 @@ wall-clock times (training seconds plus probing seconds, gradient norms included
 training seconds; model loading excluded). Issue 9 bound: recording every 50 steps with 10 vectors costs <= 10%.
 
     python bench/recording_overhead.py --steps 200 --every 50 --vectors 10
+
+It then measures the bound's floor side by side on one batch (round-robin, median): a
+vectors-step Lanczos pays at least one gradient of the block per FD-HVP, so a probe costs at
+least ``vectors x (gradient of base + of LoRA)`` (the small head block's Lanczos may stop
+early, so it is left out); against ``every`` training steps on the same batch, that is the
+least overhead any fd recorder can have at these settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from hybrid.train import TrainConfig, train
+from hybrid.engine import HybridEngine
+from hybrid.train import TrainConfig, build, split_parameters, train
+from smoothlab.blocks import make_blocks
+from smoothlab.hvp import Oracle
+
+
+def floor(cfg: TrainConfig, every: int, vectors: int, repeats: int = 5) -> None:
+    """Print the fd recorder's least overhead at these settings, measured on one batch: a
+    training step of ``cfg.method`` (rates 0) against one gradient of each probed block, in
+    round-robin repeats; floor = vectors x sum of the block gradients / (every x step)."""
+    bundle, _, splits = build(cfg)
+    model = bundle.model
+    model.eval()
+    batch = bundle.encode(splits.train[: cfg.batch_size], cfg.max_length)
+
+    def loss_fn():
+        return bundle.loss(batch)
+
+    zo, fo = split_parameters(model, cfg.method)
+    engine = HybridEngine(model, zo, fo, lr_zo=0.0, lr_fo=0.0, mu=1e-3, z=cfg.z)
+    blocks = make_blocks(model, "hybrid-split")
+
+    def gradient(params):
+        def run():
+            with Oracle("fd", loss_fn, params, root=model) as o:
+                o.gradient()
+
+        return run
+
+    cases = {"step": lambda: engine.step(loss_fn)}
+    cases |= {f"grad {name}": gradient(ps) for name, ps in blocks.items()}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(repeats + 1):  # round 0 warms up
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    # the head's Lanczos may stop early (770 weights converge in 3-4 HVPs): not in the floor
+    floored = [k for k in med if k not in ("step", "grad head")]
+    grads = sum(med[k] for k in floored)
+    rows, tokens = batch.inputs["input_ids"].shape
+    print(
+        f"\nfloor, on one batch ({rows} x {tokens} tokens, median of {repeats} round-robin "
+        "repeats):"
+    )
+    for name, v in med.items():
+        print(f"  {name:<14} {1000 * v:7.1f} ms")
+    print(
+        f"  {vectors} x ({' + '.join(k[5:] for k in floored)} gradients) / "
+        f"({every} x step) = {vectors * grads / (every * med['step']):.3f}: no fd probe of "
+        "these blocks costs less"
+    )
 
 
 def main() -> None:
@@ -80,6 +140,13 @@ def main() -> None:
     print(
         f"  recorded wall / plain wall (model loading incl.)  = {rec['wall'] / plain['wall']:.3f}"
     )
+    per_probe = rec["probe"] / probes
+    per_step = rec["train"] / args.steps
+    print(
+        f"  one probe / {args.every} training steps (the steady share of a long run) "
+        f"= {per_probe / (args.every * per_step):.3f}"
+    )
+    floor(cfg, args.every, args.vectors)
 
 
 if __name__ == "__main__":
