@@ -44,3 +44,21 @@ def test_steps_cases_run_and_release_drops_their_state():
         fn()
     for a, b in zip(before, model.parameters()):  # rates are 0 (the MeZO case drifts by ulps)
         torch.testing.assert_close(a, b.detach())
+
+
+def test_recording_overhead_floor_prints_the_block_gradients_against_the_steps(capsys):
+    """bench/recording_overhead.py's floor: a training step and one gradient of each probed
+    block, timed on one batch; the floor line sums the base and LoRA gradients (not the
+    head's, whose Lanczos may stop early) over ``every`` steps."""
+    recording = pytest.importorskip("recording_overhead")
+    from hybrid.train import TrainConfig
+
+    cfg = TrainConfig(
+        method="hybrid-lora", steps=1, batch_size=4, train_size=8, eval_size=2, dev_size=2
+    )
+    recording.floor(cfg, every=50, vectors=10, repeats=1)
+    out = capsys.readouterr().out
+    ms = {line.split()[1]: float(line.split()[2]) for line in out.splitlines() if "grad " in line}
+    assert set(ms) == {"base", "peft", "head"} and all(v > 0 for v in ms.values())
+    line = next(s for s in out.splitlines() if "(base + peft gradients) / (50 x step) = " in s)
+    assert float(line.split(" = ")[1].split(":")[0]) > 0
