@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from smoothlab.cli import build_parser
+from smoothlab.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "design.md", ROOT / "docs" / "scaling.md"]
@@ -83,8 +84,10 @@ def test_the_docs_show_commands():
 def test_every_documented_command_parses(where, argv, capsys):
     try:
         ns = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse: exit 2 and a usage line
+    except SystemExit as e:  # the top-level parser: exit 2 and a usage line
         pytest.fail(f"{where}\n{capsys.readouterr().err}\n(exit {e.code})")
+    except UsageError as e:  # a subcommand's parser raises it (the CLI exits 2)
+        pytest.fail(f"{where}\n{e}")
     assert ns.command == argv[0]
 
 
