@@ -159,6 +159,9 @@ def _ols(x: np.ndarray, y: np.ndarray) -> _OLS:
     return _OLS(intercept, slope, intercept_se, slope_se, r, r2, p)
 
 
+_LOG_MAX = math.log(np.finfo(float).max)  # exp() of more overflows
+
+
 def fit_smoothness(
     grad_norm: Sequence[float] | np.ndarray,
     estimate: Sequence[float] | np.ndarray,
@@ -169,7 +172,8 @@ def fit_smoothness(
     ``kind="affine"``: ``L ≈ L0 + L1·g`` (:class:`AffineFit`); ``kind="power"``:
     ``L ≈ a·g^b`` (:class:`PowerFit`). Non-finite pairs are dropped (and, for the power
     fit, pairs with ``g <= 0`` or ``L <= 0``). Raises ``ValueError`` with fewer than 3
-    usable points (saying how many), or when all ``g`` are equal.
+    usable points (saying how many), when all ``g`` are equal, or when the power fit's
+    ``a = exp(log a)`` overflows a float (``g`` spanning a tiny range, as in a short run).
     """
     if kind not in ("affine", "power"):
         raise UsageError(f"kind={kind!r}; expected 'affine' or 'power'")
@@ -193,6 +197,13 @@ def fit_smoothness(
             n=int(x.size),
         )
     res = _ols(np.log(x), np.log(y))
+    if res.intercept > _LOG_MAX:
+        # gradient norms that barely move (a short run) put log a in the thousands
+        raise UsageError(
+            f"cannot fit a power law: a = exp({res.intercept:.4g}) overflows a float "
+            f"(b = {res.slope:.4g}; the gradient norms span only a factor "
+            f"{x.max() / x.min():.6g})"
+        )
     return PowerFit(
         a=math.exp(res.intercept),
         b=res.slope,
