@@ -1,0 +1,64 @@
+"""What a user gets from ``pip install smoothlab``: the packages the wheel holds, the version,
+and ``smoothlab`` / ``python -m smoothlab`` run from a folder that is not the source tree.
+
+The fast tests read the packaging metadata (setuptools' own package discovery, configured from
+pyproject.toml); the slow one builds the wheel and installs it into a fresh venv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+TOP_LEVEL = ("smoothlab", "hybrid", "analysis", "figures")
+
+
+def _discovered(where: Path) -> set[str]:
+    """The packages ``[tool.setuptools.packages.find]`` selects under ``where``."""
+    from setuptools import find_namespace_packages
+
+    find = PYPROJECT["tool"]["setuptools"]["packages"]["find"]
+    assert find.get("namespaces", True), "the test assumes namespace discovery (the default)"
+    return set(
+        find_namespace_packages(
+            where=str(where), include=find.get("include", ("*",)), exclude=find.get("exclude", ())
+        )
+    )
+
+
+def _source_packages(where: Path) -> set[str]:
+    """Every folder of the four top-level packages that holds a .py file, as a dotted name."""
+    found = set()
+    for top in TOP_LEVEL:
+        for py in (where / top).rglob("*.py"):
+            rel = py.parent.relative_to(where)
+            if "__pycache__" not in rel.parts:
+                found.add(".".join(rel.parts))
+    return found
+
+
+def test_every_package_directory_is_packaged():
+    assert set(TOP_LEVEL) <= _source_packages(ROOT)
+    assert _discovered(ROOT) == _source_packages(ROOT)
+
+
+def test_sibling_folders_are_not_packaged(tmp_path):
+    """Folders that only start with a package's name (the CLI's default output folder
+    ``smoothlab-out``, a scratch ``hybrid_old``) and the test/bench folders stay out."""
+    for top in TOP_LEVEL:
+        (tmp_path / top).mkdir()
+        (tmp_path / top / "__init__.py").write_text("")
+    for junk in ("smoothlab-out", "smoothlab_scratch", "hybrid_old", "analysis2", "tests", "bench"):
+        (tmp_path / junk).mkdir()
+        (tmp_path / junk / "x.py").write_text("")
+    assert _discovered(tmp_path) == set(TOP_LEVEL)
+
+
+def test_version_matches_the_package_metadata():
+    import smoothlab
+
+    assert smoothlab.__version__ == PYPROJECT["project"]["version"]
