@@ -62,3 +62,12 @@ def test_version_matches_the_package_metadata():
     import smoothlab
 
     assert smoothlab.__version__ == PYPROJECT["project"]["version"]
+
+
+def test_version_flag(capsys):
+    from smoothlab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"smoothlab {PYPROJECT['project']['version']}"
