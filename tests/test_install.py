@@ -6,6 +6,9 @@ pyproject.toml); the slow one builds the wheel and installs it into a fresh venv
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,48 @@ def test_version_flag(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"smoothlab {PYPROJECT['project']['version']}"
+
+
+def _user_folder(tmp_path: Path) -> Path:
+    """A user's working folder whose own modules share names with smoothlab's packages."""
+    cwd = tmp_path / "project"
+    cwd.mkdir()
+    for name in ("hybrid", "figures", "analysis"):
+        (cwd / f"{name}.py").write_text("raise SystemExit('the user module was imported')\n")
+    return cwd
+
+
+def test_python_dash_m_ignores_same_named_modules_in_the_working_folder(tmp_path):
+    """``python -m`` puts the working folder first on sys.path; a user's ``figures.py`` or
+    ``hybrid.py`` there must not replace smoothlab's packages (the console script never sees
+    the working folder)."""
+    cwd = _user_folder(tmp_path)
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "smoothlab", "report", "--help"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "usage: smoothlab report" in r.stdout
+
+
+def test_the_working_folder_stays_when_smoothlab_comes_from_it(tmp_path, monkeypatch):
+    """From a source checkout (no install) the working folder is where smoothlab and its
+    sibling packages come from: it stays on sys.path. Elsewhere only its leading entry goes."""
+    from smoothlab.__main__ import _drop_working_folder
+
+    checkout, other = tmp_path / "checkout", tmp_path / "elsewhere"
+    checkout.mkdir()
+    other.mkdir()
+    monkeypatch.chdir(checkout)
+    here = str(checkout)
+    assert _drop_working_folder([here, "/lib"], checkout) == [here, "/lib"]
+    assert _drop_working_folder(["", "/lib"], checkout) == ["", "/lib"]
+    assert _drop_working_folder([here, "/lib"], other) == ["/lib"]
+    assert _drop_working_folder(["", "/lib"], other) == ["/lib"]
+    assert _drop_working_folder(["/lib", here], other) == ["/lib", here]
+    assert _drop_working_folder([], other) == []
