@@ -119,3 +119,53 @@ def test_the_working_folder_stays_when_smoothlab_comes_from_it(tmp_path, monkeyp
     assert _drop_working_folder(["", "/lib"], other) == ["/lib"]
     assert _drop_working_folder(["/lib", here], other) == ["/lib", here]
     assert _drop_working_folder([], other) == []
+
+
+@pytest.mark.slow
+def test_the_built_wheel_runs_from_another_folder(tmp_path):
+    """Build the wheel, install it (no deps: those of this venv serve) into a target folder,
+    and run its console script and ``python -m smoothlab`` from an unrelated folder on a user's
+    own model folder and data file: nothing may resolve paths next to the source tree."""
+    import zipfile
+
+    from tests.tiny_models import tiny_encoder
+
+    wheels, target, cwd = tmp_path / "wheels", tmp_path / "site", _user_folder(tmp_path)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", str(ROOT), "-w", str(wheels)], check=True)
+    (wheel,) = wheels.glob("smoothlab-*.whl")
+    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert tops - {f"smoothlab-{PYPROJECT['project']['version']}.dist-info"} == set(TOP_LEVEL)
+    files = zipfile.ZipFile(wheel).namelist()
+    for package in _source_packages(ROOT):
+        assert f"{package.replace('.', '/')}/__init__.py" in files or any(
+            n.startswith(package.replace(".", "/") + "/") for n in files
+        ), package
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+
+    model = tmp_path / "model"
+    tiny_encoder(seed=0, save_dir=model)
+    data = tmp_path / "mine.tsv"
+    rows = [f"{w} movie\t{i % 2}" for i, w in enumerate(["good", "bad", "fine", "dull"] * 4)]
+    data.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    env = os.environ | {"PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+    script = str(target / "bin" / "smoothlab")
+    r = run(script, "--version")
+    assert r.returncode == 0 and r.stdout.strip().endswith(PYPROJECT["project"]["version"]), r
+    common = ["--model", str(model), "--data", str(data), "--batch-size", "4"]
+    r = run(script, "probe", *common, "--vectors", "2", "--out", str(tmp_path / "probe.json"))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "run"
+    sizes = ["--train-size", "8", "--eval-size", "4", "--dev-size", "4", "--steps", "2"]
+    train = ["train", "--method", "hybrid-lora", *common, *sizes, "--out", str(out)]
+    r = run(sys.executable, "-m", "smoothlab", *train)
+    assert r.returncode == 0, r.stderr
+    assert (out / "metrics.csv").is_file()
+    r = run(sys.executable, "-m", "smoothlab", "report", str(out), "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    r = run(script, "probe", "--data", str(tmp_path / "missing.tsv"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.tsv" in r.stderr, r
