@@ -772,11 +772,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (options generated from the config classes)."""
     from hybrid.config import AdviseConfig, Figure1Config, ProbeConfig, TrainConfig
     from hybrid.presets import FIGURE1_PRESETS
+    from smoothlab import __version__
 
     p = _Parser(
         prog="smoothlab",
         description="Measure and use the block-wise local smoothness of fine-tuning losses.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     pr = sub.add_parser("probe", help="per-block Hessian norms of a model's loss on one batch")
