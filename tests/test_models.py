@@ -569,3 +569,29 @@ def test_an_architecture_without_attention_layers_by_name_is_refused(distilbert_
         M.attach_peft(bundle, "lora")
     msg = str(info.value)
     assert "'distilbert'" in msg and "q_lin" in msg and "llama" in msg, msg
+
+
+def test_model_paths_that_cannot_be_models_are_named(tmp_path, monkeypatch) -> None:
+    """A path no hub id can be and that does not exist, a plain file and a smoothlab run
+    folder are each refused in one line naming the value (they used to reach the hub
+    lookup, whose message blamed the hub); hub ids and existing folders pass through."""
+    monkeypatch.chdir(tmp_path)
+    for name in (str(tmp_path / "nope"), "./nope", "../nope", "runs/h1/model"):
+        with pytest.raises(UsageError, match="no such folder"):
+            M.resolve_model_path(name)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(UsageError, match="'weights.bin' is a file"):
+        M.resolve_model_path("weights.bin")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"method": "hybrid-lora", "steps": 2}')
+    (run / "metrics.csv").write_text("step,loss\n")
+    with pytest.raises(UsageError, match="run folder.*smoothlab export"):
+        M.resolve_model_path(str(run))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    assert M.resolve_model_path(str(model)) == str(model)
+    assert M.resolve_model_path("org/name") == "org/name"  # a hub id: checked when loaded
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert M.resolve_model_path("~/model") == str(model)
