@@ -2,7 +2,8 @@
 
 * :mod:`hybrid.tasks` — :class:`Example`, :class:`Task` and the task registry :data:`TASKS`
   (one entry per task: verbalizer, template, file layout, help, data sources);
-* :mod:`hybrid.readers` — local TSV/CSV/JSONL/JSON files (:func:`load_examples`);
+* :mod:`hybrid.readers` — local TSV/CSV/JSONL/JSON files (:func:`load_examples`; the
+  sha256 of each file read, from the same bytes: :func:`file_digests`);
 * :mod:`hybrid.synthetic` — the built-in synthetic sentiment set;
 * :mod:`hybrid.sampling` — the paper's seeded splits, :func:`load_task_data` and the
   resumable minibatch sampler :class:`EpochSampler`.
@@ -10,7 +11,7 @@
 
 from __future__ import annotations
 
-from .readers import load_examples, read_records
+from .readers import file_digests, load_examples, read_records
 from .sampling import EpochSampler, Splits, load_task_data, sample_splits
 from .synthetic import synthetic_sentiment
 from .tasks import TASKS, Example, Records, Task, get_task, register_task, task_help, task_names
@@ -20,6 +21,7 @@ __all__ = [
     "Task",
     "TASKS",
     "get_task",
+    "file_digests",
     "load_examples",
     "synthetic_sentiment",
     "Splits",

@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from smoothlab.errors import UsageError
+from smoothlab.runlog import os_problem
 
 __all__ = [
     "INERT",
@@ -148,7 +149,8 @@ class RunLock:
     """An exclusive advisory lock on a run folder: ``fcntl.flock`` on ``folder/.lock``.
 
     :meth:`acquire` creates the folder, locks the file without blocking and writes the pid;
-    if another process holds it, :class:`UsageError` names that pid. The kernel releases
+    if another process holds it, :class:`UsageError` names that pid (so does a folder that
+    cannot be written, or a file system without locks). The kernel releases
     the lock when the holder exits, however it exits (SIGKILL included), so a stale file
     never blocks. The file is kept (unlinking it would let two processes lock two inodes).
     """
@@ -161,15 +163,22 @@ class RunLock:
     def acquire(self) -> RunLock:
         if self._fd is not None:
             return self
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(os_problem(self.path, e, "create the lock file")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
+                raise UsageError(
+                    f"cannot lock run folder {str(self.folder)!r} ({self.path}: "
+                    f"{e.strerror or type(e).__name__}; the file system may not support "
+                    "locks): use a run folder on a local disk"
+                ) from None
             who = f"process {holder}" if holder.isdigit() else "another process"
             raise UsageError(
                 f"run folder {str(self.folder)!r} is in use by {who} (lock {self.path}); "
@@ -203,7 +212,10 @@ def clear_run(folder: str | os.PathLike[str]) -> list[Path]:
     for name in RUN_FILES:
         p = Path(folder) / name
         if p.is_file():
-            p.unlink()
+            try:
+                p.unlink()
+            except OSError as e:
+                raise UsageError(os_problem(p, e, "delete (--restart)")) from None
             removed.append(p)
     return removed
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import contextvars
 import csv
+import hashlib
 import io
 import json
 import sys
@@ -25,7 +27,7 @@ from smoothlab.errors import UsageError
 
 from .tasks import Example, Records, Task, get_task
 
-__all__ = ["EXTENSIONS", "FIELD_LIMIT", "load_examples", "read_records"]
+__all__ = ["EXTENSIONS", "FIELD_LIMIT", "file_digests", "load_examples", "read_records"]
 
 EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json")
 
@@ -33,9 +35,29 @@ FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 """Longest TSV/CSV field read, in characters (the largest value ``csv`` accepts everywhere)."""
 
 
+_DIGESTS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "hybrid_readers_digests", default=None
+)
+
+
+@contextlib.contextmanager
+def file_digests() -> Iterator[dict[str, str]]:
+    """``{path: sha256 of its bytes}`` of every file read in the block (the path as given,
+    ``str(Path(path))``), hashed from the very bytes that were parsed: a caller that needs
+    both the examples and the file's digest (a run's resume check) reads the file once."""
+    sink: dict[str, str] = {}
+    token = _DIGESTS.set(sink)
+    try:
+        yield sink
+    finally:
+        _DIGESTS.reset(token)
+
+
 def _read_text(path: Path) -> str:
     """The file's text: UTF-8, a leading byte-order mark dropped."""
     data = path.read_bytes()
+    if (sink := _DIGESTS.get()) is not None:
+        sink[str(path)] = hashlib.sha256(data).hexdigest()
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]
     try:

@@ -54,7 +54,7 @@ from smoothlab.runlog import (
 
 from . import distributed as D
 from .config import AUTO, TrainConfig, check_fields, resolve_device, user_input
-from .data import EpochSampler, Splits, Task, load_task_data
+from .data import EpochSampler, Splits, Task, file_digests, load_task_data
 from .engine import HybridEngine, table_of, zo_updater
 from .faults import (
     INERT,
@@ -388,12 +388,16 @@ def _check_frozen(
 DATA_FIELDS = ("data", "eval_data", "dev_data")  # the config's data files
 
 
-def data_digest(cfg: TrainConfig) -> dict[str, str]:
-    """sha256 of each data file the config names: a resume compares contents, not paths."""
+def data_digest(cfg: TrainConfig, read: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of each data file the config names: a resume compares contents, not paths.
+    ``read``: the digests of the files already read (:func:`hybrid.data.file_digests`),
+    taken from the bytes parsed instead of reading a file a second time."""
     out = {}
     for name in DATA_FIELDS:
         path = getattr(cfg, name, None)
-        if path and Path(path).is_file():
+        if path and read and str(Path(path)) in read:
+            out[name] = read[str(Path(path))]
+        elif path and Path(path).is_file():
             h = hashlib.sha256()
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
@@ -500,7 +504,8 @@ class Trainer:
         self.cfg, self.out, self.on_step = cfg, Path(cfg.out), on_step
         self.progress = progress and self.writer
         self.ckpt_kind = cfg.checkpoint_kind
-        self.bundle, self.task, self.splits = build(cfg)
+        with file_digests() as self._read_digests:  # the data files, read once
+            self.bundle, self.task, self.splits = build(cfg)
         self.model = self.bundle.model
         if self.writer and (
             note := self.bundle.truncation_note(
@@ -578,7 +583,8 @@ class Trainer:
         self.row: dict[str, Any] | None = None  # step t's metrics row
         self.loss_fn: Callable[[], torch.Tensor] | None = None  # step t's minibatch loss
         self.probe_base, self.extended_by = 0.0, 0
-        self.data_digest = data_digest(cfg)  # saved with each checkpoint, checked on resume
+        # saved with each checkpoint, checked on resume
+        self.data_digest = data_digest(cfg, self._read_digests)
         self.metrics: CsvLog | None = None
         self.recorder: TrajectoryRecorder | None = None
         self.recorders: list[TrajectoryRecorder] = []

@@ -19,14 +19,17 @@ Files of a run folder:
 
 Cells: integers and floats as text (``repr``), a NaN as ``nan``, infinities as ``inf`` /
 ``-inf``, a missing value as the empty cell, so a NaN and a missing value differ.
-Rows are written one at a time and flushed. A crash mid-write leaves a *torn* last line (no
-final newline, or the wrong number of fields); :class:`CsvLog` (on resume) and
-:func:`read_log` both detect and drop it.
+Rows are written one at a time, each by one unbuffered write (a failed one is removed
+again), and a row's key (:attr:`LogSchema.key`) is written once. A kill mid-write leaves a
+*torn* last line (no final newline, or the wrong number of fields); :class:`CsvLog` (on
+resume) and :func:`read_log` both detect and drop it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -56,6 +59,7 @@ __all__ = [
     "RunLogWarning",
     "final_loss",
     "format_cell",
+    "os_problem",
     "parse_cell",
     "read_log",
     "versions",
@@ -168,14 +172,21 @@ def versions() -> dict[str, str]:
 def write_json(path: str | Path, data: Mapping[str, Any], *, strict: bool = False) -> Path:
     """Write ``data`` as indented JSON (atomically: temp file, then rename). ``strict``:
     a NaN or infinite float is written as ``null``, so that any JSON parser reads the file
-    (Python's own reads ``NaN``; strict ones, ``jq`` and browsers, do not)."""
+    (Python's own reads ``NaN``; strict ones, ``jq`` and browsers, do not). A failed write
+    (disk full, read-only folder) leaves the previous file and is a ``UsageError``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     if strict:
         data = _finite_or_null(data)
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable, allow_nan=not strict) + "\n")
-    tmp.replace(path)
+    text = json.dumps(data, indent=2, default=_jsonable, allow_nan=not strict) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UsageError(os_problem(path, exc, "write")) from None
     return path
 
 
@@ -254,17 +265,29 @@ def _scan(path: Path) -> _Scan:
 
     A last line is torn when the file does not end in a newline or when it has a different
     number of fields from the header. Other rows of the wrong width are listed in ``bad``.
+    The torn tail is cut as bytes, before decoding, so a write cut inside a multi-byte
+    character is a torn line too, not a file in another encoding.
     """
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(os_problem(path, exc, "read")) from None
     torn = None
-    if text and not text.endswith("\n"):
-        cut = text.rfind("\n") + 1
-        torn = f"the last line has no newline (a write cut short): {text[cut:][:60]!r}"
-        text = text[:cut]
-    lines = list(csv.reader(io.StringIO(text)))
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:].decode("utf-8", "replace")
+        torn = f"the last line has no newline (a write cut short): {tail[:60]!r}"
+        data = data[:cut]
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UsageError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}: "
+            f"{exc.reason}); the file is damaged: repair or delete that line, or start over "
+            "with --restart (which deletes the run's logs)"
+        ) from None
+    lines = list(csv.reader(io.StringIO(text, newline="")))
     numbered = [(i + 1, r) for i, r in enumerate(lines) if r]  # csv line i+1; blank lines skipped
     if not numbered:
         return _Scan((), [], torn, [])
@@ -283,16 +306,30 @@ def _scan(path: Path) -> _Scan:
 
 
 class CsvLog:
-    """Append rows to a CSV with a fixed header, flushing after each row.
+    """Append rows to a CSV with a fixed header, each row written whole or not at all.
 
     An existing non-empty file must have exactly ``fields`` as its header (``UsageError``
     otherwise, also for a header-only file). A torn last line is dropped (with a
     :class:`RunLogWarning`); so are rows with ``step > truncate_after`` when resuming. A
     malformed row before the last line, or a row without an integer step, is refused.
+
+    ``key``: the columns that identify a row (default: the key of the schema whose fields
+    are ``fields``, e.g. ``step`` for ``metrics.csv`` and ``step, block, norm, hvp`` for
+    ``smoothness.csv``; else ``step`` if it is a column; ``()``: rows may repeat). A row
+    whose key the log already holds is refused (``UsageError`` naming the file and the key,
+    nothing written): readers would see two rows for one step. So is a file that already
+    holds such rows, and a row without an integer ``step`` (a file that holds one cannot
+    be resumed). A row that cannot be written (disk full, read-only folder) is removed
+    again and reported as a ``UsageError``.
     """
 
     def __init__(
-        self, path: str | Path, fields: Sequence[str], *, truncate_after: int | None = None
+        self,
+        path: str | Path,
+        fields: Sequence[str],
+        *,
+        truncate_after: int | None = None,
+        key: Sequence[str] | None = None,
     ) -> None:
         if truncate_after is not None and (
             not isinstance(truncate_after, int) or isinstance(truncate_after, bool)
@@ -302,17 +339,32 @@ class CsvLog:
             )
         self.path = Path(path)
         self.fields = tuple(fields)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.key = _default_key(self.fields) if key is None else tuple(key)
+        unknown = [k for k in self.key if k not in self.fields]
+        if unknown:
+            raise UsageError(f"key columns {unknown} are not among {list(self.fields)}")
         self._steps: set[int] = set()
-        if self.path.exists() and self.path.stat().st_size > 0:
-            self._reopen(truncate_after)
-        else:
-            self._rewrite([])
-        self._open()
+        self._keys: dict[tuple[Any, ...], int] = {}  # key -> line number (1 = header)
+        self._lines = 1
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_dir():
+                raise UsageError(
+                    f"{self.path} is a folder, not a log file: move it away, or use another "
+                    "run folder"
+                )
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._reopen(truncate_after)
+            else:
+                self._rewrite([])
+            self._open()
+        except OSError as exc:
+            raise UsageError(os_problem(self.path, exc, "open")) from None
 
     def _open(self) -> None:
-        self._fh = self.path.open("a", newline="", encoding="utf-8")
-        self._writer = csv.writer(self._fh, lineterminator="\n")
+        # unbuffered: a row is one write, never held back in a buffer that a later flush
+        # (at close, after a failed write) would append out of place
+        self._fh = self.path.open("ab", buffering=0)
 
     def _reopen(self, truncate_after: int | None) -> None:
         scan = _scan(self.path)
@@ -335,12 +387,12 @@ class CsvLog:
             step = self._step_of(cells, n)
             if truncate_after is None or step is None or step <= truncate_after:
                 kept.append(cells)
-                if step is not None:
-                    self._steps.add(step)
+                self._remember(self._key_of_cells(cells), step, n)
         if scan.torn:
             warnings.warn(f"{self.path}: {scan.torn}; dropped", RunLogWarning, stacklevel=3)
         if scan.torn or len(kept) != len(scan.rows):
             self._rewrite(kept)
+        self._lines = 1 + len(kept)
 
     def _step_of(self, cells: list[str], line: int) -> int | None:
         if "step" not in self.fields:
@@ -353,6 +405,27 @@ class CsvLog:
         if step is None:
             raise UsageError(f"{self.path}: line {line} has step {text!r}, expected an integer")
         return step
+
+    def _key_of_cells(self, cells: list[str]) -> tuple[Any, ...]:
+        return tuple(
+            parse_cell(cells[i], int) if k == "step" else cells[i].strip()
+            for k in self.key
+            for i in (self.fields.index(k),)
+        )
+
+    def _shown(self, key: tuple[Any, ...]) -> str:
+        return ", ".join(f"{c}={v!r}" for c, v in zip(self.key, key))
+
+    def _remember(self, key: tuple[Any, ...], step: int | None, line: int) -> None:
+        if self.key and key in self._keys:
+            raise UsageError(
+                f"{self.path}: lines {self._keys[key]} and {line} both hold the row of "
+                f"{self._shown(key)} (two writers into one run folder?); delete one of them, "
+                "or start over with --restart (which deletes the run's logs)"
+            )
+        self._keys[key] = line
+        if step is not None:
+            self._steps.add(step)
 
     def _rewrite(self, rows: list[list[str]]) -> None:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
@@ -369,26 +442,61 @@ class CsvLog:
         checkpoint: those rows belong to the trajectory it abandons), then append again."""
         self._fh.close()
         self._steps.clear()
-        self._reopen(step)
-        self._open()
+        self._keys.clear()
+        try:
+            self._reopen(step)
+            self._open()
+        except OSError as exc:
+            raise UsageError(os_problem(self.path, exc, "rewrite")) from None
 
     def steps(self) -> set[int]:
         """Steps already logged (after truncation)."""
         return set(self._steps)
 
     def write(self, row: Mapping[str, Any]) -> None:
-        """Append one row (missing columns are empty cells) and flush it."""
+        """Append one row (missing columns are empty cells): written whole, or, when the
+        write fails, removed again and reported (``UsageError``)."""
         unknown = set(row) - set(self.fields)
         if unknown:
             raise ValueError(
                 f"unknown columns {sorted(unknown)} for {self.path.name}; columns: {list(self.fields)}"
             )
-        if self._fh.closed:  # closed by an earlier end of training: append from here on
-            self._open()
-        self._writer.writerow([format_cell(row.get(k)) for k in self.fields])
-        self._fh.flush()
-        if row.get("step") is not None:
-            self._steps.add(int(row["step"]))
+        cells = [format_cell(row.get(k)) for k in self.fields]
+        step = None
+        if "step" in self.fields:
+            try:
+                step = parse_cell(cells[self.fields.index("step")], int)
+            except ValueError:
+                step = None
+            if step is None:
+                raise UsageError(
+                    f"{self.path}: a row needs an integer step, got {row.get('step')!r}"
+                )
+        key = self._key_of_cells(cells)
+        if self.key and key in self._keys:
+            raise UsageError(
+                f"{self.path} already holds the row of {self._shown(key)} (line "
+                f"{self._keys[key]}); a row is logged once: not written again"
+            )
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(cells)
+        data = memoryview(buf.getvalue().encode("utf-8"))
+        try:
+            if self._fh.closed:  # closed by an earlier end of training: append from here on
+                self._open()
+            fd = self._fh.fileno()
+            size = os.fstat(fd).st_size
+            try:
+                while data:
+                    data = data[os.write(fd, data) :]
+            except BaseException:
+                os.ftruncate(fd, size)  # no torn row left behind
+                raise
+        except OSError as exc:
+            what = "write" if step is None else f"write the row of step {step} to"
+            raise UsageError(os_problem(self.path, exc, what, kept="nothing of the row")) from None
+        self._lines += 1
+        self._remember(key, step, self._lines)
 
     def close(self) -> None:
         self._fh.close()
@@ -398,6 +506,29 @@ class CsvLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _default_key(fields: tuple[str, ...]) -> tuple[str, ...]:
+    for schema in (METRICS, SMOOTHNESS, CALIBRATION):
+        if fields == schema.fields:
+            return schema.key
+    return ("step",) if "step" in fields else ()
+
+
+def os_problem(path: str | Path, exc: OSError, doing: str, *, kept: str | None = None) -> str:
+    """One line for an ``OSError`` met while ``doing`` (``"read"``, ``"write"``, …) ``path``:
+    the system's reason and what the user can do about it."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free some space, then rerun the same command to resume"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "make the run folder writable (or use another --out), then rerun"
+    elif exc.errno in (errno.EISDIR, errno.ENOTDIR):
+        advice = "a folder stands where a file should (or the reverse): move it away, then rerun"
+    else:
+        advice = "fix the cause, then rerun the same command to resume"
+    done = f" ({kept} was kept)" if kept else ""
+    return f"cannot {doing} {path}: {reason}{done}; {advice}"
 
 
 # ----------------------------------------------------------------------------- reader

@@ -864,3 +864,71 @@ def test_duplicate_header_column_is_refused(tmp_path: Path, suffix: str) -> None
         load_examples(p, "sst2")
     msg = str(info.value)
     assert str(p) in msg and "column 'sentence' twice" in msg, msg
+
+
+# --------------------------------------------------------------------------- read once
+def _sst2_file(path: Path, n: int = 40) -> Path:
+    path.write_text(
+        "sentence\tlabel\n"
+        + "".join(f"a {'good' if i % 2 else 'bad'} film {i}\t{i % 2}\n" for i in range(n))
+    )
+    return path
+
+
+def test_file_digests_are_of_the_bytes_parsed(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.chdir(tmp_path)
+    train = _sst2_file(tmp_path / "train.tsv")
+    dev = tmp_path / "dev.jsonl"
+    dev.write_bytes(b'\xef\xbb\xbf{"sentence": "ok", "label": 1}\n')  # a BOM is hashed too
+    with D.file_digests() as seen:
+        load_task_data("sst2", str(train), train=8, eval=4, dev=1, dev_data="./dev.jsonl")
+    assert seen == {
+        str(train): hashlib.sha256(train.read_bytes()).hexdigest(),
+        "dev.jsonl": hashlib.sha256(dev.read_bytes()).hexdigest(),  # the path as given
+    }
+    load_task_data("sst2", str(train), train=8, eval=4, dev=1)  # outside the block: kept out
+    assert len(seen) == 2
+
+
+def test_train_reads_the_data_file_once(tmp_path, monkeypatch):
+    """A run read its data file twice at the start: parsed by build(), then read again for
+    the checkpoint's sha256 (so an edit in between was hashed but not trained on). Once now,
+    with the same digest as hashing the file."""
+    import builtins
+    import hashlib
+
+    from hybrid.train import TrainConfig, Trainer
+    from tests.tiny_models import tiny_causal_lm
+
+    model = tmp_path / "opt"
+    tiny_causal_lm("opt", seed=0, save_dir=model)
+    data = _sst2_file(tmp_path / "d.tsv")
+    reads = []
+    real_read_bytes, real_open = Path.read_bytes, builtins.open
+
+    def read_bytes(self):
+        reads.extend([self] if self.name == data.name else [])
+        return real_read_bytes(self)
+
+    def opened(file, *args, **kwargs):
+        reads.extend([file] if str(file).endswith(data.name) else [])
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(builtins, "open", opened)
+    cfg = TrainConfig(
+        model=str(model),
+        data=str(data),
+        task="sst2",
+        method="fo-lora",
+        train_size=16,
+        eval_size=8,
+        dev_size=4,
+        steps=1,
+        out=str(tmp_path / "run"),
+    )
+    trainer = Trainer(cfg, progress=False)
+    assert len(reads) == 1, reads
+    assert trainer.data_digest == {"data": hashlib.sha256(data.read_bytes()).hexdigest()}

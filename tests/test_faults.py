@@ -733,3 +733,88 @@ def test_progress_bar_after_a_resume_inside_a_step_ends_at_its_total(
     }
     assert shown[0] == ("start", 3)
     assert shown[1:] == [(t, losses[t]) for t in range(4, STEPS + 1)]
+
+
+# ----------------------------------------------------------------------------- file-system faults
+def test_lock_in_an_unwritable_or_odd_folder_is_one_line(tmp_path, monkeypatch):
+    """A read-only run folder, a folder where the lock file goes, a file system without
+    locks: each was an OSError traceback."""
+    import errno
+
+    import hybrid.faults as F
+
+    (tmp_path / "dir" / LOCK_FILE).mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"cannot create the lock file .*\.lock: Is a directory"):
+        RunLock(tmp_path / "dir").acquire()
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(F.os, "open", read_only)
+    with pytest.raises(UsageError, match=r"\.lock: Read-only file system; make the run folder"):
+        RunLock(tmp_path / "ro").acquire()
+    monkeypatch.undo()
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(F.fcntl, "flock", no_locks)
+    with pytest.raises(UsageError, match="No locks available; the file system may not support"):
+        RunLock(tmp_path / "nfs").acquire()
+
+
+def test_a_stale_lock_file_never_blocks(tmp_path):
+    """A SIGKILLed holder leaves its pid in .lock; that pid may be gone or reused by an
+    unrelated process. The kernel released the flock, so the folder is free either way."""
+    for pid in ("999999999", str(os.getppid()), "garbage"):
+        (tmp_path / LOCK_FILE).write_text(pid + "\n")
+        with RunLock(tmp_path):
+            assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_clear_run_in_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    (tmp_path / "metrics.csv").write_text("x")
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(UsageError, match=r"cannot delete \(--restart\) .*metrics\.csv: Read-only"):
+        clear_run(tmp_path)
+
+
+def test_disk_full_mid_row_exits_2_and_the_rerun_is_bit_identical(
+    opt_model, baseline, tmp_path, capsys, monkeypatch
+):
+    """The disk fills up while step 3's row is written: one line (it was a traceback), no
+    partial row left; once space is freed the same command continues the run bit for bit."""
+    import errno
+
+    import smoothlab.runlog
+
+    real = os.write
+
+    def disk_full(fd, data):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith("metrics.csv") and bytes(data[:2]) == b"3,":
+            real(fd, bytes(data[:4]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    out = tmp_path / "B"
+    monkeypatch.setattr(smoothlab.runlog.os, "write", disk_full)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc, err = _cli(_argv(opt_model, out), capsys)
+    _one_line(rc, err, f"cannot write the row of step 3 to {out / 'metrics.csv'}: No space left")
+    assert [r["step"] for r in _rows(out / "metrics.csv")] == ["1", "2"]
+    monkeypatch.undo()
+    assert main_quiet(_argv(opt_model, out)) == 0
+    assert_same_run(baseline, out)

@@ -193,3 +193,150 @@ def test_cells_take_a_tensor_or_numpy_number_by_value_and_a_closed_log_reopens(t
     log.close()
     text = (tmp_path / "s.csv").read_text().splitlines()
     assert len(text) == 3 and text[1].split(",")[SMOOTHNESS_FIELDS.index("lr_peft")] == "0.001"
+
+
+# ----------------------------------------------------------------------------- faults
+def test_a_row_is_logged_once_per_key(tmp_path):
+    """CsvLog appended a second row for a step it already held; readers then saw two rows
+    for one step. It is refused, naming the file and the key, with nothing written; the
+    recorder's several blocks of one step are distinct keys, and a resume that drops a
+    pending step writes it again."""
+    from smoothlab.runlog import SMOOTHNESS_FIELDS
+
+    path = tmp_path / "metrics.csv"
+    log = CsvLog(path, METRICS_FIELDS)
+    log.write({"step": 1, "loss": 0.5})
+    before = path.read_bytes()
+    with pytest.raises(
+        UsageError, match=r"metrics\.csv already holds the row of step=1 \(line 2\)"
+    ):
+        log.write({"step": 1.0, "loss": 0.7})
+    assert path.read_bytes() == before
+    log.write({"step": 2, "loss": 0.4})
+    log.close()
+    log = CsvLog(path, METRICS_FIELDS, truncate_after=1)  # a resume redoing step 2
+    with pytest.raises(UsageError, match="step=1"):
+        log.write({"step": 1, "loss": 0.5})
+    log.write({"step": 2, "loss": 0.4})
+    log.drop_after(1)
+    log.write({"step": 2, "loss": 0.4})
+    log.close()
+    assert [r["step"] for r in read_log(path, METRICS).rows] == [1, 2]
+
+    smooth = CsvLog(tmp_path / "smoothness.csv", SMOOTHNESS_FIELDS)
+    row = {"step": 0, "norm": "spectral", "hvp": "fd", "estimate": 1.0}
+    for block in ("base", "peft", "base.layer0"):
+        smooth.write(row | {"block": block})
+    smooth.write(row | {"block": "base", "norm": "frobenius"})
+    with pytest.raises(UsageError, match=r"smoothness\.csv already holds the row of step=0, "):
+        smooth.write(row | {"block": "peft"})
+    smooth.close()
+    assert len(read_log(tmp_path / "smoothness.csv", SMOOTHNESS).rows) == 4
+    free = CsvLog(tmp_path / "free.csv", ("step", "x"), key=())  # opting out
+    free.write({"step": 1})
+    free.write({"step": 1})
+    free.close()
+
+
+def test_a_file_already_holding_a_duplicate_row_is_not_resumed(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text(",".join(METRICS_FIELDS) + "\n1,,0.5,,,,,,\n2,,0.4,,,,,,\n1,,0.7,,,,,,\n")
+    with pytest.raises(UsageError, match=r"lines 2 and 4 both hold the row of step=1.*--restart"):
+        CsvLog(path, METRICS_FIELDS)
+    CsvLog(path, METRICS_FIELDS, truncate_after=0).close()  # both are dropped on a resume at 0
+
+
+def test_a_row_needs_an_integer_step(tmp_path):
+    """A row without a step (or step 2.5, written as 2 before) was appended, and the file
+    could then not be opened again: the run could not be resumed."""
+    path = tmp_path / "metrics.csv"
+    with CsvLog(path, METRICS_FIELDS) as log:
+        log.write({"step": 1, "loss": 0.5})
+        for bad in (None, 2.5, "x"):
+            with pytest.raises(
+                UsageError, match=rf"metrics\.csv: a row needs an integer step, got {bad!r}"
+            ):
+                log.write({"step": bad, "loss": 0.5})
+    CsvLog(path, METRICS_FIELDS).close()
+    assert path.read_text().count("\n") == 2
+
+
+def test_a_failed_write_leaves_no_torn_row(tmp_path, monkeypatch):
+    """A disk filling up mid-row: the part written is removed and the error is one line
+    naming the file and what to do (it was a traceback, and the part written stayed)."""
+    import errno
+    import os
+
+    import smoothlab.runlog as runlog
+
+    path = tmp_path / "metrics.csv"
+    log = CsvLog(path, METRICS_FIELDS)
+    log.write({"step": 1, "loss": 0.5})
+    before = path.read_bytes()
+    real = os.write
+
+    def disk_full(fd, data):
+        real(fd, bytes(data[:5]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runlog.os, "write", disk_full)
+    with pytest.raises(UsageError) as info:
+        log.write({"step": 2, "loss": 0.25})
+    assert str(info.value) == (
+        f"cannot write the row of step 2 to {path}: No space left on device (nothing of the "
+        "row was kept); free some space, then rerun the same command to resume"
+    )
+    assert path.read_bytes() == before
+    monkeypatch.setattr(runlog.os, "write", real)
+    log.write({"step": 2, "loss": 0.25})  # space freed: the same step goes in once
+    log.close()
+    assert [r["step"] for r in read_log(path, METRICS).rows] == [1, 2]
+
+
+def test_a_log_that_is_a_folder_is_one_clear_error(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.mkdir()
+    with pytest.raises(UsageError, match=r"metrics\.csv is a folder, not a log file: move it away"):
+        CsvLog(path, METRICS_FIELDS)
+    with pytest.raises(UsageError, match=r"cannot read .*metrics\.csv: Is a directory"):
+        read_log(path, METRICS)
+
+
+def test_a_write_cut_inside_a_character_is_a_torn_line(tmp_path):
+    """The torn tail is cut as bytes: a kill inside a multi-byte character (a block name)
+    refused the resume as 'not UTF-8 text'."""
+    from smoothlab.runlog import SMOOTHNESS_FIELDS
+
+    path = tmp_path / "smoothness.csv"
+    with CsvLog(path, SMOOTHNESS_FIELDS) as log:
+        log.write({"step": 0, "block": "bloc_é", "estimate": 1.0})
+    good = path.read_bytes()
+    path.write_bytes(good + "2,0,bloc_é".encode()[:-1])
+    with pytest.warns(RunLogWarning, match="no newline"):
+        assert len(read_log(path, SMOOTHNESS).rows) == 1
+    with pytest.warns(RunLogWarning, match="no newline"):
+        CsvLog(path, SMOOTHNESS_FIELDS).close()
+    assert path.read_bytes() == good
+    path.write_bytes(good.replace("é".encode(), b"\xff"))  # damage inside: refused, with the line
+    with pytest.raises(UsageError, match=r"not UTF-8 text \(byte 0xff on line 2.*--restart"):
+        CsvLog(path, SMOOTHNESS_FIELDS)
+
+
+def test_write_json_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from smoothlab.runlog import write_json
+
+    path = write_json(tmp_path / "config.json", {"a": 1})
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(
+        UsageError, match=r"cannot write .*config\.json: Read-only file system; make"
+    ):
+        write_json(path, {"a": 2})
+    monkeypatch.undo()
+    assert path.read_text() == '{\n  "a": 1\n}\n' and sorted(tmp_path.iterdir()) == [path]
