@@ -605,35 +605,16 @@ class Trainer:
                     f"extend_steps {self.cfg.extend_steps}: {self.out} holds no checkpoint to "
                     "extend; give steps instead"
                 )
+            if self.writer:
+                self._check_logged_run()
             return
         state = read_checkpoint(
             path, self.bundle.device, "rerun with --restart to start over, or use another --out"
         )
         saved = state["config"]
-        if saved["method"] != self.cfg.method:
-            raise UsageError(
-                f"{self.out} holds a {saved['method']!r} run; cannot resume it as {self.cfg.method!r}"
-            )
         self._extend(saved, state)
         check_data(self.out, saved, state, self.cfg, self.data_digest)
-        defaults = {
-            f.name: f.default
-            for f in dataclasses.fields(TrainConfig)
-            if f.default is not dataclasses.MISSING
-        }
-        # the checkpoint kind in effect (None: the method's default), not the raw option;
-        # the model likewise (None is the default model, which config.json names); options
-        # the method never reads cannot change its trajectory
-        current = dataclasses.asdict(self.cfg) | {
-            "checkpoint": self.ckpt_kind,
-            "model": self.cfg.model or DEFAULT_MODEL,
-        }
-        then = dict(saved) | {
-            "checkpoint": state.get("checkpoint", "full"),
-            "model": saved.get("model") or DEFAULT_MODEL,
-        }
-        inert = INERT | self.cfg.unused_fields()
-        check_resume(self.out, then, current, done=state["step"], defaults=defaults, inert=inert)
+        self._check_same_run(saved, state.get("checkpoint", "full"), done=state["step"])
         self._restore(state)
         self.engine.load_state_dict(state["engine"])
         self.start, self.best_dev, self.elapsed = state["step"], state["best_dev"], state["seconds"]
@@ -647,6 +628,60 @@ class Trainer:
             self.walk.load_state_dict(state.get("walk"))
             self.walk.horizon = self.cfg.steps  # raised by extend_steps
         self.probe_base = float(state.get("probe_seconds", 0.0))
+
+    def _check_same_run(self, saved: dict[str, Any], kind: str, *, done: int) -> None:
+        """:func:`check_resume` of this run against the ``saved`` config of the folder's run
+        (its checkpoint kind ``kind`` in effect), which ran ``done`` steps."""
+        if saved.get("method") != self.cfg.method:
+            raise UsageError(
+                f"{self.out} holds a {saved.get('method')!r} run; cannot resume it as "
+                f"{self.cfg.method!r} (use --restart or another --out)"
+            )
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(TrainConfig)
+            if f.default is not dataclasses.MISSING
+        }
+        # the checkpoint kind in effect (None: the method's default), not the raw option;
+        # the model likewise (None is the default model, which config.json names); options
+        # the method never reads cannot change its trajectory
+        current = dataclasses.asdict(self.cfg) | {
+            "checkpoint": self.ckpt_kind,
+            "model": self.cfg.model or DEFAULT_MODEL,
+        }
+        then = dict(saved) | {"checkpoint": kind, "model": saved.get("model") or DEFAULT_MODEL}
+        inert = INERT | self.cfg.unused_fields()
+        check_resume(self.out, then, current, done=done, defaults=defaults, inert=inert)
+
+    def _check_logged_run(self) -> None:
+        """No checkpoint, but the folder's logs may hold rows (a run killed before its first
+        checkpoint, or one whose checkpoint was deleted). Starting over drops those rows, so
+        the run that wrote them (its config.json) must be this one: then it is redone, row
+        for row; another configuration is refused as a resume would be."""
+        rows = max(_data_lines(self.out / "metrics.csv"), _data_lines(self.out / "smoothness.csv"))
+        if not rows:
+            return
+        config = self.out / "config.json"
+        what = f"{self.out} holds {rows} logged rows but no checkpoint.pt"
+        try:
+            saved = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(
+                f"{what}, and its config.json is not readable ({e}): the run that logged them "
+                "is unknown; rerun with --restart to start over, or use another --out"
+            ) from None
+        if not isinstance(saved, dict):
+            raise UsageError(f"{what}, and its config.json is not a run config: use --restart")
+        method = saved.get("method")
+        kind = saved.get("checkpoint") or ("seeds" if method == "zo-ft" else "full")
+        auto = set((self.advice or {}).get("auto", ()))  # re-resolved: compared as "auto"
+        saved |= {k: getattr(self.cfg, k) for k in auto}
+        self._check_same_run(saved, kind, done=0)
+        print(
+            f"smoothlab: note: {what}: the run starts over from step 0 and logs them again",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _restore(self, state: dict[str, Any]) -> None:
         """The weights of a checkpoint: a full one's state dict, or (``seeds``) the initial
@@ -1084,6 +1119,15 @@ class Trainer:
                 self.close()
             self.finish()
         return self.out
+
+
+def _data_lines(path: Path) -> int:
+    """Non-empty lines after a log's header (0 for a missing or unreadable file)."""
+    try:
+        with open(path, "rb") as f:
+            return max(sum(1 for line in f if line.strip()) - 1, 0)
+    except OSError:
+        return 0
 
 
 def train(

@@ -818,3 +818,36 @@ def test_disk_full_mid_row_exits_2_and_the_rerun_is_bit_identical(
     monkeypatch.undo()
     assert main_quiet(_argv(opt_model, out)) == 0
     assert_same_run(baseline, out)
+
+
+def test_a_run_without_its_checkpoint_keeps_its_logs_unless_rerun_as_itself(
+    opt_model, baseline, tmp_path, capsys
+):
+    """A finished run whose checkpoint.pt (and best.pt) a user deleted to save space: a rerun
+    with another configuration used to start over silently, dropping every logged row and
+    overwriting config.json. It is now refused like a resume, the logs untouched; the same
+    command starts over with a note and logs the same rows again."""
+    import shutil
+
+    from hybrid.train import TrainConfig
+
+    run = tmp_path / "A"
+    shutil.copytree(baseline, run)
+    for name in ("checkpoint.pt", "best.pt"):
+        (run / name).unlink()
+    before = {n: (run / n).read_bytes() for n in ("metrics.csv", "smoothness.csv", "config.json")}
+    assert _rows(run / "metrics.csv")
+    cfg = _cfg(opt_model, run)
+    with pytest.raises(UsageError, match=r"another configuration \(lr_peft: .*--restart"):
+        _train(TrainConfig(**(vars(cfg) | {"lr_peft": cfg.lr_peft * 2})))
+    with pytest.raises(UsageError, match="holds a 'hybrid-lora' run; cannot resume it as 'zo-ft'"):
+        _train(TrainConfig(**(vars(cfg) | {"method": "zo-ft"})))
+    assert {n: (run / n).read_bytes() for n in before} == before
+    (run / "config.json").write_text("{")
+    with pytest.raises(UsageError, match="logged rows but no checkpoint.pt.*not readable"):
+        _train(cfg)
+    (run / "config.json").write_bytes(before["config.json"])
+    capsys.readouterr()
+    _train(cfg)
+    assert "no checkpoint.pt: the run starts over from step 0" in capsys.readouterr().err
+    assert_same_run(baseline, run)
