@@ -449,6 +449,11 @@ def load_config_file(path: str | Path, cls: type[C]) -> C:
     PyYAML is imported only for YAML files (it is installed as a dependency of transformers).
     """
     p = Path(path)
+    if p.is_dir():
+        hint = f" (a run's is {str(p / 'config.json')!r})" if (p / "config.json").is_file() else ""
+        raise UsageError(
+            f"config file {str(path)!r} is a folder; give a .json, .yaml or .yml file{hint}"
+        )
     suffix = p.suffix.lower()
     if suffix not in (".json", ".yaml", ".yml"):
         raise UsageError(f"config file {str(path)!r}: accepted suffixes are .json, .yaml, .yml")

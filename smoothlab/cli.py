@@ -78,7 +78,7 @@ _TYPES = {int: _argtype(int, "an integer"), float: _argtype(float, "a number"), 
 
 
 def _add_config_args(
-    p: argparse.ArgumentParser, cls: type, shown: Any, *, title: str = "options"
+    p: argparse.ArgumentParser, cls: type, shown: Any, *, title: str = "settings"
 ) -> None:
     """One flag per field of ``cls`` (``shown``: the instance whose values the help shows).
 
@@ -138,9 +138,29 @@ def _config(args: argparse.Namespace, cls: type, base: Any) -> Any:
         f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
     }
     cfg = dataclasses.replace(base, **typed)
-    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
-    cfg.validate()
+    try:
+        cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+        cfg.validate()
+    except UsageError as e:  # name the value where the user gave it: a flag, or the file
+        raise UsageError(_where_given(str(e), cls, typed, getattr(args, "config", None))) from e
     return cfg
+
+
+def _where_given(text: str, cls: type, typed: Mapping[str, Any], config: str | None) -> str:
+    """A config check's message, which starts with the field's name: the flag when the user
+    typed it (``batch_size ...`` -> ``--batch-size ...``), else the config file it came from."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    m = re.match(r"\w+", text)
+    name = m.group(0) if m else ""
+    if name in typed and name in fields:
+        flag = _flag(fields[name])
+        rest = text[len(name) :]
+        if "_" in name:  # an identifier, not a word: its later mentions are the flag too
+            rest = re.sub(rf"(?<![\w-]){name}\b", flag, rest)
+        return flag + rest
+    if name in fields and config:
+        return f"{config}: {text}"
+    return text
 
 
 def _quiet_transformers() -> None:

@@ -157,11 +157,17 @@ def _one_line_exit_2(argv: list[str], capsys) -> str:
         (["probe", "--model", "MODEL", "--device", "cuda:7"], "cuda:7"),
         (["probe", "--device", "tpu"], "'tpu' is not a device"),
         (["train", "--method", "sgd"], "invalid choice: 'sgd'"),
-        (["train", "--lr-base", "-1"], "lr_base must be a finite number >= 0 or 'auto', got -1.0"),
-        (["train", "--lr-peft", "nan"], "lr_peft must be a finite number >= 0 or 'auto', got nan"),
+        (
+            ["train", "--lr-base", "-1"],
+            "--lr-base must be a finite number >= 0 or 'auto', got -1.0",
+        ),
+        (
+            ["train", "--lr-peft", "nan"],
+            "--lr-peft must be a finite number >= 0 or 'auto', got nan",
+        ),
         (["train", "--lr-peft", "fast"], "expected a number or 'auto', got 'fast'"),
         (["train", "--advise-rule", "exact"], "invalid choice: 'exact'"),
-        (["train", "--record-blocks", "heads"], "record_blocks 'heads' is not accepted"),
+        (["train", "--record-blocks", "heads"], "--record-blocks 'heads' is not accepted"),
         (["train", "--record-blocks", "layers"], "needs record_every > 0"),
         (["advise", "--method", "sgd"], "invalid choice: 'sgd'"),
         (["train", "--seed", str(2**63)], f"seed must be an integer in [0, 2**63-1], got {2**63}"),
@@ -521,8 +527,8 @@ def test_figure1_without_probes_is_refused_before_training(
     """Figure 1 plots the probes: --record-every 0 fails at once, not after both runs."""
     argv = ["figure1", "--model", str(enc), "--steps", "2", "--record-every", "0"]
     err = _one_line_exit_2(argv + ["--out", str(tmp_path / "fig")], capsys)
-    assert "record_every 0 turns the probes off, and Figure 1 plots them" in err
-    assert "record_every >= 1" in err
+    assert "--record-every 0 turns the probes off, and Figure 1 plots them" in err
+    assert "--record-every >= 1" in err
     assert not (tmp_path / "fig").exists()  # no run was started
 
 
@@ -1012,3 +1018,17 @@ def test_a_default_model_runs_config_json_continues_it(tmp_path: Path, capsys) -
     rc = main(["train", "--config", str(out / "config.json"), "--steps", "2"])
     assert rc == 0, capsys.readouterr().err
     assert [int(r["step"]) for r in csv.DictReader((out / "metrics.csv").open())][-1] == 2
+
+
+def test_a_bad_setting_is_named_where_the_user_gave_it(tmp_path: Path, capsys) -> None:
+    """A setting typed as a flag is named by its flag (every mention of an identifier with
+    an underscore); one from a --config file is named by the file; a folder given as the
+    config file is named as a folder."""
+    err = _one_line_exit_2(["train", "--batch-size", "-1"], capsys)
+    assert "error: --batch-size must be a positive integer, got -1" in err
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"batch_size": -1}')
+    err = _one_line_exit_2(["train", "--config", str(cfg)], capsys)
+    assert f"error: {cfg}: batch_size must be a positive integer, got -1" in err
+    err = _one_line_exit_2(["train", "--config", str(tmp_path)], capsys)
+    assert f"config file {str(tmp_path)!r} is a folder" in err
