@@ -8,7 +8,9 @@ from these dataclasses (``--lr-base`` from ``lr_base``):
   by :func:`check_fields` and offered by the CLI;
 - ``check``: ``check(name, value)`` raising :class:`~smoothlab.errors.UsageError`;
 - ``flag``: the CLI flag when it is not ``--`` + the name with dashes; ``cli=False`` hides it;
-- ``parse``: ``str -> value`` for the CLI when the type is not int/float/str/bool.
+- ``parse``: ``str -> value`` for the CLI when the type is not int/float/str/bool;
+- ``more``: a zero-argument callable whose text the CLI appends to the help (a registry's
+  descriptions, e.g. the columns each task reads).
 
 Configs are loaded from JSON or YAML files with :func:`load_config_file` (unknown keys are a
 :class:`UsageError`). This module imports no torch at load time (device checks import it
@@ -235,6 +237,13 @@ def _tasks() -> tuple[str, ...]:
     from hybrid.data import TASKS
 
     return tuple(TASKS)
+
+
+def _task_columns() -> str:
+    """Each task and the columns its data file needs (the ``--task`` help's tail)."""
+    from hybrid.tasks import task_help
+
+    return task_help()
 
 
 def _pefts() -> tuple[str, ...]:
@@ -492,9 +501,11 @@ class ModelConfig:
         "HF model name or local folder (default: the bundled all-MiniLM-L6-v2 "
         "with a fresh classification head)",
     )
-    task: str = opt("sst2", "task of the data", choices=_tasks)
+    task: str = opt("sst2", "task of the data", choices=_tasks, more=_task_columns)
     data: str | None = opt(
-        None, "local TSV/CSV/JSONL file (default: the built-in synthetic sentiment set)"
+        None,
+        "local TSV/CSV/JSONL/JSON file with the columns --task names "
+        "(default: the built-in synthetic sentiment set)",
     )
     batch_size: int = opt(16, "examples per minibatch (and per probe batch)", check=positive_int)
     seed: int = opt(

@@ -93,6 +93,8 @@ def _add_config_args(
         default = getattr(shown, f.name)
         shown_default = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_ = meta.get("help", "")
+        if "more" in meta:  # a tail computed from a registry (e.g. each task's columns)
+            help_ += f" ({meta['more']()})"
         if "(default" not in help_:
             help_ += f" (default: {shown_default})"
         help_ = help_.replace("%", "%%")

@@ -1032,3 +1032,16 @@ def test_a_bad_setting_is_named_where_the_user_gave_it(tmp_path: Path, capsys) -
     assert f"error: {cfg}: batch_size must be a positive integer, got -1" in err
     err = _one_line_exit_2(["train", "--config", str(tmp_path)], capsys)
     assert f"config file {str(tmp_path)!r} is a folder" in err
+
+
+def test_task_help_lists_the_columns_of_each_task(capsys) -> None:
+    """Users bring their own files: --task's help names every task's columns (from the task
+    registry, so a registered task shows up too)."""
+    from hybrid.tasks import TASKS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for task in TASKS.values():
+        assert f"{task.name}: " in out
+    assert "copa: SuperGLUE COPA, columns premise, choice1, choice2, question, label" in out
