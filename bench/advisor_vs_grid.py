@@ -60,7 +60,7 @@ def grid_settings(**override: object) -> argparse.Namespace:
 def _cfg(
     args: argparse.Namespace, method: str, lr_base: float, lr_peft: float, seed: int, out: Path
 ):
-    from hybrid.train import TrainConfig
+    from smoothlab.hybrid.train import TrainConfig
 
     return TrainConfig(
         method=method,
@@ -101,7 +101,7 @@ def run_cell(
     import csv
     import shutil
 
-    from hybrid.train import train
+    from smoothlab.hybrid.train import train
     from smoothlab.runlog import final_loss
 
     path = path or cell_path(args.out, method, lr_base, lr_peft, seed, args.steps)
@@ -161,7 +161,7 @@ def phase_grid(args: argparse.Namespace) -> None:
 
 
 def phase_advise(args: argparse.Namespace) -> None:
-    from hybrid.advise import advise_config, ratio_line, train_command
+    from smoothlab.hybrid.advise import advise_config, ratio_line, train_command
 
     for method in args.methods:
         for seed in args.seeds:

@@ -148,8 +148,8 @@ def main() -> None:
             f"{r['peak_mem_mb'] / base['peak_mem_mb']:>9.2f}"
         )
     try:
-        from analysis import load_run
-        from figures.fig3 import fig3
+        from smoothlab.analysis import load_run
+        from smoothlab.figures.fig3 import fig3
 
         paths = fig3([load_run(r["run"]) for r in best.values()], out / "fig3")
         print("wrote", *paths)

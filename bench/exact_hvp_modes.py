@@ -27,8 +27,8 @@ from torch.func import functional_call, grad, jvp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from steps import build_minilm  # noqa: E402
 
-from hybrid.train import split_parameters  # noqa: E402
 from smoothlab.hvp import Oracle, differentiable_attention, flatten  # noqa: E402
+from smoothlab.hybrid.train import split_parameters  # noqa: E402
 
 
 class _Call(nn.Module):

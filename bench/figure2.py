@@ -12,9 +12,9 @@ import argparse
 import csv
 from pathlib import Path
 
-from analysis import load_run
-from figures.fig2 import fig2
-from hybrid.train import TrainConfig, train
+from smoothlab.analysis import load_run
+from smoothlab.figures.fig2 import fig2
+from smoothlab.hybrid.train import TrainConfig, train
 from smoothlab.runlog import final_loss
 
 

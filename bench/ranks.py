@@ -1,10 +1,10 @@
 """Step time and communication of data-parallel training: 1 rank versus 2 ranks on CPU (gloo).
 
 Each rank loads the same model, takes its shard of every global minibatch
-(:func:`hybrid.distributed.shard`), and runs :class:`hybrid.engine.HybridEngine` exactly as
+(:func:`smoothlab.hybrid.distributed.shard`), and runs :class:`smoothlab.hybrid.engine.HybridEngine` exactly as
 the Trainer does: ``engine.step(shard_loss, reduce=weighted_sum)`` (the step's 2q(+1) losses
 in ONE all-reduce) with the PEFT gradients summed by
-:func:`hybrid.distributed.install_grad_allreduce` (weight n_r/N). Printed per configuration:
+:func:`smoothlab.hybrid.distributed.install_grad_allreduce` (weight n_r/N). Printed per configuration:
 the median step time (after one warm-up step) and what rank 0 handed to all-reduce per step
 — 8 bytes per forward (one float64 loss) plus the PEFT gradients — in how many collectives,
 and the ring all-reduce wire bytes 2(W−1)/W times that.
@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from hybrid.distributed import free_port, set_rank_env
+from smoothlab.hybrid.distributed import free_port, set_rank_env
 
 
 def _build(args: argparse.Namespace):
-    from hybrid.data import EpochSampler, load_task_data
-    from hybrid.models import ModelBundle, attach_peft, load_model
     from smoothlab.blocks import make_blocks
+    from smoothlab.hybrid.data import EpochSampler, load_task_data
+    from smoothlab.hybrid.models import ModelBundle, attach_peft, load_model
     from tests.tiny_models import tiny_encoder
 
     with warnings.catch_warnings():
@@ -73,8 +73,8 @@ def _build(args: argparse.Namespace):
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     set_rank_env(rank, world, port)
     torch.set_num_threads(1)
-    from hybrid import distributed as D
-    from hybrid.engine import HybridEngine
+    from smoothlab.hybrid import distributed as D
+    from smoothlab.hybrid.engine import HybridEngine
 
     w = D.init("gloo", timeout_s=300)
     bundle, splits, sampler, zo, fo = _build(args)

@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from hybrid.engine import HybridEngine
-from hybrid.train import TrainConfig, build, split_parameters, train
 from smoothlab.blocks import make_blocks
 from smoothlab.hvp import Oracle
+from smoothlab.hybrid.engine import HybridEngine
+from smoothlab.hybrid.train import TrainConfig, build, split_parameters, train
 
 
 def floor(cfg: TrainConfig, every: int, vectors: int, repeats: int = 5) -> None:

@@ -51,10 +51,10 @@ from pathlib import Path
 
 import torch
 
-from hybrid.engine import HybridEngine
 from smoothlab import perturb
 from smoothlab.estimators.operator import release_dot_buffers
 from smoothlab.hvp import Oracle
+from smoothlab.hybrid.engine import HybridEngine
 from smoothlab.perturb import SOURCES, Scratch, seeded_gaussian
 
 PRESETS = {
@@ -86,8 +86,8 @@ DTYPES = {
 
 
 def build_minilm(args: argparse.Namespace):
-    from hybrid.data import load_task_data
-    from hybrid.models import attach_peft, load_model
+    from smoothlab.hybrid.data import load_task_data
+    from smoothlab.hybrid.models import attach_peft, load_model
 
     first = getattr(args, "offset", 0)
     task, splits = load_task_data(
@@ -140,7 +140,7 @@ def cases(model, loss_fn, args) -> tuple[dict[str, Callable[[], object]], Callab
     """Every measured case as a zero-argument callable (learning rates 0: weights stay put),
     and a function that drops what the cases keep between calls (noise tables, the probe's
     vectors), so that each case's peak memory can be read with only its own state live."""
-    from hybrid.train import split_parameters
+    from smoothlab.hybrid.train import split_parameters
 
     base, peft = split_parameters(model, "hybrid-lora")
     mu = 1e-3

@@ -33,8 +33,8 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from hybrid.advise import advice_from_curvature, measure_method, run_batch
-    from hybrid.train import build, split_parameters
+    from smoothlab.hybrid.advise import advice_from_curvature, measure_method, run_batch
+    from smoothlab.hybrid.train import build, split_parameters
 
     args = grid.grid_settings()
     cfg = grid._cfg(args, "hybrid-lora", 0.0, a.eta_y, a.seed, Path("unused"))

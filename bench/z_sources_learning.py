@@ -16,7 +16,7 @@ import csv
 import tempfile
 from pathlib import Path
 
-import hybrid.train as ht
+import smoothlab.hybrid.train as ht
 from smoothlab.perturb import SOURCES
 
 RUNS = {  # method: (lr_base, lr_peft), the best rates of bench/out/compare_methods.txt

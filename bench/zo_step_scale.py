@@ -25,8 +25,8 @@ DATA = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 
 
 def setup():
-    from hybrid.data import load_task_data
-    from hybrid.models import load_model
+    from smoothlab.hybrid.data import load_task_data
+    from smoothlab.hybrid.models import load_model
     from smoothlab.perturb import seeded_gaussian, shifted
 
     task, splits = load_task_data("sst2", str(DATA), train=1000, eval=10, dev=10, seed=8)

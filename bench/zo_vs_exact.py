@@ -19,8 +19,8 @@ import smoothlab
 
 
 def minilm_base(n: int = 16):
-    from hybrid.data import get_task, load_examples
-    from hybrid.models import attach_peft, load_model
+    from smoothlab.hybrid.data import get_task, load_examples
+    from smoothlab.hybrid.models import attach_peft, load_model
 
     task = get_task("sst2")
     bundle = attach_peft(load_model(None, task), "lora")

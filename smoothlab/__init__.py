@@ -3,7 +3,8 @@
 ``import smoothlab`` is lazy (PEP 562): the public names below are imported on first
 attribute access, so ``import smoothlab.runlog`` or ``import smoothlab.methods`` loads no
 torch. The core loads only torch, numpy and scipy; transformers, peft and the training
-engine live in the ``hybrid`` package.
+engine live in the ``smoothlab.hybrid`` subpackage, run-folder analysis in
+``smoothlab.analysis`` and the figures and report in ``smoothlab.figures``.
 
 ``smoothlab.probe`` is the function :func:`smoothlab.probe.probe`, as with an eager
 ``from .probe import probe``; the module stays reachable as ``sys.modules["smoothlab.probe"]``.

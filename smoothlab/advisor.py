@@ -8,7 +8,7 @@ E F(y − η g_ξ) ≤ F − η‖G‖² + (L_y η²/2) E_ξ‖g_ξ‖² is mini
 (the SGD form of the rule; φ_y = ‖G‖²/(‖G‖² + tr Σ/B) is McCandlish et al. 2018's noise
 scale at batch B). Without a measured φ_y it is the paper's c_y/L_y (``eta_y_lemma``, printed
 beside). φ_y is estimated from the gradients of the first minibatches the run will see
-(``signal_y``; :func:`hybrid.advise.gradient_signal`). Why it matters, measured
+(``signal_y``; :func:`smoothlab.hybrid.advise.gradient_signal`). Why it matters, measured
 (bench/out/advisor_vs_grid.txt): on MiniLM fo-lora at initialisation L_y ≈ 1.1 gives
 c_y/L_y ≈ 0.93, on the far side of the loss cliff (1.0 does not train; best 0.316), while
 φ_y ≈ 0.13–0.37 over three seeds. Reported beside it: the gradient-direction curvature

@@ -1,17 +1,17 @@
 """The ``smoothlab`` command: probe, train, figure1, advise, export, report.
 
 The options of each subcommand are generated from its config dataclass
-(:mod:`hybrid.config`: ``TrainConfig``, ``ProbeConfig``, ``AdviseConfig``, ``Figure1Config``),
+(:mod:`smoothlab.hybrid.config`: ``TrainConfig``, ``ProbeConfig``, ``AdviseConfig``, ``Figure1Config``),
 so every option has one default and one help text, and its choices come from the registries
 (methods, PEFT kinds, tasks, norms, HVPs). ``--config FILE.json|yaml`` starts from a config
-file (figure1: ``--preset NAME`` from a named preset, :mod:`hybrid.presets`); the flags the
+file (figure1: ``--preset NAME`` from a named preset, :mod:`smoothlab.hybrid.presets`); the flags the
 user typed override it.
 
 ``advise --method M`` advises the blocks method M trains (x: its SPSA block, y: its gradient
-block) from a probe at initialisation (:func:`hybrid.advise.advise_config`) or, with
+block) from a probe at initialisation (:func:`smoothlab.hybrid.advise.advise_config`) or, with
 ``--run``, from a recorded trajectory; ``--print-command`` prints the ``smoothlab train``
 line that uses the proposal. ``train --lr-base auto --lr-peft auto`` (either or both) takes
-the rates from the same probe at step 0 (:func:`hybrid.train.resolve_rates`); the advice is
+the rates from the same probe at step 0 (:func:`smoothlab.hybrid.train.resolve_rates`); the advice is
 saved in the run's ``config.json`` and ``advice.json``. ``--record-blocks`` (train, figure1)
 also records per-module blocks ``base.<module>``/``peft.<module>``.
 
@@ -23,7 +23,7 @@ seeds`` (the default for zo-ft) stores the ZO trajectory as ``seeds.jsonl``;
 
 Errors: bad input (:class:`~smoothlab.errors.UsageError`, argparse errors included) prints
 one line on stderr and exits with status 2; a failed distributed rank
-(``hybrid.distributed.RankFailure``) prints one line and exits with 1. A problem in a run's
+(``smoothlab.hybrid.distributed.RankFailure``) prints one line and exits with 1. A problem in a run's
 logs (:class:`~smoothlab.runlog.RunLogWarning`) is one ``smoothlab: warning:`` line. Anything
 else is a bug: its traceback is shown and the status is 1. The heavy packages (transformers, peft, the engine, analysis, figures)
 are imported only by the subcommand that needs them.
@@ -85,7 +85,7 @@ def _add_config_args(
     Flags default to ``SUPPRESS``, so the namespace holds exactly the flags the user typed.
     """
     hints = typing.get_type_hints(cls)
-    g = p.add_argument_group(title or f"options (hybrid.config.{cls.__name__})")
+    g = p.add_argument_group(title or f"options (smoothlab.hybrid.config.{cls.__name__})")
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if not meta.get("cli", True):
@@ -132,7 +132,7 @@ class _RejectPeft(argparse.Action):
 def _config(args: argparse.Namespace, cls: type, base: Any) -> Any:
     """``base`` (or the ``--config`` file), with the flags the user typed applied, its
     device resolved (``auto``) and validated."""
-    from hybrid.config import load_config_file, resolve_device
+    from smoothlab.hybrid.config import load_config_file, resolve_device
 
     if getattr(args, "config", None):
         base = load_config_file(args.config, cls)
@@ -175,9 +175,9 @@ def _quiet_transformers() -> None:
 
 # --------------------------------------------------------------------------- probe
 def _load_bundle(cfg: Any, peft: str) -> Any:
-    from hybrid.config import user_input
-    from hybrid.data import load_task_data
-    from hybrid.models import attach_peft, load_model
+    from smoothlab.hybrid.config import user_input
+    from smoothlab.hybrid.data import load_task_data
+    from smoothlab.hybrid.models import attach_peft, load_model
 
     with user_input(f"--data {cfg.data or cfg.task}"):
         task, splits = load_task_data(
@@ -215,9 +215,9 @@ def _probe_bundle(
 ) -> tuple[dict, dict]:
     from tqdm.auto import tqdm
 
-    from hybrid.config import user_input
     from smoothlab import ModelLoss, make_blocks, probe
     from smoothlab.blocks import block_sizes, parse_blocks_arg
+    from smoothlab.hybrid.config import user_input
 
     batch = bundle.encode(list(examples), cfg.max_length)
     if batch.truncated:
@@ -273,7 +273,7 @@ def _table(ests: dict, sizes: dict) -> str:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from hybrid.config import ProbeConfig
+    from smoothlab.hybrid.config import ProbeConfig
 
     cfg = _config(args, ProbeConfig, ProbeConfig())
     bundle, splits = _load_bundle(cfg, cfg.peft)
@@ -329,7 +329,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def _print_advice(advice: Any, method: str | None = None) -> None:
     """The advice's lines; its ratio line, or why there is none (``method`` says which
     blocks the advised method trains)."""
-    from hybrid.advise import ratio_line
+    from smoothlab.hybrid.advise import ratio_line
 
     print(advice.describe())
     if not math.isfinite(advice.ratio):  # describe() gives a finite ratio; else say why not
@@ -357,9 +357,9 @@ def _print_rate_advice(cfg: Any, record: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hybrid import distributed
-    from hybrid.config import TrainConfig
-    from hybrid.train import resolve_rates, train
+    from smoothlab.hybrid import distributed
+    from smoothlab.hybrid.config import TrainConfig
+    from smoothlab.hybrid.train import resolve_rates, train
 
     cfg = _config(args, TrainConfig, TrainConfig())
     world = distributed.init(timeout_s=cfg.dist_timeout)  # under torchrun: join the group
@@ -391,15 +391,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- figure1
 def cmd_figure1(args: argparse.Namespace) -> int:
-    from analysis import load_run, smoothness_ratio
-    from figures.example23 import example23
-    from figures.fig1 import fig1a, fig1b
-    from figures.report import write_report
-    from hybrid.advise import minibatch_inputs
-    from hybrid.config import Figure1Config
-    from hybrid.presets import FIGURE1_PRESETS, figure1_options, figure1_runs
-    from hybrid.train import train
     from smoothlab.advisor import advise_from_rows
+    from smoothlab.analysis import load_run, smoothness_ratio
+    from smoothlab.figures.example23 import example23
+    from smoothlab.figures.fig1 import fig1a, fig1b
+    from smoothlab.figures.report import write_report
+    from smoothlab.hybrid.advise import minibatch_inputs
+    from smoothlab.hybrid.config import Figure1Config
+    from smoothlab.hybrid.presets import FIGURE1_PRESETS, figure1_options, figure1_runs
+    from smoothlab.hybrid.train import train
     from smoothlab.runlog import write_json
 
     cfg = _config(args, Figure1Config, FIGURE1_PRESETS[args.preset]())
@@ -489,7 +489,7 @@ def _read_run(run: str) -> tuple[dict, list[dict]]:
 
 
 def _calibrate(cfg: Any, advice: Any, train_cfg: Any) -> Any:
-    from hybrid.calibrate import calibrate
+    from smoothlab.hybrid.calibrate import calibrate
 
     out = Path(cfg.out or "smoothlab-out/calibration")
 
@@ -543,7 +543,7 @@ _RUN_FLAGS |= {"multipliers", "out", "steps", "device"}
 def _refuse_run_flags(cfg: Any, args: argparse.Namespace, run_cfg: dict) -> None:
     """UsageError naming the flags typed with ``--run`` that the run's own config overrides
     (they were silently ignored: the trajectory was recorded with the run's q, z, batch...)."""
-    from hybrid.config import AdviseConfig
+    from smoothlab.hybrid.config import AdviseConfig
 
     typed = [f.name for f in dataclasses.fields(AdviseConfig) if hasattr(args, f.name)]
     if "method" in typed and run_cfg.get("method") in (None, cfg.method):
@@ -560,9 +560,9 @@ def _refuse_run_flags(cfg: Any, args: argparse.Namespace, run_cfg: dict) -> None
 def _advise_run(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     """Advice from a recorded run's trajectory, and the run's TrainConfig with ``--steps`` and
     ``--device`` applied when given (the walk cap is for the run being planned)."""
-    from hybrid.advise import minibatch_inputs
-    from hybrid.train import load_config
     from smoothlab.advisor import advise_from_rows
+    from smoothlab.hybrid.advise import minibatch_inputs
+    from smoothlab.hybrid.train import load_config
 
     run_cfg, rows = _read_run(cfg.run)
     _refuse_run_flags(cfg, args, run_cfg)
@@ -585,8 +585,8 @@ def _advise_run(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
-    from hybrid.advise import advise_config, train_command
-    from hybrid.config import AdviseConfig
+    from smoothlab.hybrid.advise import advise_config, train_command
+    from smoothlab.hybrid.config import AdviseConfig
 
     cfg = _config(args, AdviseConfig, AdviseConfig())
     if cfg.calibrate and cfg.out and cfg.out.endswith(".json"):
@@ -629,8 +629,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
 def _export_device(run: Path, device: str | None) -> str:
     """``--device`` resolved and validated as probe and train do; without it, the run's own
     device, refused (naming ``--device``) when this machine lacks it."""
-    from hybrid.config import resolve_device
-    from hybrid.train import load_config
+    from smoothlab.hybrid.config import resolve_device
+    from smoothlab.hybrid.train import load_config
 
     if device is not None:
         return resolve_device(device)
@@ -652,9 +652,9 @@ def _check_apart(run: Path, out: Path) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hybrid.config import check_out
-    from hybrid.export import check_export_target, export
-    from hybrid.train import load_trained
+    from smoothlab.hybrid.config import check_out
+    from smoothlab.hybrid.export import check_export_target, export
+    from smoothlab.hybrid.train import load_trained
 
     run = Path(args.run)
     if not (run / "config.json").is_file():
@@ -704,8 +704,8 @@ def _warn_unfinished(run: Path, step: int, steps: int) -> None:
 
 # --------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
-    from figures.report import write_report
-    from hybrid.config import check_out
+    from smoothlab.figures.report import write_report
+    from smoothlab.hybrid.config import check_out
 
     for r in args.runs:
         if not (Path(r) / "config.json").is_file():
@@ -792,9 +792,9 @@ def _add_report_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (options generated from the config classes)."""
-    from hybrid.config import AdviseConfig, Figure1Config, ProbeConfig, TrainConfig
-    from hybrid.presets import FIGURE1_PRESETS
     from smoothlab import __version__
+    from smoothlab.hybrid.config import AdviseConfig, Figure1Config, ProbeConfig, TrainConfig
+    from smoothlab.hybrid.presets import FIGURE1_PRESETS
 
     p = _Parser(
         prog="smoothlab",
@@ -840,15 +840,15 @@ def _show_warning(message: Any, category: type, *rest: Any, **kw: Any) -> None:
 
 
 def _rank_failure(e: BaseException) -> bool:
-    """Whether ``e`` is :class:`hybrid.distributed.RankFailure` (only raised once imported)."""
-    dist = sys.modules.get("hybrid.distributed")
+    """Whether ``e`` is :class:`smoothlab.hybrid.distributed.RankFailure` (only raised once imported)."""
+    dist = sys.modules.get("smoothlab.hybrid.distributed")
     return dist is not None and isinstance(e, dist.RankFailure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``smoothlab`` console script: 0 on success, 2 (one line on stderr,
     printed by rank 0 alone under torchrun) on a :class:`UsageError`, 1 (one line) when a distributed rank failed
-    (``hybrid.distributed.RankFailure``); any other exception propagates with its traceback
+    (``smoothlab.hybrid.distributed.RankFailure``); any other exception propagates with its traceback
     (status 1). Run-log problems (``RunLogWarning``) are one ``smoothlab: warning:`` line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # our own progress bars and one-line errors only: silence transformers' loading reports
@@ -869,7 +869,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(_one_line(e), file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
-            # SIGINT or SIGTERM (hybrid.faults.Interrupted): 128 + the signal, like a shell
+            # SIGINT or SIGTERM (smoothlab.hybrid.faults.Interrupted): 128 + the signal, like a shell
             signum = getattr(e, "signum", 2)
             print(
                 "smoothlab: interrupted; what was logged is kept (rerun the same command to resume)",
@@ -886,7 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _other_rank() -> bool:
     """True in a torchrun rank other than 0 (``RANK`` > 0 of ``WORLD_SIZE`` > 1). Its
     UsageErrors stay unprinted: every rank raises the same refusal (the run shares them
-    across ranks, :func:`hybrid.distributed.agreed`), and rank 0 prints it once."""
+    across ranks, :func:`smoothlab.hybrid.distributed.agreed`), and rank 0 prints it once."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ["RANK"]) > 0
     except (KeyError, ValueError):

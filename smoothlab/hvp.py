@@ -45,7 +45,7 @@ def gradient_reduction(reduce: Callable[[torch.Tensor], None]) -> Iterator[None]
     ``reduce`` (in place) before using it. That path differentiates with respect to leaf
     copies of the parameters and embedding rows, which hooks on the parameters never see;
     a data-parallel caller that sums gradients over ranks with such hooks
-    (``hybrid.distributed.global_gradients``) sums these here."""
+    (``smoothlab.hybrid.distributed.global_gradients``) sums these here."""
     _REDUCERS.append(reduce)
     try:
         yield

@@ -1,4 +1,4 @@
-"""hybrid.advise on a tiny encoder: the method's blocks, the rule, and the train command."""
+"""smoothlab.hybrid.advise on a tiny encoder: the method's blocks, the rule, and the train command."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hybrid.advise import advise_config, ratio_line, train_command
-from hybrid.train import TrainConfig
 from smoothlab.advisor import WALK_C
+from smoothlab.hybrid.advise import advise_config, ratio_line, train_command
+from smoothlab.hybrid.train import TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -91,7 +91,7 @@ def test_train_command_runs_with_the_advised_rates(enc: Path, tmp_path: Path, ca
 
 
 def test_paired_selection_sees_small_consistent_loss_differences() -> None:
-    from hybrid.calibrate import select_paired
+    from smoothlab.hybrid.calibrate import select_paired
 
     base = [
         0.7 + 0.05 * math.sin(t) for t in range(40)
@@ -113,7 +113,7 @@ def test_paired_selection_sees_small_consistent_loss_differences() -> None:
 
 
 def test_calibration_x_pilots_are_zo_ft(enc: Path, tmp_path: Path) -> None:
-    from hybrid.calibrate import calibrate
+    from smoothlab.hybrid.calibrate import calibrate
 
     cfg = _cfg(enc, "hybrid-lora", tmp_path / "unused")
     adv, _ = advise_config(cfg, hvp="exact", vectors=4)
@@ -130,8 +130,8 @@ def test_calibration_x_pilots_are_zo_ft(enc: Path, tmp_path: Path) -> None:
 def test_minibatch_gradient_statistics_match_explicit_gradients(enc: Path, tmp_path: Path) -> None:
     import torch
 
-    from hybrid.advise import gradient_rms, gradient_signal, run_batch
-    from hybrid.train import build, split_parameters
+    from smoothlab.hybrid.advise import gradient_rms, gradient_signal, run_batch
+    from smoothlab.hybrid.train import build, split_parameters
 
     cfg = _cfg(enc, "hybrid-lora", tmp_path / "g")
     bundle, _, splits = build(cfg)
@@ -156,7 +156,7 @@ def test_minibatch_gradient_statistics_match_explicit_gradients(enc: Path, tmp_p
     expected = min(max((total - diag) / (n * (n - 1)) / (diag / n), 1 / n), 1.0)
     assert phi == pytest.approx(expected, rel=1e-4) and math.isfinite(se)
     # a block too large to keep its gradients: phi from running sums, no stderr
-    import hybrid.advise as A
+    import smoothlab.hybrid.advise as A
 
     limit, A.GRAM_LIMIT = A.GRAM_LIMIT, 0
     try:
@@ -312,9 +312,9 @@ def test_train_command_carries_every_option_that_differs_from_the_default() -> N
 )
 def test_calibrate_refuses_bad_options_before_any_pilot(kwargs, needle, tmp_path: Path) -> None:
     """['a'] and '100' raised TypeError; 1.5, [inf] and [True] were accepted."""
-    from hybrid.calibrate import calibrate
     from smoothlab.advisor import advise
     from smoothlab.errors import UsageError
+    from smoothlab.hybrid.calibrate import calibrate
 
     with pytest.raises(UsageError, match=needle):
         calibrate(TrainConfig(), advise(4.0, 1.0, 100), tmp_path / "c", **kwargs)
@@ -323,9 +323,9 @@ def test_calibrate_refuses_bad_options_before_any_pilot(kwargs, needle, tmp_path
 
 def test_an_unknown_method_is_a_usage_error() -> None:
     """advice_from_curvature(curv, 'nope') raised a plain ValueError from get_method."""
-    from hybrid.advise import advice_from_curvature
     from smoothlab.curvature import Curvature
     from smoothlab.errors import UsageError
+    from smoothlab.hybrid.advise import advice_from_curvature
 
     with pytest.raises(UsageError, match="unknown method 'nope'; accepted: .*hybrid-lora"):
         advice_from_curvature(Curvature(hvp="exact", d_x=0, d_y=3, loss=1.0), "nope")

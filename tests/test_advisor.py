@@ -255,7 +255,7 @@ def test_eta_y_is_the_sgd_descent_lemma_with_the_signal_fraction() -> None:
 def test_signal_fraction_closed_form_and_jackknife() -> None:
     import torch
 
-    from hybrid.advise import _jackknife, signal_fraction
+    from smoothlab.hybrid.advise import _jackknife, signal_fraction
 
     # g_t = G + e_t with orthogonal noise: |G|^2 = 1, E|g|^2 = 1 + 3 = 4, so phi = 1/4
     n, d = 6, 20

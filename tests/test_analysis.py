@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from runfolders import BLOCK_SIZES, write_run
 
-from analysis import (
+from smoothlab.analysis import (
     METRICS_COLUMNS,
     SMOOTHNESS_COLUMNS,
     AffineFit,
@@ -329,7 +329,13 @@ def _modules_loaded_by(imports: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "imports", ["analysis", "smoothlab.runlog", "smoothlab.methods", "smoothlab.runlog, analysis"]
+    "imports",
+    [
+        "smoothlab.analysis",
+        "smoothlab.runlog",
+        "smoothlab.methods",
+        "smoothlab.runlog, smoothlab.analysis",
+    ],
 )
 def test_imports_load_no_matplotlib_or_torch(imports):
     assert _modules_loaded_by(imports) == []
@@ -351,7 +357,7 @@ def test_lazy_smoothlab_still_exports_on_attribute_access():
 def test_a_missing_stderr_makes_the_steps_mean_stderr_unknown() -> None:
     """Two probes at one step with se 0.3 and a missing one: the mean's stderr is unknown
     (nan), not sqrt(0.3²)/2 = 0.15 as if the missing one were 0."""
-    from figures._common import per_step
+    from smoothlab.figures._common import per_step
 
     df = pd.DataFrame(
         {
@@ -363,7 +369,7 @@ def test_a_missing_stderr_makes_the_steps_mean_stderr_unknown() -> None:
     )
     d = per_step(df, "b")
     assert np.isnan(d["stderr"][0]) and d["stderr"][1] == pytest.approx(0.25)
-    from analysis.modules import module_frame
+    from smoothlab.analysis.modules import module_frame
 
     df["block"] = "base.layer.0"
     m = module_frame(df)

@@ -51,7 +51,7 @@ def test_recording_overhead_floor_prints_the_block_gradients_against_the_steps(c
     block, timed on one batch; the floor line sums the base and LoRA gradients (not the
     head's, whose Lanczos may stop early) over ``every`` steps."""
     recording = pytest.importorskip("recording_overhead")
-    from hybrid.train import TrainConfig
+    from smoothlab.hybrid.train import TrainConfig
 
     cfg = TrainConfig(
         method="hybrid-lora", steps=1, batch_size=4, train_size=8, eval_size=2, dev_size=2

@@ -291,8 +291,8 @@ def test_config_file_unknown_keys_name_them_and_the_accepted_ones(tmp_path: Path
 
 
 def test_config_file_then_only_typed_flags_override(tmp_path: Path) -> None:
-    from hybrid.config import TrainConfig
     from smoothlab.cli import _config, build_parser
+    from smoothlab.hybrid.config import TrainConfig
 
     cfg_file = tmp_path / "c.yaml"
     # YAML reads 1e-3 as a string: the loader turns it into the float field's number
@@ -578,7 +578,7 @@ def test_advise_from_model_with_calibration(enc: Path, tmp_path: Path, capsys) -
     for r in x_rows:
         assert float(r["lr_peft"]) == 0.0
         assert float(r["lr_base"]) == pytest.approx(unc["eta_x"] * float(r["scale_x"]))
-    from hybrid.calibrate import select, select_paired
+    from smoothlab.hybrid.calibrate import select, select_paired
 
     def pilot(r: dict) -> dict:
         """A csv row as calibrate keeps it: numbers, and the loss curve of its pilot run."""
@@ -610,7 +610,7 @@ def test_bad_multipliers_is_a_usage_error(capsys) -> None:
 
 
 def test_calibration_selection_prefers_the_proposal_within_noise() -> None:
-    from hybrid.calibrate import select
+    from smoothlab.hybrid.calibrate import select
 
     def row(s: float, acc: float, loss: float) -> dict:
         return {"scale_x": s, "dev_acc": acc, "final_loss": loss}
@@ -666,9 +666,9 @@ def _printed_command(out: str) -> list[str]:
 def test_advise_from_nothing_for_every_method(method: str, enc: Path, tmp_path: Path, capsys):
     """x and y are the blocks the method trains: d_x is its ZO parameter count, a rate is
     finite exactly for a block it trains, and the printed command trains with the advice."""
-    from hybrid.config import AdviseConfig, TrainConfig
-    from hybrid.train import build, split_parameters
     from smoothlab.cli import _config, build_parser
+    from smoothlab.hybrid.config import AdviseConfig, TrainConfig
+    from smoothlab.hybrid.train import build, split_parameters
     from smoothlab.methods import get_method
 
     argv = _advise_argv(enc, "--method", method, "--print-command", "--out", str(tmp_path))
@@ -709,8 +709,8 @@ def test_advise_rule_paper_is_the_papers_formula(enc: Path, tmp_path: Path, caps
 
 
 def test_advise_run_prints_ratio_and_command(recorded_run: Path, capsys) -> None:
-    from hybrid.config import TrainConfig
     from smoothlab.cli import _config, build_parser
+    from smoothlab.hybrid.config import TrainConfig
 
     assert main(["advise", "--run", str(recorded_run), "--print-command"]) == 0
     out = capsys.readouterr().out
@@ -751,9 +751,9 @@ def _train_argv(enc: Path, out: Path, *extra: str) -> list[str]:
 def test_train_auto_rates_probe_step_0_and_resume_reuses_them(
     enc: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    import hybrid.advise
-    from hybrid.config import TrainConfig
+    import smoothlab.hybrid.advise
     from smoothlab.cli import _config, build_parser
+    from smoothlab.hybrid.config import TrainConfig
 
     out = tmp_path / "auto"
     argv = _train_argv(enc, out, "--lr-base", "auto", "--lr-peft", "auto", "--steps", "2")
@@ -764,7 +764,9 @@ def test_train_auto_rates_probe_step_0_and_resume_reuses_them(
     # ground truth: the advisor on the same config, probed independently (same seeds, batch 0)
     cfg = _config(build_parser().parse_args(argv), TrainConfig, TrainConfig())
     assert cfg.auto_rates == ("lr_base", "lr_peft")
-    want, _ = hybrid.advise.advise_config(cfg, hvp=cfg.advise_hvp, vectors=cfg.advise_vectors)
+    want, _ = smoothlab.hybrid.advise.advise_config(
+        cfg, hvp=cfg.advise_hvp, vectors=cfg.advise_vectors
+    )
     assert adv["eta_x"] == pytest.approx(want.eta_x, rel=1e-6)
     assert adv["eta_y"] == pytest.approx(want.eta_y, rel=1e-6)
     assert (saved["lr_base"], saved["lr_peft"]) == (adv["eta_x"], adv["eta_y"])
@@ -800,7 +802,7 @@ def test_train_auto_rates_probe_step_0_and_resume_reuses_them(
     def no_probe(*a, **kw):
         raise AssertionError("a resumed run must not probe again")
 
-    monkeypatch.setattr(hybrid.advise, "advise_config", no_probe)
+    monkeypatch.setattr(smoothlab.hybrid.advise, "advise_config", no_probe)
     argv4 = _train_argv(enc, out, "--lr-base", "auto", "--lr-peft", "auto", "--steps", "4")
     assert main(argv4) == 0
     assert "not probed again" in capsys.readouterr().out
@@ -843,7 +845,7 @@ def _budget_rates(adv: dict, rows: list[dict], *, horizon: int, resumed_at: int 
 
 
 def test_train_one_auto_rate_keeps_the_other(enc: Path, tmp_path: Path, capsys) -> None:
-    from hybrid.config import TrainConfig
+    from smoothlab.hybrid.config import TrainConfig
 
     out = tmp_path / "half"
     argv = _train_argv(enc, out, "--lr-base", "2e-4", "--lr-peft", "auto", "--steps", "1")
@@ -863,7 +865,7 @@ def test_train_one_auto_rate_keeps_the_other(enc: Path, tmp_path: Path, capsys) 
 
 
 def test_auto_rates_in_a_config_file(tmp_path: Path) -> None:
-    from hybrid.config import TrainConfig, load_config_file
+    from smoothlab.hybrid.config import TrainConfig, load_config_file
 
     f = tmp_path / "c.yaml"
     f.write_text("lr_base: auto\nlr_peft: 1e-3\n")
@@ -887,8 +889,8 @@ def _smoothness_blocks(run: Path) -> dict[int, set[str]]:
 
 def _expected_modules(cfg, spec) -> dict[str, int]:  # noqa: ANN001
     """base.<m>/peft.<m> sizes: the spec's blocks of the whole model, cut by the x/y split."""
-    from hybrid.train import build, split_parameters
     from smoothlab.blocks import make_blocks, parse_blocks_arg
+    from smoothlab.hybrid.train import build, split_parameters
 
     model = build(cfg)[0].model
     x, y = split_parameters(model, cfg.method)
@@ -903,8 +905,8 @@ def _expected_modules(cfg, spec) -> dict[str, int]:  # noqa: ANN001
 
 
 def test_train_record_blocks_layers_splits_x_and_y(enc: Path, tmp_path: Path) -> None:
-    from figures.report import write_report
-    from hybrid.train import load_config
+    from smoothlab.figures.report import write_report
+    from smoothlab.hybrid.train import load_config
 
     out = tmp_path / "mod"
     argv = _train_argv(
@@ -944,7 +946,7 @@ def test_figure1_record_blocks_globs(enc: Path, tmp_path: Path, capsys) -> None:
         ]
     )  # fmt: skip
     assert rc == 0
-    from hybrid.train import load_config
+    from smoothlab.hybrid.train import load_config
 
     for run, whole in (("fig1a_fo-ft", {"model"}), ("fig1b_hybrid-lora", {"base", "peft", "head"})):
         want = _expected_modules(load_config(tmp_path / run), spec)
@@ -982,13 +984,13 @@ def test_run_log_warning_is_one_line_on_stderr(recorded_run: Path, tmp_path: Pat
 
 
 def test_rank_failure_is_one_line_exit_1(enc: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    import hybrid.train
-    from hybrid.distributed import RankFailure
+    import smoothlab.hybrid.train
+    from smoothlab.hybrid.distributed import RankFailure
 
     def dies(*a, **kw):
         raise RankFailure("all_reduce: rank 1 did not answer within\n 30 s")
 
-    monkeypatch.setattr(hybrid.train, "train", dies)
+    monkeypatch.setattr(smoothlab.hybrid.train, "train", dies)
     assert main(["train", "--model", str(enc), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert err == "smoothlab: error: all_reduce: rank 1 did not answer within 30 s\n"
@@ -1037,7 +1039,7 @@ def test_a_bad_setting_is_named_where_the_user_gave_it(tmp_path: Path, capsys) -
 def test_task_help_lists_the_columns_of_each_task(capsys) -> None:
     """Users bring their own files: --task's help names every task's columns (from the task
     registry, so a registered task shows up too)."""
-    from hybrid.tasks import TASKS
+    from smoothlab.hybrid.tasks import TASKS
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

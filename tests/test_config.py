@@ -1,4 +1,4 @@
-"""hybrid.config and hybrid.presets: one declaration per option, config files, presets,
+"""smoothlab.hybrid.config and smoothlab.hybrid.presets: one declaration per option, config files, presets,
 and the checks that turn bad input into UsageError."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hybrid.config import (
+from smoothlab.errors import UsageError
+from smoothlab.hybrid.config import (
     AdviseConfig,
     Figure1Config,
     ProbeConfig,
@@ -19,8 +20,7 @@ from hybrid.config import (
     load_config_file,
     resolve_device,
 )
-from hybrid.presets import FIGURE1_PRESETS, default_figure1, figure1_runs, paper_figure1
-from smoothlab.errors import UsageError
+from smoothlab.hybrid.presets import FIGURE1_PRESETS, default_figure1, figure1_runs, paper_figure1
 from smoothlab.methods import method_names, peft_kinds
 
 CONFIGS = (TrainConfig, ProbeConfig, AdviseConfig, Figure1Config)
@@ -127,7 +127,7 @@ def test_config_files_json_and_yaml(tmp_path: Path) -> None:
 def test_a_run_folders_config_json_is_a_config_file(tmp_path: Path) -> None:
     """What train writes into config.json beside the options (block sizes, versions, ...)
     is dropped, and its steps already hold any extension (README: --config runs/h1/...)."""
-    from hybrid.config import RUN_RECORD_KEYS
+    from smoothlab.hybrid.config import RUN_RECORD_KEYS
 
     record = dataclasses.asdict(TrainConfig(steps=30, extend_steps=10, method="zo-ft"))
     record |= {k: 1 for k in RUN_RECORD_KEYS} | {"steps": 40}
@@ -169,7 +169,7 @@ def test_figure1_presets_are_named_factories(tmp_path: Path) -> None:
 
 
 def test_rates_accept_auto_and_record_blocks_are_checked() -> None:
-    from hybrid.config import parse_rate
+    from smoothlab.hybrid.config import parse_rate
 
     assert parse_rate("auto") == "auto" and parse_rate(" AUTO ") == "auto"
     assert parse_rate("1e-3") == 1e-3
@@ -195,10 +195,10 @@ def test_rates_accept_auto_and_record_blocks_are_checked() -> None:
 
 def test_dist_timeout_range_is_the_options_check(tmp_path: Path, capsys, monkeypatch) -> None:
     """--dist-timeout is checked by its config field (CLI, config files, the API) and the help
-    states the range; hybrid.distributed.init uses that same check, not a copy."""
-    from hybrid import config as C
-    from hybrid import distributed as D
+    states the range; smoothlab.hybrid.distributed.init uses that same check, not a copy."""
     from smoothlab.cli import main
+    from smoothlab.hybrid import config as C
+    from smoothlab.hybrid import distributed as D
 
     for bad in (0.5, 604801, float("inf"), True):
         with pytest.raises(UsageError, match=r"dist_timeout must be .* from 1 to 604800"):

@@ -1,4 +1,4 @@
-"""Tests for hybrid.data: tasks, prompts, file loading, synthetic set, splits, sampler."""
+"""Tests for smoothlab.hybrid.data: tasks, prompts, file loading, synthetic set, splits, sampler."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid import data as D
-from hybrid import readers, sampling
-from hybrid import synthetic as S
-from hybrid import tasks as T
-from hybrid.data import (
+from smoothlab.errors import UsageError
+from smoothlab.hybrid import data as D
+from smoothlab.hybrid import readers, sampling
+from smoothlab.hybrid import synthetic as S
+from smoothlab.hybrid import tasks as T
+from smoothlab.hybrid.data import (
     TASKS,
     EpochSampler,
     Example,
@@ -28,7 +29,6 @@ from hybrid.data import (
     sample_splits,
     synthetic_sentiment,
 )
-from smoothlab.errors import UsageError
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 
@@ -747,7 +747,7 @@ def test_a_second_or_a_doubtful_text_column_is_refused(
 def test_an_encoder_sees_the_target_word_of_wic() -> None:
     """The encoder input carried the two sentences only: WiC's target word, the whole
     question, reached the causal template alone."""
-    from hybrid.models import load_model
+    from smoothlab.hybrid.models import load_model
 
     bundle = load_model(None, D.get_task("wic"))
     pair = dict(text="He sat by the bank.", label=1, text_pair="The bank closed.")
@@ -899,7 +899,7 @@ def test_train_reads_the_data_file_once(tmp_path, monkeypatch):
     import builtins
     import hashlib
 
-    from hybrid.train import TrainConfig, Trainer
+    from smoothlab.hybrid.train import TrainConfig, Trainer
     from tests.tiny_models import tiny_causal_lm
 
     model = tmp_path / "opt"

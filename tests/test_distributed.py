@@ -1,7 +1,7 @@
-r"""Tests for hybrid.distributed: sharding, the 1-process no-op path, and real 2-process gloo
+r"""Tests for smoothlab.hybrid.distributed: sharding, the 1-process no-op path, and real 2-process gloo
 runs on 127.0.0.1 against a 1-process run on the same global batches.
 
-Ground truth: :class:`hybrid.engine.HybridEngine` in one process on the global batch of 16.
+Ground truth: :class:`smoothlab.hybrid.engine.HybridEngine` in one process on the global batch of 16.
 The 2-rank run (8 examples each) must give the same losses and weights:
 
 * in float64 to 1e-12 relative: only the summation order differs (mean of 16 vs two means
@@ -26,10 +26,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid import distributed as D
-from hybrid.distributed import free_port, set_rank_env
-from hybrid.engine import HybridEngine
 from smoothlab.errors import UsageError
+from smoothlab.hybrid import distributed as D
+from smoothlab.hybrid.distributed import free_port, set_rank_env
+from smoothlab.hybrid.engine import HybridEngine
 
 GLOBAL, STEPS = 16, 4
 CONFIGS = {  # name: (dtype, engine kwargs, has ZO, has FO)

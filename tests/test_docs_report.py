@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from runfolders import default_smoothness, write_run
 
-from analysis import fit_blocks, fit_smoothness
-from figures.report import write_report
+from smoothlab.analysis import fit_blocks, fit_smoothness
+from smoothlab.figures.report import write_report
 
 G = [0.12067379, 0.12066989, 0.12066475]
 L = [1.11033115, 1.1109347, 0.8318671]

@@ -9,17 +9,17 @@ import os
 import pytest
 import torch
 
-import hybrid.data as D
-import hybrid.models as M
-from hybrid.encoder_prefix import (
+import smoothlab.hybrid.data as D
+import smoothlab.hybrid.models as M
+from smoothlab.blocks import make_blocks
+from smoothlab.errors import UsageError
+from smoothlab.hybrid.encoder_prefix import (
     EncoderPrefixModel,
     attach_encoder_prefix,
     extend_mask,
     load_encoder_prefix,
 )
-from hybrid.seeding import seeded_rng
-from smoothlab.blocks import make_blocks
-from smoothlab.errors import UsageError
+from smoothlab.hybrid.seeding import seeded_rng
 from smoothlab.perturb import shifted
 from tests.tiny_models import tiny_causal_lm, tiny_encoder
 
@@ -275,7 +275,7 @@ def test_minilm_sst2_prefix_learns() -> None:
     The prefix gradient is small per coordinate (~1e-5 at init: a fresh head of scale 0.02),
     hence the large SGD rate.
     """
-    from hybrid.engine import HybridEngine
+    from smoothlab.hybrid.engine import HybridEngine
 
     task, splits = D.load_task_data(SST2.name, SST2_TSV, train=64, eval=16, dev=16, seed=0)
     bundle = attach_encoder_prefix(M.load_model(None, task, seed=0), 10, seed=0)

@@ -1,4 +1,4 @@
-"""Tests for hybrid.engine: the two-rate update, SPSA statistics, bookkeeping against an
+"""Tests for smoothlab.hybrid.engine: the two-rate update, SPSA statistics, bookkeeping against an
 independent reference, no drift, forwards per step, argument errors.
 
 Ground truth: closed forms on quadratics (Example 2.3), and a reference step computed here
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid.engine import HybridEngine, StepResult, TwoRateSGD
 from smoothlab import perturb
 from smoothlab.errors import UsageError
+from smoothlab.hybrid.engine import HybridEngine, StepResult, TwoRateSGD
 from smoothlab.perturb import (
     DEFAULT_SOURCE,
     SOURCES,
@@ -434,7 +434,7 @@ def test_fo_at_perturbed_takes_gradient_at_shifted_point():
 def test_step_on_real_tiny_models_matches_reference(tiny_bundles):
     """Hybrid steps on tiny transformers with PEFT (on-the-fly perturbation through every
     module, tied embeddings, peft wrappers) equal the swap-in reference exactly."""
-    from hybrid.train import split_parameters
+    from smoothlab.hybrid.train import split_parameters
 
     for k, (method, bundle, batch) in enumerate(tiny_bundles):
         zo, fo = split_parameters(bundle.model, method)
@@ -451,7 +451,7 @@ def test_step_on_real_tiny_models_matches_reference(tiny_bundles):
 
 @pytest.fixture(scope="module")
 def tiny_bundles(tmp_path_factory):
-    from hybrid.train import TrainConfig, build
+    from smoothlab.hybrid.train import TrainConfig, build
     from tests.tiny_models import tiny_causal_lm, tiny_encoder
 
     root = tmp_path_factory.mktemp("engine_models")
@@ -774,7 +774,7 @@ def test_an_update_coefficient_beyond_the_dtype_is_a_divergence_and_writes_nothi
 ):
     """torch refuses a Python scalar beyond float32 half-way through an update; the engine
     checks every scalar first, so the weights are untouched and the error is Diverged."""
-    from hybrid.faults import Diverged
+    from smoothlab.hybrid.faults import Diverged
 
     model = Toy(seed=1)
     eng = HybridEngine(model, model.base(), model.peft(), seed=2, **kwargs)

@@ -1,4 +1,4 @@
-"""Tests for hybrid.export: the exported folder loads with plain ``from_pretrained`` and gives
+"""Tests for smoothlab.hybrid.export: the exported folder loads with plain ``from_pretrained`` and gives
 the fine-tuned model's logits.
 
 Ground truth: the logits of the in-memory fine-tuned PeftModel. LoRA merging changes the
@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid.data import Task
-from hybrid.export import export
-from hybrid.models import attach_peft, load_model
 from smoothlab.errors import UsageError
+from smoothlab.hybrid.data import Task
+from smoothlab.hybrid.export import export
+from smoothlab.hybrid.models import attach_peft, load_model
 from tests.tiny_models import tiny_encoder
 
 TASK = Task(name="t", kind="classification", num_options=2, label_words=("bad", "good"))
@@ -88,14 +88,14 @@ def test_encoder_prefix_export_names_the_loader_that_works(tiny_dir, tmp_path) -
     """peft's from_pretrained refuses encoder prefix tuning ("Model does not support past
     key values"); the export said to use it. It now names load_encoder_prefix, in its
     result and in adapter/LOADING.md, and that loader gives the tuned logits exactly."""
-    from hybrid.encoder_prefix import load_encoder_prefix
+    from smoothlab.hybrid.encoder_prefix import load_encoder_prefix
 
     bundle = _tuned(tiny_dir, "prefix")
     x = _inputs(bundle.tokenizer)
     with torch.no_grad():
         want = bundle.model(**x).logits
     res = export(bundle, tmp_path / "out")
-    assert res.loader == "hybrid.encoder_prefix.load_encoder_prefix"
+    assert res.loader == "smoothlab.hybrid.encoder_prefix.load_encoder_prefix"
     assert "load_encoder_prefix" in (res.adapter_dir / "LOADING.md").read_text()
     tuned = load_encoder_prefix(load_model(tmp_path / "out", TASK), res.adapter_dir)
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_plain_model_and_refusals(tiny_dir, tmp_path) -> None:
 
 def _tiny_config(tiny_dir, run, **changes):
     """A run of a few steps on 8 examples of the tiny encoder, evaluated every step."""
-    from hybrid.train import TrainConfig
+    from smoothlab.hybrid.train import TrainConfig
 
     base = dict(eval_every=1, train_size=8, eval_size=4, dev_size=4, batch_size=4, max_length=16)
     return TrainConfig(model=tiny_dir, out=str(run), **(base | changes))
@@ -139,8 +139,8 @@ def test_export_of_a_seeds_run_of_hybrid_lora_loads_with_from_pretrained(tiny_di
 
     from transformers import AutoModelForSequenceClassification
 
-    from hybrid.train import TrainConfig, load_trained, train
     from smoothlab.cli import main
+    from smoothlab.hybrid.train import TrainConfig, load_trained, train
 
     cfg = TrainConfig(
         model=tiny_dir,
@@ -256,10 +256,10 @@ def test_export_cli_refuses_the_run_folder_as_target(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "method", "kind", "state"])
 def test_export_cli_of_a_damaged_checkpoint_is_one_line(tiny_dir, tmp_path, capsys, damage):
     """checkpoint.pt of 9 garbage bytes, or cut short: one line naming the file (read by
-    hybrid.train.load_trained), not torch's zip-reader traceback."""
+    smoothlab.hybrid.train.load_trained), not torch's zip-reader traceback."""
     import warnings
 
-    from hybrid.train import train
+    from smoothlab.hybrid.train import train
 
     run = tmp_path / "run"
     with warnings.catch_warnings():
@@ -296,8 +296,8 @@ def test_export_of_an_unfinished_or_diverged_run_warns(tiny_dir, tmp_path, capsy
     import json
     import warnings
 
-    from hybrid.train import train
     from smoothlab.cli import main
+    from smoothlab.hybrid.train import train
 
     run = tmp_path / "run"
     cfg = _tiny_config(tiny_dir, run, method="zo-ft", steps=3)

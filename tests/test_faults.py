@@ -17,7 +17,8 @@ import warnings
 import pytest
 import torch
 
-from hybrid.faults import (
+from smoothlab.errors import UsageError
+from smoothlab.hybrid.faults import (
     INERT,
     LOCK_FILE,
     Diverged,
@@ -29,7 +30,6 @@ from hybrid.faults import (
     clear_run,
     config_diff,
 )
-from smoothlab.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +71,7 @@ def test_signal_guard_restores_the_previous_handlers():
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from hybrid.faults import RunLock
+    from smoothlab.hybrid.faults import RunLock
     lock = RunLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(60)
@@ -185,7 +185,7 @@ def _one_line(rc: int, err: str, *needles: str) -> None:
 
 
 def test_reader_field_limit_bom_and_encoding(tmp_path):
-    from hybrid.readers import load_examples
+    from smoothlab.hybrid.readers import load_examples
 
     long = tmp_path / "long.tsv"
     long.write_text(f"sentence\tlabel\n{'x' * 140_000}\t1\nshort\t0\n")
@@ -324,13 +324,13 @@ def opt_model(tmp_path_factory):
 
 
 def _cfg(model, out, **over):
-    from hybrid.train import TrainConfig
+    from smoothlab.hybrid.train import TrainConfig
 
     return TrainConfig(model=str(model), out=str(out), **(SMALL | {"steps": STEPS} | over))
 
 
 def _train(cfg, **kw):
-    from hybrid.train import train
+    from smoothlab.hybrid.train import train
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -376,10 +376,10 @@ def sigint_at(phase: str, step: int = 4):
     probe and checkpoint are all due at step 4 with the settings above)."""
     import torch
 
-    import hybrid.engine
+    import smoothlab.hybrid.engine
     import smoothlab.recorder
     import smoothlab.runlog
-    from hybrid.models import ModelBundle
+    from smoothlab.hybrid.models import ModelBundle
 
     calls = {"n": 0}
 
@@ -400,8 +400,8 @@ def sigint_at(phase: str, step: int = 4):
 
     targets = {  # (object, attribute, predicate on the call)
         # a ZO forward of step 4 (two per step): the step is abandoned before its update
-        "forward": (hybrid.engine.HybridEngine, "_value", nth(2 * step - 1)),
-        "update": (hybrid.engine.TwoRateSGD, "step", nth(step)),
+        "forward": (smoothlab.hybrid.engine.HybridEngine, "_value", nth(2 * step - 1)),
+        "update": (smoothlab.hybrid.engine.TwoRateSGD, "step", nth(step)),
         "eval": (ModelBundle, "accuracy", nth(3)),  # eval at 2 (eval + dev), then step 4
         "probe": (smoothlab.recorder, "probe", nth(3)),  # probes at 0, 2, then 4
         "row": (
@@ -587,7 +587,7 @@ def test_resume_with_a_changed_trajectory_flag_is_refused(opt_model, baseline, t
 
 
 def _default(name):
-    from hybrid.train import TrainConfig
+    from smoothlab.hybrid.train import TrainConfig
 
     return getattr(TrainConfig(), name)
 
@@ -696,7 +696,7 @@ def test_progress_bar_after_a_resume_inside_a_step_ends_at_its_total(
 ):
     """Interrupted after step 4's update (its row still to write), the resumed bar starts
     at 3 and ends at STEPS, and each update shows its own step's loss."""
-    import hybrid.train
+    import smoothlab.hybrid.train
 
     shown = []
 
@@ -727,7 +727,7 @@ def test_progress_bar_after_a_resume_inside_a_step_ends_at_its_total(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hybrid.train.train(cfg, progress=True)
+        smoothlab.hybrid.train.train(cfg, progress=True)
     losses = {
         int(r["step"]): f"{float(r['loss']):.4f}" for r in _rows(tmp_path / "B" / "metrics.csv")
     }
@@ -741,7 +741,7 @@ def test_lock_in_an_unwritable_or_odd_folder_is_one_line(tmp_path, monkeypatch):
     locks: each was an OSError traceback."""
     import errno
 
-    import hybrid.faults as F
+    import smoothlab.hybrid.faults as F
 
     (tmp_path / "dir" / LOCK_FILE).mkdir(parents=True)
     with pytest.raises(UsageError, match=r"cannot create the lock file .*\.lock: Is a directory"):
@@ -829,7 +829,7 @@ def test_a_run_without_its_checkpoint_keeps_its_logs_unless_rerun_as_itself(
     command starts over with a note and logs the same rows again."""
     import shutil
 
-    from hybrid.train import TrainConfig
+    from smoothlab.hybrid.train import TrainConfig
 
     run = tmp_path / "A"
     shutil.copytree(baseline, run)

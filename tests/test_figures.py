@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import load_run
-from figures import (
+from smoothlab.analysis import load_run
+from smoothlab.figures import (
     example23,
     fig1a,
     fig1b,
@@ -25,7 +25,7 @@ from figures import (
     run_gd,
     savefig,
 )
-from figures.style import METHOD_COLORS, PALETTE, block_color
+from smoothlab.figures.style import METHOD_COLORS, PALETTE, block_color
 from smoothlab.methods import METHODS, get_method
 from smoothlab.runlog import RunLogWarning
 
@@ -178,7 +178,9 @@ def test_style_colors_are_stable_and_distinct():
     # an unregistered label: a palette colour, the same in a process with another hash seed
     new = method_color("some new method")
     assert new in PALETTE.values()
-    code = "from figures.style import method_color; print(method_color('some new method'))"
+    code = (
+        "from smoothlab.figures.style import method_color; print(method_color('some new method'))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
@@ -203,7 +205,7 @@ def test_savefig_writes_both_formats(tmp_path):
 def test_curves_of_one_method_or_colliding_labels_get_distinct_colors():
     """Two runs of one method shared a colour, and so did labels whose hashed colours
     collide ("seed 1", "seed 2"): two lines alike under two legend entries."""
-    from figures.style import distinct_colors
+    from smoothlab.figures.style import distinct_colors
 
     assert method_color("seed 1") == method_color("seed 2")  # the collision itself
     colors = distinct_colors({"seed 1": "seed 1", "seed 2": "seed 2", "a": "a", "b": "b"})
@@ -239,7 +241,7 @@ def test_fig1a_keeps_negative_values_in_view_and_logs_decades(tmp_path):
         seen[Path(stem).name] = (ax.get_yscale(), ax.get_ylim())
         return real_savefig(fig, stem)
 
-    import figures.fig1 as F1
+    import smoothlab.figures.fig1 as F1
 
     F1.savefig, old = spy, F1.savefig
     try:
@@ -271,7 +273,7 @@ def test_a_one_row_run_is_drawn_as_a_point():
 
     import matplotlib.pyplot as plt
 
-    F3 = importlib.import_module("figures.fig3")  # the package exports the function fig3
+    F3 = importlib.import_module("smoothlab.figures.fig3")  # the package exports the function fig3
     m = pd.DataFrame({"step": [5], "loss": [0.7], "eval_acc": [np.nan]})
     fig, ax = plt.subplots()
     try:

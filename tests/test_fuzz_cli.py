@@ -117,9 +117,9 @@ def no_heavy_work():
     """Model loading (and so probing, training, advising) raises :class:`Reached`."""
     with contextlib.ExitStack() as stack:
         for target in (
-            "hybrid.models.load_model",
-            "hybrid.train.load_model",
-            "figures.report.write_report",
+            "smoothlab.hybrid.models.load_model",
+            "smoothlab.hybrid.train.load_model",
+            "smoothlab.figures.report.write_report",
         ):
             stack.enter_context(mock.patch(target, _reached))
         yield

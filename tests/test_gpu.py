@@ -7,7 +7,7 @@ import torch
 from fixtures import dense_hessian, planted
 
 import smoothlab
-from hybrid.engine import HybridEngine
+from smoothlab.hybrid.engine import HybridEngine
 
 pytestmark = [
     pytest.mark.gpu,

@@ -446,7 +446,7 @@ def test_fd_fast_path_divides_by_h_after_a_half_precision_loss():
 @pytest.mark.parametrize("kind", ["fd", "fd-central"])
 def test_fd_fast_path_sums_its_gradients_through_gradient_reduction(kind):
     """A data-parallel caller sums gradients over ranks with hooks on the parameters
-    (``hybrid.distributed.global_gradients``), which the fd fast path's leaf copies never
+    (``smoothlab.hybrid.distributed.global_gradients``), which the fd fast path's leaf copies never
     reach; it hands them to ``gradient_reduction`` instead. Two identical ranks, each with
     half the loss, every gradient summed by the hooks and by the reducer (both doubling it
     here), give the one-process H v; had the fast path skipped the reducer, a summed

@@ -1,4 +1,4 @@
-"""Tests for hybrid.models: loading, option scoring against hand computations, PEFT wiring."""
+"""Tests for smoothlab.hybrid.models: loading, option scoring against hand computations, PEFT wiring."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hybrid import adapters as A
-from hybrid import models as M
-from hybrid.data import Example, Task
 from smoothlab.errors import UsageError
+from smoothlab.hybrid import adapters as A
+from smoothlab.hybrid import models as M
+from smoothlab.hybrid.data import Example, Task
 from tests.tiny_models import tiny_causal_lm, tiny_encoder
 
 CLS_TASK = Task(
@@ -313,9 +313,9 @@ def test_prefix_on_encoder_dispatches_to_encoder_prefix(
         calls.append((b, num_virtual_tokens, seed))
         return b
 
-    fake = types.ModuleType("hybrid.encoder_prefix")
+    fake = types.ModuleType("smoothlab.hybrid.encoder_prefix")
     fake.attach_encoder_prefix = attach_encoder_prefix
-    monkeypatch.setitem(sys.modules, "hybrid.encoder_prefix", fake)
+    monkeypatch.setitem(sys.modules, "smoothlab.hybrid.encoder_prefix", fake)
     assert M.attach_peft(bundle, "prefix", num_virtual_tokens=4, seed=3) is bundle
     assert calls == [(bundle, 4, 3)]
 
@@ -323,12 +323,12 @@ def test_prefix_on_encoder_dispatches_to_encoder_prefix(
 def test_prefix_on_encoder_does_not_hide_a_broken_encoder_prefix(
     tiny_dirs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Only a missing hybrid.encoder_prefix means "not supported"; an import error inside it
+    """Only a missing smoothlab.hybrid.encoder_prefix means "not supported"; an import error inside it
     (a missing dependency) is a bug and propagates."""
 
     class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         def find_spec(self, name, path, target=None):
-            if name == "hybrid.encoder_prefix":
+            if name == "smoothlab.hybrid.encoder_prefix":
                 return importlib.util.spec_from_loader(name, self)
             return None
 
@@ -339,7 +339,7 @@ def test_prefix_on_encoder_does_not_hide_a_broken_encoder_prefix(
             raise ModuleNotFoundError("No module named 'some_dependency'", name="some_dependency")
 
     bundle = M.load_model(tiny_dirs["encoder"], CLS_TASK)
-    monkeypatch.delitem(sys.modules, "hybrid.encoder_prefix", raising=False)
+    monkeypatch.delitem(sys.modules, "smoothlab.hybrid.encoder_prefix", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
     with pytest.raises(ModuleNotFoundError, match="some_dependency"):
         M.attach_peft(bundle, "prefix")
@@ -471,7 +471,7 @@ def test_attach_peft_dispatches_through_the_registry(
 
 
 def test_models_re_exports_and_tiny_models_moved() -> None:
-    from hybrid import scoring
+    from smoothlab.hybrid import scoring
 
     assert M.ModelBundle is scoring.ModelBundle and M.Batch is scoring.Batch
     assert M.attach_peft is A.attach_peft
@@ -528,7 +528,7 @@ def distilbert_dir(tmp_path_factory) -> str:
     default for and whose config names its sizes ``dim``/``n_layers``/``n_heads``."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from hybrid.seeding import seeded_rng
+    from smoothlab.hybrid.seeding import seeded_rng
 
     tok = AutoTokenizer.from_pretrained(M.resolve_model_path(None))
     config = DistilBertConfig(

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from runfolders import write_run
 
-from analysis import load_run
-from analysis.modules import module_frame, module_matrix, module_side, natural_key
-from figures.modules import fig_module_heatmap, fig_modules
-from figures.report import write_report
+from smoothlab.analysis import load_run
+from smoothlab.analysis.modules import module_frame, module_matrix, module_side, natural_key
+from smoothlab.figures.modules import fig_module_heatmap, fig_modules
+from smoothlab.figures.report import write_report
 from smoothlab.runlog import SMOOTHNESS_FIELDS
 
 pytestmark = pytest.mark.filterwarnings("error::smoothlab.runlog.RunLogWarning")  # clean input

@@ -580,7 +580,7 @@ def test_table_batched_shift_and_update_equal_one_parameter_at_a_time():
     """``shift_many`` / ``update_many`` (one ``torch._foreach_add`` over the parameters whose
     z is one table slice) equal ``shift`` / ``update_`` per parameter bit for bit, with a
     slice that wraps around the table's end and a non-contiguous parameter among them."""
-    from hybrid.engine import zo_update
+    from smoothlab.hybrid.engine import zo_update
 
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(300, 70, generator=g), torch.randn(5, generator=g)]

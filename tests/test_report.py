@@ -1,4 +1,4 @@
-"""Tests of the report (figures.report.write_report) on synthetic run folders."""
+"""Tests of the report (smoothlab.figures.report.write_report) on synthetic run folders."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from runfolders import default_metrics, write_run
 
-from analysis import block_summary, load_run
-from figures.report import format_number, write_report
+from smoothlab.analysis import block_summary, load_run
 from smoothlab.errors import UsageError
+from smoothlab.figures.report import format_number, write_report
 from smoothlab.runlog import RunLogWarning
 
 

@@ -1,4 +1,4 @@
-r"""Scaling out, through the real :class:`hybrid.train.Trainer` on a tiny BERT:
+r"""Scaling out, through the real :class:`smoothlab.hybrid.train.Trainer` on a tiny BERT:
 
 * data parallel (2 gloo ranks on 127.0.0.1, global batch 16 = 8 per rank) against one
   process on the same global batches, for zo-ft and hybrid-lora, the recorder included;
@@ -33,9 +33,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hybrid.distributed import free_port, set_rank_env
-from hybrid.train import TrainConfig, load_trained, train
 from smoothlab.errors import UsageError
+from smoothlab.hybrid.distributed import free_port, set_rank_env
+from smoothlab.hybrid.train import TrainConfig, load_trained, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -90,7 +90,7 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
 def _worker(rank: int, world: int, port: int, jobs: list[dict], die_at: int | None) -> None:
     set_rank_env(rank, world, port)
     torch.set_num_threads(1)
-    from hybrid import distributed as D
+    from smoothlab.hybrid import distributed as D
 
     def on_step(t: int, row: dict) -> None:
         if rank == 1 and t == die_at:
@@ -435,7 +435,7 @@ def test_each_parameter_is_perturbed_and_updated_on_its_own_device() -> None:
     device (the meta device stands in for a second one: it records the calls), and on one
     device type it gives exactly the z of a single-device sampler; offloaded (meta)
     weights are refused by the engine."""
-    from hybrid.engine import DeviceSampler, HybridEngine, make_sampler
+    from smoothlab.hybrid.engine import DeviceSampler, HybridEngine, make_sampler
     from smoothlab.perturb import get_source
 
     cpu = [torch.randn(5, 3), torch.randn(7)]

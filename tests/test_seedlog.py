@@ -1,6 +1,6 @@
-"""Tests for hybrid.seedlog: the weights hash, the seed-log file, and bit-identical replay.
+"""Tests for smoothlab.hybrid.seedlog: the weights hash, the seed-log file, and bit-identical replay.
 
-Ground truth for replay: the weights that :class:`hybrid.engine.HybridEngine` itself produced
+Ground truth for replay: the weights that :class:`smoothlab.hybrid.engine.HybridEngine` itself produced
 while the log was written (``torch.equal``, no tolerance), for zo-ft on an ``nn.Sequential``
 and on a tiny BERT, and for the base block of a hybrid run.
 """
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid.engine import HybridEngine, zo_updater
-from hybrid.seedlog import SeedHeader, SeedLog, replay, weights_hash
 from smoothlab.errors import UsageError
+from smoothlab.hybrid.engine import HybridEngine, zo_updater
+from smoothlab.hybrid.seedlog import SeedHeader, SeedLog, replay, weights_hash
 
 
 def updater(params, seed):

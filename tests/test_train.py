@@ -1,4 +1,4 @@
-"""Tests for hybrid.train: every method end to end on tiny models, the run folder format,
+"""Tests for smoothlab.hybrid.train: every method end to end on tiny models, the run folder format,
 which weights move, exact resume (also after a crash), and configuration errors."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid.train import (
+from smoothlab.errors import UsageError
+from smoothlab.hybrid.train import (
     Diverged,
     TrainConfig,
     Trainer,
@@ -23,7 +24,6 @@ from hybrid.train import (
     split_parameters,
     train,
 )
-from smoothlab.errors import UsageError
 from smoothlab.methods import get_method, method_names
 from smoothlab.runlog import METRICS_FIELDS, SMOOTHNESS_FIELDS
 
@@ -386,7 +386,7 @@ def test_a_nan_loss_with_a_seed_log_is_diverged_and_logged(models, tmp_path, che
 
 
 def test_eval_and_dev_files_are_passed_to_the_data_loader(monkeypatch, models, tmp_path):
-    import hybrid.train as ht
+    import smoothlab.hybrid.train as ht
 
     seen: list[dict] = []
     real = ht.load_task_data
@@ -406,13 +406,14 @@ def test_eval_and_dev_files_are_passed_to_the_data_loader(monkeypatch, models, t
 def _loader_takes_eval_data() -> bool:
     import inspect
 
-    from hybrid.data import load_task_data
+    from smoothlab.hybrid.data import load_task_data
 
     return "eval_data" in inspect.signature(load_task_data).parameters
 
 
 @pytest.mark.skipif(
-    not _loader_takes_eval_data(), reason="hybrid.data.load_task_data has no eval_data= yet"
+    not _loader_takes_eval_data(),
+    reason="smoothlab.hybrid.data.load_task_data has no eval_data= yet",
 )
 def test_eval_data_file_is_the_eval_set(models, tmp_path):
     val = tmp_path / "val.tsv"
@@ -430,7 +431,7 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(resume_runs, tmp_path, da
     naming it (resume: with --restart as the way out), and the logs are untouched."""
     import shutil
 
-    from hybrid.train import load_trained
+    from smoothlab.hybrid.train import load_trained
 
     run = tmp_path / "run"
     shutil.copytree(resume_runs["A"], run)
@@ -447,7 +448,7 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(resume_runs, tmp_path, da
 
 
 def test_load_trained_names_a_device_this_machine_lacks(resume_runs):
-    from hybrid.train import load_trained
+    from smoothlab.hybrid.train import load_trained
 
     with pytest.raises(UsageError, match="device 'banana' is not a device"):
         load_trained(resume_runs["A"], device="banana")

@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from hybrid.models import resolve_model_path
-from hybrid.seeding import seeded_rng
+from smoothlab.hybrid.models import resolve_model_path
+from smoothlab.hybrid.seeding import seeded_rng
 
 __all__ = ["tiny_bart", "tiny_causal_lm", "tiny_encoder", "tiny_t5"]
 

@@ -10,7 +10,7 @@ so one SUM all-reduce of the weighted per-rank values gives the single-process v
 the same global batch: 8 bytes per forward for the ZO losses f(x ± μz_i), plus the PEFT
 gradients once per step, plus (probes) the HVPs ``H v = Σ_r (n_r/N) H_r v``.
 
-Use (what :class:`hybrid.train.Trainer` does)::
+Use (what :class:`smoothlab.hybrid.train.Trainer` does)::
 
     w = init(timeout_s=600)                              # no torchrun env: 1-process no-op
     idx = shard(sampler.batch(t), w.rank, w.world_size)  # this rank's part of batch t
@@ -180,7 +180,7 @@ def init(backend: str | None = None, *, timeout_s: float = 600.0) -> World:
 
     Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) nothing is initialised. ``backend``:
     ``"gloo"``, ``"nccl"`` or None (nccl when CUDA is available, else gloo). ``timeout_s``
-    (1 s to a week, checked by :func:`hybrid.config.dist_timeout_seconds`, the check of
+    (1 s to a week, checked by :func:`smoothlab.hybrid.config.dist_timeout_seconds`, the check of
     ``--dist-timeout``) bounds every collective: a rank whose peers died or hang gets :class:`RankFailure`.
     On CUDA the process's device is set to ``LOCAL_RANK``.
     """
@@ -254,7 +254,7 @@ def shard(batch_indices: Sequence[int], rank: int, world_size: int) -> list[int]
     disjoint, in order, and their concatenation over ranks is ``batch_indices``. With
     N < W the last W − N parts are empty (the last batch of an epoch, a small eval set): such
     a rank's share n_r/N is 0, and the caller computes a stand-in value it weights by 0
-    (:meth:`hybrid.train.Trainer._local`), so Σ_r (n_r/N) f_r is still the global mean.
+    (:meth:`smoothlab.hybrid.train.Trainer._local`), so Σ_r (n_r/N) f_r is still the global mean.
     """
     n = len(batch_indices)
     if not (
@@ -415,7 +415,7 @@ def install_grad_allreduce(
 
     ``weight``: 1 for losses from :func:`sharded_loss_fn` (already weighted); n_r/N (or a
     callable giving this step's n_r/N) when the gradients are of the plain shard loss, as
-    in :meth:`hybrid.engine.HybridEngine.step` with ``reduce``. Returns the hook handle
+    in :meth:`smoothlab.hybrid.engine.HybridEngine.step` with ``reduce``. Returns the hook handle
     (``.remove()``); a no-op single-process."""
     params = list(params)
 

@@ -1,11 +1,11 @@
 """Tasks and data — the public entry point, re-exporting the modules that do each job:
 
-* :mod:`hybrid.tasks` — :class:`Example`, :class:`Task` and the task registry :data:`TASKS`
+* :mod:`smoothlab.hybrid.tasks` — :class:`Example`, :class:`Task` and the task registry :data:`TASKS`
   (one entry per task: verbalizer, template, file layout, help, data sources);
-* :mod:`hybrid.readers` — local TSV/CSV/JSONL/JSON files (:func:`load_examples`; the
+* :mod:`smoothlab.hybrid.readers` — local TSV/CSV/JSONL/JSON files (:func:`load_examples`; the
   sha256 of each file read, from the same bytes: :func:`file_digests`);
-* :mod:`hybrid.synthetic` — the built-in synthetic sentiment set;
-* :mod:`hybrid.sampling` — the paper's seeded splits, :func:`load_task_data` and the
+* :mod:`smoothlab.hybrid.synthetic` — the built-in synthetic sentiment set;
+* :mod:`smoothlab.hybrid.sampling` — the paper's seeded splits, :func:`load_task_data` and the
   resumable minibatch sampler :class:`EpochSampler`.
 """
 

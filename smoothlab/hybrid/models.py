@@ -1,9 +1,9 @@
 """Models: loading a pretrained model and tokenizer for a task — the public entry point,
 re-exporting the modules that do the other jobs:
 
-* :mod:`hybrid.scoring` — :class:`Batch` and :class:`ModelBundle` (tokenisation, option
+* :mod:`smoothlab.hybrid.scoring` — :class:`Batch` and :class:`ModelBundle` (tokenisation, option
   scores ``s ∈ R^{B×C}``, the cross-entropy loss over options, accuracy);
-* :mod:`hybrid.adapters` — the PEFT-kind registry :data:`ADAPTERS` and :func:`attach_peft`.
+* :mod:`smoothlab.hybrid.adapters` — the PEFT-kind registry :data:`ADAPTERS` and :func:`attach_peft`.
 
 Two model kinds: ``"encoder"`` (BERT-like, e.g. the bundled all-MiniLM-L6-v2, with a
 sequence-classification head) and ``"causal"`` (OPT, GPT-2, Llama, ...; MeZO-style option
@@ -206,7 +206,7 @@ def _reinit_(model: nn.Module, names: set[str], generator: torch.Generator, std:
 
 def _check_load_args(task: Task | None, kind: str) -> Task:
     if task is None:
-        raise TypeError("load_model needs a task (hybrid.data.Task)")
+        raise TypeError("load_model needs a task (smoothlab.hybrid.data.Task)")
     if kind not in MODEL_KINDS:
         raise UsageError(f"kind={kind!r} is not supported; accepted: {', '.join(MODEL_KINDS)}")
     if task.kind not in ("classification", "multiple_choice"):

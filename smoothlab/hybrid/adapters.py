@@ -157,7 +157,7 @@ def _attach_prompt(bundle: ModelBundle, opts: PeftOptions) -> ModelBundle:
 
 def _attach_prefix(bundle: ModelBundle, opts: PeftOptions) -> ModelBundle:
     """Prefix tuning: trainable key/value prefixes in every attention layer. Causal LMs use
-    peft's ``PrefixTuningConfig``; encoders use :mod:`hybrid.encoder_prefix` (transformers 5
+    peft's ``PrefixTuningConfig``; encoders use :mod:`smoothlab.hybrid.encoder_prefix` (transformers 5
     encoders ignore the ``past_key_values`` peft's prefix tuning relies on)."""
     if bundle.kind == "encoder":
         from .encoder_prefix import attach_encoder_prefix  # imports peft at load

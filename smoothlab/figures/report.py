@@ -1,7 +1,7 @@
 """The smoothness report for one or more run folders: Markdown plus a self-contained HTML page.
 
 The presentation layer: tables come from :mod:`analysis`, figures from this package, and
-:mod:`figures.report_render` renders both formats.
+:mod:`smoothlab.figures.report_render` renders both formats.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.fit import AffineFit, PowerFit, fit_blocks
-from analysis.modules import X_PREFIX, Y_PREFIX, module_frame
-from analysis.runs import Run, load_runs
-from analysis.summary import block_summary, compare_methods, select_norm, smoothness_ratio
-from figures.fig1 import fig1a, fig1b
-from figures.fig3 import fig3
-from figures.fitplot import fig_fit
-from figures.modules import fig_module_heatmap, fig_modules
-from figures.report_render import Report, format_number, is_number, render_html, render_md
+from smoothlab.analysis.fit import AffineFit, PowerFit, fit_blocks
+from smoothlab.analysis.modules import X_PREFIX, Y_PREFIX, module_frame
+from smoothlab.analysis.runs import Run, load_runs
+from smoothlab.analysis.summary import block_summary, compare_methods, select_norm, smoothness_ratio
 from smoothlab.errors import UsageError
+from smoothlab.figures.fig1 import fig1a, fig1b
+from smoothlab.figures.fig3 import fig3
+from smoothlab.figures.fitplot import fig_fit
+from smoothlab.figures.modules import fig_module_heatmap, fig_modules
+from smoothlab.figures.report_render import Report, format_number, is_number, render_html, render_md
 
 __all__ = ["format_number", "write_report"]
 
@@ -41,7 +41,7 @@ def _not_finite(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def input_notes(run: Run) -> list[str]:
     """What the report's reader must know about a run's input: the problems found while
-    reading its files (:attr:`~analysis.runs.Run.warnings`), a non-finite training loss,
+    reading its files (:attr:`~smoothlab.analysis.runs.Run.warnings`), a non-finite training loss,
     non-finite smoothness estimates (the tables and figures leave those out), and a run
     that has not finished."""
     notes = list(run.warnings)
@@ -512,11 +512,11 @@ def write_report(
     """Write ``report.md`` and a self-contained ``report.html`` for one or more runs.
 
     Contents: a header (runs, methods, models, tasks, date); the configuration of each run;
-    per run, the per-block smoothness table (:func:`~analysis.summary.block_summary`), the
+    per run, the per-block smoothness table (:func:`~smoothlab.analysis.summary.block_summary`), the
     base/peft ratio and Fig. 1, per-module curves and a module × step heat map when the run
-    recorded per-module blocks (:mod:`analysis.modules`), the fit ``L ≈ L0 + L1·‖∇f‖`` per
+    recorded per-module blocks (:mod:`smoothlab.analysis.modules`), the fit ``L ≈ L0 + L1·‖∇f‖`` per
     block with its scatter plot, the advisor's proposal and calibration table when present; training curves;
-    and, for several runs, the method comparison (:func:`~analysis.summary.compare_methods`,
+    and, for several runs, the method comparison (:func:`~smoothlab.analysis.summary.compare_methods`,
     ``target_acc`` giving the steps-to-target column) with Fig. 3 across runs.
 
     ``out_dir`` defaults to the run folder for one run and to ``<parent of the first

@@ -1,7 +1,7 @@
 """Option scoring: tokenised batches and the :class:`ModelBundle` that turns examples into
 option scores and a loss.
 
-Every task reduces to scoring ``C`` options per example (see :mod:`hybrid.tasks`). A
+Every task reduces to scoring ``C`` options per example (see :mod:`smoothlab.hybrid.tasks`). A
 :class:`ModelBundle` turns a batch of examples into option scores ``s ∈ R^{B×C}`` and the
 loss is the mean cross-entropy over options,
 

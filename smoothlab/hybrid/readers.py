@@ -1,4 +1,4 @@
-"""File readers: local TSV, CSV, JSON-lines and JSON files into :class:`~hybrid.tasks.Records`,
+"""File readers: local TSV, CSV, JSON-lines and JSON files into :class:`~smoothlab.hybrid.tasks.Records`,
 then into a task's examples (:func:`load_examples`).
 
 The format follows the extension: ``.tsv`` (tab-separated with a header, no quoting:
@@ -223,7 +223,7 @@ def load_examples(
     """Read the examples of ``task`` from a local file: :func:`read_records`, then the
     task's parser (:meth:`Task.parse`).
 
-    Layouts (each task's :attr:`~hybrid.tasks.Task.columns` and parser):
+    Layouts (each task's :attr:`~smoothlab.hybrid.tasks.Task.columns` and parser):
 
     * classification (sst2, synthetic, or any classification :class:`Task` without a
       parser): a text column (``text``, ``sentence`` or ``sentence1``; or ``text_column``)

@@ -90,7 +90,7 @@ class TwoRateSGD(torch.optim.Optimizer):
         """Apply one update. ``zo_terms``: (seed, coefficient) pairs of the SPSA estimate; z of
         each seed comes from the group's ``sampler`` (default: the exact Gaussian). A
         coefficient beyond the weights' dtype (a rate far too large) raises
-        :class:`~hybrid.faults.Diverged` before any weight changes."""
+        :class:`~smoothlab.hybrid.faults.Diverged` before any weight changes."""
         self._check_coefficients(zo_terms)
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
@@ -149,7 +149,7 @@ def zo_update(
     """x ← (1 − lr·wd)·x − lr·Σ_i c_i z_i, z_i regenerated from ``sampler(seed_i)``.
 
     The one ZO update: training (:class:`TwoRateSGD`) and the replay of a seed checkpoint
-    (:func:`hybrid.seedlog.replay` with :func:`zo_updater`) both call it, so a replayed
+    (:func:`smoothlab.hybrid.seedlog.replay` with :func:`zo_updater`) both call it, so a replayed
     trajectory is bit-identical by construction.
     """
     indices = [k if index is None else index[id(p)] for k, p in enumerate(params)]
@@ -488,7 +488,7 @@ class HybridEngine:
         """One update of x (SPSA) and y (gradient) on the batch behind ``loss_fn``.
 
         ``reduce`` (data parallelism): maps this rank's list of the step's 2q(+1) losses to
-        the global-batch losses in ONE collective, e.g. ``hybrid.distributed.weighted_sum``;
+        the global-batch losses in ONE collective, e.g. ``smoothlab.hybrid.distributed.weighted_sum``;
         every rank then computes the same g_i and applies the same update. Without it the
         losses are used as computed (one process). ``zo_rate``: called with the step's
         (seed, g_i/q) terms before the update; its value becomes the ``base`` rate from this

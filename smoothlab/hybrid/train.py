@@ -7,7 +7,7 @@ end), ``best.pt`` (best dev accuracy), ``summary.json``, and with a recorder
 continues the same trajectory: step t always sees minibatch ``EpochSampler.batch(t)`` and
 perturbation seeds ``param_seed(seed, t·q + i)``.
 
-Faults (:mod:`hybrid.faults`): the folder is locked by one process; a resume refuses a
+Faults (:mod:`smoothlab.hybrid.faults`): the folder is locked by one process; a resume refuses a
 configuration that would change the trajectory; SIGINT/SIGTERM wait for an update or a write
 to end, then a checkpoint at that step records its pending :data:`PHASES`, so any stop
 (SIGKILL included: rows after the checkpoint are dropped and redone) continues bit-identically
@@ -175,7 +175,7 @@ def place_model(bundle: ModelBundle, spec: str | dict) -> ModelBundle:
     (``spec``: ``"auto"`` or a module → device map; see :func:`_device_map`). Weights stay
     where the map puts them; accelerate's hooks move the activations between devices, and
     the engine perturbs and updates each parameter on its own device
-    (:func:`hybrid.engine.make_sampler`). Inputs go to the device of the first parameter.
+    (:func:`smoothlab.hybrid.engine.make_sampler`). Inputs go to the device of the first parameter.
 
     accelerate is optional: without it this is a :class:`UsageError` naming the install.
     A map that offloads weights (``"disk"``, or ``"cpu"`` beside GPUs, which accelerate
@@ -224,7 +224,7 @@ def resolve_rates(
 
     A resumable run folder (``resume``, a checkpoint and a config.json of the same method)
     keeps the rates it resolved when it started: no new probe. Otherwise
-    :func:`hybrid.advise.advise_config` probes ``cfg``'s model at step 0 on the batch step 0
+    :func:`smoothlab.hybrid.advise.advise_config` probes ``cfg``'s model at step 0 on the batch step 0
     sees (``advise_hvp``, ``advise_vectors``, ``advise_rule``) and lr_base = η_x,
     lr_peft = η_y; a rate of a block the method does not train resolves to 0. The record is
     ``Advice.as_dict()`` plus ``auto`` (the fields resolved), ``curvature`` and ``reused``.
@@ -268,7 +268,7 @@ def record_blocks(
     Block B of the spec (a preset such as ``layers``/``kinds`` or ``NAME=GLOB,...``) gives
     ``base.B`` = B ∩ x (the ZO parameters ``zo``) and ``peft.B`` = B ∩ y (``fo``); empty
     parts are left out, as are parameters in neither side (peft's inactive copies). These
-    are the names :mod:`analysis.modules` groups by.
+    are the names :mod:`smoothlab.analysis.modules` groups by.
     """
     from smoothlab.blocks import parse_blocks_arg
 
@@ -298,8 +298,8 @@ def restore_weights(
     ``full``: its state dict. ``seeds``: x_0 (the model as built, which must hash to the
     log's ``weights_hash``, else :class:`UsageError`) is replayed through the first
     ``seed_steps`` entries of ``run_dir/seeds.jsonl`` (whose bytes must hash to the
-    checkpoint's ``seeds_digest``, :func:`hybrid.seedlog.digest`) with the engine's own update
-    (:func:`hybrid.engine.zo_updater`): bit-identical to the trained x. Then the saved
+    checkpoint's ``seeds_digest``, :func:`smoothlab.hybrid.seedlog.digest`) with the engine's own update
+    (:func:`smoothlab.hybrid.engine.zo_updater`): bit-identical to the trained x. Then the saved
     first-order weights (``trained``, by name) are copied in.
     """
     kind = state.get("checkpoint", "full")
@@ -390,7 +390,7 @@ DATA_FIELDS = ("data", "eval_data", "dev_data")  # the config's data files
 
 def data_digest(cfg: TrainConfig, read: dict[str, str] | None = None) -> dict[str, str]:
     """sha256 of each data file the config names: a resume compares contents, not paths.
-    ``read``: the digests of the files already read (:func:`hybrid.data.file_digests`),
+    ``read``: the digests of the files already read (:func:`smoothlab.hybrid.data.file_digests`),
     taken from the bytes parsed instead of reading a file a second time."""
     out = {}
     for name in DATA_FIELDS:
@@ -594,7 +594,7 @@ class Trainer:
         """Continue from ``checkpoint.pt`` if the run folder holds one.
 
         The saved configuration must match ``cfg`` in every field that alters the trajectory
-        (:func:`hybrid.faults.check_resume`); ``steps`` may rise (``extend_steps``: by N past
+        (:func:`smoothlab.hybrid.faults.check_resume`); ``steps`` may rise (``extend_steps``: by N past
         the saved target). A checkpoint taken inside a step (an interrupt after its update)
         lists the phases still to do (``pending``) and the step's row.
         """
@@ -902,7 +902,7 @@ class Trainer:
 
     def _check_divergence(self, loss: float, terms: tuple[tuple[int, float], ...]) -> None:
         """:class:`Diverged` (step ``t``'s row logged first) when the loss diverged
-        (:class:`~hybrid.faults.DivergenceGuard`) or an SPSA coefficient g_i/q is not
+        (:class:`~smoothlab.hybrid.faults.DivergenceGuard`) or an SPSA coefficient g_i/q is not
         finite (f(x ± μz) overflowed while f(x) did not). Runs before the step's seed-log
         entry is appended, so a log never holds a non-finite coefficient."""
         rates = {k: self.row[k] for k in ("lr_base", "lr_peft")}
@@ -1086,8 +1086,8 @@ class Trainer:
         """Train to ``cfg.steps`` (from the checkpoint if ``resume``; otherwise every log of
         an earlier run in the folder is removed first); the run folder.
 
-        The folder is locked for the run (:class:`~hybrid.faults.RunLock`). SIGINT and
-        SIGTERM stop it as a ``KeyboardInterrupt`` (:class:`~hybrid.faults.Interrupted`),
+        The folder is locked for the run (:class:`~smoothlab.hybrid.faults.RunLock`). SIGINT and
+        SIGTERM stop it as a ``KeyboardInterrupt`` (:class:`~smoothlab.hybrid.faults.Interrupted`),
         never inside an update or a write, after saving a checkpoint at the current step.
         """
         with self.guard, contextlib.ExitStack() as stack:

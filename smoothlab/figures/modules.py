@@ -5,7 +5,7 @@
 * :func:`fig_module_heatmap` — the same numbers as a module × step heat map of
   ``log10 L`` per side, so twelve or more layers stay readable.
 
-Which block is a module of which side is decided by :func:`analysis.modules.module_side`.
+Which block is a module of which side is decided by :func:`smoothlab.analysis.modules.module_side`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 
-from analysis.modules import X_PREFIX, Y_PREFIX, module_frame, module_matrix, natural_key
-from analysis.summary import select_norm
-from figures._common import require_frame
-from figures.style import TEXT_WIDTH, paper_style, savefig
+from smoothlab.analysis.modules import X_PREFIX, Y_PREFIX, module_frame, module_matrix, natural_key
+from smoothlab.analysis.summary import select_norm
 from smoothlab.errors import UsageError
+from smoothlab.figures._common import require_frame
+from smoothlab.figures.style import TEXT_WIDTH, paper_style, savefig
 
 __all__ = ["fig_module_heatmap", "fig_modules"]
 
@@ -54,7 +54,7 @@ def fig_modules(
     """Two panels of ``L_m(t)`` against step, one curve per module ``m``: (a) x, (b) y.
 
     Probes of one module at one step are averaged. Modules are ordered by
-    :func:`~analysis.modules.natural_key`; the colour runs light to dark in that order and a
+    :func:`~smoothlab.analysis.modules.natural_key`; the colour runs light to dark in that order and a
     legend names them when a side has at most 8. A side without modules gets a note in its
     panel; ``ValueError`` when neither side has any. Returns the written paths.
     """
@@ -100,7 +100,7 @@ def fig_module_heatmap(
     norm: str | None = None,
 ) -> list[Path]:
     """Heat maps of ``log10 L`` with modules (layers) down and probe steps across, one per
-    side that has modules (:func:`~analysis.modules.module_matrix`); unprobed cells and
+    side that has modules (:func:`~smoothlab.analysis.modules.module_matrix`); unprobed cells and
     L <= 0 are blank (a panel with no positive L says so). ``ValueError`` when no side has modules. Returns the written paths."""
     df = require_frame(
         smoothness_df, "fig_module_heatmap: smoothness frame", ("step", "block", "estimate")

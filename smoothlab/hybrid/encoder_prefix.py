@@ -38,9 +38,9 @@ import torch
 from peft import PeftModelForSequenceClassification, PrefixTuningConfig, TaskType
 from torch import nn
 
-from hybrid.scoring import ModelBundle
-from hybrid.seeding import seeded_rng
 from smoothlab.errors import UsageError
+from smoothlab.hybrid.scoring import ModelBundle
+from smoothlab.hybrid.seeding import seeded_rng
 
 __all__ = [
     "SUPPORTED_ATTENTION",
@@ -277,7 +277,7 @@ def load_encoder_prefix(
 ) -> ModelBundle:
     """Load an adapter saved from an :func:`attach_encoder_prefix` bundle onto ``bundle``.
 
-    ``bundle`` holds the same base encoder (e.g. from :func:`hybrid.models.load_model`);
+    ``bundle`` holds the same base encoder (e.g. from :func:`smoothlab.hybrid.models.load_model`);
     ``path`` is the folder written by ``save_pretrained``. With ``is_trainable`` the prefixes
     and head require grad, else the model is for inference only.
     """

@@ -17,7 +17,7 @@ the continuation is the rest of the sentence, so every option is scored on the s
 
 Adding a task is one :func:`register_task` call (or one entry below) plus its parse
 function ``parse(task, records, text_column, label_column) -> list[Example]``; the file
-readers, :func:`hybrid.sampling.load_task_data` and the CLI help read the entry.
+readers, :func:`smoothlab.hybrid.sampling.load_task_data` and the CLI help read the entry.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Task:
     context for a causal LM; ``num_options`` is the number of options per example.
     ``label_aliases[c]``: lower-case strings accepted for class ``c`` in label columns of
     local files (besides the index ``c`` itself). ``hub_path``/``hub_name``: the dataset's
-    name on the Hugging Face hub, used by :func:`hybrid.sampling.load_task_data` when no file
+    name on the Hugging Face hub, used by :func:`smoothlab.hybrid.sampling.load_task_data` when no file
     is given.
 
     File layout: ``parser(task, records, text_column, label_column)`` turns records into

@@ -1,4 +1,4 @@
-"""Paper figures, one module per figure, all in the style of :mod:`figures.style`.
+"""Paper figures, one module per figure, all in the style of :mod:`smoothlab.figures.style`.
 
 Every figure function takes data (frames or runs from :mod:`analysis`) and an
 ``out_stem``, writes ``<out_stem>.png`` (200 dpi) and ``<out_stem>.pdf``, closes the figure
@@ -6,14 +6,14 @@ and returns the written paths; empty data or a missing block raise ``ValueError`
 what was found. Importing this package selects matplotlib's headless ``Agg`` backend.
 """
 
-from figures.example23 import GDTrajectory, example23, quadratic, run_gd
-from figures.fig1 import fig1a, fig1b
-from figures.fig2 import fig2
-from figures.fig3 import fig3
-from figures.fitplot import fig_fit
-from figures.modules import fig_module_heatmap, fig_modules
-from figures.report import write_report
-from figures.style import block_color, method_color, paper_style, savefig
+from smoothlab.figures.example23 import GDTrajectory, example23, quadratic, run_gd
+from smoothlab.figures.fig1 import fig1a, fig1b
+from smoothlab.figures.fig2 import fig2
+from smoothlab.figures.fig3 import fig3
+from smoothlab.figures.fitplot import fig_fit
+from smoothlab.figures.modules import fig_module_heatmap, fig_modules
+from smoothlab.figures.report import write_report
+from smoothlab.figures.style import block_color, method_color, paper_style, savefig
 
 __all__ = [
     "GDTrajectory",

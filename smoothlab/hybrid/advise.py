@@ -1,6 +1,6 @@
 """Learning-rate advice for a fine-tuning method on a model (the ``smoothlab advise`` back end).
 
-x and y are the blocks the method trains — :func:`hybrid.train.split_parameters` reads the
+x and y are the blocks the method trains — :func:`smoothlab.hybrid.train.split_parameters` reads the
 method registry (:func:`smoothlab.methods.get_method`): ``zo-ft`` makes every weight x,
 ``fo-*`` only the adapter y, ``hybrid-*`` base = x and adapter = y. The curvature comes from
 :func:`smoothlab.curvature.measure` on one batch at the current weights, the rule from

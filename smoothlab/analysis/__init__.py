@@ -1,13 +1,13 @@
 """Reading run folders into pandas (through the one schema, :mod:`smoothlab.runlog`),
 summarising and fitting block smoothness: the tables. The report, which also needs the
-figures, lives in the presentation layer: :func:`figures.report.write_report`.
+figures, lives in the presentation layer: :func:`smoothlab.figures.report.write_report`.
 
 Importing this package imports neither matplotlib nor torch.
 """
 
-from analysis.fit import AffineFit, PowerFit, fit_blocks, fit_smoothness, fit_table
-from analysis.modules import module_frame, module_matrix, module_side
-from analysis.runs import (
+from smoothlab.analysis.fit import AffineFit, PowerFit, fit_blocks, fit_smoothness, fit_table
+from smoothlab.analysis.modules import module_frame, module_matrix, module_side
+from smoothlab.analysis.runs import (
     CALIBRATION_COLUMNS,
     METRICS_COLUMNS,
     SMOOTHNESS_COLUMNS,
@@ -16,7 +16,7 @@ from analysis.runs import (
     load_runs,
     runs_frame,
 )
-from analysis.summary import block_summary, compare_methods, select_norm, smoothness_ratio
+from smoothlab.analysis.summary import block_summary, compare_methods, select_norm, smoothness_ratio
 
 __all__ = [
     "CALIBRATION_COLUMNS",

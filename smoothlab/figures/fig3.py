@@ -11,10 +11,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.runs import Run
-from figures._common import metrics_by_label, require_frame, smooth
-from figures.style import TEXT_WIDTH, distinct_colors, paper_style, savefig
+from smoothlab.analysis.runs import Run
 from smoothlab.errors import UsageError
+from smoothlab.figures._common import metrics_by_label, require_frame, smooth
+from smoothlab.figures.style import TEXT_WIDTH, distinct_colors, paper_style, savefig
 
 __all__ = ["fig3"]
 
@@ -60,7 +60,7 @@ def fig3(
 ) -> list[Path]:
     """Two panels: (a) training loss, (b) ``acc`` (default ``eval_acc``), against step.
 
-    ``runs``: a list of :class:`~analysis.runs.Run` (labelled and colored by method) or
+    ``runs``: a list of :class:`~smoothlab.analysis.runs.Run` (labelled and colored by method) or
     ``{label: metrics_df}``. ``smooth_window``: rolling mean over that many logged rows;
     ``"auto"`` uses ``max(1, n // 50)`` for a run of ``n`` rows; the raw loss is drawn
     faintly underneath. Runs without any recorded ``acc`` are left out of panel (b).

@@ -1,5 +1,5 @@
 """Local smoothness against gradient norm, per block, with the generalized-smoothness fit
-``L ≈ L0 + L1·‖∇f‖`` (or ``L ≈ a‖∇f‖^b``) of :mod:`analysis.fit`."""
+``L ≈ L0 + L1·‖∇f‖`` (or ``L ≈ a‖∇f‖^b``) of :mod:`smoothlab.analysis.fit`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.fit import AffineFit, FitKind, fit_blocks
-from analysis.summary import select_norm
-from figures._common import blocks_in, require_blocks, require_frame
-from figures.style import COLUMN_WIDTH, TEXT_WIDTH, block_color, paper_style, savefig
+from smoothlab.analysis.fit import AffineFit, FitKind, fit_blocks
+from smoothlab.analysis.summary import select_norm
+from smoothlab.figures._common import blocks_in, require_blocks, require_frame
+from smoothlab.figures.style import COLUMN_WIDTH, TEXT_WIDTH, block_color, paper_style, savefig
 
 __all__ = ["fig_fit"]
 

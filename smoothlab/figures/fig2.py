@@ -15,10 +15,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.runs import Run
-from figures._common import metrics_by_label, require_frame, smooth
-from figures.style import COLUMN_WIDTH, distinct_colors, paper_style, savefig
+from smoothlab.analysis.runs import Run
 from smoothlab.errors import UsageError
+from smoothlab.figures._common import metrics_by_label, require_frame, smooth
+from smoothlab.figures.style import COLUMN_WIDTH, distinct_colors, paper_style, savefig
 
 __all__ = ["fig2"]
 
@@ -33,7 +33,7 @@ def fig2(
     """Training loss ``f(w_t)`` over steps ``t`` for labelled runs, one line each.
 
     ``runs``: ``{label: metrics_df}`` (e.g. ``{"η = 1e-7": df1, "η = 1e-4": df2,
-    "hybrid (η_x, η_y)": df3}``) or a list of :class:`~analysis.runs.Run`.
+    "hybrid (η_x, η_y)": df3}``) or a list of :class:`~smoothlab.analysis.runs.Run`.
     ``smooth_window``: trailing rolling mean over that many logged rows (the raw curve is
     drawn faintly underneath). ``logy``: log-scale loss axis. Non-finite losses (a
     diverged run) end the line; the last finite point is marked with ×.

@@ -16,10 +16,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.summary import select_norm, smoothness_ratio
-from figures._common import blocks_in, per_step, require_blocks, require_frame
-from figures.style import COLUMN_WIDTH, block_color, paper_style, savefig
+from smoothlab.analysis.summary import select_norm, smoothness_ratio
 from smoothlab.errors import UsageError
+from smoothlab.figures._common import blocks_in, per_step, require_blocks, require_frame
+from smoothlab.figures.style import COLUMN_WIDTH, block_color, paper_style, savefig
 
 __all__ = ["fig1a", "fig1b"]
 
@@ -106,7 +106,7 @@ def fig1b(
 
     ``blocks = (x, y)`` name the two blocks, ``labels`` their legend entries. The panel is
     annotated with ``median_t L_x(t)/L_y(t)`` and its interquartile range
-    (:func:`analysis.summary.smoothness_ratio`). Returns the written paths.
+    (:func:`smoothlab.analysis.summary.smoothness_ratio`). Returns the written paths.
     """
     if len(blocks) != 2 or len(labels) != 2:
         raise UsageError(f"fig1b: expected two blocks and two labels, got {blocks}, {labels}")

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.runs import Run
+from smoothlab.analysis.runs import Run
 from smoothlab.errors import UsageError
 
 
@@ -73,7 +73,7 @@ def metrics_by_label(
     """Normalise the runs argument of the curve figures.
 
     Accepts ``{label: metrics_df}`` (colored by label) or a sequence of
-    :class:`~analysis.runs.Run` (labelled and colored by method; the run name is added
+    :class:`~smoothlab.analysis.runs.Run` (labelled and colored by method; the run name is added
     when a method occurs twice). Returns ``(frames, color_keys)``.
     """
     if isinstance(runs, Mapping):

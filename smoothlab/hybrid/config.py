@@ -93,7 +93,7 @@ DIST_TIMEOUT_RANGE = (1.0, 7 * 24 * 3600.0)
 def dist_timeout_seconds(name: str, v: Any) -> None:
     """``v`` is a number of seconds in :data:`DIST_TIMEOUT_RANGE` (a huge one overflows
     ``datetime.timedelta``); the one check of ``--dist-timeout`` and
-    :func:`hybrid.distributed.init`'s ``timeout_s``."""
+    :func:`smoothlab.hybrid.distributed.init`'s ``timeout_s``."""
     lo, hi = DIST_TIMEOUT_RANGE
     if not (_number(v) and lo <= v <= hi):
         raise UsageError(
@@ -234,14 +234,14 @@ def _hvps() -> tuple[str, ...]:
 
 
 def _tasks() -> tuple[str, ...]:
-    from hybrid.data import TASKS
+    from smoothlab.hybrid.data import TASKS
 
     return tuple(TASKS)
 
 
 def _task_columns() -> str:
     """Each task and the columns its data file needs (the ``--task`` help's tail)."""
-    from hybrid.tasks import task_help
+    from smoothlab.hybrid.tasks import task_help
 
     return task_help()
 
@@ -415,7 +415,7 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     return value
 
 
-# What hybrid.train writes into a run folder's config.json beside the TrainConfig fields, so
+# What smoothlab.hybrid.train writes into a run folder's config.json beside the TrainConfig fields, so
 # that the file is a config file too (``train --config runs/h1/config.json --steps 4000``).
 RUN_RECORD_KEYS = frozenset(
     {
@@ -684,7 +684,7 @@ class TrainConfig(ModelConfig):
     @property
     def auto_rates(self) -> tuple[str, ...]:
         """The rate fields given as ``"auto"`` (``lr_base``, ``lr_peft``), resolved by
-        :func:`hybrid.train.resolve_rates` before the engine is built."""
+        :func:`smoothlab.hybrid.train.resolve_rates` before the engine is built."""
         return tuple(k for k in ("lr_base", "lr_peft") if getattr(self, k) == AUTO)
 
 
@@ -794,7 +794,7 @@ class AdviseConfig(ModelConfig):
 @dataclass
 class Figure1Config(ModelConfig):
     """``smoothlab figure1``: an fo-ft run (Fig. 1a) and a hybrid-LoRA run (Fig. 1b), both
-    recorded; the defaults are the quick CPU version (see :mod:`hybrid.presets`)."""
+    recorded; the defaults are the quick CPU version (see :mod:`smoothlab.hybrid.presets`)."""
 
     steps: int = shared("steps", default=300)
     record_every: int = shared("record_every", default=30)
@@ -829,7 +829,7 @@ def user_input(what: str) -> Iterator[None]:
     """Errors raised while reading one thing the user named (a data file, a model, a blocks
     spec) are about that input: re-raised as :class:`UsageError` prefixed with ``what``.
 
-    TODO(issue 7): drop ValueError here once hybrid.data, hybrid.models and smoothlab.blocks
+    TODO(issue 7): drop ValueError here once smoothlab.hybrid.data, smoothlab.hybrid.models and smoothlab.blocks
     raise UsageError for bad input themselves; OSError (missing or unreadable files) stays.
     """
     try:

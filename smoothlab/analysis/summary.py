@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.runs import Run
+from smoothlab.analysis.runs import Run
 from smoothlab.errors import UsageError
 from smoothlab.runlog import final_loss
 
@@ -99,7 +99,7 @@ def block_summary(
     * ``median_stderr`` = median over probes of the estimator's standard error,
     * ``median_grad_norm`` = median over probes of ``‖∇_b f‖``,
     * ``d_b`` = the block's number of parameters, from ``block_sizes`` (or the run's
-      ``config["block_sizes"]`` when a :class:`~analysis.runs.Run` is passed), else NaN.
+      ``config["block_sizes"]`` when a :class:`~smoothlab.analysis.runs.Run` is passed), else NaN.
 
     An empty frame gives an empty summary with these columns.
     """

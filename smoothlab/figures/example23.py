@@ -26,8 +26,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from figures.style import PALETTE, TEXT_WIDTH, paper_style, savefig
 from smoothlab.errors import UsageError
+from smoothlab.figures.style import PALETTE, TEXT_WIDTH, paper_style, savefig
 
 __all__ = ["GDTrajectory", "example23", "quadratic", "run_gd"]
 

@@ -11,16 +11,16 @@ loads the fine-tuned model with no smoothlab or peft code:
   inputs, not a weight delta): the base model (with the trained copy of its head) is
   written to ``out_dir`` and the adapter to ``out_dir/adapter``;
   ``PeftModel.from_pretrained(base, out_dir/"adapter")`` restores the tuned model exactly,
-  except for prefix tuning of an encoder (:class:`hybrid.encoder_prefix.EncoderPrefixModel`:
+  except for prefix tuning of an encoder (:class:`smoothlab.hybrid.encoder_prefix.EncoderPrefixModel`:
   peft refuses it, "Model does not support past key values"), which needs smoothlab's
-  :func:`hybrid.encoder_prefix.load_encoder_prefix` (``ExportResult.loader``; the adapter
+  :func:`smoothlab.hybrid.encoder_prefix.load_encoder_prefix` (``ExportResult.loader``; the adapter
   folder holds a ``LOADING.md`` saying how).
 
 The model is deep-copied before merging unless ``inplace=True`` (which saves one model's
 memory and leaves the given PeftModel unusable afterwards).
 
 For a run with a checkpoint of seeds the caller rebuilds the weights first: load the initial
-model, :func:`hybrid.seedlog.replay` the log onto its ZO parameters, load the PEFT weights,
+model, :func:`smoothlab.hybrid.seedlog.replay` the log onto its ZO parameters, load the PEFT weights,
 then call :func:`export`.
 """
 
@@ -56,9 +56,9 @@ ENCODER_PREFIX_NOTE = """# Loading this adapter
 Encoder prefix tuning: `peft.PeftModel.from_pretrained` cannot load it ("Model does not
 support past key values"). Load it with smoothlab:
 
-    from hybrid.models import load_model
-    from hybrid.encoder_prefix import load_encoder_prefix
-    from hybrid.tasks import get_task  # the task the run was trained on
+    from smoothlab.hybrid.models import load_model
+    from smoothlab.hybrid.encoder_prefix import load_encoder_prefix
+    from smoothlab.hybrid.tasks import get_task  # the task the run was trained on
 
     base = load_model("{base}", get_task("TASK"))
     bundle = load_encoder_prefix(base, "{adapter}")
@@ -143,7 +143,7 @@ def export(
             model.save_pretrained(os.fspath(adapter_dir))
             loader = "peft.PeftModel.from_pretrained"
             if type(model).__name__ == "EncoderPrefixModel":  # peft cannot load it
-                loader = "hybrid.encoder_prefix.load_encoder_prefix"
+                loader = "smoothlab.hybrid.encoder_prefix.load_encoder_prefix"
                 note = ENCODER_PREFIX_NOTE.format(base=out, adapter=adapter_dir)
                 (adapter_dir / "LOADING.md").write_text(note)
             state = _base_state(model)

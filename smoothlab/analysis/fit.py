@@ -227,10 +227,10 @@ def fit_blocks(
     Returns block -> fit, in order of first appearance; a block that cannot be fitted
     (too few points, constant gradient norm) maps to the ``ValueError`` explaining why,
     so one bad block does not hide the others. ``norm`` selects the Hessian norm as in
-    :func:`analysis.summary.select_norm`. Raises ``ValueError`` when a requested block is
+    :func:`smoothlab.analysis.summary.select_norm`. Raises ``ValueError`` when a requested block is
     absent (naming the blocks found) or the frame lacks the needed columns.
     """
-    from analysis.summary import select_norm
+    from smoothlab.analysis.summary import select_norm
 
     missing = [c for c in ("block", "estimate", "grad_norm") if c not in smoothness.columns]
     if missing:
