@@ -331,9 +331,7 @@ class Oracle:
         if self._step is None:
             if self._loss_dtype is None:
                 self.reference_value()  # one forward to learn the loss's dtype
-            self._step = default_step(
-                self.kind, self.params, self._loss_dtype, self._model_dtype
-            )
+            self._step = default_step(self.kind, self.params, self._loss_dtype, self._model_dtype)
         return self._step / max(float(v.norm()), 1e-30)
 
     def _loss(self, where: str) -> torch.Tensor:
