@@ -81,16 +81,36 @@ def compute_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if params[0].dtype == torch.float64 else torch.float32
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def model_dtype(root: nn.Module | None) -> torch.dtype | None:
+    """The least precise floating dtype of ``root``'s parameters (None without a module or
+    floating parameters): the precision its forward computes in. A float32 block (LoRA
+    adapters, which peft keeps in float32) inside a bf16 model sees bf16 rounding in f."""
+    if root is None:
+        return None
+    dtypes = {p.dtype for p in root.parameters() if p.dtype.is_floating_point}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=None)
+
+
 def default_step(
-    kind: str, params: Sequence[torch.Tensor], loss_dtype: torch.dtype | None = None
+    kind: str,
+    params: Sequence[torch.Tensor],
+    loss_dtype: torch.dtype | None = None,
+    compute_in: torch.dtype | None = None,
 ) -> float:
     """The displacement length ε^p · max(‖x_b‖, 1) for oracle ``kind``.
 
-    ε = max(eps(params dtype), eps(loss_dtype)): rounding in f (or ∇f) sets the error floor.
+    ε = max(eps(params dtype), eps(loss_dtype), eps(compute_in)): rounding in f (or ∇f)
+    sets the error floor; ``compute_in`` is the model's precision (:func:`model_dtype`), so
+    a float32 block of a bf16 model steps as a bf16 one (a float32 loss cast from bf16
+    logits carries bf16 rounding).
     """
     eps = torch.finfo(params[0].dtype).eps
-    if loss_dtype is not None and loss_dtype.is_floating_point:
-        eps = max(eps, torch.finfo(loss_dtype).eps)
+    for d in (loss_dtype, compute_in):
+        if d is not None and d.is_floating_point:
+            eps = max(eps, torch.finfo(d).eps)
     xnorm = math.sqrt(
         sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in params)
     )
@@ -267,10 +287,19 @@ class Oracle:
         self._loss_dtype: torch.dtype | None = None
         if gradient is not None:
             self._g0, self._loss_dtype = gradient[0].to(self.dtype), gradient[1]
-        if kind != "exact" and self.params[0].dtype in (torch.float16, torch.bfloat16):
+        self._model_dtype = model_dtype(root)
+        half = self.params[0].dtype if self.params[0].dtype in _HALF else None
+        if half is None and self._model_dtype in _HALF:
+            half = self._model_dtype
+        if kind != "exact" and half is not None:
+            where = (
+                f"a {half} block"
+                if half == self.params[0].dtype
+                else f"a {self.params[0].dtype} block of a {half} model"
+            )
             warnings.warn(
-                f"hvp={kind!r} on a {self.params[0].dtype} block: finite differences in half "
-                f"precision (eps={torch.finfo(self.params[0].dtype).eps:.1e}) are unreliable; "
+                f"hvp={kind!r} on {where}: finite differences in half "
+                f"precision (eps={torch.finfo(half).eps:.1e}) are unreliable; "
                 "use hvp='exact' or cast the model to float32 for the probe",
                 RuntimeWarning,
                 stacklevel=3,
@@ -302,7 +331,7 @@ class Oracle:
         if self._step is None:
             if self._loss_dtype is None:
                 self.reference_value()  # one forward to learn the loss's dtype
-            self._step = default_step(self.kind, self.params, self._loss_dtype)
+            self._step = default_step(self.kind, self.params, self._loss_dtype, self._model_dtype)
         return self._step / max(float(v.norm()), 1e-30)
 
     def _loss(self, where: str) -> torch.Tensor:
