@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from hybrid.engine import HALF_LOST_WARN, HybridEngine
+from smoothlab.hybrid.engine import HALF_LOST_WARN, HybridEngine
 
 
 def _model(dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
