@@ -175,7 +175,7 @@ def _quiet_transformers() -> None:
 
 # --------------------------------------------------------------------------- probe
 def _load_bundle(cfg: Any, peft: str) -> Any:
-    from smoothlab.hybrid.config import user_input
+    from smoothlab.hybrid.config import torch_dtype, user_input
     from smoothlab.hybrid.data import load_task_data
     from smoothlab.hybrid.models import attach_peft, load_model
 
@@ -190,7 +190,9 @@ def _load_bundle(cfg: Any, peft: str) -> Any:
             flags={"path": "--data", "train": "--batch-size"},
         )
     with user_input(f"--model {cfg.model or 'default'}"):
-        bundle = load_model(cfg.model, task, device=cfg.device, seed=cfg.seed)
+        bundle = load_model(
+            cfg.model, task, device=cfg.device, dtype=torch_dtype(cfg.dtype), seed=cfg.seed
+        )
     if peft != "none":
         with user_input(f"--peft {peft} on model {bundle.name}"):
             bundle = attach_peft(

@@ -135,3 +135,45 @@ def test_fd_probe_of_a_float32_block_in_a_bf16_model_steps_for_bf16_and_warns():
             assert msgs == []
     exact, fd = out["exact"]["peft"].value, out["fd"]["peft"].value
     assert abs(fd - exact) < 0.25 * abs(exact), (fd, exact)
+
+
+def test_dtype_option_loads_the_weights_in_that_dtype(tmp_path, capsys):
+    """--dtype (every model-loading command): a bfloat16 checkpoint loads as bfloat16 by
+    default (transformers keeps the checkpoint's dtype) and as float32 when asked (the CLI
+    had no way to choose); LoRA stays float32; figure1's runs inherit it; the
+    run records the dtype it loaded (auto resolved), and resuming with another is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from smoothlab.cli import main
+    from smoothlab.hybrid.config import Figure1Config
+    from smoothlab.hybrid.presets import figure1_runs
+    from smoothlab.hybrid.train import TrainConfig, build, train
+    from tests.tiny_models import tiny_causal_lm
+
+    saved = tmp_path / "opt_bf16"
+    tiny_causal_lm("opt", seed=0, save_dir=saved)
+    AutoModelForCausalLM.from_pretrained(saved).to(torch.bfloat16).save_pretrained(saved)
+    small = dict(model=str(saved), train_size=8, eval_size=2, dev_size=2, batch_size=2)
+    for dtype, want in (("auto", torch.bfloat16), ("float32", torch.float32)):
+        cfg = TrainConfig(method="hybrid-lora", dtype=dtype, **small)
+        bundle, _, _ = build(cfg)
+        base = {p.dtype for n, p in bundle.model.named_parameters() if "lora_" not in n}
+        lora = {p.dtype for n, p in bundle.model.named_parameters() if "lora_" in n}
+        assert base == {want} and lora == {torch.float32}, (dtype, base, lora)
+    runs = figure1_runs(Figure1Config(dtype="bfloat16", out=str(tmp_path / "f")))
+    assert {r.dtype for r in runs.values()} == {"bfloat16"}
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(TrainConfig(method="fo-lora", steps=1, out=str(out), **small))  # auto
+    assert '"dtype": "bfloat16"' in (out / "config.json").read_text()
+    argv = ["train", "--method", "fo-lora", "--steps", "2", "--out", str(out), "--model"]
+    argv += [str(saved), "--train-size", "8", "--eval-size", "2", "--dev-size", "2"]
+    capsys.readouterr()
+    assert main([*argv, "--batch-size", "2", "--dtype", "float32"]) == 2
+    assert "dtype: 'bfloat16' -> 'float32'" in capsys.readouterr().err
+    # auto loads this checkpoint as bfloat16: the same run, resumed (and recorded as loaded)
+    assert main([*argv, "--batch-size", "2", "--dtype", "auto"]) == 0
+    assert '"dtype": "bfloat16"' in (out / "config.json").read_text()
+    assert main(["probe", "--dtype", "int8"]) == 2
+    assert "invalid choice: 'int8'" in capsys.readouterr().err

@@ -138,6 +138,17 @@ def parse_floats(text: str) -> tuple[float, ...]:
 
 
 AUTO = "auto"
+DTYPES = (AUTO, "float32", "bfloat16", "float16")
+"""``dtype`` values: ``auto`` loads the weights as the checkpoint stores them."""
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a ``dtype`` value (None for ``auto``: the checkpoint's own)."""
+    if name == AUTO:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 def parse_rate(text: str) -> float | str:
@@ -514,6 +525,12 @@ class ModelConfig:
         check=seed_value,
     )
     device: str = opt("cpu", "cpu, cuda, cuda:N, mps or auto")
+    dtype: str = opt(
+        AUTO,
+        "dtype of the model's weights: auto keeps the checkpoint's; a PEFT module's weights "
+        "stay float32",
+        choices=lambda: DTYPES,
+    )
     lora_r: int = opt(16, "LoRA rank", check=positive_int)
     lora_alpha: float = opt(32.0, "LoRA scaling alpha", check=positive_float)
     num_virtual_tokens: int = opt(

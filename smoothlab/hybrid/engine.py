@@ -578,8 +578,9 @@ class HybridEngine:
             return
         dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for _, p in half}))
         fix = (
-            "keep the base weights in float32 (load the model with dtype=torch.float32: a "
-            "checkpoint saved in half precision otherwise loads in half precision)"
+            "keep the base weights in float32 (--dtype float32, or load_model(..., "
+            "dtype=torch.float32): a checkpoint saved in half precision otherwise loads in "
+            "half precision)"
         )
         if shift_lost / total > HALF_LOST_WARN:
             warnings.warn(

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Figure1Config, TrainConfig
+from .config import Figure1Config, ModelConfig, TrainConfig
 
 __all__ = [
     "FIGURE1_PRESETS",
@@ -53,13 +53,9 @@ FIGURE1_PRESETS: dict[str, Callable[[], Figure1Config]] = {
 def figure1_runs(cfg: Figure1Config) -> dict[str, TrainConfig]:
     """The two recorded runs of Figure 1: ``fig1a`` (fo-ft) and ``fig1b`` (hybrid-LoRA)."""
     out = Path(cfg.out)
-    common = dict(
-        model=cfg.model,
-        task=cfg.task,
-        data=cfg.data,
+    # every model option as given (model, data, device, dtype, lengths, PEFT sizes, ...)
+    common = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)} | dict(
         steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
         eval_every=max(cfg.steps // 4, 1),
         eval_examples=cfg.eval_examples,
         train_size=cfg.train_size,
@@ -67,11 +63,6 @@ def figure1_runs(cfg: Figure1Config) -> dict[str, TrainConfig]:
         dev_size=cfg.dev_size,
         eval_data=cfg.eval_data,
         dev_data=cfg.dev_data,
-        device=cfg.device,
-        lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        num_virtual_tokens=cfg.num_virtual_tokens,
-        max_length=cfg.max_length,
         record_every=cfg.record_every,
         record_vectors=cfg.vectors,
         record_hvp=cfg.hvp,

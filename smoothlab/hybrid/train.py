@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from smoothlab.blocks import block_sizes, make_blocks
+from smoothlab.blocks import block_sizes, make_blocks, peft_parameter_names
 from smoothlab.budget import WalkBudget
 from smoothlab.errors import UsageError
 from smoothlab.methods import get_method
@@ -53,7 +53,15 @@ from smoothlab.runlog import (
 )
 
 from . import distributed as D
-from .config import AUTO, TrainConfig, check_fields, resolve_device, user_input
+from .config import (
+    AUTO,
+    DTYPES,
+    TrainConfig,
+    check_fields,
+    resolve_device,
+    torch_dtype,
+    user_input,
+)
 from .data import EpochSampler, Splits, Task, file_digests, load_task_data
 from .engine import HybridEngine, table_of, zo_updater
 from .faults import (
@@ -137,7 +145,9 @@ def build(cfg: TrainConfig) -> tuple[ModelBundle, Task, Splits]:
             **files,
         )
     with user_input(f"model {cfg.model or 'default'!r}"):
-        bundle = load_model(cfg.model, task, device=cfg.device, seed=cfg.seed)
+        bundle = load_model(
+            cfg.model, task, device=cfg.device, dtype=torch_dtype(cfg.dtype), seed=cfg.seed
+        )
     kind = get_method(cfg.method).peft
     if kind:
         with user_input(f"method {cfg.method!r} on model {bundle.name!r}"):
@@ -507,6 +517,9 @@ class Trainer:
         with file_digests() as self._read_digests:  # the data files, read once
             self.bundle, self.task, self.splits = build(cfg)
         self.model = self.bundle.model
+        if cfg.dtype == AUTO and (dtype := loaded_dtype(self.model)) is not None:
+            # recorded as loaded, so a resume compares dtypes, not the word "auto"
+            self.cfg = cfg = dataclasses.replace(cfg, dtype=dtype)
         if self.writer and (
             note := self.bundle.truncation_note(
                 self.splits.train, cfg.max_length, "training examples"
@@ -650,6 +663,8 @@ class Trainer:
             "model": self.cfg.model or DEFAULT_MODEL,
         }
         then = dict(saved) | {"checkpoint": kind, "model": saved.get("model") or DEFAULT_MODEL}
+        if then.get("dtype", AUTO) == AUTO:  # before dtypes were recorded: as this load gives
+            then["dtype"] = self.cfg.dtype
         inert = INERT | self.cfg.unused_fields()
         check_resume(self.out, then, current, done=done, defaults=defaults, inert=inert)
 
@@ -1119,6 +1134,18 @@ class Trainer:
                 self.close()
             self.finish()
         return self.out
+
+
+def loaded_dtype(model: nn.Module) -> str | None:
+    """The ``dtype`` option value of the model's own (non-PEFT) floating weights: the dtype
+    ``auto`` loaded them in; None when they mix dtypes or have one no option names."""
+    peft = peft_parameter_names(model)
+    kinds = {
+        str(p.dtype).removeprefix("torch.")
+        for n, p in model.named_parameters()
+        if n not in peft and p.is_floating_point()
+    }
+    return kinds.pop() if len(kinds) == 1 and kinds <= set(DTYPES[1:]) else None
 
 
 def _data_lines(path: Path) -> int:
