@@ -175,9 +175,9 @@ def _quiet_transformers() -> None:
 
 # --------------------------------------------------------------------------- probe
 def _load_bundle(cfg: Any, peft: str) -> Any:
-    from smoothlab.hybrid.config import torch_dtype, user_input
+    from smoothlab.hybrid.config import user_input
     from smoothlab.hybrid.data import load_task_data
-    from smoothlab.hybrid.models import attach_peft, load_model
+    from smoothlab.hybrid.models import DEFAULT_MODEL, configured_bundle
 
     with user_input(f"--data {cfg.data or cfg.task}"):
         task, splits = load_task_data(
@@ -189,20 +189,13 @@ def _load_bundle(cfg: Any, peft: str) -> Any:
             seed=cfg.seed,
             flags={"path": "--data", "train": "--batch-size"},
         )
-    with user_input(f"--model {cfg.model or 'default'}"):
-        bundle = load_model(
-            cfg.model, task, device=cfg.device, dtype=torch_dtype(cfg.dtype), seed=cfg.seed
-        )
-    if peft != "none":
-        with user_input(f"--peft {peft} on model {bundle.name}"):
-            bundle = attach_peft(
-                bundle,
-                peft,
-                r=cfg.lora_r,
-                alpha=cfg.lora_alpha,
-                num_virtual_tokens=cfg.num_virtual_tokens,
-                seed=cfg.seed,
-            )
+    bundle = configured_bundle(
+        cfg,
+        task,
+        peft,
+        model_input=f"--model {cfg.model or 'default'}",
+        peft_input=f"--peft {peft} on model {cfg.model or DEFAULT_MODEL}",
+    )
     return bundle, splits
 
 

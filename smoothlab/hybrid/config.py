@@ -846,8 +846,8 @@ def user_input(what: str) -> Iterator[None]:
     """Errors raised while reading one thing the user named (a data file, a model, a blocks
     spec) are about that input: re-raised as :class:`UsageError` prefixed with ``what``.
 
-    TODO(issue 7): drop ValueError here once smoothlab.hybrid.data, smoothlab.hybrid.models and smoothlab.blocks
-    raise UsageError for bad input themselves; OSError (missing or unreadable files) stays.
+    ValueError is caught too, since transformers and peft raise it for bad input (a missing
+    model file, an unknown target module); OSError covers missing or unreadable files.
     """
     try:
         yield

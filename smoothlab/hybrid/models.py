@@ -328,3 +328,30 @@ def load_model(
     return ModelBundle(
         model=model, tokenizer=tokenizer, task=task, kind=kind, device=dev, name=shown
     )
+
+
+def configured_bundle(
+    cfg: Any, task: Task, peft: str | None, *, model_input: str, peft_input: str
+) -> ModelBundle:
+    """``cfg``'s model (a :class:`~smoothlab.hybrid.config.ModelConfig`: model, device,
+    dtype, seed) with the PEFT module ``peft`` (None or ``"none"``: none) attached at its
+    sizes (``lora_r``, ``lora_alpha``, ``num_virtual_tokens``). Errors are about the inputs
+    the caller names (``model_input``, ``peft_input``; see
+    :func:`~smoothlab.hybrid.config.user_input`)."""
+    from .config import torch_dtype, user_input
+
+    with user_input(model_input):
+        bundle = load_model(
+            cfg.model, task, device=cfg.device, dtype=torch_dtype(cfg.dtype), seed=cfg.seed
+        )
+    if peft and peft != "none":
+        with user_input(peft_input):
+            bundle = attach_peft(
+                bundle,
+                peft,
+                r=cfg.lora_r,
+                alpha=cfg.lora_alpha,
+                num_virtual_tokens=cfg.num_virtual_tokens,
+                seed=cfg.seed,
+            )
+    return bundle

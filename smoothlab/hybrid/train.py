@@ -59,7 +59,6 @@ from .config import (
     TrainConfig,
     check_fields,
     resolve_device,
-    torch_dtype,
     user_input,
 )
 from .data import EpochSampler, Splits, Task, file_digests, load_task_data
@@ -73,7 +72,7 @@ from .faults import (
     check_resume,
     clear_run,
 )
-from .models import DEFAULT_MODEL, ModelBundle, attach_peft, load_model
+from .models import DEFAULT_MODEL, ModelBundle, configured_bundle
 from .seedlog import SeedHeader, SeedLog, replay, weights_hash
 from .seedlog import digest as log_digest
 
@@ -144,21 +143,13 @@ def build(cfg: TrainConfig) -> tuple[ModelBundle, Task, Splits]:
             flags=_DATA_FLAGS,
             **files,
         )
-    with user_input(f"model {cfg.model or 'default'!r}"):
-        bundle = load_model(
-            cfg.model, task, device=cfg.device, dtype=torch_dtype(cfg.dtype), seed=cfg.seed
-        )
-    kind = get_method(cfg.method).peft
-    if kind:
-        with user_input(f"method {cfg.method!r} on model {bundle.name!r}"):
-            bundle = attach_peft(
-                bundle,
-                kind,
-                r=cfg.lora_r,
-                alpha=cfg.lora_alpha,
-                num_virtual_tokens=cfg.num_virtual_tokens,
-                seed=cfg.seed,
-            )
+    bundle = configured_bundle(
+        cfg,
+        task,
+        get_method(cfg.method).peft,
+        model_input=f"model {cfg.model or 'default'!r}",
+        peft_input=f"method {cfg.method!r} on model {cfg.model or DEFAULT_MODEL!r}",
+    )
     if cfg.device_map is not None:
         bundle = place_model(bundle, cfg.device_map)
     return bundle, task, splits
