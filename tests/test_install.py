@@ -95,8 +95,8 @@ def _user_folder(tmp_path: Path) -> Path:
 
 def test_python_dash_m_ignores_same_named_modules_in_the_working_folder(tmp_path):
     """``python -m`` puts the working folder first on sys.path; a user's ``figures.py`` or
-    ``hybrid.py`` there must not replace smoothlab's packages (the console script never sees
-    the working folder)."""
+    ``hybrid.py`` there cannot replace smoothlab's subpackages (they are ``smoothlab.*``: no
+    generic top-level names)."""
     cwd = _user_folder(tmp_path)
     env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(
@@ -109,24 +109,6 @@ def test_python_dash_m_ignores_same_named_modules_in_the_working_folder(tmp_path
     )
     assert r.returncode == 0, r.stderr
     assert "usage: smoothlab report" in r.stdout
-
-
-def test_the_working_folder_stays_when_smoothlab_comes_from_it(tmp_path, monkeypatch):
-    """From a source checkout (no install) the working folder is where smoothlab and its
-    sibling packages come from: it stays on sys.path. Elsewhere only its leading entry goes."""
-    from smoothlab.__main__ import _drop_working_folder
-
-    checkout, other = tmp_path / "checkout", tmp_path / "elsewhere"
-    checkout.mkdir()
-    other.mkdir()
-    monkeypatch.chdir(checkout)
-    here = str(checkout)
-    assert _drop_working_folder([here, "/lib"], checkout) == [here, "/lib"]
-    assert _drop_working_folder(["", "/lib"], checkout) == ["", "/lib"]
-    assert _drop_working_folder([here, "/lib"], other) == ["/lib"]
-    assert _drop_working_folder(["", "/lib"], other) == ["/lib"]
-    assert _drop_working_folder(["/lib", here], other) == ["/lib", here]
-    assert _drop_working_folder([], other) == []
 
 
 @pytest.mark.slow
