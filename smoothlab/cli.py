@@ -149,18 +149,19 @@ def _config(args: argparse.Namespace, cls: type, base: Any) -> Any:
 
 
 def _where_given(text: str, cls: type, typed: Mapping[str, Any], config: str | None) -> str:
-    """A config check's message, which starts with the field's name: the flag when the user
-    typed it (``batch_size ...`` -> ``--batch-size ...``), else the config file it came from."""
+    """A config check's message, which starts with a field's name, names each setting where
+    the user gave it: a typed field by its flag (``batch_size ...`` -> ``--batch-size ...``;
+    later mentions too when the name is an identifier, with an underscore), and the config
+    file when the message starts with a field it set."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     m = re.match(r"\w+", text)
-    name = m.group(0) if m else ""
-    if name in typed and name in fields:
-        flag = _flag(fields[name])
-        rest = text[len(name) :]
-        if "_" in name:  # an identifier, not a word: its later mentions are the flag too
-            rest = re.sub(rf"(?<![\w-]){name}\b", flag, rest)
-        return flag + rest
-    if name in fields and config:
+    lead = m.group(0) if m else ""
+    for name in typed:
+        if name in fields and "_" in name:
+            text = re.sub(rf"(?<![\w-]){name}\b", _flag(fields[name]), text)
+        elif name in fields and name == lead:  # a word ("steps"): its leading use only
+            text = _flag(fields[name]) + text[len(name) :]
+    if lead in fields and lead not in typed and config:
         return f"{config}: {text}"
     return text
 

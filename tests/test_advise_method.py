@@ -329,3 +329,17 @@ def test_an_unknown_method_is_a_usage_error() -> None:
 
     with pytest.raises(UsageError, match="unknown method 'nope'; accepted: .*hybrid-lora"):
         advice_from_curvature(Curvature(hvp="exact", d_x=0, d_y=3, loss=1.0), "nope")
+
+
+def test_train_command_leaves_out_the_dtype_auto_loads() -> None:
+    """A run records ``--dtype auto`` as the dtype it loaded (float32 for MiniLM); the command
+    printed from it needs no ``--dtype`` for that, and keeps one that differs."""
+    from smoothlab.advisor import advise
+
+    plain = train_command(
+        advise(4.0, None, 1000), TrainConfig(method="zo-ft", dtype="float32", out="r")
+    )
+    half = train_command(
+        advise(4.0, None, 1000), TrainConfig(method="zo-ft", dtype="bfloat16", out="r")
+    )
+    assert "--dtype" not in plain and "--dtype bfloat16" in half

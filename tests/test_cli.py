@@ -1047,3 +1047,12 @@ def test_task_help_lists_the_columns_of_each_task(capsys) -> None:
     for task in TASKS.values():
         assert f"{task.name}: " in out
     assert "copa: SuperGLUE COPA, columns premise, choice1, choice2, question, label" in out
+
+
+def test_a_setting_typed_beside_a_config_file_is_named_by_its_flag(tmp_path: Path, capsys):
+    """A message about two settings names each where it was given: the file's by the file,
+    the typed one by its flag."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"record_blocks": "layers"}')
+    err = _one_line_exit_2(["train", "--config", str(cfg), "--record-every", "0"], capsys)
+    assert f"{cfg}: record_blocks 'layers' needs --record-every > 0" in err

@@ -22,8 +22,11 @@ L = [1.11033115, 1.1109347, 0.8318671]
 
 
 def test_power_fit_whose_a_overflows_is_a_fit_error():
-    with pytest.raises(ValueError, match="overflows"):
+    with pytest.raises(ValueError, match="no finite positive L"):
         fit_smoothness(G, L, kind="power")
+    # the other side: log a of -10^4 underflowed to a = 0 and predicted nan, silently
+    with pytest.raises(ValueError, match="no finite positive L"):
+        fit_smoothness([10.0, 10.00001, 10.00002], [1.0, 2.0, 4.0], kind="power")
     # the affine fit of the same points is finite
     assert math.isfinite(fit_smoothness(G, L, kind="affine").L1)
 
@@ -34,7 +37,7 @@ def test_report_of_a_short_run_writes_a_note_not_a_traceback(tmp_path):
     head["block"], head["grad_norm"], head["estimate"] = "head", G, L
     sm = pd.concat([sm, head], ignore_index=True)
     fits = fit_blocks(sm, kind="power")
-    assert isinstance(fits["head"], ValueError) and "overflows" in str(fits["head"])
+    assert isinstance(fits["head"], ValueError) and "no finite positive" in str(fits["head"])
     assert not isinstance(fits["peft"], ValueError)  # one bad block hides no other
     run = write_run(tmp_path / "h2", smoothness=sm)
     md, html = write_report([run], tmp_path / "report")

@@ -838,7 +838,7 @@ def test_a_run_without_its_checkpoint_keeps_its_logs_unless_rerun_as_itself(
     before = {n: (run / n).read_bytes() for n in ("metrics.csv", "smoothness.csv", "config.json")}
     assert _rows(run / "metrics.csv")
     cfg = _cfg(opt_model, run)
-    with pytest.raises(UsageError, match=r"another configuration \(lr_peft: .*--restart"):
+    with pytest.raises(UsageError, match=r"another configuration \(lr_peft: .*replace them"):
         _train(TrainConfig(**(vars(cfg) | {"lr_peft": cfg.lr_peft * 2})))
     with pytest.raises(UsageError, match="holds a 'hybrid-lora' run; cannot resume it as 'zo-ft'"):
         _train(TrainConfig(**(vars(cfg) | {"method": "zo-ft"})))
@@ -851,3 +851,37 @@ def test_a_run_without_its_checkpoint_keeps_its_logs_unless_rerun_as_itself(
     _train(cfg)
     assert "no checkpoint.pt: the run starts over from step 0" in capsys.readouterr().err
     assert_same_run(baseline, run)
+    # options that change no step (when to save or evaluate) do not block a start-over
+    for name in ("checkpoint.pt", "best.pt"):
+        (run / name).unlink()
+    _train(TrainConfig(**(vars(cfg) | {"save_every": 1, "eval_every": 1})))
+    assert _rows(run / "smoothness.csv") == _rows(baseline / "smoothness.csv")
+
+
+def test_a_run_from_before_dtypes_were_recorded_resumes_only_in_the_dtype_it_had(
+    opt_model, baseline, tmp_path
+):
+    """Runs saved before ``dtype`` existed loaded as ``auto`` does (float32 here): resuming
+    one with ``--dtype bfloat16`` is refused, as for a run that recorded its dtype (the old
+    run's missing field used to take the new value, so it never differed); ``auto``
+    resumes it."""
+    import json
+    import shutil
+
+    import torch
+
+    from smoothlab.hybrid.train import TrainConfig
+
+    run = tmp_path / "old"
+    shutil.copytree(baseline, run)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["config"].pop("dtype") == "float32"  # as a run of the old code saved it
+    torch.save(state, run / "checkpoint.pt")
+    config = json.loads((run / "config.json").read_text())
+    del config["dtype"]
+    (run / "config.json").write_text(json.dumps(config))
+    cfg = _cfg(opt_model, run, steps=STEPS + 1)
+    with pytest.raises(UsageError, match=r"dtype: 'float32' -> 'bfloat16'"):
+        _train(TrainConfig(**(vars(cfg) | {"dtype": "bfloat16"})))
+    _train(cfg)
+    assert json.loads((run / "config.json").read_text())["dtype"] == "float32"

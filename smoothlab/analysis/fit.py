@@ -173,7 +173,8 @@ def fit_smoothness(
     ``L ≈ a·g^b`` (:class:`PowerFit`). Non-finite pairs are dropped (and, for the power
     fit, pairs with ``g <= 0`` or ``L <= 0``). Raises ``ValueError`` with fewer than 3
     usable points (saying how many), when all ``g`` are equal, or when the power fit's
-    ``a = exp(log a)`` overflows a float (``g`` spanning a tiny range, as in a short run).
+    ``a = exp(log a)`` overflows or underflows a float, or ``a·g^b`` is not a finite positive
+    number at the data (``g`` spanning a tiny range, as in a short run).
     """
     if kind not in ("affine", "power"):
         raise UsageError(f"kind={kind!r}; expected 'affine' or 'power'")
@@ -197,15 +198,18 @@ def fit_smoothness(
             n=int(x.size),
         )
     res = _ols(np.log(x), np.log(y))
-    if res.intercept > _LOG_MAX:
-        # gradient norms that barely move (a short run) put log a in the thousands
+    a = math.exp(res.intercept) if res.intercept <= _LOG_MAX else math.inf
+    with np.errstate(over="ignore", invalid="ignore"):
+        fitted = a * x**res.slope
+    if not (0 < a < math.inf and np.isfinite(fitted).all() and (fitted > 0).all()):
+        # gradient norms that barely move (a short run) put |log a| and |b| in the thousands
         raise UsageError(
-            f"cannot fit a power law: a = exp({res.intercept:.4g}) overflows a float "
-            f"(b = {res.slope:.4g}; the gradient norms span only a factor "
+            f"cannot fit a power law: a = exp({res.intercept:.4g}) and b = {res.slope:.4g} "
+            "give no finite positive L at the data (the gradient norms span only a factor "
             f"{x.max() / x.min():.6g})"
         )
     return PowerFit(
-        a=math.exp(res.intercept),
+        a=a,
         b=res.slope,
         log_a_se=res.intercept_se,
         b_se=res.slope_se,

@@ -30,8 +30,9 @@ from smoothlab.curvature import Curvature, measure, weight_norm
 from smoothlab.errors import UsageError
 from smoothlab.methods import get_method
 
+from .config import AUTO
 from .data import EpochSampler
-from .models import ModelBundle
+from .models import ModelBundle, auto_dtype
 from .train import TrainConfig, build, split_parameters
 
 __all__ = [
@@ -407,6 +408,8 @@ def train_command(advice: Advice, cfg: TrainConfig, *, program: str = "smoothlab
             f"the advice has no usable rate for {cfg.method!r}: eta_x={lr_base!r}, eta_y={lr_peft!r}"
         )
     args = ["--method", cfg.method, "--lr-base", f"{lr_base:.3g}", "--lr-peft", f"{lr_peft:.3g}"]
+    if cfg.dtype != AUTO and cfg.dtype == auto_dtype(cfg.model):  # a run records auto as
+        cfg = dataclasses.replace(cfg, dtype=AUTO)  # the dtype it loaded: no flag needed
     args += _flag_args(cfg, {"method", "lr_base", "lr_peft", "out", "extend_steps"})
     args += ["--out", cfg.out]
     return program + " " + " ".join(shlex.quote(a) for a in args)

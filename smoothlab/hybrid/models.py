@@ -355,3 +355,16 @@ def configured_bundle(
                 seed=cfg.seed,
             )
     return bundle
+
+
+def auto_dtype(name_or_path: str | os.PathLike[str] | None) -> str:
+    """The ``dtype`` option value that ``auto`` loads a model's weights in: the dtype its
+    config records (``dtype``, formerly ``torch_dtype``), float32 when it records none;
+    ``auto`` for a dtype no option names."""
+    from .config import DTYPES
+
+    config = _load_config(resolve_model_path(name_or_path), str(name_or_path))
+    fields = vars(config)  # not getattr: transformers warns on reading torch_dtype
+    recorded = fields.get("dtype") or fields.get("torch_dtype")
+    name = "float32" if recorded is None else str(recorded).removeprefix("torch.")
+    return name if name in DTYPES else DTYPES[0]

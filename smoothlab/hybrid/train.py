@@ -71,8 +71,9 @@ from .faults import (
     SignalGuard,
     check_resume,
     clear_run,
+    config_diff,
 )
-from .models import DEFAULT_MODEL, ModelBundle, configured_bundle
+from .models import DEFAULT_MODEL, ModelBundle, auto_dtype, configured_bundle
 from .seedlog import SeedHeader, SeedLog, replay, weights_hash
 from .seedlog import digest as log_digest
 
@@ -508,6 +509,7 @@ class Trainer:
         with file_digests() as self._read_digests:  # the data files, read once
             self.bundle, self.task, self.splits = build(cfg)
         self.model = self.bundle.model
+        self.dtype_given = cfg.dtype
         if cfg.dtype == AUTO and (dtype := loaded_dtype(self.model)) is not None:
             # recorded as loaded, so a resume compares dtypes, not the word "auto"
             self.cfg = cfg = dataclasses.replace(cfg, dtype=dtype)
@@ -636,6 +638,13 @@ class Trainer:
     def _check_same_run(self, saved: dict[str, Any], kind: str, *, done: int) -> None:
         """:func:`check_resume` of this run against the ``saved`` config of the folder's run
         (its checkpoint kind ``kind`` in effect), which ran ``done`` steps."""
+        then, current, defaults = self._comparable(saved, kind)
+        inert = INERT | self.cfg.unused_fields()
+        check_resume(self.out, then, current, done=done, defaults=defaults, inert=inert)
+
+    def _comparable(self, saved: dict[str, Any], kind: str) -> tuple[dict, dict, dict]:
+        """(saved, current, defaults) as :func:`config_diff` compares them: options as they
+        take effect. A run of another method is refused here."""
         if saved.get("method") != self.cfg.method:
             raise UsageError(
                 f"{self.out} holds a {saved.get('method')!r} run; cannot resume it as "
@@ -654,10 +663,16 @@ class Trainer:
             "model": self.cfg.model or DEFAULT_MODEL,
         }
         then = dict(saved) | {"checkpoint": kind, "model": saved.get("model") or DEFAULT_MODEL}
-        if then.get("dtype", AUTO) == AUTO:  # before dtypes were recorded: as this load gives
-            then["dtype"] = self.cfg.dtype
-        inert = INERT | self.cfg.unused_fields()
-        check_resume(self.out, then, current, done=done, defaults=defaults, inert=inert)
+        if then.get("dtype", AUTO) == AUTO:  # a run from before dtypes were recorded loaded
+            then["dtype"] = self._auto_dtype()  # as auto loads now, whatever is asked now
+        return then, current, defaults
+
+    def _auto_dtype(self) -> str:
+        """The ``dtype`` value ``auto`` loads this run's model in (``auto`` when its weights
+        mix dtypes): this run's own when it was given as auto, else the model's record."""
+        if self.dtype_given == AUTO:
+            return self.cfg.dtype
+        return auto_dtype(self.cfg.model)
 
     def _check_logged_run(self) -> None:
         """No checkpoint, but the folder's logs may hold rows (a run killed before its first
@@ -682,7 +697,18 @@ class Trainer:
         kind = saved.get("checkpoint") or ("seeds" if method == "zo-ft" else "full")
         auto = set((self.advice or {}).get("auto", ()))  # re-resolved: compared as "auto"
         saved |= {k: getattr(self.cfg, k) for k in auto}
-        self._check_same_run(saved, kind, done=0)
+        then, current, defaults = self._comparable(saved, kind)
+        # nothing is resumed: options that only say when to save or evaluate, or where to
+        # compute, change no logged step's training
+        inert = INERT | self.cfg.unused_fields() | STARTOVER_INERT
+        diff = config_diff(then, current, defaults=defaults, inert=inert)
+        if diff:
+            shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff)
+            raise UsageError(
+                f"{what}, and they were logged by a run with another configuration ({shown}); "
+                "starting over would replace them: rerun with the run's values, or use "
+                "--restart or another --out"
+            )
         print(
             f"smoothlab: note: {what}: the run starts over from step 0 and logs them again",
             file=sys.stderr,
@@ -1137,6 +1163,10 @@ def loaded_dtype(model: nn.Module) -> str | None:
         if n not in peft and p.is_floating_point()
     }
     return kinds.pop() if len(kinds) == 1 and kinds <= set(DTYPES[1:]) else None
+
+
+STARTOVER_INERT = frozenset({"save_every", "eval_every", "checkpoint", "device"})
+"""Options that change no step of a run started over (:meth:`Trainer._check_logged_run`)."""
 
 
 def _data_lines(path: Path) -> int:
