@@ -301,7 +301,9 @@ def load_model(
     """Load a model and tokenizer for ``task``.
 
     ``name_or_path``: ``None``/``"minilm"`` (bundled all-MiniLM-L6-v2), a local folder, or a
-    hub name. ``kind``: ``"auto"`` (see :func:`detect_kind`), ``"encoder"`` or ``"causal"``.
+    hub name. ``dtype``: the weights' dtype (None: the checkpoint's own, as ``auto`` in
+    :func:`auto_dtype`). ``kind``: ``"auto"`` (see :func:`detect_kind`), ``"encoder"`` or
+    ``"causal"``.
     An encoder gets ``AutoModelForSequenceClassification`` with ``num_labels = C``
     (classification) or ``1`` (multiple choice); head weights missing from the checkpoint
     are drawn from ``torch.Generator().manual_seed(seed)`` (``N(0, 0.02²)``, bias 0), so the
@@ -314,7 +316,8 @@ def load_model(
     if kind == "auto":
         kind = detect_kind(config)
     dev = torch.device(device)
-    extra: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    # "auto": the checkpoint's own dtype (transformers 5's default; 4.x defaulted to float32)
+    extra: dict[str, Any] = {"dtype": "auto" if dtype is None else dtype}
     tokenizer = _load_tokenizer(path, shown)
     _check_tokenizer(tokenizer, config, shown)
     with seeded_rng(seed, dev), _weights_errors(path, shown):
