@@ -374,7 +374,37 @@ def quiet_stderr():
         os.close(saved)
 
 
-def report(med: dict[str, float], peaks: dict[str, float], args) -> str:
+def paired_perturbation(
+    fns: dict[str, Callable[[], object]], sources: list[str], pairs: int = 21
+) -> dict[str, tuple[float, float]]:
+    """Per source: (median over ``pairs`` of a perturbed forward minus the forward run right
+    beside it, in alternating order; median pass), in seconds. Differences of adjacent
+    calls cancel the drift that a difference of two medians over a whole round keeps."""
+    out: dict[str, tuple[float, float]] = {}
+    for src in sources:
+        name = f"perturbed fwd {src}"
+        if name not in fns or "forward" not in fns or "pass" not in fns:
+            continue
+        diffs, passes = [], []
+        for i in range(pairs + 1):  # pair 0 warms up
+            t: dict[str, float] = {}
+            for case in ("forward", name, "pass") if i % 2 else (name, "forward", "pass"):
+                t0 = time.perf_counter()
+                fns[case]()
+                t[case] = time.perf_counter() - t0
+            if i:
+                diffs.append(t[name] - t["forward"])
+                passes.append(t["pass"])
+        out[src] = (statistics.median(diffs), statistics.median(passes))
+    return out
+
+
+def report(
+    med: dict[str, float],
+    peaks: dict[str, float],
+    args,
+    paired: dict[str, tuple[float, float]] | None = None,
+) -> str:
     fwd, fo, pas = med["forward"], med.get("fo-lora", float("nan")), med["pass"]
     lines = [
         f"{'case':<24}{'ms':>9}{'x fwd':>8}{'x 2fwd':>8}{'x fo-lora':>10}{'x pass':>9}"
@@ -391,6 +421,12 @@ def report(med: dict[str, float], peaks: dict[str, float], args) -> str:
                 f"passes (perturbed fwd - forward; embeddings shifted only at the batch's rows "
                 f"when the source fetches rows cheaply)"
             )
+    for src, (extra, one) in (paired or {}).items():
+        lines.append(
+            f"perturbation inside a forward, {src}, paired: {1e3 * extra:.1f} ms = "
+            f"{extra / one:.2f} passes (median of {args.paired} adjacent perturbed fwd - "
+            f"forward differences; pass {1e3 * one:.1f} ms, median beside them)"
+        )
     for src in args.sources:  # where a zo-ft step's time goes
         parts = (f"zo-ft {src}", f"perturbed fwd {src}", f"update {src}")
         if all(k in med for k in parts):
@@ -440,6 +476,12 @@ def main() -> None:
         "--offset", type=int, default=0, help="MiniLM: the batch is train examples offset.."
     )
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--paired",
+        type=int,
+        default=21,
+        help="adjacent (forward, perturbed forward) pairs for the in-forward perturbation (0: off)",
+    )
     ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     ap.add_argument("--skip", nargs="*", default=[], help="case names to leave out")
     ap.add_argument("--data", default="/work/shared/data/sst2/train.tsv")
@@ -464,7 +506,8 @@ def main() -> None:
     med, peaks = measure(
         fns, args.repeats, args.device, set(args.skip), release, resident_bytes(model)
     )
-    print(report(med, peaks, args))
+    paired = paired_perturbation(fns, args.sources, args.paired) if args.paired else None
+    print(report(med, peaks, args, paired))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,12 @@ def test_steps_cases_run_and_release_drops_their_state():
     table_mib = 4 * (1 << 22) / 2**20
     assert resident / 2**20 < peaks["forward"] and peaks["zo-ft hash"] < peaks["zo-ft table"]
     assert peaks["zo-ft table"] >= peaks["forward"] + 0.99 * table_mib
-    text = steps.report(med, peaks, args)
+    args.paired = 2
+    paired = steps.paired_perturbation(fns, args.sources, args.paired)
+    assert set(paired) == {"table", "hash"} and all(one > 0 for _, one in paired.values())
+    text = steps.report(med, peaks, args, paired)
     assert "zo-ft table = 2 perturbed fwd" in text and "fd-hvp = " in text
+    assert "perturbation inside a forward, hash, paired: " in text
     assert "memory zo-ft table" in text and "x inference" in text
     before = [p.detach().clone() for p in model.parameters()]
     release()
