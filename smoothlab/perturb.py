@@ -355,10 +355,22 @@ class _Table(_Piecewise):
         if len(pieces) == 1:  # z is one contiguous slice: a view, indexed like the weight
             o = pieces[0][1]
             return F.embedding(ids, t[o : o + w.numel()].view(w.shape))
-        flat = ids.unsqueeze(-1) * dim + torch.arange(dim, device=ids.device)  # places in z
-        starts = torch.tensor([a for a, _, _ in pieces], device=ids.device)
-        shift = torch.tensor([o - a for a, o, _ in pieces], device=ids.device)
-        return t[flat + shift[torch.searchsorted(starts, flat, right=True) - 1]]
+        # a row's piece is found once per row, not per entry (a batch's rows are ~1e3, its
+        # entries ~3e5: 0.6 ms against 3.4 ms on 2 CPU threads); the few rows that straddle
+        # two pieces are then placed entry by entry
+        dev = ids.device
+        starts = torch.tensor([a for a, _, _ in pieces], device=dev)
+        shift = torch.tensor([o - a for a, o, _ in pieces], device=dev)
+        ends = torch.tensor([a + m for a, _, m in pieces], device=dev)
+        first = ids * dim  # where each row starts in z
+        k = torch.searchsorted(starts, first, right=True) - 1
+        span = torch.arange(dim, device=dev)
+        flat = (first + shift[k]).unsqueeze(-1) + span  # places in the table
+        straddle = first + dim > ends[k]
+        if bool(straddle.any()):
+            places = first[straddle].unsqueeze(-1) + span  # places in z
+            flat[straddle] = places + shift[torch.searchsorted(starts, places, right=True) - 1]
+        return t.index_select(0, flat.reshape(-1)).view(flat.shape)
 
     def _z_pieces(
         self, index: int, p: torch.Tensor, start: int = 0, stop: int | None = None

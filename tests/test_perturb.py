@@ -794,3 +794,16 @@ def test_the_noise_table_is_drawn_once_per_dtype(monkeypatch):
         sampler.noise_table("cpu", torch.bfloat16),
         sampler.noise_table("cpu", torch.float32).bfloat16(),
     )
+
+
+@pytest.mark.parametrize("dim", [7, 384])
+def test_table_rows_of_every_row_equal_the_dense_z(dim):
+    """The table source's rows of a weight larger than its table (z from several slices, some
+    wrapping): every row, those straddling two slices included, equals the dense z's row."""
+    sampler = get_source("table").sampler(run_seed=0, table=1000)
+    w = torch.zeros(-(-3 * 1000 // dim) + 5, dim)  # > 3 tables: several pieces
+    for seed in range(4):
+        d = sampler(seed)
+        dense = d(0, w)
+        ids = torch.arange(w.shape[0]).flip(0).view(-1, 1).repeat(1, 2)
+        torch.testing.assert_close(d.rows(0, w, ids), dense[ids], rtol=0, atol=0)
