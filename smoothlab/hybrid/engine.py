@@ -47,6 +47,7 @@ from smoothlab.perturb import (
     Source,
     get_source,
     outside_reads,
+    owners,
     param_seed,
     shifted,
     table_size,
@@ -354,6 +355,7 @@ class HybridEngine:
         _check_engine_args(zo_params, fo_params, mu, q, lr_zo, lr_fo)
         self.model = model
         self.swap: set[int] | None = None  # ZO weights read outside their modules (first step)
+        self._owners: dict | None = None  # the ZO weights' modules (:meth:`_owned`)
         self.zo_params = list(zo_params)
         self.fo_params = list(fo_params)
         self.mu, self.q, self.one_sided = float(mu), q, one_sided
@@ -418,7 +420,17 @@ class HybridEngine:
             scratch=self.sampler.scratch,
             backward_inside=backward_inside,
             swap=self.swap or (),  # None before the first step found them
+            owned=self._owned(),
         )
+
+    def _owned(self) -> dict | None:
+        """:func:`smoothlab.perturb.owners` of the model and the ZO weights, found once: the
+        model's modules and weights do not change within a run."""
+        if self.model is None:
+            return None
+        if self._owners is None:
+            self._owners = owners(self.model, self.zo_params)
+        return self._owners
 
     def _find_outside_reads(self, loss_fn: LossFn) -> None:
         """Once, before the first perturbed forward: the ZO weights the loss reads outside
