@@ -885,3 +885,19 @@ def test_a_run_from_before_dtypes_were_recorded_resumes_only_in_the_dtype_it_had
         _train(TrainConfig(**(vars(cfg) | {"dtype": "bfloat16"})))
     _train(cfg)
     assert json.loads((run / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_a_checkpoint_of_another_method_is_named_before_anything_else(
+    opt_model, baseline, tmp_path
+):
+    """Resuming a checkpoint as another method names the two methods (its other fields, of
+    another method's run, would only be noise in the message)."""
+    import shutil
+
+    from smoothlab.hybrid.train import TrainConfig
+
+    run = tmp_path / "A"
+    shutil.copytree(baseline, run)
+    cfg = _cfg(opt_model, run)
+    with pytest.raises(UsageError, match="holds a 'hybrid-lora' run; cannot resume it as 'zo-ft'"):
+        _train(TrainConfig(**(vars(cfg) | {"method": "zo-ft", "steps": 2})))

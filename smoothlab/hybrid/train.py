@@ -618,6 +618,7 @@ class Trainer:
             path, self.bundle.device, "rerun with --restart to start over, or use another --out"
         )
         saved = state["config"]
+        self._check_method(saved)  # first: another method's other fields are noise
         self._extend(saved, state)
         check_data(self.out, saved, state, self.cfg, self.data_digest)
         self._check_same_run(saved, state.get("checkpoint", "full"), done=state["step"])
@@ -645,11 +646,7 @@ class Trainer:
     def _comparable(self, saved: dict[str, Any], kind: str) -> tuple[dict, dict, dict]:
         """(saved, current, defaults) as :func:`config_diff` compares them: options as they
         take effect. A run of another method is refused here."""
-        if saved.get("method") != self.cfg.method:
-            raise UsageError(
-                f"{self.out} holds a {saved.get('method')!r} run; cannot resume it as "
-                f"{self.cfg.method!r} (use --restart or another --out)"
-            )
+        self._check_method(saved)
         defaults = {
             f.name: f.default
             for f in dataclasses.fields(TrainConfig)
@@ -666,6 +663,13 @@ class Trainer:
         if then.get("dtype", AUTO) == AUTO:  # a run from before dtypes were recorded loaded
             then["dtype"] = self._auto_dtype()  # as auto loads now, whatever is asked now
         return then, current, defaults
+
+    def _check_method(self, saved: dict[str, Any]) -> None:
+        if saved.get("method") != self.cfg.method:
+            raise UsageError(
+                f"{self.out} holds a {saved.get('method')!r} run; cannot resume it as "
+                f"{self.cfg.method!r} (use --restart or another --out)"
+            )
 
     def _auto_dtype(self) -> str:
         """The ``dtype`` value ``auto`` loads this run's model in (``auto`` when its weights
