@@ -397,6 +397,15 @@ def _flag_args(cfg: TrainConfig, skip: set[str]) -> list[str]:
     return args
 
 
+def _auto_dtype_or_none(model: str | None) -> str | None:
+    """:func:`auto_dtype` of ``model``, or None where its config cannot be read here (a hub
+    model offline): the printed command then keeps an explicit ``--dtype``."""
+    try:
+        return auto_dtype(model)
+    except UsageError:
+        return None
+
+
 def train_command(advice: Advice, cfg: TrainConfig, *, program: str = "smoothlab train") -> str:
     """The exact ``smoothlab train`` command line running ``cfg`` with the advised rates: the
     method, both rates, every other option that differs from train's default, and ``--out``."""
@@ -408,8 +417,8 @@ def train_command(advice: Advice, cfg: TrainConfig, *, program: str = "smoothlab
             f"the advice has no usable rate for {cfg.method!r}: eta_x={lr_base!r}, eta_y={lr_peft!r}"
         )
     args = ["--method", cfg.method, "--lr-base", f"{lr_base:.3g}", "--lr-peft", f"{lr_peft:.3g}"]
-    if cfg.dtype != AUTO and cfg.dtype == auto_dtype(cfg.model):  # a run records auto as
-        cfg = dataclasses.replace(cfg, dtype=AUTO)  # the dtype it loaded: no flag needed
+    if cfg.dtype != AUTO and cfg.dtype == _auto_dtype_or_none(cfg.model):  # a run records
+        cfg = dataclasses.replace(cfg, dtype=AUTO)  # auto as the dtype it loaded: no flag
     args += _flag_args(cfg, {"method", "lr_base", "lr_peft", "out", "extend_steps"})
     args += ["--out", cfg.out]
     return program + " " + " ".join(shlex.quote(a) for a in args)

@@ -24,9 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from smoothlab.blocks import peft_parameter_names
 from smoothlab.errors import UsageError
 
 from .adapters import ADAPTERS, PEFT_METHODS, PeftOptions, attach_peft
+from .config import DTYPES, torch_dtype, user_input
 from .scoring import Batch, ModelBundle
 from .seeding import seeded_rng
 from .tasks import Task
@@ -341,8 +343,6 @@ def configured_bundle(
     sizes (``lora_r``, ``lora_alpha``, ``num_virtual_tokens``). Errors are about the inputs
     the caller names (``model_input``, ``peft_input``; see
     :func:`~smoothlab.hybrid.config.user_input`)."""
-    from .config import torch_dtype, user_input
-
     with user_input(model_input):
         bundle = load_model(
             cfg.model, task, device=cfg.device, dtype=torch_dtype(cfg.dtype), seed=cfg.seed
@@ -364,10 +364,20 @@ def auto_dtype(name_or_path: str | os.PathLike[str] | None) -> str:
     """The ``dtype`` option value that ``auto`` loads a model's weights in: the dtype its
     config records (``dtype``, formerly ``torch_dtype``), float32 when it records none;
     ``auto`` for a dtype no option names."""
-    from .config import DTYPES
-
     config = _load_config(resolve_model_path(name_or_path), str(name_or_path))
     fields = vars(config)  # not getattr: transformers warns on reading torch_dtype
     recorded = fields.get("dtype") or fields.get("torch_dtype")
     name = "float32" if recorded is None else str(recorded).removeprefix("torch.")
     return name if name in DTYPES else DTYPES[0]
+
+
+def loaded_dtype(model: nn.Module) -> str | None:
+    """The ``dtype`` option value of the model's own (non-PEFT) floating weights: the dtype
+    ``auto`` loaded them in; None when they mix dtypes or have one no option names."""
+    peft = peft_parameter_names(model)
+    kinds = {
+        str(p.dtype).removeprefix("torch.")
+        for n, p in model.named_parameters()
+        if n not in peft and p.is_floating_point()
+    }
+    return kinds.pop() if len(kinds) == 1 and kinds <= set(DTYPES[1:]) else None

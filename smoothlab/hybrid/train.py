@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from smoothlab.blocks import block_sizes, make_blocks, peft_parameter_names
+from smoothlab.blocks import block_sizes, make_blocks
 from smoothlab.budget import WalkBudget
 from smoothlab.errors import UsageError
 from smoothlab.methods import get_method
@@ -55,7 +55,6 @@ from smoothlab.runlog import (
 from . import distributed as D
 from .config import (
     AUTO,
-    DTYPES,
     TrainConfig,
     check_fields,
     resolve_device,
@@ -73,7 +72,7 @@ from .faults import (
     clear_run,
     config_diff,
 )
-from .models import DEFAULT_MODEL, ModelBundle, auto_dtype, configured_bundle
+from .models import DEFAULT_MODEL, ModelBundle, auto_dtype, configured_bundle, loaded_dtype
 from .seedlog import SeedHeader, SeedLog, replay, weights_hash
 from .seedlog import digest as log_digest
 
@@ -686,19 +685,15 @@ class Trainer:
         rows = max(_data_lines(self.out / "metrics.csv"), _data_lines(self.out / "smoothness.csv"))
         if not rows:
             return
-        config = self.out / "config.json"
         what = f"{self.out} holds {rows} logged rows but no checkpoint.pt"
         try:
-            saved = json.loads(config.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            logged = load_config(self.out)  # the run that logged them
+        except UsageError as e:
             raise UsageError(
                 f"{what}, and its config.json is not readable ({e}): the run that logged them "
                 "is unknown; rerun with --restart to start over, or use another --out"
             ) from None
-        if not isinstance(saved, dict):
-            raise UsageError(f"{what}, and its config.json is not a run config: use --restart")
-        method = saved.get("method")
-        kind = saved.get("checkpoint") or ("seeds" if method == "zo-ft" else "full")
+        saved, kind = dataclasses.asdict(logged), logged.checkpoint_kind
         auto = set((self.advice or {}).get("auto", ()))  # re-resolved: compared as "auto"
         saved |= {k: getattr(self.cfg, k) for k in auto}
         then, current, defaults = self._comparable(saved, kind)
@@ -1155,18 +1150,6 @@ class Trainer:
                 self.close()
             self.finish()
         return self.out
-
-
-def loaded_dtype(model: nn.Module) -> str | None:
-    """The ``dtype`` option value of the model's own (non-PEFT) floating weights: the dtype
-    ``auto`` loaded them in; None when they mix dtypes or have one no option names."""
-    peft = peft_parameter_names(model)
-    kinds = {
-        str(p.dtype).removeprefix("torch.")
-        for n, p in model.named_parameters()
-        if n not in peft and p.is_floating_point()
-    }
-    return kinds.pop() if len(kinds) == 1 and kinds <= set(DTYPES[1:]) else None
 
 
 STARTOVER_INERT = frozenset({"save_every", "eval_every", "checkpoint", "device"})
